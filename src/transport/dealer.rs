@@ -1,0 +1,162 @@
+//! DEALER: connects to one endpoint, keeps reconnecting, and queues while disconnected.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::conn::{spawn_connector, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
+use super::events::{SocketEvent, StatsSnapshot};
+use super::queue::Queue;
+use super::{parse_endpoint, Message, SocketOptions, SocketType};
+
+struct DealerRole {
+    shared: Arc<Shared>,
+    /// One queue for the socket's whole life, so messages queued while disconnected (and
+    /// those not fully written when a connection dropped) go out on the next connection.
+    out: Arc<Queue<OutItem>>,
+    inbound: Arc<Queue<Inbound>>,
+    connected: AtomicBool,
+}
+
+impl Role for DealerRole {
+    fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
+        self.connected.store(true, Relaxed);
+        Ok(Attached {
+            out: self.out.clone(),
+            sink: Sink::Deliver(self.inbound.clone()),
+            identity: peer.identity.clone(),
+            cancel: self.shared.cancel.child_token(),
+        })
+    }
+
+    fn detach(&self, _peer: &PeerInfo, _att: &Attached) {
+        self.connected.store(false, Relaxed);
+        // Senders waiting for room re-check: while disconnected they fail fast.
+        self.out.wake_writers();
+    }
+}
+
+/// A DEALER socket. See the [module documentation](super).
+///
+/// Messages sent while no connection is up are queued, up to `send_queue_messages` and
+/// `send_queue_bytes`; past that [`Dealer::send`] fails at once with
+/// [`SendError::QueueFull`]. While connected, `send` waits for room instead, so a
+/// message whose `send` returned `Ok` is written unless the connection itself dies.
+pub struct Dealer {
+    role: Arc<DealerRole>,
+    endpoint: String,
+}
+
+impl Dealer {
+    /// Starts connecting to `endpoint` (`tcp://host:port`). Returns at once; the
+    /// connection is made (and remade) in the background.
+    pub fn connect(endpoint: &str, opts: SocketOptions) -> Result<Dealer, TransportError> {
+        parse_endpoint(endpoint)?;
+        let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
+        let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
+        let shared = Shared::new(opts, SocketType::Dealer);
+        let role = Arc::new(DealerRole {
+            shared: shared.clone(),
+            out,
+            inbound,
+            connected: AtomicBool::new(false),
+        });
+        spawn_connector(endpoint.to_string(), shared, role.clone());
+        Ok(Dealer {
+            role,
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    /// The endpoint this socket connects to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether a connection is up (handshake completed) right now.
+    pub fn is_connected(&self) -> bool {
+        self.role.connected.load(Relaxed)
+    }
+
+    /// Queues `msg`. While connected, waits for room if the queue is full; while
+    /// disconnected, fails at once when the queue is full.
+    pub async fn send(&self, msg: Message) -> Result<(), SendError> {
+        msg.check(&self.role.shared.opts)?;
+        let mut item = OutItem::Msg(msg);
+        loop {
+            if self.role.shared.cancel.is_cancelled() {
+                return Err(SendError::Closed);
+            }
+            match self.role.out.try_push(item) {
+                Ok(()) => return Ok(()),
+                Err((back, usage)) => {
+                    if !self.is_connected() {
+                        return Err(SendError::QueueFull {
+                            messages: usage.count,
+                            bytes: usage.bytes,
+                            connected: false,
+                        });
+                    }
+                    item = back;
+                }
+            }
+            self.role.out.writable().await;
+        }
+    }
+
+    /// Queues `msg` without waiting; fails with [`SendError::QueueFull`] at a bound.
+    pub fn try_send(&self, msg: Message) -> Result<(), SendError> {
+        msg.check(&self.role.shared.opts)?;
+        if self.role.shared.cancel.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        self.role
+            .out
+            .try_push(OutItem::Msg(msg))
+            .map_err(|(_, u)| SendError::QueueFull {
+                messages: u.count,
+                bytes: u.bytes,
+                connected: self.is_connected(),
+            })
+    }
+
+    /// Receives the next message from the peer.
+    pub async fn recv(&self) -> Result<Message, RecvError> {
+        match self.role.inbound.pop().await {
+            Some(i) => Ok(i.msg),
+            None => Err(RecvError::Closed),
+        }
+    }
+
+    /// Messages and bytes queued and not yet written.
+    pub fn queued(&self) -> (usize, usize) {
+        let u = self.role.out.usage();
+        (u.count, u.bytes)
+    }
+
+    /// Subscribes to connection events.
+    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
+        self.role.shared.events.subscribe()
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.role.shared.stats.snapshot()
+    }
+
+    /// Flushes queued messages for up to the linger time, closes the connection and
+    /// waits for the socket's task.
+    pub async fn close(self) {
+        self.role.shared.shutdown().await;
+        self.role.inbound.close();
+    }
+}
+
+impl Drop for Dealer {
+    fn drop(&mut self) {
+        self.role.shared.cancel.cancel();
+        self.role.inbound.close();
+    }
+}

@@ -1,0 +1,232 @@
+//! Errors of the transport: why a connection was closed, why a send or receive failed.
+
+use std::fmt;
+
+/// Why a connection was refused or closed for breaking the protocol or a limit.
+/// Each one is logged and counted; it closes that one connection and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolViolation {
+    /// The greeting does not start with the ZMTP signature.
+    #[error("bad greeting signature (not a ZMTP 3 peer)")]
+    BadSignature,
+    /// The peer speaks a ZMTP version other than 3.x.
+    #[error("unsupported ZMTP version {major}.{minor}")]
+    UnsupportedVersion {
+        /// Announced major version.
+        major: u8,
+        /// Announced minor version.
+        minor: u8,
+    },
+    /// The peer wants a security mechanism we do not implement.
+    #[error("unsupported security mechanism {0:?}")]
+    UnsupportedMechanism(String),
+    /// A frame's flags byte sets reserved bits.
+    #[error("reserved flag bits set: {0:#04x}")]
+    ReservedFlags(u8),
+    /// A frame header claims more bytes than the frame-size limit.
+    #[error("frame of {size} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// Size the header claimed.
+        size: u64,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A multipart message grows past the message-size limit.
+    #[error("message of at least {size} bytes exceeds the limit of {max}")]
+    MessageTooLarge {
+        /// Size reached so far, including the frame that broke the limit.
+        size: u64,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A multipart message has more frames than allowed.
+    #[error("message has more than {max} frames")]
+    TooManyFrames {
+        /// The limit in force.
+        max: usize,
+    },
+    /// A command frame could not be parsed.
+    #[error("malformed command: {0}")]
+    MalformedCommand(&'static str),
+    /// A frame arrived that is not allowed at this point (data before READY, say).
+    #[error("unexpected {0} during handshake")]
+    Unexpected(&'static str),
+    /// READY did not carry a Socket-Type.
+    #[error("READY without Socket-Type")]
+    MissingSocketType,
+    /// The peer's socket type cannot talk to ours.
+    #[error("socket type {theirs} cannot talk to {ours}")]
+    IncompatibleSocketType {
+        /// Our socket type.
+        ours: &'static str,
+        /// The type the peer announced.
+        theirs: String,
+    },
+    /// A ROUTER already has a live connection with the identity this peer claims.
+    #[error("identity {0} is already connected")]
+    IdentityInUse(String),
+    /// The peer's identity is not acceptable (over 255 bytes, or starting with a zero byte,
+    /// which ZeroMQ reserves for generated identities).
+    #[error("invalid identity")]
+    InvalidIdentity,
+    /// The peer sent an ERROR command.
+    #[error("peer sent ERROR: {0}")]
+    PeerError(String),
+    /// The greeting did not arrive in time.
+    #[error("greeting not received within the greeting timeout")]
+    GreetingTimeout,
+    /// The handshake did not complete in time.
+    #[error("handshake not completed within the handshake timeout")]
+    HandshakeTimeout,
+    /// Nothing arrived from the peer within the heartbeat timeout.
+    #[error("peer silent past the heartbeat timeout")]
+    HeartbeatTimeout,
+}
+
+impl ProtocolViolation {
+    /// A short stable label, used as the key of the per-reason counters.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProtocolViolation::BadSignature => "bad_signature",
+            ProtocolViolation::UnsupportedVersion { .. } => "unsupported_version",
+            ProtocolViolation::UnsupportedMechanism(_) => "unsupported_mechanism",
+            ProtocolViolation::ReservedFlags(_) => "reserved_flags",
+            ProtocolViolation::FrameTooLarge { .. } => "frame_too_large",
+            ProtocolViolation::MessageTooLarge { .. } => "message_too_large",
+            ProtocolViolation::TooManyFrames { .. } => "too_many_frames",
+            ProtocolViolation::MalformedCommand(_) => "malformed_command",
+            ProtocolViolation::Unexpected(_) => "unexpected_frame",
+            ProtocolViolation::MissingSocketType => "missing_socket_type",
+            ProtocolViolation::IncompatibleSocketType { .. } => "incompatible_socket_type",
+            ProtocolViolation::IdentityInUse(_) => "identity_in_use",
+            ProtocolViolation::InvalidIdentity => "invalid_identity",
+            ProtocolViolation::PeerError(_) => "peer_error",
+            ProtocolViolation::GreetingTimeout => "greeting_timeout",
+            ProtocolViolation::HandshakeTimeout => "handshake_timeout",
+            ProtocolViolation::HeartbeatTimeout => "heartbeat_timeout",
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer broke the protocol or a limit.
+    Violation(ProtocolViolation),
+    /// The peer closed the TCP connection.
+    PeerClosed,
+    /// A socket error.
+    Io(String),
+    /// Our socket is closing.
+    Shutdown,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Violation(v) => write!(f, "protocol violation: {v}"),
+            CloseReason::PeerClosed => f.write_str("peer closed the connection"),
+            CloseReason::Io(e) => write!(f, "I/O error: {e}"),
+            CloseReason::Shutdown => f.write_str("socket closed locally"),
+        }
+    }
+}
+
+impl From<ProtocolViolation> for CloseReason {
+    fn from(v: ProtocolViolation) -> Self {
+        CloseReason::Violation(v)
+    }
+}
+
+impl From<std::io::Error> for CloseReason {
+    fn from(e: std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => {
+                CloseReason::PeerClosed
+            }
+            _ => CloseReason::Io(e.to_string()),
+        }
+    }
+}
+
+/// Errors creating a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The endpoint string is not `tcp://host:port` or `host:port`.
+    #[error("invalid endpoint {0:?}: expected tcp://host:port")]
+    InvalidEndpoint(String),
+    /// Binding the listener failed.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Any other socket error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a message could not be queued for sending.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The outgoing queue is at its message or byte bound.
+    #[error("send queue full ({messages} messages, {bytes} bytes queued){}", if *.connected { "" } else { " while disconnected" })]
+    QueueFull {
+        /// Messages queued.
+        messages: usize,
+        /// Bytes queued.
+        bytes: usize,
+        /// Whether a peer was connected at the time.
+        connected: bool,
+    },
+    /// The message is larger than the configured maximum message size or frame size.
+    #[error("message of {size} bytes exceeds the limit of {max}")]
+    MessageTooLarge {
+        /// Size of the message (or of its largest frame).
+        size: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The message has more frames than the configured maximum.
+    #[error("message has {frames} frames, more than the limit of {max}")]
+    TooManyFrames {
+        /// Frames in the message.
+        frames: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A message must have at least one frame.
+    #[error("a message needs at least one frame")]
+    EmptyMessage,
+    /// No connected peer has this identity (ROUTER).
+    #[error("no connected peer with identity {0}")]
+    UnknownPeer(String),
+    /// The socket was closed.
+    #[error("socket closed")]
+    Closed,
+}
+
+/// Why a receive failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// The socket was closed and every received message has been taken.
+    #[error("socket closed")]
+    Closed,
+}
+
+/// Renders an identity for logs: printable ASCII as is, anything else as hex.
+pub fn display_identity(id: &[u8]) -> String {
+    if !id.is_empty() && id.iter().all(|b| b.is_ascii_graphic()) {
+        String::from_utf8_lossy(id).into_owned()
+    } else {
+        let mut s = String::with_capacity(2 + id.len() * 2);
+        s.push_str("0x");
+        for b in id {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}

@@ -1,0 +1,216 @@
+//! The ZMTP 3.1 transport: peerwire's own implementation of the ZeroMQ wire protocol
+//! over TCP, hardened for a LAN runtime.
+//!
+//! This module owns every socket peerwire opens for messaging. It provides four socket
+//! behaviours with standard ZeroMQ semantics, wire-compatible with libzmq, pyzmq and the
+//! `zeromq` crate:
+//!
+//! - [`Router`]: binds; receives `(identity, message)`; routes replies by identity.
+//! - [`Dealer`]: connects to one endpoint; reconnects with backoff; queues while away.
+//! - [`Publisher`]: binds; per-subscriber prefix filters and bounded queues.
+//! - [`Subscriber`]: connects to many publishers; resubscribes after reconnecting.
+//!
+//! It never interprets message contents (that is the codec's and the node's job), never
+//! blocks one peer on another, and never allocates for a length read from the network
+//! before checking it against [`SocketOptions`]. Only the NULL security mechanism is
+//! implemented; heartbeats (PING/PONG) are used with peers that announce ZMTP 3.1.
+//!
+//! Each connection is driven by one task that owns its `TcpStream`; sockets talk to those
+//! tasks only through bounded queues ([`queue`]). See PROTOCOL.md for the wire format and
+//! ARCHITECTURE.md for the task layout.
+
+mod conn;
+mod dealer;
+pub mod error;
+mod events;
+mod options;
+mod publisher;
+pub(crate) mod queue;
+mod router;
+mod subscriber;
+pub mod wire;
+
+use bytes::Bytes;
+
+pub use dealer::Dealer;
+pub use error::{CloseReason, ProtocolViolation, RecvError, SendError, TransportError};
+pub use events::{SocketEvent, Stats, StatsSnapshot};
+pub use options::SocketOptions;
+pub use publisher::{PublishReport, Publisher, SubscriberInfo};
+pub use router::{PeerSummary, Router};
+pub use subscriber::Subscriber;
+
+/// A multipart message: one or more frames.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    frames: Vec<Bytes>,
+}
+
+impl Message {
+    /// An empty message; add frames with [`Message::push`].
+    pub fn new() -> Self {
+        Message { frames: Vec::new() }
+    }
+
+    /// A message made of these frames.
+    pub fn from_frames(frames: Vec<Bytes>) -> Self {
+        Message { frames }
+    }
+
+    /// Appends a frame.
+    pub fn push(&mut self, frame: impl Into<Bytes>) {
+        self.frames.push(frame.into());
+    }
+
+    /// The frames.
+    pub fn frames(&self) -> &[Bytes] {
+        &self.frames
+    }
+
+    /// The frames, by value.
+    pub fn into_frames(self) -> Vec<Bytes> {
+        self.frames
+    }
+
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether the message has no frames.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Total bytes of all frame bodies.
+    pub fn byte_len(&self) -> usize {
+        self.frames.iter().map(|f| f.len()).sum()
+    }
+
+    /// Checks the message against the sending limits of `opts`.
+    pub(crate) fn check(&self, opts: &SocketOptions) -> Result<(), SendError> {
+        if self.frames.is_empty() {
+            return Err(SendError::EmptyMessage);
+        }
+        if self.frames.len() > opts.max_frames_per_message {
+            return Err(SendError::TooManyFrames {
+                frames: self.frames.len(),
+                max: opts.max_frames_per_message,
+            });
+        }
+        let size = self.byte_len();
+        if size > opts.max_message_size {
+            return Err(SendError::MessageTooLarge {
+                size,
+                max: opts.max_message_size,
+            });
+        }
+        if let Some(big) = self.frames.iter().find(|f| f.len() > opts.max_frame_size) {
+            return Err(SendError::MessageTooLarge {
+                size: big.len(),
+                max: opts.max_frame_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl From<Vec<Bytes>> for Message {
+    fn from(frames: Vec<Bytes>) -> Self {
+        Message { frames }
+    }
+}
+
+impl From<Bytes> for Message {
+    fn from(frame: Bytes) -> Self {
+        Message {
+            frames: vec![frame],
+        }
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(frame: Vec<u8>) -> Self {
+        Bytes::from(frame).into()
+    }
+}
+
+impl From<&'static str> for Message {
+    fn from(frame: &'static str) -> Self {
+        Bytes::from_static(frame.as_bytes()).into()
+    }
+}
+
+/// The ZeroMQ socket types this transport implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketType {
+    /// DEALER
+    Dealer,
+    /// ROUTER
+    Router,
+    /// PUB
+    Pub,
+    /// SUB
+    Sub,
+}
+
+impl SocketType {
+    /// The name announced in READY's Socket-Type property.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketType::Dealer => "DEALER",
+            SocketType::Router => "ROUTER",
+            SocketType::Pub => "PUB",
+            SocketType::Sub => "SUB",
+        }
+    }
+
+    /// Whether a peer announcing `theirs` may connect to this type (ZMTP's valid pairs).
+    pub fn accepts(self, theirs: &str) -> bool {
+        let ok: &[&str] = match self {
+            SocketType::Dealer => &["ROUTER", "DEALER", "REP"],
+            SocketType::Router => &["DEALER", "ROUTER", "REQ"],
+            SocketType::Pub => &["SUB", "XSUB"],
+            SocketType::Sub => &["PUB", "XPUB"],
+        };
+        ok.iter().any(|t| t.eq_ignore_ascii_case(theirs))
+    }
+}
+
+/// Strips `tcp://` from an endpoint; errors on other schemes or a missing port.
+pub(crate) fn parse_endpoint(endpoint: &str) -> Result<&str, TransportError> {
+    let rest = match endpoint.split_once("://") {
+        Some(("tcp", rest)) => rest,
+        Some(_) => return Err(TransportError::InvalidEndpoint(endpoint.into())),
+        None => endpoint,
+    };
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(rest),
+        _ => Err(TransportError::InvalidEndpoint(endpoint.into())),
+    }
+}
+
+/// Binds a TCP listener for `endpoint`.
+pub(crate) async fn bind(endpoint: &str) -> Result<tokio::net::TcpListener, TransportError> {
+    let addr = parse_endpoint(endpoint)?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TransportError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(parse_endpoint("tcp://127.0.0.1:5555").unwrap(), "127.0.0.1:5555");
+        assert_eq!(parse_endpoint("localhost:1").unwrap(), "localhost:1");
+        assert!(parse_endpoint("ipc:///tmp/x").is_err());
+        assert!(parse_endpoint("tcp://host").is_err());
+        assert!(parse_endpoint("tcp://:80").is_err());
+    }
+}

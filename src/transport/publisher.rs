@@ -1,0 +1,175 @@
+//! PUB: binds; sends each message to every subscriber whose prefix filter matches its
+//! first frame. A slow subscriber loses messages (counted for it) and never stalls others.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use tokio::sync::broadcast;
+
+use super::conn::{
+    spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions,
+};
+use super::error::{ProtocolViolation, SendError, TransportError};
+use super::events::{SocketEvent, StatsSnapshot};
+use super::queue::Queue;
+use super::{bind, Message, SocketOptions, SocketType};
+
+struct Subscriber {
+    addr: SocketAddr,
+    identity: Bytes,
+    filter: Arc<Subscriptions>,
+    out: Arc<Queue<OutItem>>,
+    dropped: AtomicU64,
+    delivered: AtomicU64,
+}
+
+struct PubRole {
+    shared: Arc<Shared>,
+    subscribers: RwLock<Vec<Arc<Subscriber>>>,
+}
+
+impl Role for PubRole {
+    fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
+        let opts = &self.shared.opts;
+        let s = Arc::new(Subscriber {
+            addr: peer.addr,
+            identity: peer.identity.clone(),
+            filter: Arc::new(Subscriptions::default()),
+            out: Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes)),
+            dropped: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+        });
+        self.subscribers.write().push(s.clone());
+        Ok(Attached {
+            out: s.out.clone(),
+            sink: Sink::Subscriptions(s.filter.clone()),
+            identity: peer.identity.clone(),
+            cancel: self.shared.cancel.child_token(),
+        })
+    }
+
+    fn detach(&self, _peer: &PeerInfo, att: &Attached) {
+        self.subscribers
+            .write()
+            .retain(|s| !Arc::ptr_eq(&s.out, &att.out));
+    }
+}
+
+/// What one [`Publisher::publish`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Subscribers whose filter matched and whose queue took the message.
+    pub queued: usize,
+    /// Subscribers whose filter matched but whose queue was full: they lose this message.
+    pub dropped: usize,
+}
+
+/// One subscriber of a [`Publisher`], as seen now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberInfo {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The identity it announced (often empty).
+    pub identity: Bytes,
+    /// Its prefix filters.
+    pub subscriptions: Vec<Bytes>,
+    /// Messages queued for it.
+    pub queued: usize,
+    /// Messages it lost because its queue was full.
+    pub dropped: u64,
+    /// Messages queued for it in all.
+    pub delivered: u64,
+}
+
+/// A PUB socket. See the [module documentation](super).
+pub struct Publisher {
+    role: Arc<PubRole>,
+    local_addr: SocketAddr,
+}
+
+impl Publisher {
+    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
+    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Publisher, TransportError> {
+        let listener = bind(endpoint).await?;
+        let local_addr = listener.local_addr()?;
+        let shared = Shared::new(opts, SocketType::Pub);
+        let role = Arc::new(PubRole {
+            shared: shared.clone(),
+            subscribers: RwLock::new(Vec::new()),
+        });
+        spawn_listener(listener, shared, role.clone());
+        Ok(Publisher { role, local_addr })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Queues `msg` for every subscriber whose filter matches its first frame. Never
+    /// waits: a subscriber whose queue is full loses the message, and that is counted
+    /// (in the report, in [`Publisher::subscribers`] and in the socket's `dropped`).
+    pub fn publish(&self, msg: Message) -> Result<PublishReport, SendError> {
+        msg.check(&self.role.shared.opts)?;
+        let mut report = PublishReport::default();
+        let first = msg.frames()[0].clone();
+        for s in self.role.subscribers.read().iter() {
+            if !s.filter.matches(&first) {
+                continue;
+            }
+            match s.out.try_push(OutItem::Msg(msg.clone())) {
+                Ok(()) => {
+                    s.delivered.fetch_add(1, Relaxed);
+                    report.queued += 1;
+                }
+                Err(_) => {
+                    s.dropped.fetch_add(1, Relaxed);
+                    self.role.shared.stats.dropped.fetch_add(1, Relaxed);
+                    report.dropped += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The subscribers connected now, with their filters and loss counters.
+    pub fn subscribers(&self) -> Vec<SubscriberInfo> {
+        self.role
+            .subscribers
+            .read()
+            .iter()
+            .map(|s| SubscriberInfo {
+                addr: s.addr,
+                identity: s.identity.clone(),
+                subscriptions: s.filter.list(),
+                queued: s.out.usage().count,
+                dropped: s.dropped.load(Relaxed),
+                delivered: s.delivered.load(Relaxed),
+            })
+            .collect()
+    }
+
+    /// Subscribes to connection events.
+    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
+        self.role.shared.events.subscribe()
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.role.shared.stats.snapshot()
+    }
+
+    /// Flushes queued messages for up to the linger time and closes every connection.
+    pub async fn close(self) {
+        self.role.shared.shutdown().await;
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.role.shared.cancel.cancel();
+    }
+}

@@ -1,0 +1,273 @@
+//! A queue bounded both in items and in bytes, shared between tasks.
+//!
+//! Used for every outgoing queue (one per connection, or one per DEALER so that it
+//! survives reconnection) and for each socket's incoming queue. The mutex is a
+//! `parking_lot` one held only for a push or a pop, never across an `.await`;
+//! waiting happens on [`Notify`]s.
+//!
+//! Items taken by a writer with [`Queue::take_all`] stay counted until the writer calls
+//! [`Queue::release`] once they are on the wire, so the bound covers bytes the connection
+//! task holds as well as bytes still in the queue; unwritten items can be put back in
+//! front with [`Queue::requeue_front`] when a connection drops.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// The cost of one item against the queue's bounds.
+pub(crate) trait Cost {
+    /// `(items, bytes)` this item counts for. Control items count for `(0, 0)`.
+    fn cost(&self) -> (usize, usize);
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    count: usize,
+    bytes: usize,
+    closed: bool,
+}
+
+/// The queue. See the module documentation.
+pub(crate) struct Queue<T> {
+    state: Mutex<State<T>>,
+    max_items: usize,
+    max_bytes: usize,
+    /// Signalled when an item is pushed (one consumer).
+    readable: Notify,
+    /// Signalled (all waiters) when room is made or the queue closes.
+    writable: Notify,
+}
+
+/// Counts at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+impl<T: Cost> Queue<T> {
+    pub fn new(max_items: usize, max_bytes: usize) -> Self {
+        Queue {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                count: 0,
+                bytes: 0,
+                closed: false,
+            }),
+            max_items,
+            max_bytes,
+            readable: Notify::new(),
+            writable: Notify::new(),
+        }
+    }
+
+    /// Pushes unless that would pass a bound; gives the item back otherwise.
+    /// An item bigger than the whole byte bound is accepted into an empty queue, so a
+    /// large (but legal) message can always be sent one at a time.
+    pub fn try_push(&self, item: T) -> Result<(), (T, Usage)> {
+        let (n, b) = item.cost();
+        {
+            let mut s = self.state.lock();
+            let fits = s.count + n <= self.max_items
+                && (s.bytes + b <= self.max_bytes || s.count == 0);
+            if s.closed || !fits {
+                let u = Usage {
+                    count: s.count,
+                    bytes: s.bytes,
+                };
+                return Err((item, u));
+            }
+            s.count += n;
+            s.bytes += b;
+            s.items.push_back(item);
+        }
+        self.readable.notify_one();
+        Ok(())
+    }
+
+    /// Pushes regardless of the bounds (control items such as subscriptions).
+    pub fn push_unbounded(&self, item: T) {
+        let (n, b) = item.cost();
+        {
+            let mut s = self.state.lock();
+            s.count += n;
+            s.bytes += b;
+            s.items.push_back(item);
+        }
+        self.readable.notify_one();
+    }
+
+    /// Returns when the queue has room for at least one more item, is closed, or
+    /// [`Queue::wake_writers`] was called. Callers re-check their own conditions after.
+    pub async fn writable(&self) {
+        let notified = self.writable.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let s = self.state.lock();
+            if s.closed || (s.count < self.max_items && s.bytes < self.max_bytes) {
+                return;
+            }
+        }
+        notified.await;
+    }
+
+    /// Wakes every task waiting in [`Queue::writable`] so it re-checks its conditions.
+    pub fn wake_writers(&self) {
+        self.writable.notify_waiters();
+    }
+
+    /// Waits until there is at least one item (or the queue is closed).
+    pub async fn readable(&self) {
+        loop {
+            let notified = self.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.state.lock();
+                if s.closed || !s.items.is_empty() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Pops the first item, releasing its cost.
+    pub fn try_pop(&self) -> Option<T> {
+        let item = {
+            let mut s = self.state.lock();
+            let item = s.items.pop_front()?;
+            let (n, b) = item.cost();
+            s.count -= n;
+            s.bytes -= b;
+            if !s.items.is_empty() {
+                // Chain the wake-up so a second consumer is not left waiting.
+                self.readable.notify_one();
+            }
+            item
+        };
+        self.writable.notify_waiters();
+        Some(item)
+    }
+
+    /// Waits for and pops the next item; `None` once closed and empty.
+    pub async fn pop(&self) -> Option<T> {
+        loop {
+            if let Some(item) = self.try_pop() {
+                return Some(item);
+            }
+            if self.state.lock().closed {
+                return None;
+            }
+            self.readable().await;
+        }
+    }
+
+    /// Moves every item into `out` without releasing their cost (see [`Queue::release`]).
+    pub fn take_all(&self, out: &mut VecDeque<T>) {
+        let mut s = self.state.lock();
+        out.extend(s.items.drain(..));
+    }
+
+    /// Releases the cost of items taken with [`Queue::take_all`] once they are written.
+    pub fn release(&self, count: usize, bytes: usize) {
+        {
+            let mut s = self.state.lock();
+            s.count -= count;
+            s.bytes -= bytes;
+        }
+        self.writable.notify_waiters();
+    }
+
+    /// Puts items taken with [`Queue::take_all`] back in front, in order.
+    pub fn requeue_front(&self, items: impl DoubleEndedIterator<Item = T>) {
+        let mut s = self.state.lock();
+        let mut any = false;
+        for item in items.rev() {
+            s.items.push_front(item);
+            any = true;
+        }
+        drop(s);
+        if any {
+            self.readable.notify_one();
+        }
+    }
+
+    /// Closes the queue: pushes fail, and waiters wake up.
+    pub fn close(&self) {
+        self.state.lock().closed = true;
+        self.readable.notify_waiters();
+        self.readable.notify_one();
+        self.writable.notify_waiters();
+    }
+
+    /// Current counts (including items a writer holds).
+    pub fn usage(&self) -> Usage {
+        let s = self.state.lock();
+        Usage {
+            count: s.count,
+            bytes: s.bytes,
+        }
+    }
+
+    /// Removes everything, releasing its cost; returns how many counted items were dropped.
+    pub fn clear(&self) -> usize {
+        let dropped = {
+            let mut s = self.state.lock();
+            let n: usize = s.items.iter().map(|i| i.cost().0).sum();
+            let b: usize = s.items.iter().map(|i| i.cost().1).sum();
+            s.items.clear();
+            s.count -= n;
+            s.bytes -= b;
+            n
+        };
+        self.writable.notify_waiters();
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Cost for Vec<u8> {
+        fn cost(&self) -> (usize, usize) {
+            (1, self.len())
+        }
+    }
+
+    #[test]
+    fn bounded_in_items_and_bytes() {
+        let q: Queue<Vec<u8>> = Queue::new(3, 10);
+        assert!(q.try_push(vec![0; 6]).is_ok());
+        assert!(q.try_push(vec![0; 6]).is_err(), "byte bound");
+        assert!(q.try_push(vec![0; 4]).is_ok());
+        assert!(q.try_push(vec![]).is_ok());
+        assert!(q.try_push(vec![]).is_err(), "item bound");
+        assert_eq!(q.try_pop().unwrap().len(), 6);
+        assert_eq!(q.usage(), Usage { count: 2, bytes: 4 });
+    }
+
+    #[test]
+    fn oversized_item_accepted_only_alone() {
+        let q: Queue<Vec<u8>> = Queue::new(10, 10);
+        assert!(q.try_push(vec![0; 50]).is_ok());
+        assert!(q.try_push(vec![0; 1]).is_err());
+    }
+
+    #[test]
+    fn take_all_holds_cost_until_release() {
+        let q: Queue<Vec<u8>> = Queue::new(2, 100);
+        q.try_push(vec![1]).unwrap();
+        q.try_push(vec![2]).unwrap();
+        let mut held = VecDeque::new();
+        q.take_all(&mut held);
+        assert!(q.try_push(vec![3]).is_err());
+        q.requeue_front(held.drain(..));
+        assert_eq!(q.try_pop(), Some(vec![1]));
+        q.release(0, 0);
+        assert!(q.try_push(vec![3]).is_ok());
+    }
+}

@@ -1,0 +1,248 @@
+//! ROUTER: binds, receives `(identity, message)` from every connected peer, and routes
+//! replies by identity.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{spawn_listener, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
+use super::events::{SocketEvent, StatsSnapshot};
+use super::queue::Queue;
+use super::{bind, Message, SocketOptions, SocketType};
+
+struct Route {
+    out: Arc<Queue<OutItem>>,
+    addr: SocketAddr,
+    alive: Arc<AtomicBool>,
+    cancel: CancellationToken,
+}
+
+struct RouterRole {
+    shared: Arc<Shared>,
+    routes: Mutex<HashMap<Bytes, Route>>,
+    inbound: Arc<Queue<Inbound>>,
+    next_id: AtomicU32,
+}
+
+impl Role for RouterRole {
+    fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
+        let opts = &self.shared.opts;
+        let mut routes = self.routes.lock();
+        let identity = if peer.identity.is_empty() {
+            // libzmq's scheme: a zero byte then a counter, so generated identities can
+            // never collide with announced ones (which may not start with zero).
+            loop {
+                let mut id = BytesMut::with_capacity(5);
+                id.put_u8(0);
+                id.put_u32(self.next_id.fetch_add(1, Relaxed));
+                let id = id.freeze();
+                if !routes.contains_key(&id) {
+                    break id;
+                }
+            }
+        } else {
+            if peer.identity.len() > 255 || peer.identity[0] == 0 {
+                return Err(ProtocolViolation::InvalidIdentity);
+            }
+            if routes.contains_key(&peer.identity) {
+                // libzmq's default (no ROUTER_HANDOVER): the newcomer is refused and the
+                // established connection keeps its identity.
+                return Err(ProtocolViolation::IdentityInUse(display_identity(
+                    &peer.identity,
+                )));
+            }
+            peer.identity.clone()
+        };
+        let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
+        let cancel = self.shared.cancel.child_token();
+        routes.insert(
+            identity.clone(),
+            Route {
+                out: out.clone(),
+                addr: peer.addr,
+                alive: Arc::new(AtomicBool::new(true)),
+                cancel: cancel.clone(),
+            },
+        );
+        Ok(Attached {
+            out,
+            sink: Sink::Deliver(self.inbound.clone()),
+            identity,
+            cancel,
+        })
+    }
+
+    fn detach(&self, _peer: &PeerInfo, att: &Attached) {
+        let mut routes = self.routes.lock();
+        if let Some(r) = routes.get(&att.identity) {
+            if Arc::ptr_eq(&r.out, &att.out) {
+                r.alive.store(false, Relaxed);
+                r.out.wake_writers();
+                let dropped = r.out.clear();
+                self.shared
+                    .stats
+                    .dropped
+                    .fetch_add(dropped as u64, Relaxed);
+                routes.remove(&att.identity);
+            }
+        }
+    }
+}
+
+/// A connected peer of a [`Router`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSummary {
+    /// Its identity.
+    pub identity: Bytes,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Messages queued for it and not yet written.
+    pub queued_messages: usize,
+    /// Bytes queued for it and not yet written.
+    pub queued_bytes: usize,
+}
+
+/// A ROUTER socket. See the [module documentation](super).
+///
+/// Dropping it closes every connection (without waiting); [`Router::close`] also waits
+/// for queued messages to be flushed, up to the linger time.
+pub struct Router {
+    role: Arc<RouterRole>,
+    local_addr: SocketAddr,
+}
+
+impl Router {
+    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
+    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Router, TransportError> {
+        let listener = bind(endpoint).await?;
+        let local_addr = listener.local_addr()?;
+        let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
+        let shared = Shared::new(opts, SocketType::Router);
+        let role = Arc::new(RouterRole {
+            shared: shared.clone(),
+            routes: Mutex::new(HashMap::new()),
+            inbound,
+            next_id: AtomicU32::new(fastrand::u32(..)),
+        });
+        spawn_listener(listener, shared, role.clone());
+        Ok(Router { role, local_addr })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Receives the next message and the identity of the peer that sent it.
+    pub async fn recv(&self) -> Result<(Bytes, Message), RecvError> {
+        match self.role.inbound.pop().await {
+            Some(i) => Ok((i.identity, i.msg)),
+            None => Err(RecvError::Closed),
+        }
+    }
+
+    /// Queues `msg` for the peer with `identity`, waiting for room while that peer's
+    /// queue is full. Fails if no such peer is connected (or it disconnects while we wait).
+    pub async fn send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
+        msg.check(&self.role.shared.opts)?;
+        let mut item = OutItem::Msg(msg);
+        loop {
+            let (out, alive) = self.route(identity)?;
+            match out.try_push(item) {
+                Ok(()) => return Ok(()),
+                Err((back, _)) => item = back,
+            }
+            if !alive.load(Relaxed) {
+                return Err(SendError::UnknownPeer(display_identity(identity)));
+            }
+            out.writable().await;
+            if self.role.shared.cancel.is_cancelled() {
+                return Err(SendError::Closed);
+            }
+        }
+    }
+
+    /// Queues `msg` for the peer with `identity` without waiting: fails with
+    /// [`SendError::QueueFull`] if its queue is at a bound.
+    pub fn try_send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
+        msg.check(&self.role.shared.opts)?;
+        let (out, _) = self.route(identity)?;
+        out.try_push(OutItem::Msg(msg))
+            .map_err(|(_, u)| SendError::QueueFull {
+                messages: u.count,
+                bytes: u.bytes,
+                connected: true,
+            })
+    }
+
+    fn route(&self, identity: &[u8]) -> Result<(Arc<Queue<OutItem>>, Arc<AtomicBool>), SendError> {
+        if self.role.shared.cancel.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        let routes = self.role.routes.lock();
+        let r = routes
+            .get(identity)
+            .ok_or_else(|| SendError::UnknownPeer(display_identity(identity)))?;
+        Ok((r.out.clone(), r.alive.clone()))
+    }
+
+    /// The peers connected now.
+    pub fn peers(&self) -> Vec<PeerSummary> {
+        self.role
+            .routes
+            .lock()
+            .iter()
+            .map(|(id, r)| {
+                let u = r.out.usage();
+                PeerSummary {
+                    identity: id.clone(),
+                    addr: r.addr,
+                    queued_messages: u.count,
+                    queued_bytes: u.bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Closes the connection of one peer. Returns whether it was connected.
+    pub fn disconnect(&self, identity: &[u8]) -> bool {
+        match self.role.routes.lock().get(identity) {
+            Some(r) => {
+                r.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Subscribes to connection events.
+    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
+        self.role.shared.events.subscribe()
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.role.shared.stats.snapshot()
+    }
+
+    /// Stops accepting, flushes queued messages for up to the linger time, closes every
+    /// connection and waits for their tasks.
+    pub async fn close(self) {
+        self.role.shared.shutdown().await;
+        self.role.inbound.close();
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.role.shared.cancel.cancel();
+        self.role.inbound.close();
+    }
+}

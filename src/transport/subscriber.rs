@@ -1,0 +1,161 @@
+//! SUB: connects to any number of publishers, keeps every connection up, and re-sends its
+//! subscriptions on each new connection.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use super::conn::{spawn_connector, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::error::{ProtocolViolation, RecvError, TransportError};
+use super::events::{SocketEvent, StatsSnapshot};
+use super::queue::Queue;
+use super::{parse_endpoint, Message, SocketOptions, SocketType};
+
+#[derive(Default)]
+struct Topics {
+    /// Subscribed prefixes (a multiset, as in ZeroMQ).
+    prefixes: Vec<Bytes>,
+    /// Outgoing queues of the live connections. Kept under the same lock as `prefixes`
+    /// so that a connection coming up and a subscribe racing it cannot miss or double
+    /// the subscription.
+    live: Vec<Arc<Queue<OutItem>>>,
+}
+
+struct SubRole {
+    shared: Arc<Shared>,
+    topics: Mutex<Topics>,
+    inbound: Arc<Queue<Inbound>>,
+}
+
+impl Role for SubRole {
+    fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
+        let opts = &self.shared.opts;
+        let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
+        let mut t = self.topics.lock();
+        for p in &t.prefixes {
+            out.push_unbounded(OutItem::Subscribe(p.clone()));
+        }
+        t.live.push(out.clone());
+        Ok(Attached {
+            out,
+            sink: Sink::Deliver(self.inbound.clone()),
+            identity: peer.identity.clone(),
+            cancel: self.shared.cancel.child_token(),
+        })
+    }
+
+    fn detach(&self, _peer: &PeerInfo, att: &Attached) {
+        self.topics
+            .lock()
+            .live
+            .retain(|q| !Arc::ptr_eq(q, &att.out));
+    }
+}
+
+/// A SUB socket. See the [module documentation](super).
+pub struct Subscriber {
+    role: Arc<SubRole>,
+}
+
+impl Subscriber {
+    /// A subscriber with no connections yet.
+    pub fn new(opts: SocketOptions) -> Subscriber {
+        let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
+        let shared = Shared::new(opts, SocketType::Sub);
+        Subscriber {
+            role: Arc::new(SubRole {
+                shared,
+                topics: Mutex::new(Topics::default()),
+                inbound,
+            }),
+        }
+    }
+
+    /// Starts connecting to a publisher at `endpoint`; kept up (and resubscribed) in
+    /// the background until the socket closes.
+    pub fn connect(&self, endpoint: &str) -> Result<(), TransportError> {
+        parse_endpoint(endpoint)?;
+        spawn_connector(
+            endpoint.to_string(),
+            self.role.shared.clone(),
+            self.role.clone(),
+        );
+        Ok(())
+    }
+
+    /// Subscribes to messages whose first frame starts with `prefix` (empty: all).
+    pub fn subscribe(&self, prefix: impl Into<Bytes>) {
+        let prefix = prefix.into();
+        let mut t = self.role.topics.lock();
+        for q in &t.live {
+            q.push_unbounded(OutItem::Subscribe(prefix.clone()));
+        }
+        t.prefixes.push(prefix);
+    }
+
+    /// Cancels one earlier subscription to `prefix`. Returns whether there was one.
+    pub fn unsubscribe(&self, prefix: &[u8]) -> bool {
+        let mut t = self.role.topics.lock();
+        let Some(i) = t.prefixes.iter().position(|p| p == prefix) else {
+            return false;
+        };
+        let p = t.prefixes.remove(i);
+        for q in &t.live {
+            q.push_unbounded(OutItem::Cancel(p.clone()));
+        }
+        true
+    }
+
+    /// Receives the next message matching a subscription. Publishers filter too; this
+    /// check covers those that do not (an XPUB, or messages in flight across a CANCEL).
+    pub async fn recv(&self) -> Result<Message, RecvError> {
+        loop {
+            let Some(i) = self.role.inbound.pop().await else {
+                return Err(RecvError::Closed);
+            };
+            let first = &i.msg.frames()[0];
+            let wanted = self
+                .role
+                .topics
+                .lock()
+                .prefixes
+                .iter()
+                .any(|p| first.starts_with(p));
+            if wanted {
+                return Ok(i.msg);
+            }
+            self.role.shared.stats.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Number of publishers connected now.
+    pub fn connections(&self) -> usize {
+        self.role.topics.lock().live.len()
+    }
+
+    /// Subscribes to connection events.
+    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
+        self.role.shared.events.subscribe()
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.role.shared.stats.snapshot()
+    }
+
+    /// Closes every connection and waits for their tasks.
+    pub async fn close(self) {
+        self.role.shared.shutdown().await;
+        self.role.inbound.close();
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.role.shared.cancel.cancel();
+        self.role.inbound.close();
+    }
+}
