@@ -1,0 +1,337 @@
+//! Behaviour of peerwire's own sockets talking to each other over loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use peerwire::transport::wire::Command;
+use peerwire::transport::{
+    CloseReason, Dealer, Message, ProtocolViolation, Publisher, Router, SendError, SocketEvent,
+    SocketOptions, Subscriber,
+};
+use support::*;
+
+fn msg(frames: &[&[u8]]) -> Message {
+    Message::from_frames(frames.iter().map(|f| Bytes::copy_from_slice(f)).collect())
+}
+
+#[tokio::test]
+async fn dealer_router_round_trip_multipart_empty_and_large() {
+    init_tracing();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let big = vec![0xA5u8; 1 << 20];
+    for m in [
+        msg(&[b"hello"]),
+        msg(&[b"", b"a", b""]),
+        msg(&[b"x", &big]),
+    ] {
+        dealer.send(m.clone()).await.unwrap();
+        let (id, got) = within("router recv", router.recv()).await.unwrap();
+        assert_eq!(got, m);
+        router.send(&id, got).await.unwrap();
+        let back = within("dealer recv", dealer.recv()).await.unwrap();
+        assert_eq!(back, m);
+    }
+    assert_eq!(router.peers().len(), 1);
+}
+
+#[tokio::test]
+async fn router_routes_by_identity_and_refuses_a_duplicate() {
+    init_tracing();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let mut events = router.events();
+    let with_id = |id: &'static str| SocketOptions {
+        identity: Some(Bytes::from_static(id.as_bytes())),
+        ..test_opts()
+    };
+    let a = Dealer::connect(&ep(router.local_addr()), with_id("alpha")).unwrap();
+    let b = Dealer::connect(&ep(router.local_addr()), with_id("beta")).unwrap();
+    a.send("from a".into()).await.unwrap();
+    b.send("from b".into()).await.unwrap();
+    for _ in 0..2 {
+        let (id, m) = within("recv", router.recv()).await.unwrap();
+        let expect: &[u8] = if &id[..] == b"alpha" { b"from a" } else { b"from b" };
+        assert_eq!(&m.frames()[0][..], expect);
+    }
+    router.send(b"beta", "to b".into()).await.unwrap();
+    router.send(b"alpha", "to a".into()).await.unwrap();
+    assert_eq!(&within("a", a.recv()).await.unwrap().frames()[0][..], b"to a");
+    assert_eq!(&within("b", b.recv()).await.unwrap().frames()[0][..], b"to b");
+
+    // A second "alpha" is refused; the first keeps its place.
+    let imposter = Dealer::connect(&ep(router.local_addr()), with_id("alpha")).unwrap();
+    let e = wait_event(&mut events, "refusal of duplicate identity", |e| {
+        matches!(e, SocketEvent::HandshakeFailed { reason: CloseReason::Violation(ProtocolViolation::IdentityInUse(_)), .. })
+    })
+    .await;
+    drop(e);
+    let _ = imposter.try_send("imposter".into());
+    router.send(b"alpha", "still a".into()).await.unwrap();
+    assert_eq!(&within("a", a.recv()).await.unwrap().frames()[0][..], b"still a");
+    a.send("a again".into()).await.unwrap();
+    let (id, m) = within("recv", router.recv()).await.unwrap();
+    assert_eq!((&id[..], &m.frames()[0][..]), (&b"alpha"[..], &b"a again"[..]));
+    assert!(router.stats().violations.get("identity_in_use").copied().unwrap_or(0) >= 1);
+    assert!(matches!(
+        router.send(b"nobody", "x".into()).await,
+        Err(SendError::UnknownPeer(_))
+    ));
+}
+
+#[tokio::test]
+async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
+    init_tracing();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let addr = router.local_addr();
+    let opts = SocketOptions {
+        send_queue_messages: 5,
+        ..test_opts()
+    };
+    let dealer = Dealer::connect(&ep(addr), opts).unwrap();
+    let mut events = dealer.events();
+    dealer.send("first".into()).await.unwrap();
+    let (_, m) = within("first", router.recv()).await.unwrap();
+    assert_eq!(&m.frames()[0][..], b"first");
+
+    router.close().await;
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, SocketEvent::Disconnected { .. })
+    })
+    .await;
+    assert!(!dealer.is_connected());
+    for i in 0..5 {
+        dealer.send(format!("queued {i}").into_bytes().into()).await.unwrap();
+    }
+    // Full while disconnected: fails at once, with a clear error.
+    let err = within("fail fast", dealer.send("overflow".into())).await.unwrap_err();
+    assert!(matches!(err, SendError::QueueFull { connected: false, messages: 5, .. }), "{err}");
+
+    // The router comes back on the same port: everything queued arrives, in order.
+    let router = Router::bind(&ep(addr), test_opts()).await.unwrap();
+    for i in 0..5 {
+        let (_, m) = within("queued message", router.recv()).await.unwrap();
+        assert_eq!(m.frames()[0], format!("queued {i}").into_bytes());
+    }
+    assert!(dealer.is_connected());
+}
+
+#[tokio::test]
+async fn send_rejects_messages_over_the_limits() {
+    let opts = SocketOptions {
+        max_message_size: 100,
+        max_frames_per_message: 2,
+        ..test_opts()
+    };
+    let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
+    assert!(matches!(
+        dealer.try_send(vec![0u8; 101].into()),
+        Err(SendError::MessageTooLarge { size: 101, max: 100 })
+    ));
+    assert!(matches!(
+        dealer.try_send(msg(&[b"a", b"b", b"c"])),
+        Err(SendError::TooManyFrames { frames: 3, max: 2 })
+    ));
+    assert_eq!(dealer.try_send(Message::new()), Err(SendError::EmptyMessage));
+}
+
+#[tokio::test]
+async fn pub_sub_prefix_filters_and_many_subscribers() {
+    init_tracing();
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let mut events = publisher.events();
+    let s1 = Subscriber::new(test_opts());
+    s1.subscribe("weather.");
+    s1.connect(&ep(publisher.local_addr())).unwrap();
+    let s2 = Subscriber::new(test_opts());
+    s2.subscribe("");
+    s2.connect(&ep(publisher.local_addr())).unwrap();
+    for _ in 0..2 {
+        wait_event(&mut events, "subscriber connected", |e| matches!(e, SocketEvent::Connected { .. })).await;
+    }
+    wait_until("subscriptions applied", || {
+        publisher.subscribers().iter().all(|s| !s.subscriptions.is_empty())
+    })
+    .await;
+    publisher.publish(msg(&[b"sport.goal", b"1"])).unwrap();
+    publisher.publish(msg(&[b"weather.rain", b"2"])).unwrap();
+    let m = within("s1", s1.recv()).await.unwrap();
+    assert_eq!(m, msg(&[b"weather.rain", b"2"]));
+    assert_eq!(&within("s2", s2.recv()).await.unwrap().frames()[1][..], b"1");
+    assert_eq!(&within("s2", s2.recv()).await.unwrap().frames()[1][..], b"2");
+
+    // Unsubscribe: the publisher stops sending the prefix.
+    assert!(s1.unsubscribe(b"weather."));
+    wait_until("cancel applied", || {
+        publisher.subscribers().iter().any(|s| s.subscriptions.is_empty())
+    })
+    .await;
+    let r = publisher.publish(msg(&[b"weather.sun"])).unwrap();
+    assert_eq!(r.queued, 1, "only the catch-all subscriber matches");
+}
+
+#[tokio::test]
+async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
+    init_tracing();
+    let opts = SocketOptions {
+        send_queue_messages: 200,
+        ..test_opts()
+    };
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let fast = Subscriber::new(test_opts());
+    fast.subscribe("");
+    fast.connect(&ep(publisher.local_addr())).unwrap();
+    // The slow subscriber completes its handshake, subscribes, and never reads again.
+    let mut slow = RawPeer::connect(publisher.local_addr()).await;
+    slow.handshake("SUB").await;
+    slow.send_command(&Command::Subscribe(Bytes::new())).await.unwrap();
+    wait_until("both subscribed", || {
+        let s = publisher.subscribers();
+        s.len() == 2 && s.iter().all(|s| !s.subscriptions.is_empty())
+    })
+    .await;
+
+    let payload = vec![7u8; 4096];
+    let total = 5_000u32;
+    let mut got = 0u32;
+    for batch in 0..(total / 100) {
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            publisher
+                .publish(Message::from_frames(vec![
+                    Bytes::from(n.to_be_bytes().to_vec()),
+                    Bytes::from(payload.clone()),
+                ]))
+                .unwrap();
+        }
+        // The fast subscriber keeps up: it gets every message, in order.
+        while got < (batch + 1) * 100 {
+            let m = within("fast subscriber", fast.recv()).await.unwrap();
+            assert_eq!(&m.frames()[0][..], &got.to_be_bytes());
+            got += 1;
+        }
+    }
+    let subs = publisher.subscribers();
+    let slow_info = subs.iter().find(|s| s.dropped > 0).expect("slow one dropped");
+    let fast_info = subs.iter().find(|s| s.dropped == 0).expect("fast one lost nothing");
+    assert_eq!(fast_info.delivered, total as u64);
+    assert_eq!(slow_info.delivered + slow_info.dropped, total as u64);
+    assert_eq!(publisher.stats().dropped, slow_info.dropped);
+}
+
+#[tokio::test]
+async fn subscriber_reconnects_and_resubscribes() {
+    init_tracing();
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let addr = publisher.local_addr();
+    let sub = Subscriber::new(test_opts());
+    sub.subscribe("t");
+    sub.connect(&ep(addr)).unwrap();
+    wait_until("subscribed", || publisher.subscribers().iter().any(|s| !s.subscriptions.is_empty())).await;
+    publisher.publish("t1".into()).unwrap();
+    assert_eq!(&within("t1", sub.recv()).await.unwrap().frames()[0][..], b"t1");
+    publisher.close().await;
+
+    let publisher = Publisher::bind(&ep(addr), test_opts()).await.unwrap();
+    wait_until("resubscribed", || publisher.subscribers().iter().any(|s| s.subscriptions == vec![Bytes::from_static(b"t")])).await;
+    publisher.publish("t2".into()).unwrap();
+    assert_eq!(&within("t2", sub.recv()).await.unwrap().frames()[0][..], b"t2");
+}
+
+#[tokio::test]
+async fn silent_peer_is_dropped_by_heartbeat_and_pings_are_answered() {
+    init_tracing();
+    let opts = SocketOptions {
+        heartbeat_interval: Some(Duration::from_millis(100)),
+        heartbeat_timeout: Duration::from_millis(400),
+        ..test_opts()
+    };
+    let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let mut events = router.events();
+    let mut peer = RawPeer::connect(router.local_addr()).await;
+    peer.handshake("DEALER").await;
+    peer.send_command(&Command::Ping { ttl_ds: 0, context: Bytes::from_static(b"hi") })
+        .await
+        .unwrap();
+    // We get PINGs from the router and the PONG for ours.
+    let mut saw_pong = false;
+    let mut saw_ping = false;
+    while !(saw_pong && saw_ping) {
+        let (_, body) = within("heartbeat frames", peer.read_frame()).await.expect("open");
+        match Command::decode(body).unwrap() {
+            Command::Pong(ctx) => {
+                assert_eq!(&ctx[..], b"hi");
+                saw_pong = true
+            }
+            Command::Ping { .. } => saw_ping = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Then the peer goes silent: the router gives up on it.
+    let e = wait_event(&mut events, "heartbeat timeout", |e| matches!(e, SocketEvent::Disconnected { .. })).await;
+    assert!(matches!(
+        e,
+        SocketEvent::Disconnected { reason: CloseReason::Violation(ProtocolViolation::HeartbeatTimeout), .. }
+    ));
+    assert!(router.peers().is_empty());
+}
+
+#[tokio::test]
+async fn dealer_detects_dead_router_and_reconnects() {
+    init_tracing();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let addr = router.local_addr();
+    let dealer = Dealer::connect(&ep(addr), test_opts()).unwrap();
+    let mut events = dealer.events();
+    dealer.send("one".into()).await.unwrap();
+    within("one", router.recv()).await.unwrap();
+    drop(router);
+    wait_event(&mut events, "disconnect", |e| matches!(e, SocketEvent::Disconnected { .. })).await;
+    let router = Router::bind(&ep(addr), test_opts()).await.unwrap();
+    wait_event(&mut events, "reconnect", |e| matches!(e, SocketEvent::Connected { .. })).await;
+    dealer.send("two".into()).await.unwrap();
+    let (_, m) = within("two", router.recv()).await.unwrap();
+    assert_eq!(&m.frames()[0][..], b"two");
+}
+
+#[tokio::test]
+async fn listener_refuses_past_max_connections_and_serves_the_rest() {
+    init_tracing();
+    let opts = SocketOptions {
+        max_connections: 2,
+        ..test_opts()
+    };
+    let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let mut events = router.events();
+    let a = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let b = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    for d in [&a, &b] {
+        d.send("hi".into()).await.unwrap();
+        within("hi", router.recv()).await.unwrap();
+    }
+    let mut third = RawPeer::connect(router.local_addr()).await;
+    wait_event(&mut events, "refusal", |e| matches!(e, SocketEvent::Refused { .. })).await;
+    assert!(third.closed_within(BOUND).await);
+    assert_eq!(router.stats().refused, 1);
+    a.send("still served".into()).await.unwrap();
+    let (_, m) = within("after refusal", router.recv()).await.unwrap();
+    assert_eq!(&m.frames()[0][..], b"still served");
+}
+
+#[tokio::test]
+async fn close_flushes_queued_messages() {
+    init_tracing();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    dealer.send("hello".into()).await.unwrap();
+    within("hello", router.recv()).await.unwrap();
+    for i in 0..1000u32 {
+        dealer.send(Message::from(i.to_be_bytes().to_vec())).await.unwrap();
+    }
+    within("close", dealer.close()).await;
+    for i in 0..1000u32 {
+        let (_, m) = within("flushed", router.recv()).await.unwrap();
+        assert_eq!(&m.frames()[0][..], &i.to_be_bytes());
+    }
+}
