@@ -201,3 +201,37 @@ impl RawPeer {
         .is_ok()
     }
 }
+
+/// A global allocator that counts live heap bytes, for tests that check memory stays
+/// bounded (RSS alone would miss memory reserved but never touched). A test binary opts
+/// in with `#[global_allocator] static A: CountingAlloc = CountingAlloc;`.
+pub struct CountingAlloc;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc(l);
+        if !p.is_null() {
+            LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        std::alloc::System.dealloc(p, l);
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        let q = std::alloc::System.realloc(p, l, new);
+        if !q.is_null() {
+            LIVE.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+            LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+/// Live heap bytes, when the binary uses [`CountingAlloc`]; otherwise 0.
+pub fn heap_bytes() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}

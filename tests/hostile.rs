@@ -1,0 +1,283 @@
+//! Hostile input against a listening socket. Each case checks that the offending
+//! connection is closed with a counted reason, that a well-behaved peer is still served
+//! by the same listener afterwards, and that memory stays bounded.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use peerwire::transport::wire::{encode_frame_header, encode_greeting, Command, FLAG_LONG, FLAG_MORE};
+use peerwire::transport::{
+    CloseReason, Dealer, ProtocolViolation, Router, SocketEvent, SocketOptions,
+};
+use support::*;
+use tokio::sync::broadcast;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Most heap growth any single case may cause (other cases run beside it).
+const HEAP_BOUND: usize = 96 << 20;
+
+async fn router(opts: SocketOptions) -> (Router, broadcast::Receiver<SocketEvent>) {
+    let r = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let e = r.events();
+    (r, e)
+}
+
+/// A real DEALER still gets a round trip through the router.
+async fn still_serves(router: &Router) {
+    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    dealer.send("ping".into()).await.unwrap();
+    let (id, m) = within("well-behaved peer served", router.recv()).await.unwrap();
+    router.send(&id, m).await.unwrap();
+    let back = within("reply", dealer.recv()).await.unwrap();
+    assert_eq!(&back.frames()[0][..], b"ping");
+}
+
+async fn expect_failure(
+    events: &mut broadcast::Receiver<SocketEvent>,
+    label: &'static str,
+) -> ProtocolViolation {
+    let e = wait_event(events, label, |e| match e {
+        SocketEvent::HandshakeFailed { reason: CloseReason::Violation(v), .. }
+        | SocketEvent::Disconnected { reason: CloseReason::Violation(v), .. } => v.label() == label,
+        _ => false,
+    })
+    .await;
+    match e {
+        SocketEvent::HandshakeFailed { reason: CloseReason::Violation(v), .. }
+        | SocketEvent::Disconnected { reason: CloseReason::Violation(v), .. } => v,
+        _ => unreachable!(),
+    }
+}
+
+fn greeting_and_ready(socket_type: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    out.put_slice(&encode_greeting(false));
+    Command::Ready(vec![("Socket-Type".into(), Bytes::copy_from_slice(socket_type.as_bytes()))])
+        .encode(&mut out);
+    out
+}
+
+#[tokio::test]
+async fn truncated_greeting() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.send(&encode_greeting(false)[..30]).await.unwrap();
+    drop(p);
+    let e = wait_event(&mut events, "handshake failure", |e| matches!(e, SocketEvent::HandshakeFailed { .. })).await;
+    assert!(matches!(e, SocketEvent::HandshakeFailed { reason: CloseReason::PeerClosed, .. }));
+    assert_eq!(router.stats().handshake_failures, 1);
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn wrong_signature_refused_at_first_byte() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    expect_failure(&mut events, "bad_signature").await;
+    assert!(p.closed_within(BOUND).await);
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn unsupported_mechanism_and_version() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let mut g = encode_greeting(false);
+    g[12..17].copy_from_slice(b"CURVE");
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.send(&g).await.unwrap();
+    let v = expect_failure(&mut events, "unsupported_mechanism").await;
+    assert_eq!(v, ProtocolViolation::UnsupportedMechanism("CURVE".into()));
+    let mut g = encode_greeting(false);
+    g[10] = 2;
+    let mut p2 = RawPeer::connect(router.local_addr()).await;
+    p2.send(&g).await.unwrap();
+    expect_failure(&mut events, "unsupported_version").await;
+    assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn terabyte_frame_header_before_and_after_handshake() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
+    // The case that aborts the `zeromq` crate: a greeting then a 1 TiB frame header.
+    let mut huge = BytesMut::new();
+    huge.put_u8(FLAG_LONG);
+    huge.put_u64(1 << 40);
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    let mut bytes = BytesMut::from(&encode_greeting(false)[..]);
+    bytes.put_slice(&huge);
+    p.send(&bytes).await.unwrap();
+    let v = expect_failure(&mut events, "frame_too_large").await;
+    assert!(matches!(v, ProtocolViolation::FrameTooLarge { size, .. } if size == 1 << 40));
+    // Same after a complete handshake.
+    let mut p2 = RawPeer::connect(router.local_addr()).await;
+    p2.handshake("DEALER").await;
+    p2.send(&huge).await.unwrap();
+    expect_failure(&mut events, "frame_too_large").await;
+    assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
+    assert!(heap_bytes() < heap0 + HEAP_BOUND, "heap grew by {} bytes", heap_bytes() - heap0);
+    still_serves(&router).await;
+    assert_eq!(router.stats().violations["frame_too_large"], 2);
+}
+
+#[tokio::test]
+async fn frames_over_the_limit() {
+    init_tracing();
+    let opts = SocketOptions { max_frame_size: 64 * 1024, max_message_size: 100 * 1024, ..test_opts() };
+    let (router, mut events) = router(opts).await;
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.handshake("DEALER").await;
+    let mut out = BytesMut::new();
+    encode_frame_header(&mut out, 0, 64 * 1024 + 1);
+    p.send(&out).await.unwrap();
+    expect_failure(&mut events, "frame_too_large").await;
+    // Two legal frames adding up past the message limit.
+    let mut p2 = RawPeer::connect(router.local_addr()).await;
+    p2.handshake("DEALER").await;
+    let mut out = BytesMut::new();
+    encode_frame_header(&mut out, FLAG_MORE, 60 * 1024);
+    out.put_bytes(1, 60 * 1024);
+    encode_frame_header(&mut out, 0, 60 * 1024);
+    p2.send(&out).await.unwrap();
+    expect_failure(&mut events, "message_too_large").await;
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn endless_run_of_more_frames() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.handshake("DEALER").await;
+    let mut chunk = BytesMut::new();
+    for _ in 0..1000 {
+        encode_frame_header(&mut chunk, FLAG_MORE, 100);
+        chunk.put_bytes(9, 100);
+    }
+    let writer = tokio::spawn(async move {
+        // Keep sending until the router hangs up.
+        while p.send(&chunk).await.is_ok() {}
+    });
+    expect_failure(&mut events, "too_many_frames").await;
+    within("writer notices the close", writer).await.unwrap();
+    assert!(heap_bytes() < heap0 + HEAP_BOUND, "heap grew by {} bytes", heap_bytes() - heap0);
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn greeting_one_byte_per_second() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    let g = encode_greeting(false);
+    let drip = tokio::spawn(async move {
+        for b in g {
+            if p.send(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    // Meanwhile the listener serves others.
+    still_serves(&router).await;
+    expect_failure(&mut events, "greeting_timeout").await;
+    drip.abort();
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn garbage_commands() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    // An unknown command is ignored and counted; the connection goes on.
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.handshake("DEALER").await;
+    p.send_command(&Command::Unknown("FROB".into())).await.unwrap();
+    p.send_message(&[b"after unknown"]).await.unwrap();
+    let (_, m) = within("message after unknown command", router.recv()).await.unwrap();
+    assert_eq!(&m.frames()[0][..], b"after unknown");
+    assert_eq!(router.stats().unknown_commands, 1);
+
+    // Malformed commands close the connection.
+    let bad: Vec<Vec<u8>> = vec![
+        vec![],                                   // empty command frame
+        vec![10, b'R', b'E'],                     // name longer than frame
+        vec![3, b'1', b'2', b'3'],                // non-alphabetic name
+        vec![4, b'P', b'I', b'N', b'G', 0],       // PING without full TTL
+        [&[5u8][..], b"READY", &[3, b'a', b'b']].concat(), // READY after handshake, truncated
+        [&[5u8][..], b"ERROR"].concat(),         // ERROR without reason
+    ];
+    for body in bad {
+        let mut p = RawPeer::connect(router.local_addr()).await;
+        p.handshake("DEALER").await;
+        let mut out = BytesMut::new();
+        encode_frame_header(&mut out, 0x04, body.len());
+        out.put_slice(&body);
+        p.send(&out).await.unwrap();
+        assert!(p.closed_within(BOUND).await, "closed after {body:?}");
+    }
+    wait_until("six violations counted", || router.stats().total_violations() >= 6).await;
+    // And a command frame with MORE set, and reserved flag bits.
+    for hdr in [[0x05u8, 0], [0x80, 0]] {
+        let mut p = RawPeer::connect(router.local_addr()).await;
+        p.handshake("DEALER").await;
+        p.send(&hdr).await.unwrap();
+        assert!(p.closed_within(BOUND).await);
+    }
+    wait_until("eight violations counted", || router.stats().total_violations() >= 8).await;
+    let _ = &mut events;
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn incompatible_socket_type_and_data_before_ready() {
+    init_tracing();
+    let (router, mut events) = router(test_opts()).await;
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.send(&greeting_and_ready("PUB")).await.unwrap();
+    expect_failure(&mut events, "incompatible_socket_type").await;
+    let mut p2 = RawPeer::connect(router.local_addr()).await;
+    let mut out = BytesMut::from(&encode_greeting(false)[..]);
+    encode_frame_header(&mut out, 0, 3);
+    out.put_slice(b"abc");
+    p2.send(&out).await.unwrap();
+    expect_failure(&mut events, "unexpected_frame").await;
+    assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
+    still_serves(&router).await;
+}
+
+#[tokio::test]
+async fn many_trickling_large_frames_stay_bounded() {
+    init_tracing();
+    let (router, _events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
+    // 100 peers each announce a 16 MiB frame (the maximum) and send only 64 KiB of it.
+    let mut peers = Vec::new();
+    for _ in 0..100 {
+        let mut p = RawPeer::connect(router.local_addr()).await;
+        p.handshake("DEALER").await;
+        let mut out = BytesMut::new();
+        encode_frame_header(&mut out, 0, 16 << 20);
+        out.put_bytes(0, 64 * 1024);
+        p.send(&out).await.unwrap();
+        peers.push(p);
+    }
+    wait_until("all connected", || router.peers().len() == 100).await;
+    // Give the connection tasks a moment to read what was sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let grown_mib = heap_bytes().saturating_sub(heap0) >> 20;
+    // 100 × 16 MiB would be 1.6 GiB if the announced size were reserved up front.
+    assert!(grown_mib < 96, "heap grew by {grown_mib} MiB");
+    still_serves(&router).await;
+}
