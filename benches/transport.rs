@@ -1,1 +1,261 @@
-fn main() {}
+//! Transport benchmark: DEALER/ROUTER ping-pong latency beside a raw tokio TCP ping-pong
+//! and the `zeromq` crate, then one-way DEALER→ROUTER throughput against the `zeromq`
+//! crate. Every round trip after the warm-up goes into an HdrHistogram.
+//!
+//! Run: `cargo bench --bench transport` (add `-- --quick` for a short run). Pin to one core
+//! with `taskset -c 0 cargo bench --bench transport`. The three implementations run in
+//! interleaved rounds in the same process, so their ratios are comparable even on a noisy
+//! machine; absolute numbers are not.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use peerwire::transport::{Dealer, Message, Router, SocketOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+const ROUNDS: usize = 3;
+
+struct Plan {
+    size: usize,
+    warmup: usize,
+    samples: usize,
+}
+
+fn plans(quick: bool) -> Vec<Plan> {
+    let f = if quick { 10 } else { 1 };
+    vec![
+        Plan { size: 64, warmup: 2000 / f, samples: 20_000 / f },
+        Plan { size: 1024, warmup: 2000 / f, samples: 20_000 / f },
+        Plan { size: 64 * 1024, warmup: 500 / f, samples: 4000 / f },
+        Plan { size: 1 << 20, warmup: 50 / f, samples: 400 / f },
+    ]
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
+}
+
+/// Raw tokio TCP: 4-byte length prefix, TCP_NODELAY, echo server.
+async fn raw_tcp(plan: &Plan, h: &mut Histogram<u64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = Vec::new();
+        loop {
+            let mut hdr = [0u8; 4];
+            if s.read_exact(&mut hdr).await.is_err() {
+                return;
+            }
+            let n = u32::from_be_bytes(hdr) as usize;
+            buf.resize(4 + n, 0);
+            buf[..4].copy_from_slice(&hdr);
+            if s.read_exact(&mut buf[4..]).await.is_err() {
+                return;
+            }
+            if s.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut out = (plan.size as u32).to_be_bytes().to_vec();
+    out.extend(std::iter::repeat_n(0xABu8, plan.size));
+    let mut back = vec![0u8; 4 + plan.size];
+    for i in 0..plan.warmup + plan.samples {
+        let t = Instant::now();
+        c.write_all(&out).await.unwrap();
+        c.read_exact(&mut back).await.unwrap();
+        if i >= plan.warmup {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    drop(c);
+    let _ = server.await;
+}
+
+async fn peerwire_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
+    let opts = SocketOptions {
+        heartbeat_interval: None,
+        ..SocketOptions::default()
+    };
+    let router = Router::bind("tcp://127.0.0.1:0", opts.clone()).await.unwrap();
+    let endpoint = format!("tcp://{}", router.local_addr());
+    let server = tokio::spawn(async move {
+        while let Ok((id, m)) = router.recv().await {
+            if router.send(&id, m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let dealer = Dealer::connect(&endpoint, opts).unwrap();
+    let msg = Message::from(Bytes::from(vec![0xABu8; plan.size]));
+    for i in 0..plan.warmup + plan.samples {
+        let t = Instant::now();
+        dealer.send(msg.clone()).await.unwrap();
+        let r = dealer.recv().await.unwrap();
+        if i >= plan.warmup {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+        debug_assert_eq!(r.byte_len(), plan.size);
+    }
+    dealer.close().await;
+    server.abort();
+}
+
+async fn zeromq_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
+    let mut router = zeromq::RouterSocket::new();
+    let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let server = tokio::spawn(async move {
+        while let Ok(m) = router.recv().await {
+            if router.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(&endpoint).await.unwrap();
+    let payload = Bytes::from(vec![0xABu8; plan.size]);
+    for i in 0..plan.warmup + plan.samples {
+        let t = Instant::now();
+        dealer.send(ZmqMessage::from(payload.clone())).await.unwrap();
+        let _ = dealer.recv().await.unwrap();
+        if i >= plan.warmup {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    drop(dealer);
+    server.abort();
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn row(name: &str, size: usize, h: &Histogram<u64>, base_p50: u64) -> String {
+    format!(
+        "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
+        human(size),
+        us(h.value_at_quantile(0.5)),
+        us(h.value_at_quantile(0.99)),
+        us(h.value_at_quantile(0.999)),
+        us(h.max()),
+        h.value_at_quantile(0.5) as f64 / base_p50 as f64
+    )
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 1024 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+/// One-way throughput: `n` messages DEALER→ROUTER; returns messages per second and how
+/// many arrived.
+async fn peerwire_throughput(n: usize, size: usize) -> (f64, usize) {
+    let opts = SocketOptions {
+        heartbeat_interval: None,
+        ..SocketOptions::default()
+    };
+    let router = Router::bind("tcp://127.0.0.1:0", opts.clone()).await.unwrap();
+    let dealer = Dealer::connect(&format!("tcp://{}", router.local_addr()), opts).unwrap();
+    // Connect first so the measurement is of steady state.
+    dealer.send("hi".into()).await.unwrap();
+    router.recv().await.unwrap();
+    let msg = Message::from(Bytes::from(vec![1u8; size]));
+    let recv = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(10), router.recv()).await {
+                Ok(Ok(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let t = Instant::now();
+    for _ in 0..n {
+        dealer.send(msg.clone()).await.unwrap();
+    }
+    let (got, end) = recv.await.unwrap();
+    (got as f64 / end.duration_since(t).as_secs_f64(), got)
+}
+
+async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
+    let mut router = zeromq::RouterSocket::new();
+    let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(&endpoint).await.unwrap();
+    dealer.send("hi".into()).await.unwrap();
+    router.recv().await.unwrap();
+    let payload = Bytes::from(vec![1u8; size]);
+    let recv = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(10), router.recv()).await {
+                Ok(Ok(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let t = Instant::now();
+    for _ in 0..n {
+        dealer.send(ZmqMessage::from(payload.clone())).await.unwrap();
+    }
+    let (got, end) = recv.await.unwrap();
+    (got as f64 / end.duration_since(t).as_secs_f64(), got)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        println!("## Round-trip latency, one message in flight (µs)\n");
+        println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw |");
+        println!("|---|---|---|---|---|---|---|");
+        for plan in plans(quick) {
+            let (mut raw, mut pw, mut zq) = (hist(), hist(), hist());
+            for _ in 0..ROUNDS {
+                raw_tcp(&plan, &mut raw).await;
+                peerwire_pingpong(&plan, &mut pw).await;
+                zeromq_pingpong(&plan, &mut zq).await;
+            }
+            let base = raw.value_at_quantile(0.5);
+            println!("{}", row("raw tokio TCP", plan.size, &raw, base));
+            println!("{}", row("peerwire DEALER/ROUTER", plan.size, &pw, base));
+            println!("{}", row("zeromq crate DEALER/ROUTER", plan.size, &zq, base));
+        }
+        let n = if quick { 50_000 } else { 500_000 };
+        println!("\n## One-way DEALER→ROUTER throughput, 64 B, {n} messages\n");
+        println!("| implementation | msg/s | received | vs zeromq |");
+        println!("|---|---|---|---|");
+        let mut best = (0.0f64, 0usize, 0.0f64, 0usize);
+        for _ in 0..ROUNDS {
+            let (p, pg) = peerwire_throughput(n, 64).await;
+            let (z, zg) = zeromq_throughput(n, 64).await;
+            if p > best.0 {
+                best.0 = p;
+                best.1 = pg;
+            }
+            if z > best.2 {
+                best.2 = z;
+                best.3 = zg;
+            }
+            assert_eq!(pg, n, "peerwire lost messages");
+        }
+        println!("| peerwire | {:.0} | {}/{n} | {:.2}× |", best.0, best.1, best.0 / best.2);
+        println!("| zeromq crate | {:.0} | {}/{n} | 1.00× |", best.2, best.3);
+        println!("\n(best of {ROUNDS} rounds each, interleaved)");
+    });
+}
