@@ -216,6 +216,7 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let only_throughput = std::env::args().any(|a| a == "--throughput");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,7 +225,7 @@ fn main() {
         println!("## Round-trip latency, one message in flight (µs)\n");
         println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw |");
         println!("|---|---|---|---|---|---|---|");
-        for plan in plans(quick) {
+        for plan in plans(quick).into_iter().filter(|_| !only_throughput) {
             let (mut raw, mut pw, mut zq) = (hist(), hist(), hist());
             for _ in 0..ROUNDS {
                 raw_tcp(&plan, &mut raw).await;

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::WriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -567,17 +567,27 @@ async fn run(
     let mut pending: Option<Inbound> = None;
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
     let mut peer_ttl: Option<Duration> = None;
+    // Liveness is checked on a periodic tick rather than by reading the clock on every
+    // read: reads only set `rx_seen`, and the tick turns that into `last_rx`. Silence is
+    // therefore detected between `limit` and `limit + tick` after the last byte.
+    let tick = heartbeat
+        .unwrap_or(Duration::from_secs(1))
+        .min(opts.heartbeat_timeout / 3)
+        .max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rx_seen = false;
     let mut last_rx = Instant::now();
-    let far = Duration::from_secs(86_400);
-    let mut next_ping = Instant::now() + heartbeat.unwrap_or(far);
+    let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
 
     let reason = 'conn: loop {
         // Decode whatever is buffered, unless the sink is full.
+        let mut received = 0u64;
         while pending.is_none() {
             match dec.decode(&mut rbuf) {
                 Ok(None) => break,
                 Ok(Some(Decoded::Message(msg))) => {
-                    shared.stats.messages_in.fetch_add(1, Relaxed);
+                    received += 1;
                     match &att.sink {
                         Sink::Deliver(q) => {
                             let item = Inbound {
@@ -629,17 +639,11 @@ async fn run(
                 Err(v) => break 'conn v.into(),
             }
         }
+        if received > 0 {
+            shared.stats.messages_in.fetch_add(received, Relaxed);
+        }
         if w.chunks.is_empty() {
             w.refill(&att.out);
-        }
-        // When the next heartbeat action is due.
-        let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut deadline = next_ping;
-        if let (Some(limit), None) = (silence_limit, &pending) {
-            deadline = deadline.min(last_rx + limit);
         }
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
@@ -664,7 +668,7 @@ async fn run(
             },
             r = rd.read_buf(&mut rbuf), if pending.is_none() => match r {
                 Ok(0) => break CloseReason::PeerClosed,
-                Ok(_) => last_rx = Instant::now(),
+                Ok(_) => rx_seen = true,
                 Err(e) => break e.into(),
             },
             _ = wait_sink(&att.sink), if pending.is_some() => {
@@ -673,27 +677,32 @@ async fn run(
                         pending = Some(item);
                     } else {
                         // We were not reading while blocked; that was not the peer's silence.
-                        last_rx = Instant::now();
+                        rx_seen = true;
                     }
                 }
             },
             _ = att.out.readable(), if w.chunks.is_empty() => {},
-            _ = sleep_until(deadline) => {
-                let now = Instant::now();
-                if let (Some(limit), None) = (silence_limit, &pending) {
+            now = ticker.tick() => {
+                if rx_seen || pending.is_some() {
+                    last_rx = now;
+                    rx_seen = false;
+                }
+                let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(limit) = silence_limit {
                     if now.duration_since(last_rx) >= limit {
                         break ProtocolViolation::HeartbeatTimeout.into();
                     }
                 }
                 if let Some(ivl) = heartbeat {
-                    if now >= next_ping {
+                    if now + tick / 2 >= next_ping {
                         let ttl_ds = (opts.heartbeat_timeout.as_millis() / 100).min(u16::MAX as u128) as u16;
                         w.command(&Command::Ping { ttl_ds, context: Bytes::new() });
                         w.flush_staging();
                         next_ping = now + ivl;
                     }
-                } else {
-                    next_ping = now + far;
                 }
             }
         }

@@ -11,6 +11,7 @@
 //! front with [`Queue::requeue_front`] when a connection drops.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -37,6 +38,9 @@ pub(crate) struct Queue<T> {
     readable: Notify,
     /// Signalled (all waiters) when room is made or the queue closes.
     writable: Notify,
+    /// Tasks inside [`Queue::writable`]. `notify_waiters` takes a lock every time, so it
+    /// is skipped when nobody waits: the common case on the hot path.
+    writers_waiting: AtomicUsize,
 }
 
 /// Counts at one moment.
@@ -59,6 +63,7 @@ impl<T: Cost> Queue<T> {
             max_bytes,
             readable: Notify::new(),
             writable: Notify::new(),
+            writers_waiting: AtomicUsize::new(0),
         }
     }
 
@@ -101,9 +106,18 @@ impl<T: Cost> Queue<T> {
     /// Returns when the queue has room for at least one more item, is closed, or
     /// [`Queue::wake_writers`] was called. Callers re-check their own conditions after.
     pub async fn writable(&self) {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let notified = self.writable.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // Registered before the check below, so a release that the check misses sees us.
+        self.writers_waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.writers_waiting);
         {
             let s = self.state.lock();
             if s.closed || (s.count < self.max_items && s.bytes < self.max_bytes) {
@@ -111,6 +125,12 @@ impl<T: Cost> Queue<T> {
             }
         }
         notified.await;
+    }
+
+    fn notify_writers(&self) {
+        if self.writers_waiting.load(Ordering::SeqCst) > 0 {
+            self.writable.notify_waiters();
+        }
     }
 
     /// Wakes every task waiting in [`Queue::writable`] so it re-checks its conditions.
@@ -148,7 +168,7 @@ impl<T: Cost> Queue<T> {
             }
             item
         };
-        self.writable.notify_waiters();
+        self.notify_writers();
         Some(item)
     }
 
@@ -178,7 +198,7 @@ impl<T: Cost> Queue<T> {
             s.count -= count;
             s.bytes -= bytes;
         }
-        self.writable.notify_waiters();
+        self.notify_writers();
     }
 
     /// Puts items taken with [`Queue::take_all`] back in front, in order.
@@ -223,7 +243,7 @@ impl<T: Cost> Queue<T> {
             s.bytes -= b;
             n
         };
-        self.writable.notify_waiters();
+        self.notify_writers();
         dropped
     }
 }
