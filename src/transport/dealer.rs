@@ -86,9 +86,6 @@ impl Dealer {
         msg.check(&self.role.shared.opts)?;
         let mut item = OutItem::Msg(msg);
         loop {
-            if self.role.shared.cancel.is_cancelled() {
-                return Err(SendError::Closed);
-            }
             match self.role.out.try_push(item) {
                 Ok(()) => return Ok(()),
                 Err((back, usage)) => {
@@ -109,9 +106,6 @@ impl Dealer {
     /// Queues `msg` without waiting; fails with [`SendError::QueueFull`] at a bound.
     pub fn try_send(&self, msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        if self.role.shared.cancel.is_cancelled() {
-            return Err(SendError::Closed);
-        }
         self.role
             .out
             .try_push(OutItem::Msg(msg))

@@ -31,6 +31,11 @@ mod subscriber;
 pub mod wire;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
+
+/// Frames kept inline in a [`Message`] before it allocates: most peerwire messages
+/// (header + payload) have two.
+const INLINE_FRAMES: usize = 3;
 
 pub use dealer::Dealer;
 pub use error::{CloseReason, ProtocolViolation, RecvError, SendError, TransportError};
@@ -43,18 +48,22 @@ pub use subscriber::Subscriber;
 /// A multipart message: one or more frames.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
-    frames: Vec<Bytes>,
+    frames: SmallVec<[Bytes; INLINE_FRAMES]>,
 }
 
 impl Message {
     /// An empty message; add frames with [`Message::push`].
     pub fn new() -> Self {
-        Message { frames: Vec::new() }
+        Message {
+            frames: SmallVec::new(),
+        }
     }
 
     /// A message made of these frames.
     pub fn from_frames(frames: Vec<Bytes>) -> Self {
-        Message { frames }
+        Message {
+            frames: frames.into_iter().collect(),
+        }
     }
 
     /// Appends a frame.
@@ -69,7 +78,7 @@ impl Message {
 
     /// The frames, by value.
     pub fn into_frames(self) -> Vec<Bytes> {
-        self.frames
+        self.frames.into_vec()
     }
 
     /// Number of frames.
@@ -117,14 +126,22 @@ impl Message {
 
 impl From<Vec<Bytes>> for Message {
     fn from(frames: Vec<Bytes>) -> Self {
-        Message { frames }
+        Message::from_frames(frames)
     }
 }
 
 impl From<Bytes> for Message {
     fn from(frame: Bytes) -> Self {
+        let mut frames = SmallVec::new();
+        frames.push(frame);
+        Message { frames }
+    }
+}
+
+impl FromIterator<Bytes> for Message {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> Self {
         Message {
-            frames: vec![frame],
+            frames: iter.into_iter().collect(),
         }
     }
 }

@@ -398,8 +398,8 @@ impl Decoder {
             self.message_bytes += len;
             if flags & FLAG_MORE == 0 {
                 self.message_bytes = 0;
-                let frames = std::mem::take(&mut self.frames);
-                return Ok(Some(Decoded::Message(Message::from_frames(frames))));
+                let msg: Message = self.frames.drain(..).collect();
+                return Ok(Some(Decoded::Message(msg)));
             }
         }
     }
