@@ -218,49 +218,86 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
     (got as f64 / end.duration_since(t).as_secs_f64(), got)
 }
 
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let only_throughput = std::env::args().any(|a| a == "--throughput");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        println!("## Round-trip latency, one message in flight (µs)\n");
-        println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw |");
-        println!("|---|---|---|---|---|---|---|");
-        for plan in plans(quick).into_iter().filter(|_| !only_throughput) {
-            let (mut raw, mut pw, mut zq) = (hist(), hist(), hist());
-            for _ in 0..ROUNDS {
+fn runtime(multi: bool) -> tokio::runtime::Runtime {
+    if multi {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    }
+    .unwrap()
+}
+
+async fn latency(quick: bool) {
+    println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw |");
+    println!("|---|---|---|---|---|---|---|");
+    for plan in plans(quick) {
+        let (mut raw, mut pw, mut zq) = (hist(), hist(), hist());
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        for _ in 0..ROUNDS {
+            if only.is_empty() || only == "raw" {
                 raw_tcp(&plan, &mut raw).await;
+            }
+            if only.is_empty() || only == "peerwire" {
                 peerwire_pingpong(&plan, &mut pw).await;
+            }
+            if only.is_empty() || only == "zeromq" {
                 zeromq_pingpong(&plan, &mut zq).await;
             }
-            let base = raw.value_at_quantile(0.5);
-            println!("{}", row("raw tokio TCP", plan.size, &raw, base));
-            println!("{}", row("peerwire DEALER/ROUTER", plan.size, &pw, base));
-            println!("{}", row("zeromq crate DEALER/ROUTER", plan.size, &zq, base));
         }
-        let n = if quick { 50_000 } else { 500_000 };
-        println!("\n## One-way DEALER→ROUTER throughput, 64 B, {n} messages\n");
-        println!("| implementation | msg/s | received | vs zeromq |");
-        println!("|---|---|---|---|");
-        let mut best = (0.0f64, 0usize, 0.0f64, 0usize);
-        for _ in 0..ROUNDS {
-            let (p, pg) = peerwire_throughput(n, 64).await;
-            let (z, zg) = zeromq_throughput(n, 64).await;
-            if p > best.0 {
-                best.0 = p;
-                best.1 = pg;
-            }
-            if z > best.2 {
-                best.2 = z;
-                best.3 = zg;
-            }
-            assert_eq!(pg, n, "peerwire lost messages");
+        if !only.is_empty() {
+            continue;
         }
-        println!("| peerwire | {:.0} | {}/{n} | {:.2}× |", best.0, best.1, best.0 / best.2);
-        println!("| zeromq crate | {:.0} | {}/{n} | 1.00× |", best.2, best.3);
-        println!("\n(best of {ROUNDS} rounds each, interleaved)");
-    });
+        let base = raw.value_at_quantile(0.5);
+        println!("{}", row("raw tokio TCP", plan.size, &raw, base));
+        println!("{}", row("peerwire DEALER/ROUTER", plan.size, &pw, base));
+        println!("{}", row("zeromq crate DEALER/ROUTER", plan.size, &zq, base));
+    }
+}
+
+async fn throughput(quick: bool) {
+    let n = if quick { 50_000 } else { 500_000 };
+    println!("| implementation | msg/s | received | vs zeromq |");
+    println!("|---|---|---|---|");
+    let mut best = (0.0f64, 0usize, 0.0f64, 0usize);
+    for _ in 0..ROUNDS {
+        let (p, pg) = peerwire_throughput(n, 64).await;
+        let (z, zg) = zeromq_throughput(n, 64).await;
+        if p > best.0 {
+            best.0 = p;
+            best.1 = pg;
+        }
+        if z > best.2 {
+            best.2 = z;
+            best.3 = zg;
+        }
+        assert_eq!(pg, n, "peerwire lost messages");
+    }
+    println!("| peerwire | {:.0} | {}/{n} | {:.2}× |", best.0, best.1, best.0 / best.2);
+    println!("| zeromq crate | {:.0} | {}/{n} | 1.00× |", best.2, best.3);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |a: &str| args.iter().any(|x| x == a);
+    let quick = has("--quick");
+    let only_throughput = has("--throughput");
+    let only_latency = has("--latency");
+    // Both runtimes: the multi-threaded one is what services use; the current-thread one
+    // removes cross-thread wake-ups, the closest thing to pinning everything on one core.
+    let which = std::env::var("BENCH_RUNTIME").unwrap_or_default();
+    for (multi, name) in [(false, "current-thread runtime"), (true, "multi-thread runtime (2 workers)")] {
+        if (which == "current" && multi) || (which == "multi" && !multi) {
+            continue;
+        }
+        let rt = runtime(multi);
+        if !only_throughput {
+            println!("\n## Round-trip latency, one message in flight, {name} (µs)\n");
+            rt.block_on(latency(quick));
+        }
+        if !only_latency {
+            println!("\n## One-way DEALER→ROUTER throughput, 64 B, {name}\n");
+            rt.block_on(throughput(quick));
+        }
+    }
+    println!("\n(histograms merge {ROUNDS} interleaved rounds per implementation; throughput is the best of {ROUNDS} interleaved rounds)");
 }

@@ -538,13 +538,38 @@ impl Writer {
     }
 }
 
-async fn write_chunks(wr: &mut WriteHalf<'_>, chunks: &VecDeque<Bytes>) -> std::io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+/// Accounts for items fully written: counters and the queue's bounds.
+fn written(shared: &Shared, att: &Attached, count: usize, bytes: usize) {
+    if count > 0 {
+        shared.stats.messages_out.fetch_add(count as u64, Relaxed);
+    }
+    if count > 0 || bytes > 0 {
+        att.out.release(count, bytes);
+    }
+}
+
+fn io_slices<'a>(chunks: &'a VecDeque<Bytes>, slices: &mut [IoSlice<'a>; MAX_IOV]) -> usize {
     let mut n = 0;
     for c in chunks.iter().take(MAX_IOV) {
         slices[n] = IoSlice::new(c);
         n += 1;
     }
+    n
+}
+
+fn try_write_chunks(wr: &WriteHalf<'_>, chunks: &VecDeque<Bytes>) -> std::io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let n = io_slices(chunks, &mut slices);
+    let w = wr.try_write_vectored(&slices[..n])?;
+    if w == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    Ok(w)
+}
+
+async fn write_chunks(wr: &mut WriteHalf<'_>, chunks: &VecDeque<Bytes>) -> std::io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let n = io_slices(chunks, &mut slices);
     let w = wr.write_vectored(&slices[..n]).await?;
     if w == 0 {
         return Err(std::io::ErrorKind::WriteZero.into());
@@ -579,6 +604,10 @@ async fn run(
     let mut rx_seen = false;
     let mut last_rx = Instant::now();
     let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
+
+    // Created once: re-creating it each turn would re-register with the token every time.
+    let cancelled = att.cancel.cancelled();
+    tokio::pin!(cancelled);
 
     let reason = 'conn: loop {
         // Decode whatever is buffered, unless the sink is full.
@@ -644,25 +673,32 @@ async fn run(
         }
         if w.chunks.is_empty() {
             w.refill(&att.out);
+            // Try the write now: usually the socket has room and this saves a turn of
+            // the select below. WouldBlock just leaves the bytes for that turn.
+            while !w.chunks.is_empty() {
+                match try_write_chunks(&wr, &w.chunks) {
+                    Ok(n) => {
+                        let (c, b) = w.advance(n);
+                        written(shared, att, c, b);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => break 'conn e.into(),
+                }
+            }
         }
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
 
         tokio::select! {
             biased;
-            _ = att.cancel.cancelled() => {
+            _ = &mut cancelled => {
                 linger(&mut wr, &mut w, att, opts.linger).await;
                 break CloseReason::Shutdown;
             }
             r = write_chunks(&mut wr, &w.chunks), if !w.chunks.is_empty() => match r {
                 Ok(n) => {
                     let (c, b) = w.advance(n);
-                    if c > 0 {
-                        shared.stats.messages_out.fetch_add(c as u64, Relaxed);
-                    }
-                    if c > 0 || b > 0 {
-                        att.out.release(c, b);
-                    }
+                    written(shared, att, c, b);
                 }
                 Err(e) => break e.into(),
             },
@@ -681,7 +717,7 @@ async fn run(
                     }
                 }
             },
-            _ = att.out.readable(), if w.chunks.is_empty() => {},
+            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx)), if w.chunks.is_empty() => {},
             now = ticker.tick() => {
                 if rx_seen || pending.is_some() {
                     last_rx = now;

@@ -13,6 +13,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::task::{Context, Poll};
+
+use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -34,8 +37,11 @@ pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
     max_items: usize,
     max_bytes: usize,
-    /// Signalled when an item is pushed (one consumer).
+    /// Signalled when an item is pushed, for consumers using [`Queue::pop`].
     readable: Notify,
+    /// The waker of the single consumer using [`Queue::poll_readable`] (a connection
+    /// task). Cheaper than registering with `readable` on every turn of its loop.
+    consumer: AtomicWaker,
     /// Signalled (all waiters) when room is made or the queue closes.
     writable: Notify,
     /// Tasks inside [`Queue::writable`]. `notify_waiters` takes a lock every time, so it
@@ -62,8 +68,24 @@ impl<T: Cost> Queue<T> {
             max_items,
             max_bytes,
             readable: Notify::new(),
+            consumer: AtomicWaker::new(),
             writable: Notify::new(),
             writers_waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn wake_consumer(&self) {
+        self.consumer.wake();
+        self.readable.notify_one();
+    }
+
+    /// Ready when there is at least one item. For the queue's single polling consumer.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.consumer.register(cx.waker());
+        if self.state.lock().items.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
         }
     }
 
@@ -87,7 +109,7 @@ impl<T: Cost> Queue<T> {
             s.bytes += b;
             s.items.push_back(item);
         }
-        self.readable.notify_one();
+        self.wake_consumer();
         Ok(())
     }
 
@@ -100,7 +122,7 @@ impl<T: Cost> Queue<T> {
             s.bytes += b;
             s.items.push_back(item);
         }
-        self.readable.notify_one();
+        self.wake_consumer();
     }
 
     /// Returns when the queue has room for at least one more item, is closed, or
@@ -211,7 +233,7 @@ impl<T: Cost> Queue<T> {
         }
         drop(s);
         if any {
-            self.readable.notify_one();
+            self.wake_consumer();
         }
     }
 
@@ -219,7 +241,7 @@ impl<T: Cost> Queue<T> {
     pub fn close(&self) {
         self.state.lock().closed = true;
         self.readable.notify_waiters();
-        self.readable.notify_one();
+        self.wake_consumer();
         self.writable.notify_waiters();
     }
 
