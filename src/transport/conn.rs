@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::WriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -120,8 +120,6 @@ pub(crate) struct Attached {
     pub sink: Sink,
     /// The identity the connection is known by (announced or assigned).
     pub identity: Bytes,
-    /// Cancelled to close this one connection.
-    pub cancel: CancellationToken,
 }
 
 /// What the handshake learned of the peer.
@@ -149,6 +147,8 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<SocketEvent>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// Outgoing queues of the connections running now; interrupting one closes it.
+    live: Mutex<Vec<Arc<Queue<OutItem>>>>,
 }
 
 impl Shared {
@@ -160,6 +160,7 @@ impl Shared {
             events: broadcast::channel(1024).0,
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            live: Mutex::new(Vec::new()),
         })
     }
 
@@ -168,9 +169,31 @@ impl Shared {
         let _ = self.events.send(e);
     }
 
-    /// Cancels every task of the socket and waits for them, at most `linger` plus a margin.
-    pub async fn shutdown(&self) {
+    /// Stops the socket's listener or connector and closes every connection (each
+    /// flushes what is queued for at most `linger`). Does not wait.
+    pub fn close_all(&self) {
         self.cancel.cancel();
+        for q in self.live.lock().iter() {
+            q.interrupt();
+        }
+    }
+
+    fn register(&self, q: &Arc<Queue<OutItem>>) {
+        self.live.lock().push(q.clone());
+        // close_all cancels before it walks the list: if it ran before the push, the
+        // token tells us.
+        if self.cancel.is_cancelled() {
+            q.interrupt();
+        }
+    }
+
+    fn unregister(&self, q: &Arc<Queue<OutItem>>) {
+        self.live.lock().retain(|x| !Arc::ptr_eq(x, q));
+    }
+
+    /// [`Shared::close_all`], then waits for every task, at most `linger` plus a margin.
+    pub async fn shutdown(&self) {
+        self.close_all();
         self.tracker.close();
         let bound = self.opts.linger + Duration::from_secs(1);
         if timeout(bound, self.tracker.wait()).await.is_err() {
@@ -309,7 +332,9 @@ pub(crate) async fn serve(
         socket_type: peer.socket_type.clone(),
         minor_version: peer.minor,
     });
+    shared.register(&attached.out);
     let reason = run(stream, rbuf, &peer, shared, &attached).await;
+    shared.unregister(&attached.out);
     role.detach(&peer, &attached);
     shared.stats.disconnects.fetch_add(1, Relaxed);
     if let CloseReason::Violation(v) = &reason {
@@ -605,10 +630,6 @@ async fn run(
     let mut last_rx = Instant::now();
     let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
 
-    // Created once: re-creating it each turn would re-register with the token every time.
-    let cancelled = att.cancel.cancelled();
-    tokio::pin!(cancelled);
-
     let reason = 'conn: loop {
         // Decode whatever is buffered, unless the sink is full.
         let mut received = 0u64;
@@ -686,15 +707,16 @@ async fn run(
                 }
             }
         }
+        if att.out.is_interrupted() {
+            linger(&mut wr, &mut w, att, opts.linger).await;
+            break CloseReason::Shutdown;
+        }
+        let want_items = w.chunks.is_empty();
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
 
         tokio::select! {
             biased;
-            _ = &mut cancelled => {
-                linger(&mut wr, &mut w, att, opts.linger).await;
-                break CloseReason::Shutdown;
-            }
             r = write_chunks(&mut wr, &w.chunks), if !w.chunks.is_empty() => match r {
                 Ok(n) => {
                     let (c, b) = w.advance(n);
@@ -717,7 +739,8 @@ async fn run(
                     }
                 }
             },
-            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx)), if w.chunks.is_empty() => {},
+            // New items to write, or an interrupt (checked at the top of the loop).
+            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx, want_items)) => {},
             now = ticker.tick() => {
                 if rx_seen || pending.is_some() {
                     last_rx = now;

@@ -27,7 +27,6 @@ impl Role for DealerRole {
             out: self.out.clone(),
             sink: Sink::Deliver(self.inbound.clone()),
             identity: peer.identity.clone(),
-            cancel: self.shared.cancel.child_token(),
         })
     }
 
@@ -150,7 +149,7 @@ impl Dealer {
 
 impl Drop for Dealer {
     fn drop(&mut self) {
-        self.role.shared.cancel.cancel();
+        self.role.shared.close_all();
         self.role.inbound.close();
     }
 }

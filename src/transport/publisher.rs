@@ -47,7 +47,6 @@ impl Role for PubRole {
             out: s.out.clone(),
             sink: Sink::Subscriptions(s.filter.clone()),
             identity: peer.identity.clone(),
-            cancel: self.shared.cancel.child_token(),
         })
     }
 
@@ -170,6 +169,6 @@ impl Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.role.shared.cancel.cancel();
+        self.role.shared.close_all();
     }
 }

@@ -11,7 +11,7 @@
 //! front with [`Queue::requeue_front`] when a connection drops.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use std::task::{Context, Poll};
 
@@ -47,6 +47,8 @@ pub(crate) struct Queue<T> {
     /// Tasks inside [`Queue::writable`]. `notify_waiters` takes a lock every time, so it
     /// is skipped when nobody waits: the common case on the hot path.
     writers_waiting: AtomicUsize,
+    /// Set by [`Queue::interrupt`]: the consumer should stop (its connection is closing).
+    interrupted: AtomicBool,
 }
 
 /// Counts at one moment.
@@ -71,6 +73,7 @@ impl<T: Cost> Queue<T> {
             consumer: AtomicWaker::new(),
             writable: Notify::new(),
             writers_waiting: AtomicUsize::new(0),
+            interrupted: AtomicBool::new(false),
         }
     }
 
@@ -79,14 +82,28 @@ impl<T: Cost> Queue<T> {
         self.readable.notify_one();
     }
 
-    /// Ready when there is at least one item. For the queue's single polling consumer.
-    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// For the queue's single polling consumer (a connection task): ready when the queue
+    /// was interrupted, or, if `want_items`, when it holds at least one item. Checking an
+    /// atomic here is what lets a connection loop notice that it must close without
+    /// polling a cancellation token on every turn.
+    pub fn poll_readable(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<()> {
         self.consumer.register(cx.waker());
-        if self.state.lock().items.is_empty() {
-            Poll::Pending
-        } else {
+        if self.is_interrupted() || (want_items && !self.state.lock().items.is_empty()) {
             Poll::Ready(())
+        } else {
+            Poll::Pending
         }
+    }
+
+    /// Tells the consumer to stop, and wakes it.
+    pub fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        self.consumer.wake();
+    }
+
+    /// Whether [`Queue::interrupt`] was called.
+    pub fn is_interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
     }
 
     /// Pushes unless that would pass a bound; gives the item back otherwise.

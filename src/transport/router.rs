@@ -9,7 +9,6 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 use super::conn::{spawn_listener, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
@@ -21,7 +20,6 @@ struct Route {
     out: Arc<Queue<OutItem>>,
     addr: SocketAddr,
     alive: Arc<AtomicBool>,
-    cancel: CancellationToken,
 }
 
 struct RouterRole {
@@ -61,21 +59,18 @@ impl Role for RouterRole {
             peer.identity.clone()
         };
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
-        let cancel = self.shared.cancel.child_token();
         routes.insert(
             identity.clone(),
             Route {
                 out: out.clone(),
                 addr: peer.addr,
                 alive: Arc::new(AtomicBool::new(true)),
-                cancel: cancel.clone(),
             },
         );
         Ok(Attached {
             out,
             sink: Sink::Deliver(self.inbound.clone()),
             identity,
-            cancel,
         })
     }
 
@@ -215,7 +210,7 @@ impl Router {
     pub fn disconnect(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
             Some(r) => {
-                r.cancel.cancel();
+                r.out.interrupt();
                 true
             }
             None => false,
@@ -242,7 +237,7 @@ impl Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        self.role.shared.cancel.cancel();
+        self.role.shared.close_all();
         self.role.inbound.close();
     }
 }

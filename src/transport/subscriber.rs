@@ -43,7 +43,6 @@ impl Role for SubRole {
             out,
             sink: Sink::Deliver(self.inbound.clone()),
             identity: peer.identity.clone(),
-            cancel: self.shared.cancel.child_token(),
         })
     }
 
@@ -155,7 +154,7 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.role.shared.cancel.cancel();
+        self.role.shared.close_all();
         self.role.inbound.close();
     }
 }
