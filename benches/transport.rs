@@ -27,10 +27,26 @@ struct Plan {
 fn plans(quick: bool) -> Vec<Plan> {
     let f = if quick { 10 } else { 1 };
     vec![
-        Plan { size: 64, warmup: 2000 / f, samples: 20_000 / f },
-        Plan { size: 1024, warmup: 2000 / f, samples: 20_000 / f },
-        Plan { size: 64 * 1024, warmup: 500 / f, samples: 4000 / f },
-        Plan { size: 1 << 20, warmup: 50 / f, samples: 400 / f },
+        Plan {
+            size: 64,
+            warmup: 2000 / f,
+            samples: 20_000 / f,
+        },
+        Plan {
+            size: 1024,
+            warmup: 2000 / f,
+            samples: 20_000 / f,
+        },
+        Plan {
+            size: 64 * 1024,
+            warmup: 500 / f,
+            samples: 4000 / f,
+        },
+        Plan {
+            size: 1 << 20,
+            warmup: 50 / f,
+            samples: 400 / f,
+        },
     ]
 }
 
@@ -84,7 +100,9 @@ async fn peerwire_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
         heartbeat_interval: None,
         ..SocketOptions::default()
     };
-    let router = Router::bind("tcp://127.0.0.1:0", opts.clone()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
+        .await
+        .unwrap();
     let endpoint = format!("tcp://{}", router.local_addr());
     let server = tokio::spawn(async move {
         while let Ok((id, m)) = router.recv().await {
@@ -123,7 +141,10 @@ async fn zeromq_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
     let payload = Bytes::from(vec![0xABu8; plan.size]);
     for i in 0..plan.warmup + plan.samples {
         let t = Instant::now();
-        dealer.send(ZmqMessage::from(payload.clone())).await.unwrap();
+        dealer
+            .send(ZmqMessage::from(payload.clone()))
+            .await
+            .unwrap();
         let _ = dealer.recv().await.unwrap();
         if i >= plan.warmup {
             h.record(t.elapsed().as_nanos() as u64).unwrap();
@@ -164,7 +185,9 @@ async fn peerwire_throughput(n: usize, size: usize) -> (f64, usize) {
         heartbeat_interval: None,
         ..SocketOptions::default()
     };
-    let router = Router::bind("tcp://127.0.0.1:0", opts.clone()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
+        .await
+        .unwrap();
     let dealer = Dealer::connect(&format!("tcp://{}", router.local_addr()), opts).unwrap();
     // Connect first so the measurement is of steady state.
     dealer.send("hi".into()).await.unwrap();
@@ -212,7 +235,10 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
     });
     let t = Instant::now();
     for _ in 0..n {
-        dealer.send(ZmqMessage::from(payload.clone())).await.unwrap();
+        dealer
+            .send(ZmqMessage::from(payload.clone()))
+            .await
+            .unwrap();
     }
     let (got, end) = recv.await.unwrap();
     (got as f64 / end.duration_since(t).as_secs_f64(), got)
@@ -220,9 +246,13 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
 
 fn runtime(multi: bool) -> tokio::runtime::Runtime {
     if multi {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     }
     .unwrap()
 }
@@ -250,7 +280,10 @@ async fn latency(quick: bool) {
         let base = raw.value_at_quantile(0.5);
         println!("{}", row("raw tokio TCP", plan.size, &raw, base));
         println!("{}", row("peerwire DEALER/ROUTER", plan.size, &pw, base));
-        println!("{}", row("zeromq crate DEALER/ROUTER", plan.size, &zq, base));
+        println!(
+            "{}",
+            row("zeromq crate DEALER/ROUTER", plan.size, &zq, base)
+        );
     }
 }
 
@@ -272,7 +305,12 @@ async fn throughput(quick: bool) {
         }
         assert_eq!(pg, n, "peerwire lost messages");
     }
-    println!("| peerwire | {:.0} | {}/{n} | {:.2}× |", best.0, best.1, best.0 / best.2);
+    println!(
+        "| peerwire | {:.0} | {}/{n} | {:.2}× |",
+        best.0,
+        best.1,
+        best.0 / best.2
+    );
     println!("| zeromq crate | {:.0} | {}/{n} | 1.00× |", best.2, best.3);
 }
 
@@ -285,7 +323,10 @@ fn main() {
     // Both runtimes: the multi-threaded one is what services use; the current-thread one
     // removes cross-thread wake-ups, the closest thing to pinning everything on one core.
     let which = std::env::var("BENCH_RUNTIME").unwrap_or_default();
-    for (multi, name) in [(false, "current-thread runtime"), (true, "multi-thread runtime (2 workers)")] {
+    for (multi, name) in [
+        (false, "current-thread runtime"),
+        (true, "multi-thread runtime (2 workers)"),
+    ] {
         if (which == "current" && multi) || (which == "multi" && !multi) {
             continue;
         }

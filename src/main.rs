@@ -1,5 +1,185 @@
 //! The `peerwire` command.
+//!
+//! For now it carries the transport-level tools: `probe` (can this endpoint speak ZMTP
+//! with us, and what does it announce?) and `echo` (a ROUTER that sends every message
+//! back, for trying clients and other ZeroMQ implementations against). The node commands
+//! (`node`, `call`, `publish`, …) arrive with the node runtime.
 
-fn main() {
-    println!("peerwire {}", env!("CARGO_PKG_VERSION"));
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use peerwire::transport::{
+    error::display_identity, Dealer, Router, SocketEvent, SocketOptions, Subscriber,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "peerwire",
+    version,
+    about = "Brokerless peer-to-peer messaging runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to a ZMTP endpoint, complete the handshake, and print what the peer announced.
+    Probe {
+        /// Endpoint, e.g. tcp://127.0.0.1:5555.
+        endpoint: String,
+        /// Socket type to connect as.
+        #[arg(long = "as", value_enum, default_value_t = ProbeAs::Dealer)]
+        as_type: ProbeAs,
+        /// How long to wait for the handshake, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// Run a ROUTER that echoes every message back to its sender, until Ctrl-C.
+    Echo {
+        /// Endpoint to bind; loopback by default.
+        #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+        bind: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProbeAs {
+    /// Probe a ROUTER or DEALER.
+    Dealer,
+    /// Probe a PUB.
+    Sub,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever RUST_BACKTRACE says: this is for people, not debuggers.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Probe {
+            endpoint,
+            as_type,
+            timeout_ms,
+        } => probe(&endpoint, as_type, Duration::from_millis(timeout_ms)).await,
+        Command::Echo { bind } => echo(&bind).await,
+    }
+}
+
+async fn probe(endpoint: &str, as_type: ProbeAs, bound: Duration) -> Result<()> {
+    let opts = SocketOptions {
+        reconnect_initial: Duration::from_millis(100),
+        reconnect_max: Duration::from_millis(500),
+        ..SocketOptions::default()
+    };
+    // Keep the socket alive while waiting; its events say how the handshake went.
+    let (mut events, _dealer, _sub);
+    match as_type {
+        ProbeAs::Dealer => {
+            let (d, ev) = Dealer::connect_with_events(endpoint, opts).context("bad endpoint")?;
+            events = ev;
+            _dealer = Some(d);
+            _sub = None;
+        }
+        ProbeAs::Sub => {
+            let s = Subscriber::new(opts);
+            events = s.events();
+            s.connect(endpoint).context("bad endpoint")?;
+            _sub = Some(s);
+            _dealer = None;
+        }
+    }
+    let mut last_error = None;
+    let outcome = tokio::time::timeout(bound, async {
+        loop {
+            match events.recv().await {
+                Ok(SocketEvent::Connected {
+                    addr,
+                    identity,
+                    socket_type,
+                    minor_version,
+                }) => return Ok((addr, identity, socket_type, minor_version)),
+                Ok(SocketEvent::HandshakeFailed { addr, reason }) => {
+                    return Err(format!("handshake with {addr} failed: {reason}"))
+                }
+                Ok(SocketEvent::ConnectFailed { error, .. }) => last_error = Some(error),
+                Ok(_) => {}
+                Err(e) => return Err(format!("event stream: {e}")),
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Ok(Ok((addr, identity, socket_type, minor))) => {
+            println!("endpoint     {endpoint}");
+            println!("address      {addr}");
+            println!("protocol     ZMTP 3.{minor}");
+            println!("socket type  {socket_type}");
+            println!(
+                "identity     {}",
+                if identity.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    display_identity(&identity)
+                }
+            );
+            println!(
+                "heartbeats   {}",
+                if minor >= 1 {
+                    "PING/PONG"
+                } else {
+                    "not available (ZMTP 3.0)"
+                }
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => bail!("{endpoint}: {e}"),
+        Err(_) => match last_error {
+            Some(e) => bail!("{endpoint}: not reachable within {bound:?}: {e}"),
+            None => bail!("{endpoint}: no handshake within {bound:?}"),
+        },
+    }
+}
+
+async fn echo(bind: &str) -> Result<()> {
+    let router = Router::bind(bind, SocketOptions::default())
+        .await
+        .with_context(|| format!("cannot start the echo ROUTER on {bind}"))?;
+    eprintln!("echo ROUTER listening on tcp://{}", router.local_addr());
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            r = router.recv() => {
+                let (id, msg) = r?;
+                if let Err(e) = router.send(&id, msg).await {
+                    eprintln!("reply to {} failed: {e}", display_identity(&id));
+                }
+            }
+        }
+    }
+    router.close().await;
+    Ok(())
 }

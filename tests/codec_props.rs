@@ -29,13 +29,17 @@ fn command() -> impl Strategy<Value = Command> {
     let bytes16 = proptest::collection::vec(any::<u8>(), 0..=16).prop_map(Bytes::from);
     let topic = proptest::collection::vec(any::<u8>(), 0..100).prop_map(Bytes::from);
     prop_oneof![
-        (any::<u16>(), bytes16.clone()).prop_map(|(ttl_ds, context)| Command::Ping { ttl_ds, context }),
+        (any::<u16>(), bytes16.clone())
+            .prop_map(|(ttl_ds, context)| Command::Ping { ttl_ds, context }),
         bytes16.prop_map(Command::Pong),
         topic.clone().prop_map(Command::Subscribe),
         topic.prop_map(Command::Cancel),
         "[ -~]{0,100}".prop_map(Command::Error),
         proptest::collection::vec(
-            ("[A-Za-z0-9-]{1,20}", proptest::collection::vec(any::<u8>(), 0..50)),
+            (
+                "[A-Za-z0-9-]{1,20}",
+                proptest::collection::vec(any::<u8>(), 0..50)
+            ),
             0..5
         )
         .prop_map(|ps| Command::Ready(ps.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())),

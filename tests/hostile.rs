@@ -7,7 +7,9 @@ mod support;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use peerwire::transport::wire::{encode_frame_header, encode_greeting, Command, FLAG_LONG, FLAG_MORE};
+use peerwire::transport::wire::{
+    encode_frame_header, encode_greeting, Command, FLAG_LONG, FLAG_MORE,
+};
 use peerwire::transport::{
     CloseReason, Dealer, ProtocolViolation, Router, SocketEvent, SocketOptions,
 };
@@ -30,7 +32,9 @@ async fn router(opts: SocketOptions) -> (Router, broadcast::Receiver<SocketEvent
 async fn still_serves(router: &Router) {
     let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
     dealer.send("ping".into()).await.unwrap();
-    let (id, m) = within("well-behaved peer served", router.recv()).await.unwrap();
+    let (id, m) = within("well-behaved peer served", router.recv())
+        .await
+        .unwrap();
     router.send(&id, m).await.unwrap();
     let back = within("reply", dealer.recv()).await.unwrap();
     assert_eq!(&back.frames()[0][..], b"ping");
@@ -41,14 +45,26 @@ async fn expect_failure(
     label: &'static str,
 ) -> ProtocolViolation {
     let e = wait_event(events, label, |e| match e {
-        SocketEvent::HandshakeFailed { reason: CloseReason::Violation(v), .. }
-        | SocketEvent::Disconnected { reason: CloseReason::Violation(v), .. } => v.label() == label,
+        SocketEvent::HandshakeFailed {
+            reason: CloseReason::Violation(v),
+            ..
+        }
+        | SocketEvent::Disconnected {
+            reason: CloseReason::Violation(v),
+            ..
+        } => v.label() == label,
         _ => false,
     })
     .await;
     match e {
-        SocketEvent::HandshakeFailed { reason: CloseReason::Violation(v), .. }
-        | SocketEvent::Disconnected { reason: CloseReason::Violation(v), .. } => v,
+        SocketEvent::HandshakeFailed {
+            reason: CloseReason::Violation(v),
+            ..
+        }
+        | SocketEvent::Disconnected {
+            reason: CloseReason::Violation(v),
+            ..
+        } => v,
         _ => unreachable!(),
     }
 }
@@ -56,8 +72,11 @@ async fn expect_failure(
 fn greeting_and_ready(socket_type: &str) -> BytesMut {
     let mut out = BytesMut::new();
     out.put_slice(&encode_greeting(false));
-    Command::Ready(vec![("Socket-Type".into(), Bytes::copy_from_slice(socket_type.as_bytes()))])
-        .encode(&mut out);
+    Command::Ready(vec![(
+        "Socket-Type".into(),
+        Bytes::copy_from_slice(socket_type.as_bytes()),
+    )])
+    .encode(&mut out);
     out
 }
 
@@ -68,8 +87,17 @@ async fn truncated_greeting() {
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(&encode_greeting(false)[..30]).await.unwrap();
     drop(p);
-    let e = wait_event(&mut events, "handshake failure", |e| matches!(e, SocketEvent::HandshakeFailed { .. })).await;
-    assert!(matches!(e, SocketEvent::HandshakeFailed { reason: CloseReason::PeerClosed, .. }));
+    let e = wait_event(&mut events, "handshake failure", |e| {
+        matches!(e, SocketEvent::HandshakeFailed { .. })
+    })
+    .await;
+    assert!(matches!(
+        e,
+        SocketEvent::HandshakeFailed {
+            reason: CloseReason::PeerClosed,
+            ..
+        }
+    ));
     assert_eq!(router.stats().handshake_failures, 1);
     still_serves(&router).await;
 }
@@ -125,7 +153,11 @@ async fn terabyte_frame_header_before_and_after_handshake() {
     p2.send(&huge).await.unwrap();
     expect_failure(&mut events, "frame_too_large").await;
     assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
-    assert!(heap_bytes() < heap0 + HEAP_BOUND, "heap grew by {} bytes", heap_bytes() - heap0);
+    assert!(
+        heap_bytes() < heap0 + HEAP_BOUND,
+        "heap grew by {} bytes",
+        heap_bytes() - heap0
+    );
     still_serves(&router).await;
     assert_eq!(router.stats().violations["frame_too_large"], 2);
 }
@@ -133,7 +165,11 @@ async fn terabyte_frame_header_before_and_after_handshake() {
 #[tokio::test]
 async fn frames_over_the_limit() {
     init_tracing();
-    let opts = SocketOptions { max_frame_size: 64 * 1024, max_message_size: 100 * 1024, ..test_opts() };
+    let opts = SocketOptions {
+        max_frame_size: 64 * 1024,
+        max_message_size: 100 * 1024,
+        ..test_opts()
+    };
     let (router, mut events) = router(opts).await;
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.handshake("DEALER").await;
@@ -171,7 +207,11 @@ async fn endless_run_of_more_frames() {
     });
     expect_failure(&mut events, "too_many_frames").await;
     within("writer notices the close", writer).await.unwrap();
-    assert!(heap_bytes() < heap0 + HEAP_BOUND, "heap grew by {} bytes", heap_bytes() - heap0);
+    assert!(
+        heap_bytes() < heap0 + HEAP_BOUND,
+        "heap grew by {} bytes",
+        heap_bytes() - heap0
+    );
     still_serves(&router).await;
 }
 
@@ -203,20 +243,24 @@ async fn garbage_commands() {
     // An unknown command is ignored and counted; the connection goes on.
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.handshake("DEALER").await;
-    p.send_command(&Command::Unknown("FROB".into())).await.unwrap();
+    p.send_command(&Command::Unknown("FROB".into()))
+        .await
+        .unwrap();
     p.send_message(&[b"after unknown"]).await.unwrap();
-    let (_, m) = within("message after unknown command", router.recv()).await.unwrap();
+    let (_, m) = within("message after unknown command", router.recv())
+        .await
+        .unwrap();
     assert_eq!(&m.frames()[0][..], b"after unknown");
     assert_eq!(router.stats().unknown_commands, 1);
 
     // Malformed commands close the connection.
     let bad: Vec<Vec<u8>> = vec![
-        vec![],                                   // empty command frame
-        vec![10, b'R', b'E'],                     // name longer than frame
-        vec![3, b'1', b'2', b'3'],                // non-alphabetic name
-        vec![4, b'P', b'I', b'N', b'G', 0],       // PING without full TTL
+        vec![],                                            // empty command frame
+        vec![10, b'R', b'E'],                              // name longer than frame
+        vec![3, b'1', b'2', b'3'],                         // non-alphabetic name
+        vec![4, b'P', b'I', b'N', b'G', 0],                // PING without full TTL
         [&[5u8][..], b"READY", &[3, b'a', b'b']].concat(), // READY after handshake, truncated
-        [&[5u8][..], b"ERROR"].concat(),         // ERROR without reason
+        [&[5u8][..], b"ERROR"].concat(),                   // ERROR without reason
     ];
     for body in bad {
         let mut p = RawPeer::connect(router.local_addr()).await;
@@ -227,7 +271,10 @@ async fn garbage_commands() {
         p.send(&out).await.unwrap();
         assert!(p.closed_within(BOUND).await, "closed after {body:?}");
     }
-    wait_until("six violations counted", || router.stats().total_violations() >= 6).await;
+    wait_until("six violations counted", || {
+        router.stats().total_violations() >= 6
+    })
+    .await;
     // And a command frame with MORE set, and reserved flag bits.
     for hdr in [[0x05u8, 0], [0x80, 0]] {
         let mut p = RawPeer::connect(router.local_addr()).await;
@@ -235,7 +282,10 @@ async fn garbage_commands() {
         p.send(&hdr).await.unwrap();
         assert!(p.closed_within(BOUND).await);
     }
-    wait_until("eight violations counted", || router.stats().total_violations() >= 8).await;
+    wait_until("eight violations counted", || {
+        router.stats().total_violations() >= 8
+    })
+    .await;
     let _ = &mut events;
     still_serves(&router).await;
 }

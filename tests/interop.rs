@@ -17,7 +17,10 @@ fn cases() -> Vec<Vec<Bytes>> {
             Bytes::from_static(b"c"),
             Bytes::new(),
         ],
-        vec![Bytes::from_static(b"big"), Bytes::from(vec![0x5Au8; 1 << 20])],
+        vec![
+            Bytes::from_static(b"big"),
+            Bytes::from(vec![0x5Au8; 1 << 20]),
+        ],
     ]
 }
 
@@ -36,7 +39,10 @@ async fn our_dealer_with_their_router() {
     let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
     let dealer = Dealer::connect(&endpoint, test_opts()).unwrap();
     for case in cases() {
-        dealer.send(Message::from_frames(case.clone())).await.unwrap();
+        dealer
+            .send(Message::from_frames(case.clone()))
+            .await
+            .unwrap();
         let got = frames(within("their router recv", router.recv()).await.unwrap());
         // Their ROUTER prepends our identity.
         assert_eq!(&got[1..], &case[..]);
@@ -49,7 +55,9 @@ async fn our_dealer_with_their_router() {
 #[tokio::test]
 async fn their_dealer_with_our_router() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let mut dealer = zeromq::DealerSocket::new();
     dealer.connect(&ep(router.local_addr())).await.unwrap();
     for case in cases() {
@@ -65,20 +73,32 @@ async fn their_dealer_with_our_router() {
 #[tokio::test]
 async fn our_pub_to_their_sub() {
     init_tracing();
-    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let mut events = publisher.events();
     let mut sub = zeromq::SubSocket::new();
     sub.subscribe("topic").await.unwrap();
     sub.connect(&ep(publisher.local_addr())).await.unwrap();
-    wait_event(&mut events, "their sub connected", |e| matches!(e, SocketEvent::Connected { .. })).await;
+    wait_event(&mut events, "their sub connected", |e| {
+        matches!(e, SocketEvent::Connected { .. })
+    })
+    .await;
     wait_until("their subscription", || {
-        publisher.subscribers().iter().any(|s| s.subscriptions == vec![Bytes::from_static(b"topic")])
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| s.subscriptions == vec![Bytes::from_static(b"topic")])
     })
     .await;
     for mut case in cases() {
         case[0] = Bytes::from([b"topic".as_slice(), &case[0]].concat());
-        publisher.publish(Message::from_frames(vec![Bytes::from_static(b"other")])).unwrap();
-        let r = publisher.publish(Message::from_frames(case.clone())).unwrap();
+        publisher
+            .publish(Message::from_frames(vec![Bytes::from_static(b"other")]))
+            .unwrap();
+        let r = publisher
+            .publish(Message::from_frames(case.clone()))
+            .unwrap();
         assert_eq!(r.queued, 1);
         let got = frames(within("their sub recv", sub.recv()).await.unwrap());
         assert_eq!(got, case);
@@ -89,7 +109,11 @@ async fn our_pub_to_their_sub() {
 async fn their_pub_to_our_sub() {
     init_tracing();
     let mut publisher = zeromq::PubSocket::new();
-    let endpoint = publisher.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let endpoint = publisher
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap()
+        .to_string();
     let sub = Subscriber::new(test_opts());
     sub.subscribe("topic");
     sub.connect(&endpoint).unwrap();
@@ -101,7 +125,10 @@ async fn their_pub_to_our_sub() {
         // arrives. Copies of earlier cases may still be in flight; "other" never may.
         within("our sub recv", async {
             loop {
-                publisher.send(zmsg(&[Bytes::from_static(b"other")])).await.unwrap();
+                publisher
+                    .send(zmsg(&[Bytes::from_static(b"other")]))
+                    .await
+                    .unwrap();
                 publisher.send(zmsg(&case)).await.unwrap();
                 while let Ok(Ok(m)) =
                     tokio::time::timeout(std::time::Duration::from_millis(50), sub.recv()).await

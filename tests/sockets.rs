@@ -19,14 +19,12 @@ fn msg(frames: &[&[u8]]) -> Message {
 #[tokio::test]
 async fn dealer_router_round_trip_multipart_empty_and_large() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
     let big = vec![0xA5u8; 1 << 20];
-    for m in [
-        msg(&[b"hello"]),
-        msg(&[b"", b"a", b""]),
-        msg(&[b"x", &big]),
-    ] {
+    for m in [msg(&[b"hello"]), msg(&[b"", b"a", b""]), msg(&[b"x", &big])] {
         dealer.send(m.clone()).await.unwrap();
         let (id, got) = within("router recv", router.recv()).await.unwrap();
         assert_eq!(got, m);
@@ -40,7 +38,9 @@ async fn dealer_router_round_trip_multipart_empty_and_large() {
 #[tokio::test]
 async fn router_routes_by_identity_and_refuses_a_duplicate() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let mut events = router.events();
     let with_id = |id: &'static str| SocketOptions {
         identity: Some(Bytes::from_static(id.as_bytes())),
@@ -52,28 +52,58 @@ async fn router_routes_by_identity_and_refuses_a_duplicate() {
     b.send("from b".into()).await.unwrap();
     for _ in 0..2 {
         let (id, m) = within("recv", router.recv()).await.unwrap();
-        let expect: &[u8] = if &id[..] == b"alpha" { b"from a" } else { b"from b" };
+        let expect: &[u8] = if &id[..] == b"alpha" {
+            b"from a"
+        } else {
+            b"from b"
+        };
         assert_eq!(&m.frames()[0][..], expect);
     }
     router.send(b"beta", "to b".into()).await.unwrap();
     router.send(b"alpha", "to a".into()).await.unwrap();
-    assert_eq!(&within("a", a.recv()).await.unwrap().frames()[0][..], b"to a");
-    assert_eq!(&within("b", b.recv()).await.unwrap().frames()[0][..], b"to b");
+    assert_eq!(
+        &within("a", a.recv()).await.unwrap().frames()[0][..],
+        b"to a"
+    );
+    assert_eq!(
+        &within("b", b.recv()).await.unwrap().frames()[0][..],
+        b"to b"
+    );
 
     // A second "alpha" is refused; the first keeps its place.
     let imposter = Dealer::connect(&ep(router.local_addr()), with_id("alpha")).unwrap();
     let e = wait_event(&mut events, "refusal of duplicate identity", |e| {
-        matches!(e, SocketEvent::HandshakeFailed { reason: CloseReason::Violation(ProtocolViolation::IdentityInUse(_)), .. })
+        matches!(
+            e,
+            SocketEvent::HandshakeFailed {
+                reason: CloseReason::Violation(ProtocolViolation::IdentityInUse(_)),
+                ..
+            }
+        )
     })
     .await;
     drop(e);
     let _ = imposter.try_send("imposter".into());
     router.send(b"alpha", "still a".into()).await.unwrap();
-    assert_eq!(&within("a", a.recv()).await.unwrap().frames()[0][..], b"still a");
+    assert_eq!(
+        &within("a", a.recv()).await.unwrap().frames()[0][..],
+        b"still a"
+    );
     a.send("a again".into()).await.unwrap();
     let (id, m) = within("recv", router.recv()).await.unwrap();
-    assert_eq!((&id[..], &m.frames()[0][..]), (&b"alpha"[..], &b"a again"[..]));
-    assert!(router.stats().violations.get("identity_in_use").copied().unwrap_or(0) >= 1);
+    assert_eq!(
+        (&id[..], &m.frames()[0][..]),
+        (&b"alpha"[..], &b"a again"[..])
+    );
+    assert!(
+        router
+            .stats()
+            .violations
+            .get("identity_in_use")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
     assert!(matches!(
         router.send(b"nobody", "x".into()).await,
         Err(SendError::UnknownPeer(_))
@@ -83,7 +113,9 @@ async fn router_routes_by_identity_and_refuses_a_duplicate() {
 #[tokio::test]
 async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let addr = router.local_addr();
     let opts = SocketOptions {
         send_queue_messages: 5,
@@ -102,11 +134,26 @@ async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
     .await;
     assert!(!dealer.is_connected());
     for i in 0..5 {
-        dealer.send(format!("queued {i}").into_bytes().into()).await.unwrap();
+        dealer
+            .send(format!("queued {i}").into_bytes().into())
+            .await
+            .unwrap();
     }
     // Full while disconnected: fails at once, with a clear error.
-    let err = within("fail fast", dealer.send("overflow".into())).await.unwrap_err();
-    assert!(matches!(err, SendError::QueueFull { connected: false, messages: 5, .. }), "{err}");
+    let err = within("fail fast", dealer.send("overflow".into()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::QueueFull {
+                connected: false,
+                messages: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // The router comes back on the same port: everything queued arrives, in order.
     let router = Router::bind(&ep(addr), test_opts()).await.unwrap();
@@ -127,19 +174,27 @@ async fn send_rejects_messages_over_the_limits() {
     let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
     assert!(matches!(
         dealer.try_send(vec![0u8; 101].into()),
-        Err(SendError::MessageTooLarge { size: 101, max: 100 })
+        Err(SendError::MessageTooLarge {
+            size: 101,
+            max: 100
+        })
     ));
     assert!(matches!(
         dealer.try_send(msg(&[b"a", b"b", b"c"])),
         Err(SendError::TooManyFrames { frames: 3, max: 2 })
     ));
-    assert_eq!(dealer.try_send(Message::new()), Err(SendError::EmptyMessage));
+    assert_eq!(
+        dealer.try_send(Message::new()),
+        Err(SendError::EmptyMessage)
+    );
 }
 
 #[tokio::test]
 async fn pub_sub_prefix_filters_and_many_subscribers() {
     init_tracing();
-    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let mut events = publisher.events();
     let s1 = Subscriber::new(test_opts());
     s1.subscribe("weather.");
@@ -148,23 +203,38 @@ async fn pub_sub_prefix_filters_and_many_subscribers() {
     s2.subscribe("");
     s2.connect(&ep(publisher.local_addr())).unwrap();
     for _ in 0..2 {
-        wait_event(&mut events, "subscriber connected", |e| matches!(e, SocketEvent::Connected { .. })).await;
+        wait_event(&mut events, "subscriber connected", |e| {
+            matches!(e, SocketEvent::Connected { .. })
+        })
+        .await;
     }
     wait_until("subscriptions applied", || {
-        publisher.subscribers().iter().all(|s| !s.subscriptions.is_empty())
+        publisher
+            .subscribers()
+            .iter()
+            .all(|s| !s.subscriptions.is_empty())
     })
     .await;
     publisher.publish(msg(&[b"sport.goal", b"1"])).unwrap();
     publisher.publish(msg(&[b"weather.rain", b"2"])).unwrap();
     let m = within("s1", s1.recv()).await.unwrap();
     assert_eq!(m, msg(&[b"weather.rain", b"2"]));
-    assert_eq!(&within("s2", s2.recv()).await.unwrap().frames()[1][..], b"1");
-    assert_eq!(&within("s2", s2.recv()).await.unwrap().frames()[1][..], b"2");
+    assert_eq!(
+        &within("s2", s2.recv()).await.unwrap().frames()[1][..],
+        b"1"
+    );
+    assert_eq!(
+        &within("s2", s2.recv()).await.unwrap().frames()[1][..],
+        b"2"
+    );
 
     // Unsubscribe: the publisher stops sending the prefix.
     assert!(s1.unsubscribe(b"weather."));
     wait_until("cancel applied", || {
-        publisher.subscribers().iter().any(|s| s.subscriptions.is_empty())
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| s.subscriptions.is_empty())
     })
     .await;
     let r = publisher.publish(msg(&[b"weather.sun"])).unwrap();
@@ -185,7 +255,9 @@ async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
     // The slow subscriber completes its handshake, subscribes, and never reads again.
     let mut slow = RawPeer::connect(publisher.local_addr()).await;
     slow.handshake("SUB").await;
-    slow.send_command(&Command::Subscribe(Bytes::new())).await.unwrap();
+    slow.send_command(&Command::Subscribe(Bytes::new()))
+        .await
+        .unwrap();
     wait_until("both subscribed", || {
         let s = publisher.subscribers();
         s.len() == 2 && s.iter().all(|s| !s.subscriptions.is_empty())
@@ -213,8 +285,14 @@ async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
         }
     }
     let subs = publisher.subscribers();
-    let slow_info = subs.iter().find(|s| s.dropped > 0).expect("slow one dropped");
-    let fast_info = subs.iter().find(|s| s.dropped == 0).expect("fast one lost nothing");
+    let slow_info = subs
+        .iter()
+        .find(|s| s.dropped > 0)
+        .expect("slow one dropped");
+    let fast_info = subs
+        .iter()
+        .find(|s| s.dropped == 0)
+        .expect("fast one lost nothing");
     assert_eq!(fast_info.delivered, total as u64);
     assert_eq!(slow_info.delivered + slow_info.dropped, total as u64);
     assert_eq!(publisher.stats().dropped, slow_info.dropped);
@@ -223,20 +301,40 @@ async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
 #[tokio::test]
 async fn subscriber_reconnects_and_resubscribes() {
     init_tracing();
-    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let addr = publisher.local_addr();
     let sub = Subscriber::new(test_opts());
     sub.subscribe("t");
     sub.connect(&ep(addr)).unwrap();
-    wait_until("subscribed", || publisher.subscribers().iter().any(|s| !s.subscriptions.is_empty())).await;
+    wait_until("subscribed", || {
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| !s.subscriptions.is_empty())
+    })
+    .await;
     publisher.publish("t1".into()).unwrap();
-    assert_eq!(&within("t1", sub.recv()).await.unwrap().frames()[0][..], b"t1");
+    assert_eq!(
+        &within("t1", sub.recv()).await.unwrap().frames()[0][..],
+        b"t1"
+    );
     publisher.close().await;
 
     let publisher = Publisher::bind(&ep(addr), test_opts()).await.unwrap();
-    wait_until("resubscribed", || publisher.subscribers().iter().any(|s| s.subscriptions == vec![Bytes::from_static(b"t")])).await;
+    wait_until("resubscribed", || {
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| s.subscriptions == vec![Bytes::from_static(b"t")])
+    })
+    .await;
     publisher.publish("t2".into()).unwrap();
-    assert_eq!(&within("t2", sub.recv()).await.unwrap().frames()[0][..], b"t2");
+    assert_eq!(
+        &within("t2", sub.recv()).await.unwrap().frames()[0][..],
+        b"t2"
+    );
 }
 
 #[tokio::test]
@@ -251,14 +349,19 @@ async fn silent_peer_is_dropped_by_heartbeat_and_pings_are_answered() {
     let mut events = router.events();
     let mut peer = RawPeer::connect(router.local_addr()).await;
     peer.handshake("DEALER").await;
-    peer.send_command(&Command::Ping { ttl_ds: 0, context: Bytes::from_static(b"hi") })
-        .await
-        .unwrap();
+    peer.send_command(&Command::Ping {
+        ttl_ds: 0,
+        context: Bytes::from_static(b"hi"),
+    })
+    .await
+    .unwrap();
     // We get PINGs from the router and the PONG for ours.
     let mut saw_pong = false;
     let mut saw_ping = false;
     while !(saw_pong && saw_ping) {
-        let (_, body) = within("heartbeat frames", peer.read_frame()).await.expect("open");
+        let (_, body) = within("heartbeat frames", peer.read_frame())
+            .await
+            .expect("open");
         match Command::decode(body).unwrap() {
             Command::Pong(ctx) => {
                 assert_eq!(&ctx[..], b"hi");
@@ -269,10 +372,16 @@ async fn silent_peer_is_dropped_by_heartbeat_and_pings_are_answered() {
         }
     }
     // Then the peer goes silent: the router gives up on it.
-    let e = wait_event(&mut events, "heartbeat timeout", |e| matches!(e, SocketEvent::Disconnected { .. })).await;
+    let e = wait_event(&mut events, "heartbeat timeout", |e| {
+        matches!(e, SocketEvent::Disconnected { .. })
+    })
+    .await;
     assert!(matches!(
         e,
-        SocketEvent::Disconnected { reason: CloseReason::Violation(ProtocolViolation::HeartbeatTimeout), .. }
+        SocketEvent::Disconnected {
+            reason: CloseReason::Violation(ProtocolViolation::HeartbeatTimeout),
+            ..
+        }
     ));
     assert!(router.peers().is_empty());
 }
@@ -280,16 +389,24 @@ async fn silent_peer_is_dropped_by_heartbeat_and_pings_are_answered() {
 #[tokio::test]
 async fn dealer_detects_dead_router_and_reconnects() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let addr = router.local_addr();
     let dealer = Dealer::connect(&ep(addr), test_opts()).unwrap();
     let mut events = dealer.events();
     dealer.send("one".into()).await.unwrap();
     within("one", router.recv()).await.unwrap();
     drop(router);
-    wait_event(&mut events, "disconnect", |e| matches!(e, SocketEvent::Disconnected { .. })).await;
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, SocketEvent::Disconnected { .. })
+    })
+    .await;
     let router = Router::bind(&ep(addr), test_opts()).await.unwrap();
-    wait_event(&mut events, "reconnect", |e| matches!(e, SocketEvent::Connected { .. })).await;
+    wait_event(&mut events, "reconnect", |e| {
+        matches!(e, SocketEvent::Connected { .. })
+    })
+    .await;
     dealer.send("two".into()).await.unwrap();
     let (_, m) = within("two", router.recv()).await.unwrap();
     assert_eq!(&m.frames()[0][..], b"two");
@@ -311,7 +428,10 @@ async fn listener_refuses_past_max_connections_and_serves_the_rest() {
         within("hi", router.recv()).await.unwrap();
     }
     let mut third = RawPeer::connect(router.local_addr()).await;
-    wait_event(&mut events, "refusal", |e| matches!(e, SocketEvent::Refused { .. })).await;
+    wait_event(&mut events, "refusal", |e| {
+        matches!(e, SocketEvent::Refused { .. })
+    })
+    .await;
     assert!(third.closed_within(BOUND).await);
     assert_eq!(router.stats().refused, 1);
     a.send("still served".into()).await.unwrap();
@@ -322,12 +442,17 @@ async fn listener_refuses_past_max_connections_and_serves_the_rest() {
 #[tokio::test]
 async fn close_flushes_queued_messages() {
     init_tracing();
-    let router = Router::bind("tcp://127.0.0.1:0", test_opts()).await.unwrap();
+    let router = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
     let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
     dealer.send("hello".into()).await.unwrap();
     within("hello", router.recv()).await.unwrap();
     for i in 0..1000u32 {
-        dealer.send(Message::from(i.to_be_bytes().to_vec())).await.unwrap();
+        dealer
+            .send(Message::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
     }
     within("close", dealer.close()).await;
     for i in 0..1000u32 {

@@ -28,8 +28,8 @@ use super::events::{SocketEvent, Stats};
 use super::options::SocketOptions;
 use super::queue::{Cost, Queue};
 use super::wire::{
-    check_greeting_prefix, encode_frame_header, encode_greeting, parse_greeting, Command,
-    Decoded, Decoder, FLAG_MORE, GREETING_LEN,
+    check_greeting_prefix, encode_frame_header, encode_greeting, parse_greeting, Command, Decoded,
+    Decoder, FLAG_MORE, GREETING_LEN,
 };
 use super::{Message, SocketType};
 
@@ -197,7 +197,10 @@ impl Shared {
         self.tracker.close();
         let bound = self.opts.linger + Duration::from_secs(1);
         if timeout(bound, self.tracker.wait()).await.is_err() {
-            warn!(socket = self.socket_type.as_str(), "tasks still running after close");
+            warn!(
+                socket = self.socket_type.as_str(),
+                "tasks still running after close"
+            );
         }
     }
 }
@@ -248,7 +251,9 @@ pub(crate) fn spawn_connector(endpoint: String, shared: Arc<Shared>, role: Arc<d
     tracker.spawn(async move {
         let opts = &shared.opts;
         let mut delay = opts.reconnect_initial;
-        let host = super::parse_endpoint(&endpoint).unwrap_or(&endpoint).to_string();
+        let host = super::parse_endpoint(&endpoint)
+            .unwrap_or(&endpoint)
+            .to_string();
         loop {
             let attempt = async {
                 let stream = TcpStream::connect(host.as_str()).await?;
@@ -314,7 +319,10 @@ pub(crate) async fn serve(
             return false;
         }
     };
-    let attached = match role.attach(&PeerInfo { addr, ..peer.clone() }) {
+    let attached = match role.attach(&PeerInfo {
+        addr,
+        ..peer.clone()
+    }) {
         Ok(a) => a,
         Err(v) => {
             let mut out = BytesMut::new();
@@ -769,7 +777,8 @@ async fn run(
     // Whatever was not completely written goes back to the queue: a DEALER sends it on
     // its next connection; for other sockets the queue dies with the connection.
     let unsent = w.inflight.drain(..).map(|(item, _)| item);
-    att.out.requeue_front(unsent.collect::<Vec<_>>().into_iter());
+    att.out
+        .requeue_front(unsent.collect::<Vec<_>>().into_iter());
     if let Some(item) = pending {
         // Received but not deliverable because we are closing: counted, not silent.
         shared.stats.dropped.fetch_add(1, Relaxed);

@@ -52,6 +52,15 @@ impl Dealer {
     /// Starts connecting to `endpoint` (`tcp://host:port`). Returns at once; the
     /// connection is made (and remade) in the background.
     pub fn connect(endpoint: &str, opts: SocketOptions) -> Result<Dealer, TransportError> {
+        Self::connect_with_events(endpoint, opts).map(|(d, _)| d)
+    }
+
+    /// Like [`Dealer::connect`], also returning an event receiver subscribed before the
+    /// first connection attempt, so not even the first `Connected` can be missed.
+    pub fn connect_with_events(
+        endpoint: &str,
+        opts: SocketOptions,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
         parse_endpoint(endpoint)?;
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
@@ -62,11 +71,13 @@ impl Dealer {
             inbound,
             connected: AtomicBool::new(false),
         });
+        let events = shared.events.subscribe();
         spawn_connector(endpoint.to_string(), shared, role.clone());
-        Ok(Dealer {
+        let dealer = Dealer {
             role,
             endpoint: endpoint.to_string(),
-        })
+        };
+        Ok((dealer, events))
     }
 
     /// The endpoint this socket connects to.

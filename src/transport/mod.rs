@@ -224,7 +224,10 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(parse_endpoint("tcp://127.0.0.1:5555").unwrap(), "127.0.0.1:5555");
+        assert_eq!(
+            parse_endpoint("tcp://127.0.0.1:5555").unwrap(),
+            "127.0.0.1:5555"
+        );
         assert_eq!(parse_endpoint("localhost:1").unwrap(), "localhost:1");
         assert!(parse_endpoint("ipc:///tmp/x").is_err());
         assert!(parse_endpoint("tcp://host").is_err());

@@ -9,9 +9,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
 
-use super::conn::{
-    spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions,
-};
+use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions};
 use super::error::{ProtocolViolation, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;

@@ -113,8 +113,8 @@ impl<T: Cost> Queue<T> {
         let (n, b) = item.cost();
         {
             let mut s = self.state.lock();
-            let fits = s.count + n <= self.max_items
-                && (s.bytes + b <= self.max_bytes || s.count == 0);
+            let fits =
+                s.count + n <= self.max_items && (s.bytes + b <= self.max_bytes || s.count == 0);
             if s.closed || !fits {
                 let u = Usage {
                     count: s.count,

@@ -81,10 +81,7 @@ impl Role for RouterRole {
                 r.alive.store(false, Relaxed);
                 r.out.wake_writers();
                 let dropped = r.out.clear();
-                self.shared
-                    .stats
-                    .dropped
-                    .fetch_add(dropped as u64, Relaxed);
+                self.shared.stats.dropped.fetch_add(dropped as u64, Relaxed);
                 routes.remove(&att.identity);
             }
         }

@@ -20,8 +20,7 @@ pub const BOUND: Duration = Duration::from_secs(10);
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -168,7 +167,10 @@ impl RawPeer {
                     if self.rbuf.len() < 9 {
                         None
                     } else {
-                        Some((9, u64::from_be_bytes(self.rbuf[1..9].try_into().unwrap()) as usize))
+                        Some((
+                            9,
+                            u64::from_be_bytes(self.rbuf[1..9].try_into().unwrap()) as usize,
+                        ))
                     }
                 } else {
                     Some((2, self.rbuf[1] as usize))
