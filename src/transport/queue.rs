@@ -49,6 +49,9 @@ pub(crate) struct Queue<T> {
     writers_waiting: AtomicUsize,
     /// Set by [`Queue::interrupt`]: the consumer should stop (its connection is closing).
     interrupted: AtomicBool,
+    /// Whether `items` is non-empty, mirrored outside the lock (written under it) so the
+    /// connection task's poll does not take the lock when nothing is queued.
+    has_items: AtomicBool,
 }
 
 /// Counts at one moment.
@@ -74,6 +77,7 @@ impl<T: Cost> Queue<T> {
             writable: Notify::new(),
             writers_waiting: AtomicUsize::new(0),
             interrupted: AtomicBool::new(false),
+            has_items: AtomicBool::new(false),
         }
     }
 
@@ -88,7 +92,7 @@ impl<T: Cost> Queue<T> {
     /// polling a cancellation token on every turn.
     pub fn poll_readable(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<()> {
         self.consumer.register(cx.waker());
-        if self.is_interrupted() || (want_items && !self.state.lock().items.is_empty()) {
+        if self.is_interrupted() || (want_items && self.has_items.load(Ordering::Acquire)) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -125,6 +129,7 @@ impl<T: Cost> Queue<T> {
             s.count += n;
             s.bytes += b;
             s.items.push_back(item);
+            self.has_items.store(true, Ordering::Release);
         }
         self.wake_consumer();
         Ok(())
@@ -138,6 +143,7 @@ impl<T: Cost> Queue<T> {
             s.count += n;
             s.bytes += b;
             s.items.push_back(item);
+            self.has_items.store(true, Ordering::Release);
         }
         self.wake_consumer();
     }
@@ -198,6 +204,7 @@ impl<T: Cost> Queue<T> {
         let item = {
             let mut s = self.state.lock();
             let item = s.items.pop_front()?;
+            self.has_items.store(!s.items.is_empty(), Ordering::Release);
             let (n, b) = item.cost();
             s.count -= n;
             s.bytes -= b;
@@ -228,6 +235,7 @@ impl<T: Cost> Queue<T> {
     pub fn take_all(&self, out: &mut VecDeque<T>) {
         let mut s = self.state.lock();
         out.extend(s.items.drain(..));
+        self.has_items.store(false, Ordering::Release);
     }
 
     /// Releases the cost of items taken with [`Queue::take_all`] once they are written.
@@ -247,6 +255,9 @@ impl<T: Cost> Queue<T> {
         for item in items.rev() {
             s.items.push_front(item);
             any = true;
+        }
+        if any {
+            self.has_items.store(true, Ordering::Release);
         }
         drop(s);
         if any {
@@ -278,6 +289,7 @@ impl<T: Cost> Queue<T> {
             let n: usize = s.items.iter().map(|i| i.cost().0).sum();
             let b: usize = s.items.iter().map(|i| i.cost().1).sum();
             s.items.clear();
+            self.has_items.store(false, Ordering::Release);
             s.count -= n;
             s.bytes -= b;
             n

@@ -155,9 +155,6 @@ impl Router {
                 return Err(SendError::UnknownPeer(display_identity(identity)));
             }
             out.writable().await;
-            if self.role.shared.cancel.is_cancelled() {
-                return Err(SendError::Closed);
-            }
         }
     }
 
@@ -175,9 +172,6 @@ impl Router {
     }
 
     fn route(&self, identity: &[u8]) -> Result<(Arc<Queue<OutItem>>, Arc<AtomicBool>), SendError> {
-        if self.role.shared.cancel.is_cancelled() {
-            return Err(SendError::Closed);
-        }
         let routes = self.role.routes.lock();
         let r = routes
             .get(identity)
