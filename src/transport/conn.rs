@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,6 +149,7 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     /// Outgoing queues of the connections running now; interrupting one closes it.
     live: Mutex<Vec<Arc<Queue<OutItem>>>>,
+    ticker_started: AtomicBool,
 }
 
 impl Shared {
@@ -161,6 +162,7 @@ impl Shared {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             live: Mutex::new(Vec::new()),
+            ticker_started: AtomicBool::new(false),
         })
     }
 
@@ -178,7 +180,45 @@ impl Shared {
         }
     }
 
-    fn register(&self, q: &Arc<Queue<OutItem>>) {
+    /// How often connections do their heartbeat work: a third of the heartbeat timeout,
+    /// or the heartbeat interval if shorter.
+    pub fn tick_period(&self) -> Duration {
+        self.opts
+            .heartbeat_interval
+            .unwrap_or(Duration::from_secs(1))
+            .min(self.opts.heartbeat_timeout / 3)
+            .max(Duration::from_millis(10))
+    }
+
+    /// Starts the socket's ticker on first use (so constructing a socket outside a
+    /// runtime never spawns): one task that ticks every live connection's queue.
+    fn ensure_ticker(self: &Arc<Self>) {
+        if self.ticker_started.swap(true, Relaxed) {
+            return;
+        }
+        let shared = Arc::downgrade(self);
+        let cancel = self.cancel.clone();
+        let period = self.tick_period();
+        self.tracker.spawn(async move {
+            let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let Some(shared) = shared.upgrade() else {
+                    break;
+                };
+                for q in shared.live.lock().iter() {
+                    q.tick();
+                }
+            }
+        });
+    }
+
+    fn register(self: &Arc<Self>, q: &Arc<Queue<OutItem>>) {
+        self.ensure_ticker();
         self.live.lock().push(q.clone());
         // close_all cancels before it walks the list: if it ran before the push, the
         // token tells us.
@@ -302,7 +342,7 @@ pub(crate) fn spawn_connector(endpoint: String, shared: Arc<Shared>, role: Arc<d
 pub(crate) async fn serve(
     mut stream: TcpStream,
     addr: SocketAddr,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     role: &dyn Role,
 ) -> bool {
     let _ = stream.set_nodelay(true);
@@ -625,15 +665,11 @@ async fn run(
     let mut pending: Option<Inbound> = None;
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
     let mut peer_ttl: Option<Duration> = None;
-    // Liveness is checked on a periodic tick rather than by reading the clock on every
-    // read: reads only set `rx_seen`, and the tick turns that into `last_rx`. Silence is
+    // Liveness is checked on the socket's periodic tick (see `Shared::tick_period`)
+    // rather than by reading the clock on every read or polling a timer on every turn:
+    // reads only set `rx_seen`, and the tick turns that into `last_rx`. Silence is
     // therefore detected between `limit` and `limit + tick` after the last byte.
-    let tick = heartbeat
-        .unwrap_or(Duration::from_secs(1))
-        .min(opts.heartbeat_timeout / 3)
-        .max(Duration::from_millis(10));
-    let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let tick = shared.tick_period();
     let mut rx_seen = false;
     let mut last_rx = Instant::now();
     let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
@@ -719,6 +755,35 @@ async fn run(
             linger(&mut wr, &mut w, att, opts.linger).await;
             break CloseReason::Shutdown;
         }
+        if att.out.take_tick() {
+            let now = Instant::now();
+            if rx_seen || pending.is_some() {
+                last_rx = now;
+                rx_seen = false;
+            }
+            let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(limit) = silence_limit {
+                if now.duration_since(last_rx) >= limit {
+                    break ProtocolViolation::HeartbeatTimeout.into();
+                }
+            }
+            if let Some(ivl) = heartbeat {
+                if now + tick / 2 >= next_ping {
+                    let ttl_ds =
+                        (opts.heartbeat_timeout.as_millis() / 100).min(u16::MAX as u128) as u16;
+                    w.command(&Command::Ping {
+                        ttl_ds,
+                        context: Bytes::new(),
+                    });
+                    w.flush_staging();
+                    next_ping = now + ivl;
+                }
+            }
+            // Written by the next turn's select (the write branch is enabled).
+        }
         let want_items = w.chunks.is_empty();
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
@@ -747,31 +812,8 @@ async fn run(
                     }
                 }
             },
-            // New items to write, or an interrupt (checked at the top of the loop).
+            // New items to write, a tick or an interrupt (handled at the top of the loop).
             _ = std::future::poll_fn(|cx| att.out.poll_readable(cx, want_items)) => {},
-            now = ticker.tick() => {
-                if rx_seen || pending.is_some() {
-                    last_rx = now;
-                    rx_seen = false;
-                }
-                let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                if let Some(limit) = silence_limit {
-                    if now.duration_since(last_rx) >= limit {
-                        break ProtocolViolation::HeartbeatTimeout.into();
-                    }
-                }
-                if let Some(ivl) = heartbeat {
-                    if now + tick / 2 >= next_ping {
-                        let ttl_ds = (opts.heartbeat_timeout.as_millis() / 100).min(u16::MAX as u128) as u16;
-                        w.command(&Command::Ping { ttl_ds, context: Bytes::new() });
-                        w.flush_staging();
-                        next_ping = now + ivl;
-                    }
-                }
-            }
         }
     };
     // Whatever was not completely written goes back to the queue: a DEALER sends it on

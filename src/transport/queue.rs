@@ -49,6 +49,8 @@ pub(crate) struct Queue<T> {
     writers_waiting: AtomicUsize,
     /// Set by [`Queue::interrupt`]: the consumer should stop (its connection is closing).
     interrupted: AtomicBool,
+    /// Set by [`Queue::tick`]: the consumer's periodic heartbeat work is due.
+    ticked: AtomicBool,
     /// Whether `items` is non-empty, mirrored outside the lock (written under it) so the
     /// connection task's poll does not take the lock when nothing is queued.
     has_items: AtomicBool,
@@ -78,6 +80,7 @@ impl<T: Cost> Queue<T> {
             writers_waiting: AtomicUsize::new(0),
             interrupted: AtomicBool::new(false),
             has_items: AtomicBool::new(false),
+            ticked: AtomicBool::new(false),
         }
     }
 
@@ -92,7 +95,10 @@ impl<T: Cost> Queue<T> {
     /// polling a cancellation token on every turn.
     pub fn poll_readable(&self, cx: &mut Context<'_>, want_items: bool) -> Poll<()> {
         self.consumer.register(cx.waker());
-        if self.is_interrupted() || (want_items && self.has_items.load(Ordering::Acquire)) {
+        if self.is_interrupted()
+            || self.ticked.load(Ordering::Relaxed)
+            || (want_items && self.has_items.load(Ordering::Acquire))
+        {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -103,6 +109,19 @@ impl<T: Cost> Queue<T> {
     pub fn interrupt(&self) {
         self.interrupted.store(true, Ordering::SeqCst);
         self.consumer.wake();
+    }
+
+    /// Tells the consumer its periodic work is due, and wakes it. One timer per socket
+    /// does this for every connection, which is far cheaper than each connection
+    /// polling a timer of its own on every turn of its loop.
+    pub fn tick(&self) {
+        self.ticked.store(true, Ordering::Relaxed);
+        self.consumer.wake();
+    }
+
+    /// Whether [`Queue::tick`] was called since the last call; clears the flag.
+    pub fn take_tick(&self) -> bool {
+        self.ticked.load(Ordering::Relaxed) && self.ticked.swap(false, Ordering::Relaxed)
     }
 
     /// Whether [`Queue::interrupt`] was called.
