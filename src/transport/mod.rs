@@ -15,6 +15,25 @@
 //! before checking it against [`SocketOptions`]. Only the NULL security mechanism is
 //! implemented; heartbeats (PING/PONG) are used with peers that announce ZMTP 3.1.
 //!
+//! A DEALER and a ROUTER on loopback:
+//!
+//! ```
+//! use peerwire::transport::{Dealer, Message, Router, SocketOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let router = Router::bind("tcp://127.0.0.1:0", SocketOptions::default()).await?;
+//! let endpoint = format!("tcp://{}", router.local_addr());
+//! let dealer = Dealer::connect(&endpoint, SocketOptions::default())?;
+//!
+//! dealer.send(Message::from("ping")).await?;
+//! let (identity, msg) = router.recv().await?;
+//! router.send(&identity, msg).await?;
+//! assert_eq!(&dealer.recv().await?.frames()[0][..], b"ping");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Each connection is driven by one task that owns its `TcpStream`; sockets talk to those
 //! tasks only through bounded queues ([`queue`]). See PROTOCOL.md for the wire format and
 //! ARCHITECTURE.md for the task layout.
@@ -183,6 +202,12 @@ impl SocketType {
     }
 
     /// Whether a peer announcing `theirs` may connect to this type (ZMTP's valid pairs).
+    ///
+    /// ```
+    /// use peerwire::transport::SocketType;
+    /// assert!(SocketType::Router.accepts("DEALER"));
+    /// assert!(!SocketType::Router.accepts("PUB"));
+    /// ```
     pub fn accepts(self, theirs: &str) -> bool {
         let ok: &[&str] = match self {
             SocketType::Dealer => &["ROUTER", "DEALER", "REP"],

@@ -43,6 +43,13 @@ pub struct Greeting {
 }
 
 /// Encodes our greeting: ZMTP 3.1, NULL mechanism.
+///
+/// ```
+/// use peerwire::transport::wire::{encode_greeting, parse_greeting};
+/// let g = encode_greeting(false);
+/// assert_eq!((g[0], g[9], g[10], g[11]), (0xFF, 0x7F, 3, 1));
+/// assert_eq!(parse_greeting(&g).unwrap().mechanism, b"NULL");
+/// ```
 pub fn encode_greeting(as_server: bool) -> [u8; GREETING_LEN] {
     let mut g = [0u8; GREETING_LEN];
     g[0] = 0xFF;
