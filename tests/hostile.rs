@@ -28,8 +28,11 @@ async fn router(opts: SocketOptions) -> (Router, broadcast::Receiver<SocketEvent
     (r, e)
 }
 
-/// A real DEALER still gets a round trip through the router.
-async fn still_serves(router: &Router) {
+/// A real DEALER still gets a round trip through the router, and the heap has not grown
+/// by more than `HEAP_BOUND` since `heap0`.
+async fn still_serves(router: &Router, heap0: usize) {
+    let grown = heap_bytes().saturating_sub(heap0);
+    assert!(grown < HEAP_BOUND, "heap grew by {grown} bytes");
     let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
     dealer.send("ping".into()).await.unwrap();
     let (id, m) = within("well-behaved peer served", router.recv())
@@ -84,6 +87,7 @@ fn greeting_and_ready(socket_type: &str) -> BytesMut {
 async fn truncated_greeting() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(&encode_greeting(false)[..30]).await.unwrap();
     drop(p);
@@ -99,24 +103,26 @@ async fn truncated_greeting() {
         }
     ));
     assert_eq!(router.stats().handshake_failures, 1);
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
 async fn wrong_signature_refused_at_first_byte() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     expect_failure(&mut events, "bad_signature").await;
     assert!(p.closed_within(BOUND).await);
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
 async fn unsupported_mechanism_and_version() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     let mut g = encode_greeting(false);
     g[12..17].copy_from_slice(b"CURVE");
     let mut p = RawPeer::connect(router.local_addr()).await;
@@ -129,7 +135,7 @@ async fn unsupported_mechanism_and_version() {
     p2.send(&g).await.unwrap();
     expect_failure(&mut events, "unsupported_version").await;
     assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
@@ -158,7 +164,7 @@ async fn terabyte_frame_header_before_and_after_handshake() {
         "heap grew by {} bytes",
         heap_bytes() - heap0
     );
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
     assert_eq!(router.stats().violations["frame_too_large"], 2);
 }
 
@@ -171,6 +177,7 @@ async fn frames_over_the_limit() {
         ..test_opts()
     };
     let (router, mut events) = router(opts).await;
+    let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.handshake("DEALER").await;
     let mut out = BytesMut::new();
@@ -186,7 +193,7 @@ async fn frames_over_the_limit() {
     encode_frame_header(&mut out, 0, 60 * 1024);
     p2.send(&out).await.unwrap();
     expect_failure(&mut events, "message_too_large").await;
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
@@ -212,13 +219,14 @@ async fn endless_run_of_more_frames() {
         "heap grew by {} bytes",
         heap_bytes() - heap0
     );
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
 async fn greeting_one_byte_per_second() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
     let g = encode_greeting(false);
     let drip = tokio::spawn(async move {
@@ -230,16 +238,17 @@ async fn greeting_one_byte_per_second() {
         }
     });
     // Meanwhile the listener serves others.
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
     expect_failure(&mut events, "greeting_timeout").await;
     drip.abort();
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
 async fn garbage_commands() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     // An unknown command is ignored and counted; the connection goes on.
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.handshake("DEALER").await;
@@ -287,13 +296,14 @@ async fn garbage_commands() {
     })
     .await;
     let _ = &mut events;
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
 async fn incompatible_socket_type_and_data_before_ready() {
     init_tracing();
     let (router, mut events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(&greeting_and_ready("PUB")).await.unwrap();
     expect_failure(&mut events, "incompatible_socket_type").await;
@@ -304,7 +314,7 @@ async fn incompatible_socket_type_and_data_before_ready() {
     p2.send(&out).await.unwrap();
     expect_failure(&mut events, "unexpected_frame").await;
     assert!(p.closed_within(BOUND).await && p2.closed_within(BOUND).await);
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }
 
 #[tokio::test]
@@ -329,5 +339,5 @@ async fn many_trickling_large_frames_stay_bounded() {
     let grown_mib = heap_bytes().saturating_sub(heap0) >> 20;
     // 100 × 16 MiB would be 1.6 GiB if the announced size were reserved up front.
     assert!(grown_mib < 96, "heap grew by {grown_mib} MiB");
-    still_serves(&router).await;
+    still_serves(&router, heap0).await;
 }

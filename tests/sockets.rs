@@ -165,6 +165,34 @@ async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
 }
 
 #[tokio::test]
+async fn dealer_queue_is_bounded_in_bytes() {
+    let opts = SocketOptions {
+        send_queue_bytes: 10_000,
+        ..test_opts()
+    };
+    // Nothing listens on the discard port: the DEALER stays disconnected.
+    let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
+    for _ in 0..2 {
+        dealer.send(vec![0u8; 4000].into()).await.unwrap();
+    }
+    let err = dealer.send(vec![0u8; 4000].into()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::QueueFull {
+                messages: 2,
+                bytes: 8000,
+                connected: false
+            }
+        ),
+        "{err}"
+    );
+    // A small one still fits under the byte bound.
+    dealer.send(vec![0u8; 1000].into()).await.unwrap();
+    assert_eq!(dealer.queued(), (3, 9000));
+}
+
+#[tokio::test]
 async fn send_rejects_messages_over_the_limits() {
     let opts = SocketOptions {
         max_message_size: 100,
