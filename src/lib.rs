@@ -12,4 +12,6 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
+pub mod node;
 pub mod transport;

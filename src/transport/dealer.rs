@@ -153,6 +153,11 @@ impl Dealer {
     /// Flushes queued messages for up to the linger time, closes the connection and
     /// waits for the socket's task.
     pub async fn close(self) {
+        self.shutdown().await;
+    }
+
+    /// What [`Self::close`] does, for owners that share the socket (the node).
+    pub(crate) async fn shutdown(&self) {
         self.role.shared.shutdown().await;
         self.role.inbound.close();
     }

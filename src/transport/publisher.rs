@@ -161,6 +161,11 @@ impl Publisher {
 
     /// Flushes queued messages for up to the linger time and closes every connection.
     pub async fn close(self) {
+        self.shutdown().await;
+    }
+
+    /// What [`Self::close`] does, for owners that share the socket (the node).
+    pub(crate) async fn shutdown(&self) {
         self.role.shared.shutdown().await;
     }
 }

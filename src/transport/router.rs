@@ -197,6 +197,11 @@ impl Router {
             .collect()
     }
 
+    /// The address of the connected peer with `identity`, if any.
+    pub fn peer_addr(&self, identity: &[u8]) -> Option<SocketAddr> {
+        self.role.routes.lock().get(identity).map(|r| r.addr)
+    }
+
     /// Closes the connection of one peer. Returns whether it was connected.
     pub fn disconnect(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
@@ -221,6 +226,11 @@ impl Router {
     /// Stops accepting, flushes queued messages for up to the linger time, closes every
     /// connection and waits for their tasks.
     pub async fn close(self) {
+        self.shutdown().await;
+    }
+
+    /// What [`Self::close`] does, for owners that share the socket (the node).
+    pub(crate) async fn shutdown(&self) {
         self.role.shared.shutdown().await;
         self.role.inbound.close();
     }

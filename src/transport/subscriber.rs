@@ -147,6 +147,11 @@ impl Subscriber {
 
     /// Closes every connection and waits for their tasks.
     pub async fn close(self) {
+        self.shutdown().await;
+    }
+
+    /// What [`Self::close`] does, for owners that share the socket (the node).
+    pub(crate) async fn shutdown(&self) {
         self.role.shared.shutdown().await;
         self.role.inbound.close();
     }

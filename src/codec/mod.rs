@@ -1,0 +1,509 @@
+//! Envelopes: the MessagePack header and payload that every peerwire message carries.
+//!
+//! This module owns the mapping between envelopes and transport frames. It does no I/O,
+//! knows nothing of tokio or sockets, and never trusts a length it did not check: the
+//! transport has already bounded every frame, and decoding here only reads what is in
+//! the frame. It is what the node encodes before sending and decodes after receiving.
+//!
+//! Layout on the wire (see PROTOCOL.md, "Envelopes"):
+//!
+//! - ROUTER/DEALER traffic: `[header, payload]`
+//! - PUB/SUB traffic: `[topic, header, payload]` (the topic frame first, because ZeroMQ
+//!   subscriptions filter on the first frame)
+//!
+//! The header is a MessagePack map with short string keys. Decoders ignore keys they do
+//! not know, so fields can be added without breaking older nodes; the major version
+//! (`v`) changes only for incompatible changes, and a node receiving a major version it
+//! does not speak answers with an error reply instead of guessing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Major version of the envelope format this build speaks.
+pub const VERSION_MAJOR: u8 = 1;
+/// Minor version: raised when fields are added.
+pub const VERSION_MINOR: u8 = 0;
+/// Content type of MessagePack payloads (the default).
+pub const CONTENT_MSGPACK: &str = "application/msgpack";
+
+/// A 128-bit identifier (message id, correlation id, node id), carried as 16 raw bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Id(pub Uuid);
+
+impl Id {
+    /// A new time-ordered id (UUIDv7).
+    pub fn new() -> Id {
+        Id(Uuid::now_v7())
+    }
+
+    /// The nil id (all zeros), used where none applies.
+    pub const NIL: Id = Id(Uuid::nil());
+
+    /// Whether this is the nil id.
+    pub fn is_nil(&self) -> bool {
+        self.0.is_nil()
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0.as_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Id, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("16 bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Id, E> {
+                Uuid::from_slice(v).map(Id).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Id, A::Error> {
+                // Some MessagePack libraries write byte arrays as arrays of integers.
+                let mut b = [0u8; 16];
+                for (i, slot) in b.iter_mut().enumerate() {
+                    *slot = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Id(Uuid::from_bytes(b)))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// What an envelope is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A request expecting one reply (request/response, async request/response).
+    Request,
+    /// The reply to a request.
+    Reply,
+    /// A request that failed: the payload is an [`ErrorBody`].
+    ErrorReply,
+    /// A one-way message to exactly one instance of a service.
+    Notification,
+    /// A published event (publish/subscribe).
+    Event,
+    /// A request published to a topic, expecting replies from many (gather).
+    GatherRequest,
+    /// One responder's reply to a gather request.
+    GatherReply,
+    /// A node introducing itself: payload is a [`Hello`].
+    Hello,
+    /// The answer to a HELLO, with the answering node's own [`Hello`].
+    HelloAck,
+    /// A kind this build does not know (from a newer node); answered with an error.
+    Unknown(u8),
+}
+
+impl Kind {
+    /// The code carried on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Request => 1,
+            Kind::Reply => 2,
+            Kind::ErrorReply => 3,
+            Kind::Notification => 4,
+            Kind::Event => 5,
+            Kind::GatherRequest => 6,
+            Kind::GatherReply => 7,
+            Kind::Hello => 8,
+            Kind::HelloAck => 9,
+            Kind::Unknown(c) => c,
+        }
+    }
+
+    /// The kind for a wire code.
+    pub fn from_code(c: u8) -> Kind {
+        match c {
+            1 => Kind::Request,
+            2 => Kind::Reply,
+            3 => Kind::ErrorReply,
+            4 => Kind::Notification,
+            5 => Kind::Event,
+            6 => Kind::GatherRequest,
+            7 => Kind::GatherReply,
+            8 => Kind::Hello,
+            9 => Kind::HelloAck,
+            c => Kind::Unknown(c),
+        }
+    }
+}
+
+impl Serialize for Kind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Kind, D::Error> {
+        u8::deserialize(d).map(Kind::from_code)
+    }
+}
+
+/// A method or service version: callers name the major they were written against and
+/// the least minor they need; a handler serves callers of its major with a minor no
+/// higher than its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Version {
+    /// Incompatible changes raise it.
+    pub major: u16,
+    /// Compatible additions raise it.
+    pub minor: u16,
+}
+
+impl Version {
+    /// `major.minor`.
+    pub const fn new(major: u16, minor: u16) -> Version {
+        Version { major, minor }
+    }
+
+    /// Whether a handler at `self` can serve a caller asking for `wanted`.
+    pub fn serves(self, wanted: Version) -> bool {
+        self.major == wanted.major && self.minor >= wanted.minor
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The header frame of every envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Header {
+    /// Envelope format major version.
+    #[serde(rename = "v")]
+    pub version: u8,
+    /// What this envelope is.
+    #[serde(rename = "k")]
+    pub kind: Kind,
+    /// This message's id (UUIDv7).
+    #[serde(rename = "id")]
+    pub id: Id,
+    /// The id of the message this one answers (replies), or nil.
+    #[serde(rename = "cid", skip_serializing_if = "Id::is_nil")]
+    pub correlation_id: Id,
+    /// The sending node's id.
+    #[serde(rename = "src")]
+    pub sender: Id,
+    /// `service.method` for requests and notifications, a topic for events and gathers.
+    #[serde(rename = "tgt", skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// Time the sender still allows, in milliseconds, relative to sending.
+    #[serde(rename = "dl", skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Content type of the payload; absent means MessagePack.
+    #[serde(rename = "ct", skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// String headers (trace context and the like).
+    #[serde(rename = "h", skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Shard key, when the sender wants per-key ordering.
+    #[serde(rename = "sk", skip_serializing_if = "Option::is_none")]
+    pub shard_key: Option<String>,
+    /// Per-sender sequence number (events: per publisher, so subscribers see gaps).
+    #[serde(rename = "seq", skip_serializing_if = "is_zero")]
+    pub seq: u64,
+    /// Method version the caller asks for (requests, notifications, gathers).
+    #[serde(rename = "mv", skip_serializing_if = "Option::is_none")]
+    pub method_version: Option<Version>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Default for Header {
+    fn default() -> Self {
+        Header {
+            version: VERSION_MAJOR,
+            kind: Kind::Unknown(0),
+            id: Id::NIL,
+            correlation_id: Id::NIL,
+            sender: Id::NIL,
+            target: String::new(),
+            deadline_ms: None,
+            content_type: None,
+            headers: BTreeMap::new(),
+            shard_key: None,
+            seq: 0,
+            method_version: None,
+        }
+    }
+}
+
+impl Header {
+    /// A header of `kind` from `sender` to `target`, with a fresh id.
+    pub fn new(kind: Kind, sender: Id, target: impl Into<String>) -> Header {
+        Header {
+            kind,
+            id: Id::new(),
+            sender,
+            target: target.into(),
+            ..Header::default()
+        }
+    }
+
+    /// The deadline as a duration, if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline_ms.map(Duration::from_millis)
+    }
+}
+
+/// The payload of an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable code (see PROTOCOL.md for the ones peerwire uses).
+    pub code: String,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// Error codes peerwire itself puts in error replies.
+pub mod codes {
+    /// No handler for the target on this node.
+    pub const NO_HANDLER: &str = "no_handler";
+    /// The caller asked for a method version this node does not serve.
+    pub const INCOMPATIBLE_VERSION: &str = "incompatible_version";
+    /// The request payload could not be decoded into the handler's type.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The handler panicked.
+    pub const HANDLER_PANICKED: &str = "handler_panicked";
+    /// The deadline passed on the server before the handler finished.
+    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+    /// The envelope's major version is not one this node speaks.
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    /// The envelope's kind is not one this node knows.
+    pub const UNSUPPORTED_KIND: &str = "unsupported_kind";
+    /// The node is shutting down.
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+}
+
+/// A service as announced in HELLO: its methods and their versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Catalog {
+    /// `service.method` → version, for request and notification handlers.
+    pub methods: BTreeMap<String, Version>,
+    /// Topics this node answers gather requests on, with their versions.
+    pub gathers: BTreeMap<String, Version>,
+}
+
+/// A node's introduction, the payload of HELLO and HELLO-ACK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Hello {
+    /// The node's id.
+    pub node_id: Id,
+    /// Its human name.
+    pub name: String,
+    /// Its cluster; nodes of different clusters ignore each other.
+    pub cluster: String,
+    /// Host its sockets are reachable at, as the node knows it (may be unspecified,
+    /// in which case the receiver uses the connection's source address).
+    pub host: String,
+    /// Port of its ROUTER (requests, notifications, gather replies).
+    pub router_port: u16,
+    /// Port of its PUB (events, gather requests).
+    pub pub_port: u16,
+    /// What it serves.
+    pub catalog: Catalog,
+}
+
+/// Why an envelope could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Wrong number of frames for the socket it came on.
+    #[error("envelope has {got} frames, expected {expected}")]
+    Frames {
+        /// Frames received.
+        got: usize,
+        /// Frames expected.
+        expected: usize,
+    },
+    /// The header is not a MessagePack map of the expected shape.
+    #[error("malformed header: {0}")]
+    Header(String),
+    /// The payload could not be decoded into the requested type.
+    #[error("payload does not decode as {type_name}: {reason}")]
+    Payload {
+        /// The Rust type asked for.
+        type_name: &'static str,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// A value could not be encoded.
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+/// Encodes a header.
+pub fn encode_header(h: &Header) -> Bytes {
+    // Named maps: unknown keys can be skipped by older decoders.
+    Bytes::from(rmp_serde::to_vec_named(h).expect("a header always encodes"))
+}
+
+/// Decodes a header. A header with an unknown major version still decodes (so the node
+/// can answer it); check [`Header::version`].
+pub fn decode_header(b: &[u8]) -> Result<Header, CodecError> {
+    rmp_serde::from_slice(b).map_err(|e| CodecError::Header(e.to_string()))
+}
+
+/// Encodes a payload value as MessagePack (named maps for structs, so fields can be added).
+pub fn encode_payload<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, CodecError> {
+    rmp_serde::to_vec_named(v)
+        .map(Bytes::from)
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes a MessagePack payload into `T`.
+pub fn decode_payload<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, CodecError> {
+    rmp_serde::from_slice(b).map_err(|e| CodecError::Payload {
+        type_name: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })
+}
+
+/// A decoded envelope: header plus the raw payload (decoded later, by type).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The header.
+    pub header: Header,
+    /// The payload bytes.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// Frames for ROUTER/DEALER: `[header, payload]`.
+    pub fn to_frames(&self) -> Vec<Bytes> {
+        vec![encode_header(&self.header), self.payload.clone()]
+    }
+
+    /// Frames for PUB: `[topic, header, payload]`, the topic being the header's target.
+    pub fn to_pub_frames(&self) -> Vec<Bytes> {
+        vec![
+            Bytes::copy_from_slice(self.header.target.as_bytes()),
+            encode_header(&self.header),
+            self.payload.clone(),
+        ]
+    }
+
+    /// Decodes `[header, payload]`.
+    pub fn from_frames(frames: &[Bytes]) -> Result<Envelope, CodecError> {
+        if frames.len() != 2 {
+            return Err(CodecError::Frames {
+                got: frames.len(),
+                expected: 2,
+            });
+        }
+        Ok(Envelope {
+            header: decode_header(&frames[0])?,
+            payload: frames[1].clone(),
+        })
+    }
+
+    /// Decodes `[topic, header, payload]`.
+    pub fn from_pub_frames(frames: &[Bytes]) -> Result<Envelope, CodecError> {
+        if frames.len() != 3 {
+            return Err(CodecError::Frames {
+                got: frames.len(),
+                expected: 3,
+            });
+        }
+        Envelope::from_frames(&frames[1..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_all_fields() {
+        let mut h = Header::new(Kind::Request, Id::new(), "orders.create");
+        h.correlation_id = Id::new();
+        h.deadline_ms = Some(1500);
+        h.content_type = Some("application/json".into());
+        h.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        h.shard_key = Some("customer-42".into());
+        h.seq = 7;
+        h.method_version = Some(Version::new(1, 2));
+        let b = encode_header(&h);
+        assert_eq!(decode_header(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_unknown_kinds_kept() {
+        #[derive(Serialize)]
+        struct Newer<'a> {
+            v: u8,
+            k: u8,
+            id: serde_bytes_16,
+            src: serde_bytes_16,
+            tgt: &'a str,
+            future_field: Vec<u32>,
+        }
+        #[allow(non_camel_case_types)]
+        struct serde_bytes_16([u8; 16]);
+        impl Serialize for serde_bytes_16 {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&self.0)
+            }
+        }
+        let b = rmp_serde::to_vec_named(&Newer {
+            v: 1,
+            k: 42,
+            id: serde_bytes_16([1; 16]),
+            src: serde_bytes_16([2; 16]),
+            tgt: "x.y",
+            future_field: vec![1, 2, 3],
+        })
+        .unwrap();
+        let h = decode_header(&b).unwrap();
+        assert_eq!(h.kind, Kind::Unknown(42));
+        assert_eq!(h.target, "x.y");
+        assert_eq!(h.id.0.as_bytes(), &[1; 16]);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for g in [&b""[..], b"\xc1", b"\x81\xa1v\xcc", b"\x93\x01\x02\x03", b"\xff\xff"] {
+            let _ = decode_header(g);
+        }
+        assert!(decode_header(b"\xc1").is_err());
+    }
+
+    #[test]
+    fn versions() {
+        assert!(Version::new(1, 3).serves(Version::new(1, 2)));
+        assert!(!Version::new(1, 1).serves(Version::new(1, 2)));
+        assert!(!Version::new(2, 0).serves(Version::new(1, 0)));
+    }
+}

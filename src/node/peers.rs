@@ -1,0 +1,109 @@
+//! The peer table: who is out there, how to reach them, what they serve.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::codec::{Catalog, Id, Version};
+use crate::transport::Dealer;
+
+/// What the node knows of one peer, as shown by [`Node::peers`](super::Node::peers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's node id.
+    pub id: Id,
+    /// Its name.
+    pub name: String,
+    /// Its ROUTER endpoint (requests go there).
+    pub router_endpoint: String,
+    /// Its PUB endpoint (its events come from there).
+    pub pub_endpoint: String,
+    /// The methods it serves, with versions.
+    pub methods: BTreeMap<String, Version>,
+    /// The gather topics it answers, with versions.
+    pub gathers: BTreeMap<String, Version>,
+    /// Whether our connection to its ROUTER is up.
+    pub connected: bool,
+}
+
+pub(crate) struct Peer {
+    pub info: PeerInfo,
+    pub dealer: Arc<Dealer>,
+}
+
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    pub by_id: HashMap<Id, Peer>,
+    /// One DEALER per remote ROUTER endpoint, whether or not its HELLO came back yet.
+    pub dealers: HashMap<String, Arc<Dealer>>,
+    /// Round-robin cursor for choosing among instances.
+    pub cursor: usize,
+}
+
+impl PeerTable {
+    /// Records (or refreshes) a peer from its HELLO. Returns whether it is new.
+    /// A different node id on an endpoint we knew (the peer restarted) replaces the old
+    /// entry, so calls never go to a node that no longer exists.
+    pub fn upsert(
+        &mut self,
+        id: Id,
+        name: String,
+        router_endpoint: String,
+        pub_endpoint: String,
+        catalog: Catalog,
+        dealer: Arc<Dealer>,
+    ) -> bool {
+        self.by_id
+            .retain(|old, p| *old == id || p.info.router_endpoint != router_endpoint);
+        let connected = dealer.is_connected();
+        let info = PeerInfo {
+            id,
+            name,
+            router_endpoint,
+            pub_endpoint,
+            methods: catalog.methods,
+            gathers: catalog.gathers,
+            connected,
+        };
+        self.by_id.insert(id, Peer { info, dealer }).is_none()
+    }
+
+    /// Marks every peer reached through `endpoint` up or down.
+    pub fn set_connected(&mut self, endpoint: &str, up: bool) {
+        for p in self.by_id.values_mut() {
+            if p.info.router_endpoint == endpoint {
+                p.info.connected = up;
+            }
+        }
+    }
+
+    /// Connected peers serving `target`, and whether any peer (connected or not) serves
+    /// it at a version that cannot serve `wanted`.
+    pub fn candidates(&self, target: &str, wanted: Option<Version>) -> (Vec<&Peer>, Option<Version>) {
+        let mut out = Vec::new();
+        let mut incompatible = None;
+        for p in self.by_id.values() {
+            if let Some(v) = p.info.methods.get(target) {
+                if wanted.is_some_and(|w| !v.serves(w)) {
+                    incompatible = Some(*v);
+                } else if p.info.connected {
+                    out.push(p);
+                }
+            }
+        }
+        // Stable order, so round robin really goes round.
+        out.sort_by_key(|p| p.info.id);
+        (out, incompatible)
+    }
+
+    /// Chooses one of the candidates for `target`, round robin.
+    pub fn pick(&mut self, target: &str, wanted: Option<Version>) -> Result<(Id, Arc<Dealer>), Option<Version>> {
+        self.cursor = self.cursor.wrapping_add(1);
+        let cursor = self.cursor;
+        let (c, incompatible) = self.candidates(target, wanted);
+        if c.is_empty() {
+            return Err(incompatible);
+        }
+        let p = c[cursor % c.len()];
+        Ok((p.info.id, p.dealer.clone()))
+    }
+}
