@@ -144,15 +144,24 @@ async fn terabyte_frame_header_before_and_after_handshake() {
     let (router, mut events) = router(test_opts()).await;
     let heap0 = heap_bytes();
     // The case that aborts the `zeromq` crate: a greeting then a 1 TiB frame header.
+    // As a data frame it is refused at its header for coming before READY...
     let mut huge = BytesMut::new();
     huge.put_u8(FLAG_LONG);
     huge.put_u64(1 << 40);
-    let mut p = RawPeer::connect(router.local_addr()).await;
+    let mut p0 = RawPeer::connect(router.local_addr()).await;
     let mut bytes = BytesMut::from(&encode_greeting(false)[..]);
     bytes.put_slice(&huge);
+    p0.send(&bytes).await.unwrap();
+    expect_failure(&mut events, "unexpected_frame").await;
+    // ...and as a command frame for its size.
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    let mut bytes = BytesMut::from(&encode_greeting(false)[..]);
+    bytes.put_u8(FLAG_LONG | 0x04);
+    bytes.put_u64(1 << 40);
     p.send(&bytes).await.unwrap();
     let v = expect_failure(&mut events, "frame_too_large").await;
     assert!(matches!(v, ProtocolViolation::FrameTooLarge { size, .. } if size == 1 << 40));
+    assert!(p0.closed_within(BOUND).await);
     // Same after a complete handshake.
     let mut p2 = RawPeer::connect(router.local_addr()).await;
     p2.handshake("DEALER").await;
@@ -307,6 +316,12 @@ async fn incompatible_socket_type_and_data_before_ready() {
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(&greeting_and_ready("PUB")).await.unwrap();
     expect_failure(&mut events, "incompatible_socket_type").await;
+    // It is told why, in an ERROR command after the router's greeting and READY.
+    p.read_exact(64).await;
+    let (_, _ready) = within("READY", p.read_frame()).await.expect("READY");
+    let (flags, body) = within("ERROR", p.read_frame()).await.expect("ERROR");
+    assert_eq!(flags, 0x04);
+    assert!(matches!(Command::decode(body).unwrap(), Command::Error(r) if r.contains("PUB")));
     let mut p2 = RawPeer::connect(router.local_addr()).await;
     let mut out = BytesMut::from(&encode_greeting(false)[..]);
     encode_frame_header(&mut out, 0, 3);
@@ -340,4 +355,65 @@ async fn many_trickling_large_frames_stay_bounded() {
     // 100 × 16 MiB would be 1.6 GiB if the announced size were reserved up front.
     assert!(grown_mib < 96, "heap grew by {grown_mib} MiB");
     still_serves(&router, heap0).await;
+}
+
+#[tokio::test]
+async fn ping_flood_from_a_peer_that_never_reads() {
+    init_tracing();
+    let (router, _events) = router(test_opts()).await;
+    let heap0 = heap_bytes();
+    let mut p = RawPeer::connect(router.local_addr()).await;
+    p.handshake("DEALER").await;
+    let mut chunk = BytesMut::new();
+    for _ in 0..10_000 {
+        Command::Ping {
+            ttl_ds: 0,
+            context: Bytes::from_static(b"0123456789abcdef"),
+        }
+        .encode(&mut chunk);
+    }
+    // About 160 MiB of PINGs; we never read the PONGs. Answering each would queue
+    // about 150 MiB of PONGs, past the heap bound `still_serves` checks.
+    for _ in 0..640 {
+        p.send(&chunk).await.unwrap();
+    }
+    still_serves(&router, heap0).await;
+    drop(p);
+}
+
+#[tokio::test]
+async fn subscription_flood_is_refused() {
+    use peerwire::transport::Publisher;
+    init_tracing();
+    let opts = SocketOptions {
+        max_subscriptions: 100,
+        ..test_opts()
+    };
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let mut events = publisher.events();
+    let mut p = RawPeer::connect(publisher.local_addr()).await;
+    p.handshake("SUB").await;
+    let mut out = BytesMut::new();
+    for i in 0..1000u32 {
+        Command::Subscribe(Bytes::from(format!("topic-{i}"))).encode(&mut out);
+    }
+    let _ = p.send(&out).await;
+    expect_failure(&mut events, "too_many_subscriptions").await;
+    assert!(p.closed_within(BOUND).await);
+    // A well-behaved subscriber is still served.
+    let sub = peerwire::transport::Subscriber::new(test_opts());
+    sub.subscribe("x");
+    sub.connect(&ep(publisher.local_addr())).unwrap();
+    wait_until("subscribed", || {
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| !s.subscriptions.is_empty())
+    })
+    .await;
+    publisher.publish("x1".into()).unwrap();
+    assert_eq!(
+        &within("x1", sub.recv()).await.unwrap().frames()[0][..],
+        b"x1"
+    );
 }

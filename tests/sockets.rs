@@ -172,24 +172,37 @@ async fn dealer_queue_is_bounded_in_bytes() {
     };
     // Nothing listens on the discard port: the DEALER stays disconnected.
     let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
-    for _ in 0..2 {
+    // Accepted while under 10 000 bytes (the bound is soft by one message).
+    for _ in 0..3 {
         dealer.send(vec![0u8; 4000].into()).await.unwrap();
     }
-    let err = dealer.send(vec![0u8; 4000].into()).await.unwrap_err();
+    let err = dealer.send(vec![0u8; 10].into()).await.unwrap_err();
     assert!(
         matches!(
             err,
             SendError::QueueFull {
-                messages: 2,
-                bytes: 8000,
+                messages: 3,
+                bytes: 12000,
                 connected: false
             }
         ),
         "{err}"
     );
-    // A small one still fits under the byte bound.
-    dealer.send(vec![0u8; 1000].into()).await.unwrap();
-    assert_eq!(dealer.queued(), (3, 9000));
+    assert_eq!(dealer.queued(), (3, 12000));
+}
+
+#[test]
+fn dealer_refuses_identities_no_router_would_accept() {
+    for bad in [&b""[..], &[0u8, 1][..], &[b'x'; 256][..]] {
+        let opts = SocketOptions {
+            identity: Some(Bytes::copy_from_slice(bad)),
+            ..test_opts()
+        };
+        assert!(matches!(
+            Dealer::connect("tcp://127.0.0.1:9", opts),
+            Err(peerwire::transport::TransportError::InvalidIdentity)
+        ));
+    }
 }
 
 #[tokio::test]

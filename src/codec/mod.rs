@@ -451,7 +451,8 @@ mod tests {
         h.correlation_id = Id::new();
         h.deadline_ms = Some(1500);
         h.content_type = Some("application/json".into());
-        h.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        h.headers
+            .insert("traceparent".into(), "00-abc-def-01".into());
         h.shard_key = Some("customer-42".into());
         h.seq = 7;
         h.method_version = Some(Version::new(1, 2));
@@ -494,7 +495,13 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for g in [&b""[..], b"\xc1", b"\x81\xa1v\xcc", b"\x93\x01\x02\x03", b"\xff\xff"] {
+        for g in [
+            &b""[..],
+            b"\xc1",
+            b"\x81\xa1v\xcc",
+            b"\x93\x01\x02\x03",
+            b"\xff\xff",
+        ] {
             let _ = decode_header(g);
         }
         assert!(decode_header(b"\xc1").is_err());

@@ -193,12 +193,18 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<Node, NodeError> {
         let id = Id::new();
         let router = Router::bind(
-            &format!("tcp://{}", std::net::SocketAddr::new(self.host, self.router_port)),
+            &format!(
+                "tcp://{}",
+                std::net::SocketAddr::new(self.host, self.router_port)
+            ),
             self.socket.clone(),
         )
         .await?;
         let publisher = Publisher::bind(
-            &format!("tcp://{}", std::net::SocketAddr::new(self.host, self.pub_port)),
+            &format!(
+                "tcp://{}",
+                std::net::SocketAddr::new(self.host, self.pub_port)
+            ),
             self.socket.clone(),
         )
         .await?;
@@ -237,8 +243,12 @@ impl NodeBuilder {
             presence: broadcast::channel(256).0,
         });
         let weak = Arc::downgrade(&inner);
-        inner.tasks.spawn(router_loop(weak.clone(), inner.cancel.clone()));
-        inner.tasks.spawn(subscriber_loop(weak, inner.cancel.clone()));
+        inner
+            .tasks
+            .spawn(router_loop(weak.clone(), inner.cancel.clone()));
+        inner
+            .tasks
+            .spawn(subscriber_loop(weak, inner.cancel.clone()));
         for p in &self.peers {
             inner.ensure_dealer(p)?;
         }
@@ -452,7 +462,11 @@ impl Node {
             .publisher
             .subscribers()
             .into_iter()
-            .filter(|s| s.subscriptions.iter().any(|p| topic.as_bytes().starts_with(p)))
+            .filter(|s| {
+                s.subscriptions
+                    .iter()
+                    .any(|p| topic.as_bytes().starts_with(p))
+            })
             .filter_map(|s| uuid::Uuid::from_slice(&s.identity).ok().map(Id))
             .collect()
     }
@@ -478,7 +492,10 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        self.request_async_with(target, req, opts).await?.recv().await
+        self.request_async_with(target, req, opts)
+            .await?
+            .recv()
+            .await
     }
 
     /// Asynchronous request/response: returns as soon as the request is queued; the
@@ -547,7 +564,11 @@ impl Node {
 
     /// One-way notification to exactly one instance of `target`. Returns once queued;
     /// fails at once if no instance is known.
-    pub async fn notify<T: Serialize + ?Sized>(&self, target: &str, msg: &T) -> Result<(), CallError> {
+    pub async fn notify<T: Serialize + ?Sized>(
+        &self,
+        target: &str,
+        msg: &T,
+    ) -> Result<(), CallError> {
         self.notify_with(target, msg, CallOptions::default()).await
     }
 
@@ -576,7 +597,11 @@ impl Node {
 
     /// Publishes an event on `topic` to every subscribed peer. Each topic has its own
     /// sequence number, so subscribers can count what they missed.
-    pub fn publish<T: Serialize + ?Sized>(&self, topic: &str, event: &T) -> Result<PublishReport, CallError> {
+    pub fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        event: &T,
+    ) -> Result<PublishReport, CallError> {
         let inner = &self.inner;
         let payload = codec::encode_payload(event)?;
         let mut h = Header::new(Kind::Event, inner.id, topic);
@@ -763,14 +788,17 @@ impl Inner {
     }
 
     fn pick(&self, target: &str, wanted: Option<Version>) -> Result<(Id, Arc<Dealer>), CallError> {
-        self.peers.lock().pick(target, wanted).map_err(|incompatible| match (incompatible, wanted) {
-            (Some(available), Some(wanted)) => CallError::IncompatibleVersion {
-                target: target.to_string(),
-                wanted,
-                available,
-            },
-            _ => CallError::NoResponder(target.to_string()),
-        })
+        self.peers
+            .lock()
+            .pick(target, wanted)
+            .map_err(|incompatible| match (incompatible, wanted) {
+                (Some(available), Some(wanted)) => CallError::IncompatibleVersion {
+                    target: target.to_string(),
+                    wanted,
+                    available,
+                },
+                _ => CallError::NoResponder(target.to_string()),
+            })
     }
 
     /// The DEALER for a peer ROUTER endpoint, created (with its loop) if new.
@@ -809,7 +837,10 @@ impl Inner {
             Ok(ip) if !ip.is_unspecified() => ip,
             _ => source_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
-        let router_ep = format!("tcp://{}", std::net::SocketAddr::new(host, hello.router_port));
+        let router_ep = format!(
+            "tcp://{}",
+            std::net::SocketAddr::new(host, hello.router_port)
+        );
         let pub_ep = format!("tcp://{}", std::net::SocketAddr::new(host, hello.pub_port));
         let dealer = match self.ensure_dealer(&router_ep) {
             Ok(d) => d,
@@ -904,7 +935,12 @@ impl Inner {
                 let is_request = h.kind == Kind::Request;
                 if self.shutting_down.load(Relaxed) {
                     if is_request {
-                        self.reply_error(&identity, h, codes::SHUTTING_DOWN, "node is shutting down".into());
+                        self.reply_error(
+                            &identity,
+                            h,
+                            codes::SHUTTING_DOWN,
+                            "node is shutting down".into(),
+                        );
                     }
                     return;
                 }
@@ -1051,9 +1087,16 @@ impl Inner {
                     let Some(inner) = weak.upgrade() else { return };
                     let env = match out {
                         Ok(payload) => {
-                            let mut rh = Header::new(Kind::GatherReply, inner.id, request_header.target.clone());
+                            let mut rh = Header::new(
+                                Kind::GatherReply,
+                                inner.id,
+                                request_header.target.clone(),
+                            );
                             rh.correlation_id = request_header.id;
-                            Envelope { header: rh, payload }
+                            Envelope {
+                                header: rh,
+                                payload,
+                            }
                         }
                         Err(body) => error_envelope(inner.id, &request_header, &body),
                     };
@@ -1092,7 +1135,8 @@ impl Inner {
                     debug!(%endpoint, %reason, calls = failed.len(), "failing calls to a lost peer");
                 }
                 for p in failed {
-                    let _ = p.tx.send(Err(CallError::Disconnected(endpoint.to_string())));
+                    let _ =
+                        p.tx.send(Err(CallError::Disconnected(endpoint.to_string())));
                 }
             }
             _ => {}
@@ -1116,7 +1160,9 @@ fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
 
 async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let got = tokio::select! {
             _ = cancel.cancelled() => return,
             r = strong.router.recv() => r,
@@ -1134,7 +1180,9 @@ async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
 
 async fn subscriber_loop(inner: Weak<Inner>, cancel: CancellationToken) {
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let got = tokio::select! {
             _ = cancel.cancelled() => return,
             r = strong.subscriber.recv() => r,
@@ -1433,7 +1481,11 @@ impl<T: DeserializeOwned> Gather<T> {
             };
             if self.quorum.is_some_and(|q| self.answered.len() >= q) {
                 self.finished = Some(GatherEnd::Quorum);
-            } else if self.expected.iter().all(|(id, _)| self.answered.contains(id)) {
+            } else if self
+                .expected
+                .iter()
+                .all(|(id, _)| self.answered.contains(id))
+            {
                 self.finished = Some(GatherEnd::AllAnswered);
             }
             return Some(reply);

@@ -78,7 +78,11 @@ impl PeerTable {
 
     /// Connected peers serving `target`, and whether any peer (connected or not) serves
     /// it at a version that cannot serve `wanted`.
-    pub fn candidates(&self, target: &str, wanted: Option<Version>) -> (Vec<&Peer>, Option<Version>) {
+    pub fn candidates(
+        &self,
+        target: &str,
+        wanted: Option<Version>,
+    ) -> (Vec<&Peer>, Option<Version>) {
         let mut out = Vec::new();
         let mut incompatible = None;
         for p in self.by_id.values() {
@@ -96,7 +100,11 @@ impl PeerTable {
     }
 
     /// Chooses one of the candidates for `target`, round robin.
-    pub fn pick(&mut self, target: &str, wanted: Option<Version>) -> Result<(Id, Arc<Dealer>), Option<Version>> {
+    pub fn pick(
+        &mut self,
+        target: &str,
+        wanted: Option<Version>,
+    ) -> Result<(Id, Arc<Dealer>), Option<Version>> {
         self.cursor = self.cursor.wrapping_add(1);
         let cursor = self.cursor;
         let (c, incompatible) = self.candidates(target, wanted);

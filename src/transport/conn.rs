@@ -85,13 +85,27 @@ pub(crate) struct Subscriptions {
 }
 
 impl Subscriptions {
-    pub fn apply(&self, subscribe: bool, topic: Bytes) {
+    /// Applies a SUBSCRIBE or CANCEL. Refuses to grow past `max` prefixes or
+    /// `max_bytes` of them, so a subscriber cannot exhaust memory or slow every publish.
+    pub fn apply(
+        &self,
+        subscribe: bool,
+        topic: &[u8],
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(), ProtocolViolation> {
         let mut p = self.prefixes.write();
         if subscribe {
-            p.push(topic);
-        } else if let Some(i) = p.iter().position(|t| *t == topic) {
+            let bytes: usize = p.iter().map(|t| t.len()).sum();
+            if p.len() >= max || bytes + topic.len() > max_bytes {
+                return Err(ProtocolViolation::TooManySubscriptions { max, max_bytes });
+            }
+            // Copied: a slice would keep the connection's whole read buffer alive.
+            p.push(Bytes::copy_from_slice(topic));
+        } else if let Some(i) = p.iter().position(|t| t[..] == *topic) {
             p.swap_remove(i);
         }
+        Ok(())
     }
 
     pub fn matches(&self, first_frame: &[u8]) -> bool {
@@ -449,8 +463,26 @@ async fn handshake(
         .await
         .unwrap_or(Err(ProtocolViolation::GreetingTimeout.into()))?;
     let greeting = parse_greeting(&g)?;
+    match ready_exchange(stream, shared, addr, greeting.minor).await {
+        Err(CloseReason::Violation(v)) => {
+            // The peer speaks ZMTP: tell it why, as the spec asks, before closing.
+            let mut out = BytesMut::new();
+            Command::Error(v.to_string()).encode(&mut out);
+            let _ = timeout(Duration::from_millis(200), stream.write_all(&out)).await;
+            Err(v.into())
+        }
+        other => other,
+    }
+}
 
-    let mut dec = Decoder::new(shared.opts.decode_limits());
+/// Reads the peer's READY and checks its properties.
+async fn ready_exchange(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    addr: SocketAddr,
+    minor: u8,
+) -> Result<(PeerInfo, BytesMut), CloseReason> {
+    let mut dec = Decoder::commands_only();
     let mut rbuf = BytesMut::with_capacity(512);
     let props = loop {
         match dec.decode(&mut rbuf)? {
@@ -490,7 +522,7 @@ async fn handshake(
     Ok((
         PeerInfo {
             addr,
-            minor: greeting.minor,
+            minor,
             socket_type,
             identity,
         },
@@ -665,6 +697,7 @@ async fn run(
     let mut pending: Option<Inbound> = None;
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
     let mut peer_ttl: Option<Duration> = None;
+    let mut last_pong_end = 0u64;
     // Liveness is checked on the socket's periodic tick (see `Shared::tick_period`)
     // rather than by reading the clock on every read or polling a timer on every turn:
     // reads only set `rx_seen`, and the tick turns that into `last_rx`. Silence is
@@ -693,11 +726,19 @@ async fn run(
                             }
                         }
                         Sink::Subscriptions(subs) => {
-                            // ZMTP 3.0 subscription form; other messages from a
-                            // subscriber mean nothing to a PUB and are ignored.
+                            // ZMTP 3.0 subscription form: a one-frame message starting
+                            // with 1 or 0. Other messages from a subscriber mean nothing
+                            // to a PUB and are ignored.
                             let f = &msg.frames()[0];
-                            if let Some(&kind @ (0 | 1)) = f.first() {
-                                subs.apply(kind == 1, f.slice(1..));
+                            if let (1, Some(&kind @ (0 | 1))) = (msg.len(), f.first()) {
+                                if let Err(v) = subs.apply(
+                                    kind == 1,
+                                    &f[1..],
+                                    opts.max_subscriptions,
+                                    opts.max_subscription_bytes,
+                                ) {
+                                    break 'conn v.into();
+                                }
                             }
                         }
                     }
@@ -707,19 +748,25 @@ async fn run(
                         if ttl_ds > 0 {
                             peer_ttl = Some(Duration::from_millis(ttl_ds as u64 * 100));
                         }
-                        w.command(&Command::Pong(context));
-                        w.flush_staging();
+                        // At most one unwritten PONG: a peer flooding PINGs while never
+                        // reading must not grow our write buffer. Any traffic from us
+                        // proves liveness, so skipping a PONG loses nothing.
+                        if w.written >= last_pong_end {
+                            w.command(&Command::Pong(context));
+                            w.flush_staging();
+                            last_pong_end = w.appended;
+                        }
                     }
                     Command::Pong(_) => {}
                     Command::Error(r) => break 'conn ProtocolViolation::PeerError(r).into(),
-                    Command::Subscribe(t) => {
+                    Command::Subscribe(ref t) | Command::Cancel(ref t) => {
+                        let sub = matches!(c, Command::Subscribe(_));
                         if let Sink::Subscriptions(s) = &att.sink {
-                            s.apply(true, t);
-                        }
-                    }
-                    Command::Cancel(t) => {
-                        if let Sink::Subscriptions(s) = &att.sink {
-                            s.apply(false, t);
+                            if let Err(v) =
+                                s.apply(sub, t, opts.max_subscriptions, opts.max_subscription_bytes)
+                            {
+                                break 'conn v.into();
+                            }
                         }
                     }
                     Command::Ready(_) => {

@@ -62,6 +62,13 @@ impl Dealer {
         opts: SocketOptions,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
         parse_endpoint(endpoint)?;
+        if let Some(id) = &opts.identity {
+            // What every ROUTER would refuse anyway (ZMTP: 1..=255 bytes; a leading zero
+            // byte is reserved for generated identities).
+            if id.is_empty() || id.len() > 255 || id[0] == 0 {
+                return Err(TransportError::InvalidIdentity);
+            }
+        }
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Dealer);
@@ -109,7 +116,11 @@ impl Dealer {
                     item = back;
                 }
             }
-            self.role.out.writable().await;
+            // Woken by room, or by the connection dropping (detach calls wake_writers).
+            self.role
+                .out
+                .writable_unless(|| !self.role.connected.load(Relaxed))
+                .await;
         }
     }
 

@@ -69,6 +69,14 @@ pub enum ProtocolViolation {
     /// which ZeroMQ reserves for generated identities).
     #[error("invalid identity")]
     InvalidIdentity,
+    /// A subscriber holds more subscriptions (or subscription bytes) than allowed.
+    #[error("subscriber exceeds {max} subscriptions or {max_bytes} bytes of prefixes")]
+    TooManySubscriptions {
+        /// Most subscriptions per subscriber.
+        max: usize,
+        /// Most bytes of prefixes per subscriber.
+        max_bytes: usize,
+    },
     /// The peer sent an ERROR command.
     #[error("peer sent ERROR: {0}")]
     PeerError(String),
@@ -100,6 +108,7 @@ impl ProtocolViolation {
             ProtocolViolation::IncompatibleSocketType { .. } => "incompatible_socket_type",
             ProtocolViolation::IdentityInUse(_) => "identity_in_use",
             ProtocolViolation::InvalidIdentity => "invalid_identity",
+            ProtocolViolation::TooManySubscriptions { .. } => "too_many_subscriptions",
             ProtocolViolation::PeerError(_) => "peer_error",
             ProtocolViolation::GreetingTimeout => "greeting_timeout",
             ProtocolViolation::HandshakeTimeout => "handshake_timeout",
@@ -164,6 +173,9 @@ pub enum TransportError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The identity in the options is empty, over 255 bytes or starts with a zero byte.
+    #[error("invalid identity: it must be 1 to 255 bytes and not start with a zero byte")]
+    InvalidIdentity,
     /// Any other socket error.
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -22,6 +22,7 @@ use super::wire::DecodeLimits;
 /// | `heartbeat_interval` / `heartbeat_timeout` | 1 s / 3 s (ZMTP 3.1 peers only) |
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
 /// | `linger` | 1 s |
+/// | `max_subscriptions` / `max_subscription_bytes` | 10 000 / 1 MiB per subscriber |
 #[derive(Debug, Clone)]
 pub struct SocketOptions {
     /// Largest single frame accepted from a peer; a larger header closes the connection.
@@ -56,8 +57,13 @@ pub struct SocketOptions {
     pub reconnect_max: Duration,
     /// On close, how long a connection keeps flushing what is already queued.
     pub linger: Duration,
-    /// Identity announced in READY (DEALER); `None` lets the ROUTER assign one.
+    /// Identity announced in READY (DEALER, SUB); `None` lets the ROUTER assign one.
+    /// 1 to 255 bytes, not starting with a zero byte.
     pub identity: Option<Bytes>,
+    /// Most topic prefixes one subscriber may hold on a PUB.
+    pub max_subscriptions: usize,
+    /// Most bytes of topic prefixes one subscriber may hold on a PUB.
+    pub max_subscription_bytes: usize,
 }
 
 impl Default for SocketOptions {
@@ -79,6 +85,8 @@ impl Default for SocketOptions {
             reconnect_max: Duration::from_secs(5),
             linger: Duration::from_secs(1),
             identity: None,
+            max_subscriptions: 10_000,
+            max_subscription_bytes: 1 << 20,
         }
     }
 }

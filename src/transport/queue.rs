@@ -129,15 +129,16 @@ impl<T: Cost> Queue<T> {
         self.interrupted.load(Ordering::Relaxed)
     }
 
-    /// Pushes unless that would pass a bound; gives the item back otherwise.
-    /// An item bigger than the whole byte bound is accepted into an empty queue, so a
-    /// large (but legal) message can always be sent one at a time.
+    /// Pushes while the queue holds fewer than its item bound and fewer bytes than its
+    /// byte bound; gives the item back otherwise. The byte bound is soft by one item (as
+    /// ZeroMQ's high-water marks are): queued bytes never exceed the bound plus one
+    /// message, and a message larger than the whole bound can still be sent alone. This
+    /// is exactly the condition [`Queue::writable`] waits for, so a waiter never spins.
     pub fn try_push(&self, item: T) -> Result<(), (T, Usage)> {
         let (n, b) = item.cost();
         {
             let mut s = self.state.lock();
-            let fits =
-                s.count + n <= self.max_items && (s.bytes + b <= self.max_bytes || s.count == 0);
+            let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
             if s.closed || !fits {
                 let u = Usage {
                     count: s.count,
@@ -170,6 +171,13 @@ impl<T: Cost> Queue<T> {
     /// Returns when the queue has room for at least one more item, is closed, or
     /// [`Queue::wake_writers`] was called. Callers re-check their own conditions after.
     pub async fn writable(&self) {
+        self.writable_unless(|| false).await
+    }
+
+    /// [`Queue::writable`], also returning at once if `stop()` holds. `stop` is checked
+    /// after the wake-up is registered, so a condition changed together with a
+    /// [`Queue::wake_writers`] call is never missed.
+    pub async fn writable_unless(&self, stop: impl Fn() -> bool) {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -182,6 +190,9 @@ impl<T: Cost> Queue<T> {
         // Registered before the check below, so a release that the check misses sees us.
         self.writers_waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&self.writers_waiting);
+        if stop() {
+            return;
+        }
         {
             let s = self.state.lock();
             if s.closed || (s.count < self.max_items && s.bytes < self.max_bytes) {
@@ -332,12 +343,19 @@ mod tests {
     fn bounded_in_items_and_bytes() {
         let q: Queue<Vec<u8>> = Queue::new(3, 10);
         assert!(q.try_push(vec![0; 6]).is_ok());
-        assert!(q.try_push(vec![0; 6]).is_err(), "byte bound");
-        assert!(q.try_push(vec![0; 4]).is_ok());
+        assert!(
+            q.try_push(vec![0; 6]).is_ok(),
+            "under the byte bound: accepted"
+        );
+        assert!(
+            q.try_push(vec![0; 1]).is_err(),
+            "at the byte bound: refused"
+        );
+        assert_eq!(q.try_pop().unwrap().len(), 6);
+        assert!(q.try_push(vec![]).is_ok());
         assert!(q.try_push(vec![]).is_ok());
         assert!(q.try_push(vec![]).is_err(), "item bound");
-        assert_eq!(q.try_pop().unwrap().len(), 6);
-        assert_eq!(q.usage(), Usage { count: 2, bytes: 4 });
+        assert_eq!(q.usage(), Usage { count: 3, bytes: 6 });
     }
 
     #[test]
@@ -345,6 +363,28 @@ mod tests {
         let q: Queue<Vec<u8>> = Queue::new(10, 10);
         assert!(q.try_push(vec![0; 50]).is_ok());
         assert!(q.try_push(vec![0; 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn writable_waits_exactly_while_push_would_fail() {
+        let q = std::sync::Arc::new(Queue::<Vec<u8>>::new(10, 1000));
+        for _ in 0..3 {
+            q.try_push(vec![0; 400]).unwrap();
+        }
+        assert!(q.try_push(vec![0; 400]).is_err());
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.writable().await });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "full queue: the waiter must sleep, not spin"
+        );
+        q.try_pop().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(q.try_push(vec![0; 400]).is_ok());
     }
 
     #[test]

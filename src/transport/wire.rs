@@ -338,6 +338,8 @@ pub struct Decoder {
     frames: Vec<Bytes>,
     /// Bytes in `frames`.
     message_bytes: usize,
+    /// Refuse data frames at their header (during the handshake, before READY).
+    commands_only: bool,
 }
 
 impl Decoder {
@@ -348,6 +350,20 @@ impl Decoder {
             pending: None,
             frames: Vec::new(),
             message_bytes: 0,
+            commands_only: false,
+        }
+    }
+
+    /// A decoder for the handshake: commands only. A data frame is refused as soon as
+    /// its header arrives, so a peer cannot make us buffer a message before READY.
+    pub fn commands_only() -> Self {
+        Decoder {
+            commands_only: true,
+            ..Decoder::new(DecodeLimits {
+                max_frame_size: 0,
+                max_message_size: 0,
+                max_frames: 0,
+            })
         }
     }
 
@@ -431,6 +447,9 @@ impl Decoder {
                 });
             }
             return Ok(raw as usize);
+        }
+        if self.commands_only {
+            return Err(ProtocolViolation::Unexpected("message before READY"));
         }
         if raw > self.limits.max_frame_size as u64 {
             return Err(ProtocolViolation::FrameTooLarge {
