@@ -237,3 +237,21 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 pub fn heap_bytes() -> usize {
     LIVE.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Starts a node called `name` on loopback with these static peers.
+pub async fn start_node(name: &str, peers: &[String]) -> peerwire::node::Node {
+    let mut b = peerwire::node::Node::builder(name).socket_options(test_opts());
+    for p in peers {
+        b = b.peer(p.clone());
+    }
+    b.start().await.expect("node starts")
+}
+
+/// Waits until `node` sees `n` connected peers serving `target`.
+pub async fn wait_service(node: &peerwire::node::Node, target: &str, n: usize) {
+    assert!(
+        node.wait_for_service(target, n, BOUND).await,
+        "{} never saw {n} instance(s) of {target}",
+        node.name()
+    );
+}

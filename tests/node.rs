@@ -1,0 +1,711 @@
+//! The node runtime over loopback, several nodes in one process: every interaction
+//! style, its errors, and what happens when peers fail.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use peerwire::codec::{self, codes, Header, Id, Kind, Version};
+use peerwire::node::{CallError, CallOptions, GatherEnd, GatherOptions, HandlerError, Node};
+use peerwire::transport::{Dealer, Message};
+use serde::{Deserialize, Serialize};
+use support::*;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CreateOrder {
+    item: String,
+    qty: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderCreated {
+    id: u64,
+    item: String,
+}
+
+const V1: Version = Version::new(1, 0);
+
+async fn orders_server() -> Node {
+    let server = start_node("orders", &[]).await;
+    server.handle(
+        "orders.create",
+        Version::new(1, 2),
+        |req: CreateOrder, _ctx| async move {
+            if req.qty == 0 {
+                return Err(HandlerError::new(
+                    "invalid_qty",
+                    "quantity must be positive",
+                ));
+            }
+            if req.item == "boom" {
+                panic!("the handler exploded");
+            }
+            if req.item == "slow" {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Ok(OrderCreated {
+                id: req.qty as u64 * 10,
+                item: req.item,
+            })
+        },
+    );
+    server
+}
+
+#[tokio::test]
+async fn request_response_typed_with_errors_and_panics() {
+    init_tracing();
+    let server = orders_server().await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+
+    let ok: OrderCreated = client
+        .request(
+            "orders.create",
+            &CreateOrder {
+                item: "book".into(),
+                qty: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ok,
+        OrderCreated {
+            id: 20,
+            item: "book".into()
+        }
+    );
+
+    let err = client
+        .request::<_, OrderCreated>(
+            "orders.create",
+            &CreateOrder {
+                item: "book".into(),
+                qty: 0,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Remote {
+            code: "invalid_qty".into(),
+            message: "quantity must be positive".into()
+        }
+    );
+
+    let err = client
+        .request::<_, OrderCreated>(
+            "orders.create",
+            &CreateOrder {
+                item: "boom".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Remote { code, message } if code == codes::HANDLER_PANICKED && message.contains("exploded")),
+        "{err}"
+    );
+    // The node goes on after the panic.
+    let ok: OrderCreated = client
+        .request(
+            "orders.create",
+            &CreateOrder {
+                item: "pen".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.item, "pen");
+
+    // A reply that does not decode as the caller's type.
+    let err = client
+        .request::<_, String>(
+            "orders.create",
+            &CreateOrder {
+                item: "pen".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Codec(_)), "{err}");
+    // A request that does not decode as the handler's type.
+    let err = client
+        .request::<_, OrderCreated>("orders.create", &"not an order")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Remote { code, .. } if code == codes::BAD_REQUEST),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn versions_no_responder_and_timeouts() {
+    init_tracing();
+    let server = orders_server().await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+    let order = CreateOrder {
+        item: "book".into(),
+        qty: 1,
+    };
+
+    // Compatible: 1.2 serves 1.0 and 1.2; not 1.3 nor 2.0. Refused at once, locally.
+    for ok in [Version::new(1, 0), Version::new(1, 2)] {
+        let _: OrderCreated = client
+            .request_with(
+                "orders.create",
+                &order,
+                CallOptions::default().with_version(ok),
+            )
+            .await
+            .unwrap();
+    }
+    for bad in [Version::new(1, 3), Version::new(2, 0)] {
+        let err = within(
+            "refusal",
+            client.request_with::<_, OrderCreated>(
+                "orders.create",
+                &order,
+                CallOptions::default().with_version(bad),
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, CallError::IncompatibleVersion { available, .. } if available == Version::new(1, 2)),
+            "{err}"
+        );
+    }
+
+    // No responder: fails at once, not after the timeout.
+    let started = std::time::Instant::now();
+    let err = client
+        .request_with::<_, OrderCreated>(
+            "billing.charge",
+            &order,
+            CallOptions::timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err, CallError::NoResponder("billing.charge".into()));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Timeout: the handler takes 3 s, the caller allows 200 ms.
+    let err = client
+        .request_with::<_, OrderCreated>(
+            "orders.create",
+            &CreateOrder {
+                item: "slow".into(),
+                qty: 1,
+            },
+            CallOptions::timeout(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Timeout { .. }), "{err}");
+    assert_eq!(client.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn ten_thousand_async_requests_in_flight() {
+    init_tracing();
+    let server = start_node("square", &[]).await;
+    server.handle("math.square", V1, |x: u64, _| async move { Ok(x * x) });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "math.square", 1).await;
+    let mut handles = Vec::with_capacity(10_000);
+    for i in 0..10_000u64 {
+        handles.push(
+            client
+                .request_async_with::<_, u64>(
+                    "math.square",
+                    &i,
+                    CallOptions::timeout(Duration::from_secs(60)),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(client.pending_calls() > 0);
+    for (i, h) in handles.into_iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(within("reply", h.recv()).await.unwrap(), i * i);
+    }
+    assert_eq!(client.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn dropping_a_handle_frees_its_entry_and_polling_works() {
+    init_tracing();
+    let server = start_node("sleepy", &[]).await;
+    server.handle("sleepy.wait", V1, |ms: u64, _| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "sleepy.wait", 1).await;
+    let mut handles = Vec::new();
+    for _ in 0..100 {
+        handles.push(
+            client
+                .request_async::<_, u64>("sleepy.wait", &2000u64)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(client.pending_calls(), 100);
+    drop(handles);
+    assert_eq!(
+        client.pending_calls(),
+        0,
+        "dropped handles leave nothing behind"
+    );
+
+    let mut h = client
+        .request_async::<_, u64>("sleepy.wait", &50u64)
+        .await
+        .unwrap();
+    assert!(h.try_recv().is_none(), "not yet");
+    let got = within("poll", async {
+        loop {
+            if let Some(r) = h.try_recv() {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(got.unwrap(), 50);
+}
+
+#[tokio::test]
+async fn notification_reaches_exactly_one_instance() {
+    init_tracing();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<u32>::new()));
+    let mut servers = Vec::new();
+    for name in ["mailer-a", "mailer-b"] {
+        let n = start_node(name, &[]).await;
+        let (count, seen) = (count.clone(), seen.clone());
+        n.handle("mail.send", V1, move |x: u32, _| {
+            let (count, seen) = (count.clone(), seen.clone());
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                seen.lock().push(x);
+                Ok(())
+            }
+        });
+        servers.push(n);
+    }
+    let client = start_node(
+        "client",
+        &servers.iter().map(|s| s.endpoint()).collect::<Vec<_>>(),
+    )
+    .await;
+    wait_service(&client, "mail.send", 2).await;
+    for i in 0..100u32 {
+        client.notify("mail.send", &i).await.unwrap();
+    }
+    wait_until("all notifications handled", || {
+        count.load(Ordering::SeqCst) == 100
+    })
+    .await;
+    let mut s = seen.lock().clone();
+    s.sort();
+    assert_eq!(
+        s,
+        (0..100).collect::<Vec<_>>(),
+        "each delivered exactly once"
+    );
+    assert_eq!(
+        client.notify("nobody.home", &1).await,
+        Err(CallError::NoResponder("nobody.home".into()))
+    );
+}
+
+#[tokio::test]
+async fn publish_subscribe_with_prefixes_and_sequence_gaps() {
+    init_tracing();
+    let publisher = start_node("pub", &[]).await;
+    let a = start_node("sub-a", &[publisher.endpoint()]).await;
+    let b = start_node("sub-b", &[publisher.endpoint()]).await;
+    let mut orders_a = a.subscribe::<OrderCreated>("orders.");
+    let mut all_b = b.subscribe::<serde_json::Value>("");
+    wait_until("both subscribed", || {
+        publisher.subscribers_of("orders.created").len() == 2
+    })
+    .await;
+
+    publisher
+        .publish(
+            "orders.created",
+            &OrderCreated {
+                id: 1,
+                item: "book".into(),
+            },
+        )
+        .unwrap();
+    publisher
+        .publish("stock.low", &serde_json::json!({"item": "book"}))
+        .unwrap();
+    publisher
+        .publish(
+            "orders.created",
+            &OrderCreated {
+                id: 2,
+                item: "pen".into(),
+            },
+        )
+        .unwrap();
+
+    let e1 = within("a1", orders_a.recv()).await.unwrap().unwrap();
+    let e2 = within("a2", orders_a.recv()).await.unwrap().unwrap();
+    assert_eq!((e1.value.id, e1.seq, e2.value.id, e2.seq), (1, 1, 2, 2));
+    assert_eq!((e1.missed, e2.missed), (0, 0));
+    assert_eq!(e1.publisher, publisher.id());
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(within("b", all_b.recv()).await.unwrap().unwrap().topic);
+    }
+    assert_eq!(topics, ["orders.created", "stock.low", "orders.created"]);
+
+    // Overflow a subscription that is not being read: the gaps say how many were lost.
+    let total = 10_000u64;
+    for i in 0..total {
+        publisher
+            .publish(
+                "orders.created",
+                &OrderCreated {
+                    id: i,
+                    item: "x".into(),
+                },
+            )
+            .unwrap();
+    }
+    // Once the burst is out, markers follow until one gets through (a marker arriving
+    // while the queue is still full is itself dropped, and counted, like any event).
+    let publisher = Arc::new(publisher);
+    let p2 = publisher.clone();
+    let marker = tokio::spawn(async move {
+        loop {
+            p2.publish(
+                "orders.created",
+                &OrderCreated {
+                    id: u64::MAX,
+                    item: "marker".into(),
+                },
+            )
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut received = 0u64;
+    let mut missed = 0u64;
+    let last_seq = loop {
+        let e = within("event after overflow", orders_a.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        received += 1;
+        missed += e.missed;
+        if e.value.item == "marker" {
+            break e.seq;
+        }
+    };
+    marker.abort();
+    assert_eq!(
+        received + missed,
+        last_seq - 2,
+        "every event is either received or counted as missed"
+    );
+    let total = received + missed;
+    assert!(missed > 0, "the subscription queue must have overflowed");
+    assert!(total >= 10_000);
+    assert_eq!(a.stats().events_dropped, missed);
+}
+
+#[tokio::test]
+async fn gather_collects_until_all_answer_quorum_or_deadline() {
+    init_tracing();
+    let mut responders = Vec::new();
+    for (name, delay_ms) in [
+        ("inv-1", 0u64),
+        ("inv-2", 10),
+        ("inv-3", 20),
+        ("inv-slow", 5000),
+    ] {
+        let n = start_node(name, &[]).await;
+        let label = name.to_string();
+        n.handle_gather("stock.check", V1, move |item: String, _| {
+            let label = label.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                Ok(format!("{label} has {item}"))
+            }
+        });
+        responders.push(n);
+    }
+    let asker = start_node(
+        "asker",
+        &responders.iter().map(|r| r.endpoint()).collect::<Vec<_>>(),
+    )
+    .await;
+    wait_until("all responders known and subscribed", || {
+        asker.subscribers_of("stock.check").len() == 4
+    })
+    .await;
+    wait_until("catalogs known", || {
+        asker
+            .peers()
+            .iter()
+            .filter(|p| p.gathers.contains_key("stock.check"))
+            .count()
+            == 4
+    })
+    .await;
+
+    // Deadline: three answer, the slow one stays silent and is named.
+    let g = asker
+        .gather::<_, String>(
+            "stock.check",
+            "book",
+            GatherOptions::within(Duration::from_millis(700)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.expected().len(), 4);
+    let out = within("gather", g.finish()).await;
+    assert_eq!(out.end, GatherEnd::Deadline);
+    assert_eq!(out.replies.len(), 3);
+    assert!(out
+        .replies
+        .iter()
+        .all(|r| r.result.as_ref().unwrap().ends_with("has book")));
+    assert_eq!(
+        out.silent
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>(),
+        ["inv-slow"]
+    );
+
+    // Quorum: done after two replies, well before the deadline.
+    let started = std::time::Instant::now();
+    let g = asker
+        .gather::<_, String>(
+            "stock.check",
+            "pen",
+            GatherOptions::within(Duration::from_secs(8)).quorum(2),
+        )
+        .await
+        .unwrap();
+    let out = within("quorum", g.finish()).await;
+    assert_eq!(out.end, GatherEnd::Quorum);
+    assert_eq!(out.replies.len(), 2);
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // All answered: without the slow one, it ends as soon as the last reply is in.
+    responders.pop().unwrap().shutdown().await;
+    wait_until("slow one gone", || {
+        asker.subscribers_of("stock.check").len() == 3
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let g = asker
+        .gather::<_, String>(
+            "stock.check",
+            "ink",
+            GatherOptions::within(Duration::from_secs(8)),
+        )
+        .await
+        .unwrap();
+    let out = within("all answered", g.finish()).await;
+    assert_eq!(out.end, GatherEnd::AllAnswered);
+    assert!(out.silent.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    assert!(matches!(
+        asker
+            .gather::<_, String>(
+                "nobody.listens",
+                "x",
+                GatherOptions::within(Duration::from_secs(1))
+            )
+            .await,
+        Err(CallError::NoResponder(_))
+    ));
+}
+
+#[tokio::test]
+async fn peer_killed_and_restarted_mid_stream() {
+    init_tracing();
+    let server = start_node("echo-1", &[]).await;
+    server.handle("echo.echo", V1, |x: u64, _| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(x)
+    });
+    let endpoint = server.endpoint();
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let client = Arc::new(start_node("client", &[endpoint.clone()]).await);
+    wait_service(&client, "echo.echo", 1).await;
+
+    // A stream of calls, each either succeeding or failing with a clear error; never hanging.
+    let c = client.clone();
+    let stream = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, 0);
+        for i in 0..400u64 {
+            match c
+                .request_with::<_, u64>(
+                    "echo.echo",
+                    &i,
+                    CallOptions::timeout(Duration::from_secs(2)),
+                )
+                .await
+            {
+                Ok(v) => {
+                    assert_eq!(v, i);
+                    ok += 1
+                }
+                Err(
+                    CallError::Disconnected(_)
+                    | CallError::NoResponder(_)
+                    | CallError::Timeout { .. },
+                ) => {
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        (ok, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(server); // killed: no drain, sockets closed at once
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = Node::builder("echo-2")
+        .router_port(port)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    restarted.handle("echo.echo", V1, |x: u64, _| async move { Ok(x) });
+    let (ok, failed) = within_for(Duration::from_secs(60), "call stream", stream)
+        .await
+        .unwrap();
+    assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}");
+    // After the restart, calls go to the new instance.
+    wait_until("new instance known", || {
+        client
+            .peers()
+            .iter()
+            .any(|p| p.name == "echo-2" && p.connected)
+    })
+    .await;
+    assert_eq!(
+        client.request::<_, u64>("echo.echo", &7u64).await.unwrap(),
+        7
+    );
+    assert!(
+        client.peers().iter().all(|p| p.name != "echo-1"),
+        "the dead node left the table"
+    );
+}
+
+#[tokio::test]
+async fn malformed_envelopes_are_dropped_or_answered() {
+    init_tracing();
+    let server = orders_server().await;
+    let raw = Dealer::connect(&server.endpoint(), test_opts()).unwrap();
+    // Garbage: one frame, and a header that is not MessagePack. Dropped and counted.
+    raw.send(Message::from("just one frame")).await.unwrap();
+    raw.send(Message::from_frames(vec![
+        Bytes::from_static(b"\xc1\xc1"),
+        Bytes::new(),
+    ]))
+    .await
+    .unwrap();
+    wait_until("counted", || server.stats().malformed == 2).await;
+
+    // A newer major version: answered with an error reply, not a crash.
+    let mut h = Header::new(Kind::Request, Id::new(), "orders.create");
+    h.version = 9;
+    let env = codec::Envelope {
+        header: h.clone(),
+        payload: codec::encode_payload(&1).unwrap(),
+    };
+    raw.send(Message::from_frames(env.to_frames()))
+        .await
+        .unwrap();
+    let reply = within("error reply", raw.recv()).await.unwrap();
+    let back = codec::Envelope::from_frames(reply.frames()).unwrap();
+    assert_eq!(back.header.kind, Kind::ErrorReply);
+    assert_eq!(back.header.correlation_id, h.id);
+    let body: codec::ErrorBody = codec::decode_payload(&back.payload).unwrap();
+    assert_eq!(body.code, codes::UNSUPPORTED_VERSION);
+
+    // An unknown kind from a newer node: answered too.
+    let mut h = Header::new(Kind::Unknown(77), Id::new(), "orders.create");
+    h.version = codec::VERSION_MAJOR;
+    raw.send(Message::from_frames(
+        codec::Envelope {
+            header: h,
+            payload: Bytes::new(),
+        }
+        .to_frames(),
+    ))
+    .await
+    .unwrap();
+    let reply = within("error reply", raw.recv()).await.unwrap();
+    let body: codec::ErrorBody = codec::decode_payload(
+        &codec::Envelope::from_frames(reply.frames())
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(body.code, codes::UNSUPPORTED_KIND);
+
+    // And the node still serves a real client.
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+    let ok: OrderCreated = client
+        .request(
+            "orders.create",
+            &CreateOrder {
+                item: "x".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.id, 10);
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_work() {
+    init_tracing();
+    let server = start_node("drain", &[]).await;
+    server.handle("work.do", V1, |ms: u64, _| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "work.do", 1).await;
+    let h = client
+        .request_async::<_, u64>("work.do", &300u64)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    within("shutdown", server.shutdown()).await;
+    // The handler in flight finished and its reply went out before the sockets closed.
+    assert_eq!(within("drained reply", h.recv()).await.unwrap(), 300);
+}
