@@ -1,9 +1,7 @@
-//! The `peerwire` command.
-//!
-//! For now it carries the transport-level tools: `probe` (can this endpoint speak ZMTP
-//! with us, and what does it announce?) and `echo` (a ROUTER that sends every message
-//! back, for trying clients and other ZeroMQ implementations against). The node commands
-//! (`node`, `call`, `publish`, …) arrive with the node runtime.
+//! The `peerwire` command: run a node, talk to nodes (call, notify, publish, subscribe,
+//! gather) with JSON at the edge, the demo, and transport tools (`probe`, `zmtp-echo`).
+
+mod cli;
 
 use std::time::Duration;
 
@@ -26,6 +24,91 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start several nodes on loopback and show every interaction style.
+    Demo,
+    /// Run a node until Ctrl-C.
+    Node {
+        /// Node name.
+        #[arg(long, default_value = "node")]
+        name: String,
+        /// ROUTER port (0: any).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// PUB port (0: any).
+        #[arg(long, default_value_t = 0)]
+        pub_port: u16,
+        /// Built-in services to host (available: echo).
+        #[arg(long)]
+        serve: Vec<String>,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// List the peers and what they serve.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// Request/response: call SERVICE.METHOD with a JSON request, print the JSON reply.
+    Call {
+        /// service.method
+        target: String,
+        /// The request, as JSON.
+        json: String,
+        /// Deadline in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Method version wanted, MAJOR.MINOR.
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// One-way notification to one instance of SERVICE.METHOD.
+    Notify {
+        /// service.method
+        target: String,
+        /// The message, as JSON.
+        json: String,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// Publish a JSON event on TOPIC.
+    Publish {
+        /// Topic.
+        topic: String,
+        /// The event, as JSON.
+        json: String,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// Print events whose topic starts with TOPIC, one JSON line each.
+    Subscribe {
+        /// Topic prefix.
+        topic: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// Publish a JSON request on TOPIC and print every reply until the window closes.
+    Gather {
+        /// Topic.
+        topic: String,
+        /// The request, as JSON.
+        json: String,
+        /// Collection window in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        within: u64,
+        /// Stop as soon as this many replies are in.
+        #[arg(long)]
+        quorum: Option<usize>,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
     /// Connect to a ZMTP endpoint, complete the handshake, and print what the peer announced.
     Probe {
         /// Endpoint, e.g. tcp://127.0.0.1:5555.
@@ -37,8 +120,8 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
-    /// Run a ROUTER that echoes every message back to its sender, until Ctrl-C.
-    Echo {
+    /// Run a bare ZMTP ROUTER that echoes every message back to its sender, until Ctrl-C.
+    ZmtpEcho {
         /// Endpoint to bind; loopback by default.
         #[arg(long, default_value = "tcp://127.0.0.1:5555")]
         bind: String,
@@ -85,7 +168,33 @@ async fn run(cli: Cli) -> Result<()> {
             as_type,
             timeout_ms,
         } => probe(&endpoint, as_type, Duration::from_millis(timeout_ms)).await,
-        Command::Echo { bind } => echo(&bind).await,
+        Command::ZmtpEcho { bind } => echo(&bind).await,
+        Command::Demo => cli::demo::run().await,
+        Command::Node {
+            name,
+            port,
+            pub_port,
+            serve,
+            net,
+        } => cli::run_node(&net, &name, port, pub_port, &serve).await,
+        Command::Peers { json, net } => cli::peers(&net, json).await,
+        Command::Call {
+            target,
+            json,
+            timeout_ms,
+            version,
+            net,
+        } => cli::call(&net, &target, &json, timeout_ms, version.as_deref()).await,
+        Command::Notify { target, json, net } => cli::notify(&net, &target, &json).await,
+        Command::Publish { topic, json, net } => cli::publish(&net, &topic, &json).await,
+        Command::Subscribe { topic, count, net } => cli::subscribe(&net, &topic, count).await,
+        Command::Gather {
+            topic,
+            json,
+            within,
+            quorum,
+            net,
+        } => cli::gather(&net, &topic, &json, within, quorum).await,
     }
 }
 

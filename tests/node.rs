@@ -556,7 +556,7 @@ async fn peer_killed_and_restarted_mid_stream() {
     });
     let endpoint = server.endpoint();
     let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
-    let client = Arc::new(start_node("client", &[endpoint.clone()]).await);
+    let client = Arc::new(start_node("client", std::slice::from_ref(&endpoint)).await);
     wait_service(&client, "echo.echo", 1).await;
 
     // A stream of calls, each either succeeding or failing with a clear error; never hanging.

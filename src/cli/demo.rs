@@ -1,0 +1,276 @@
+//! `peerwire demo`: several nodes on loopback in this process, each interaction style in
+//! turn, with what was sent, by whom, what came back and how long it took.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use peerwire::codec::Version;
+use peerwire::node::{GatherOptions, HandlerError, Node};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Reserve {
+    item: String,
+    qty: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Reserved {
+    by: String,
+    item: String,
+    left: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StockLow {
+    item: String,
+    left: u32,
+}
+
+const V1: Version = Version::new(1, 0);
+
+fn micros(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+fn section(title: &str) {
+    println!("\n── {title} ──");
+}
+
+async fn inventory(name: &str, stock: u32, slow: bool) -> Result<Node> {
+    let node = Node::builder(name).start().await?;
+    let left = Arc::new(AtomicU32::new(stock));
+    let (n, l) = (name.to_string(), left.clone());
+    node.handle("inventory.reserve", V1, move |r: Reserve, _| {
+        let (n, l) = (n.clone(), l.clone());
+        async move {
+            let before = l.load(Ordering::SeqCst);
+            if r.qty > before {
+                return Err(HandlerError::new(
+                    "out_of_stock",
+                    format!("{n} has only {before} {}", r.item),
+                ));
+            }
+            let left = l.fetch_sub(r.qty, Ordering::SeqCst) - r.qty;
+            Ok(Reserved {
+                by: n,
+                item: r.item,
+                left,
+            })
+        }
+    });
+    let (n, l) = (name.to_string(), left.clone());
+    node.handle("inventory.restock", V1, move |qty: u32, _| {
+        let (n, l) = (n.clone(), l.clone());
+        async move {
+            let now = l.fetch_add(qty, Ordering::SeqCst) + qty;
+            println!("    {n} handled the notification: restocked {qty}, now {now}");
+            Ok(())
+        }
+    });
+    let (n, l) = (name.to_string(), left);
+    node.handle_gather("inventory.count", V1, move |item: String, _| {
+        let (n, l) = (n.clone(), l.clone());
+        async move {
+            if slow {
+                // Deliberately past the gather window: reported as silent.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok(format!("{n}: {} {item}", l.load(Ordering::SeqCst)))
+        }
+    });
+    Ok(node)
+}
+
+/// Runs the demo. Nothing leaves the host: every node binds 127.0.0.1.
+pub async fn run() -> Result<()> {
+    let t0 = Instant::now();
+    println!("peerwire demo: five nodes on 127.0.0.1, no broker");
+    let inv1 = inventory("inventory-1", 10, false).await?;
+    let inv2 = inventory("inventory-2", 10, false).await?;
+    let inv3 = inventory("inventory-3", 10, true).await?;
+    let watcher = Node::builder("watcher")
+        .peer(inv1.endpoint())
+        .start()
+        .await?;
+    let client = Node::builder("client")
+        .peer(inv1.endpoint())
+        .peer(inv2.endpoint())
+        .peer(inv3.endpoint())
+        .start()
+        .await?;
+    for n in [&inv1, &inv2, &inv3, &watcher, &client] {
+        println!(
+            "  {:<12} router {}  pub {}",
+            n.name(),
+            n.endpoint(),
+            n.pub_endpoint()
+        );
+    }
+    if !client
+        .wait_for_service("inventory.reserve", 3, Duration::from_secs(5))
+        .await
+    {
+        bail!("the client did not discover the inventory nodes");
+    }
+    println!(
+        "  client knows {} peers (HELLO exchange)",
+        client.peers().len()
+    );
+
+    section("1. request/response (sync, 1-1)");
+    for qty in [2, 50] {
+        let req = Reserve {
+            item: "book".into(),
+            qty,
+        };
+        println!(
+            "  client → inventory.reserve {}",
+            serde_json::to_string(&req)?
+        );
+        let t = Instant::now();
+        match client
+            .request::<_, Reserved>("inventory.reserve", &req)
+            .await
+        {
+            Ok(r) => println!(
+                "    ← {}: reserved, {} left  ({})",
+                r.by,
+                r.left,
+                micros(t.elapsed())
+            ),
+            Err(e) => println!("    ← error: {e}  ({})", micros(t.elapsed())),
+        }
+    }
+    let t = Instant::now();
+    match client.request::<_, Reserved>("billing.charge", &1).await {
+        Ok(_) => bail!("billing.charge should have no responder"),
+        Err(e) => println!("  client → billing.charge: {e}  ({})", micros(t.elapsed())),
+    }
+
+    section("2. asynchronous request/response (async, 1-1)");
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let req = Reserve {
+            item: format!("pen-{i}"),
+            qty: 1,
+        };
+        handles.push(
+            client
+                .request_async::<_, Reserved>("inventory.reserve", &req)
+                .await?,
+        );
+    }
+    println!(
+        "  client sent 4 requests in {} without waiting",
+        micros(t.elapsed())
+    );
+    for h in handles {
+        let r = h.recv().await?;
+        println!(
+            "    ← {} reserved {}  ({} since sending)",
+            r.by,
+            r.item,
+            micros(t.elapsed())
+        );
+    }
+
+    section("3. one-way notification (async, 1-1)");
+    for qty in [5, 6, 7] {
+        println!("  client → inventory.restock {qty} (to exactly one instance)");
+        client.notify("inventory.restock", &qty).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    section("4. publish/subscribe (async, 1-many)");
+    let mut sub = watcher.subscribe::<StockLow>("stock.");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while inv1.subscribers_of("stock.low").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for left in [3, 2, 1] {
+        let e = StockLow {
+            item: "book".into(),
+            left,
+        };
+        inv1.publish("stock.low", &e)?;
+        println!(
+            "  inventory-1 published stock.low {}",
+            serde_json::to_string(&e)?
+        );
+    }
+    for _ in 0..3 {
+        let t = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Some(Ok(e))) => println!(
+                "    watcher got {} #{} ({} missed): {} left  ({})",
+                e.topic,
+                e.seq,
+                e.missed,
+                e.value.left,
+                micros(t.elapsed())
+            ),
+            other => bail!("watcher did not get the event: {other:?}"),
+        }
+    }
+
+    section("5. publish/async responses (async, 1-many): gather");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.subscribers_of("inventory.count").len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("  client gathers inventory.count \"book\" within 300 ms");
+    let t = Instant::now();
+    let mut g = client
+        .gather::<_, String>(
+            "inventory.count",
+            "book",
+            GatherOptions::within(Duration::from_millis(300)),
+        )
+        .await?;
+    println!(
+        "    expecting: {}",
+        g.expected()
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    while let Some(r) = g.next().await {
+        match r.result {
+            Ok(v) => println!("    ← {v}  ({})", micros(r.elapsed)),
+            Err(e) => println!("    ← {}: error {e}", r.name),
+        }
+    }
+    let out = g.finish().await;
+    println!(
+        "    ended: {:?} after {}; silent: {}",
+        out.end,
+        micros(t.elapsed()),
+        if out.silent.is_empty() {
+            "none".into()
+        } else {
+            out.silent
+                .iter()
+                .map(|(_, n)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+
+    section("shutdown");
+    for n in [client, watcher, inv1, inv2, inv3] {
+        let name = n.name().to_string();
+        n.shutdown().await;
+        println!("  {name} stopped");
+    }
+    println!("\ndemo finished in {}", micros(t0.elapsed()));
+    Ok(())
+}

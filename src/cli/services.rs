@@ -1,0 +1,45 @@
+//! The built-in demo services a node hosts with `peerwire node --serve echo`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use peerwire::codec::Version;
+use peerwire::node::{HandlerError, Node};
+use serde_json::{json, Value};
+
+/// Registers the `echo` services:
+/// - `echo.echo` (request): returns its input;
+/// - `echo.upper` (request): a string, upper-cased;
+/// - `echo.log` (notification): prints what it got;
+/// - `echo.ping` (gather): answers with this node's name and clock.
+pub fn serve_echo(node: &Node) {
+    let v1 = Version::new(1, 0);
+    node.handle("echo.echo", v1, |v: Value, _| async move { Ok(v) });
+    node.handle("echo.upper", v1, |v: Value, _| async move {
+        match v {
+            Value::String(s) => Ok(Value::String(s.to_uppercase())),
+            other => Err(HandlerError::new(
+                "not_a_string",
+                format!("echo.upper takes a JSON string, got {other}"),
+            )),
+        }
+    });
+    let name = node.name().to_string();
+    node.handle("echo.log", v1, move |v: Value, ctx| {
+        let name = name.clone();
+        async move {
+            println!("[{name}] notification from {}: {v}", ctx.sender);
+            Ok(Value::Null)
+        }
+    });
+    let name = node.name().to_string();
+    node.handle_gather("echo.ping", v1, move |_: Value, _| {
+        let name = name.clone();
+        async move {
+            let ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            Ok(json!({ "node": name, "unix_ms": ms }))
+        }
+    });
+}
