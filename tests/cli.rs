@@ -1,8 +1,11 @@
-//! The `peerwire` binary, run as a separate process.
+//! The `peerwire` binary, run as separate processes: the demo, the node commands with
+//! JSON at the edge, errors, and a node process killed and restarted.
 
 mod support;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use peerwire::transport::{Router, SocketOptions};
 use support::*;
@@ -49,4 +52,263 @@ fn unreachable_endpoint_fails_within_its_bound() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not reachable"), "{stderr}");
+}
+
+/// A `peerwire node` process; killed (SIGKILL) when dropped.
+struct NodeProc {
+    child: Child,
+    endpoint: String,
+}
+
+impl NodeProc {
+    fn start(name: &str, extra: &[&str]) -> NodeProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_peerwire"))
+            .args(["node", "--name", name, "--serve", "echo"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("endpoint line");
+        let endpoint = line.trim().to_string();
+        assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint:?}");
+        NodeProc { child, endpoint }
+    }
+
+    fn port(&self) -> String {
+        self.endpoint.rsplit(':').next().unwrap().to_string()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ok_stdout(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn demo_runs_and_shows_every_style() {
+    let out = peerwire(&["demo"]);
+    let stdout = ok_stdout(&out);
+    for s in [
+        "request/response",
+        "asynchronous request/response",
+        "one-way notification",
+        "publish/subscribe",
+        "publish/async responses",
+        "silent: inventory-3",
+        "demo finished",
+    ] {
+        assert!(stdout.contains(s), "missing {s:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn call_notify_gather_across_processes() {
+    let a = NodeProc::start("echo-a", &[]);
+    let b = NodeProc::start("echo-b", &["--peer", &a.endpoint]);
+    let call = peerwire(&[
+        "call",
+        "echo.echo",
+        r#"{"hello":[1,2,3]}"#,
+        "--peer",
+        &a.endpoint,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&call)).unwrap();
+    assert_eq!(v, serde_json::json!({"hello": [1, 2, 3]}));
+
+    let upper = peerwire(&["call", "echo.upper", r#""shout""#, "--peer", &a.endpoint]);
+    assert_eq!(ok_stdout(&upper).trim(), r#""SHOUT""#);
+    let err = peerwire(&["call", "echo.upper", "42", "--peer", &a.endpoint]);
+    assert!(one_line_error(&err).contains("not_a_string"));
+
+    ok_stdout(&peerwire(&[
+        "notify",
+        "echo.log",
+        r#"{"n":1}"#,
+        "--peer",
+        &a.endpoint,
+    ]));
+
+    // Gather over both nodes, reached through one seed each.
+    let g = peerwire(&[
+        "gather",
+        "echo.ping",
+        "{}",
+        "--within",
+        "1500",
+        "--peer",
+        &a.endpoint,
+        "--peer",
+        &b.endpoint,
+    ]);
+    let stdout = ok_stdout(&g);
+    let names: Vec<String> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["from"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        names.contains(&"echo-a".to_string()) && names.contains(&"echo-b".to_string()),
+        "{stdout}"
+    );
+
+    let peers = ok_stdout(&peerwire(&["peers", "--json", "--peer", &a.endpoint]));
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert!(v.as_array().unwrap().iter().any(|p| p["name"] == "echo-a"));
+}
+
+#[test]
+fn publish_and_subscribe_across_processes() {
+    let a = NodeProc::start("hub", &[]);
+    let mut sub = Command::new(env!("CARGO_BIN_EXE_peerwire"))
+        .args(["subscribe", "news.", "--count", "1", "--peer", &a.endpoint])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The subscriber announces itself to the hub; a publisher seeded with the hub reaches
+    // it once the subscriber is connected to the publisher's PUB. Keep publishing from
+    // fresh publisher processes until the subscriber has its event.
+    let stdout = sub.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    });
+    let sub_ep = {
+        // The subscriber process is itself a node; the publisher learns of it through the hub.
+        a.endpoint.clone()
+    };
+    let mut got = None;
+    for _ in 0..20 {
+        let _ = peerwire(&[
+            "publish",
+            "news.flash",
+            r#"{"headline":"hi"}"#,
+            "--peer",
+            &sub_ep,
+            "--wait",
+            "500",
+        ]);
+        if reader.is_finished() {
+            got = Some(reader.join().unwrap());
+            break;
+        }
+    }
+    let line = got.expect("subscriber got an event");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["topic"], "news.flash");
+    assert_eq!(v["value"]["headline"], "hi");
+    assert!(sub.wait().unwrap().success());
+}
+
+#[test]
+fn bad_json_and_unknown_service_are_one_line_errors() {
+    let a = NodeProc::start("errs", &[]);
+    let e = one_line_error(&peerwire(&[
+        "call",
+        "echo.echo",
+        "{not json",
+        "--peer",
+        &a.endpoint,
+    ]));
+    assert!(e.contains("not valid JSON"), "{e}");
+    let e = one_line_error(&peerwire(&[
+        "call",
+        "nope.nothing",
+        "{}",
+        "--peer",
+        &a.endpoint,
+        "--wait",
+        "500",
+    ]));
+    assert!(
+        e.contains("no responder known for nope.nothing") && e.contains("echo.echo"),
+        "{e}"
+    );
+    let e = one_line_error(&peerwire(&["publish", "t", "[1,", "--peer", &a.endpoint]));
+    assert!(e.contains("not valid JSON"), "{e}");
+    let e = one_line_error(&peerwire(&["call", "echo.echo", "{}"]));
+    assert!(e.contains("--peer"), "{e}");
+}
+
+#[tokio::test]
+async fn node_process_killed_and_restarted_mid_stream() {
+    use peerwire::node::{CallError, CallOptions};
+    let a = NodeProc::start("victim", &[]);
+    let port = a.port();
+    let client = start_node("client", std::slice::from_ref(&a.endpoint)).await;
+    wait_service(&client, "echo.echo", 1).await;
+    let mut a = Some(a);
+    let mut restarted = None;
+    let (mut ok, mut failed) = (0, 0);
+    for i in 0..300u64 {
+        if i == 50 {
+            drop(a.take()); // SIGKILL
+        }
+        if i == 100 {
+            restarted = Some(NodeProc::start("victim-2", &["--port", &port]));
+        }
+        let r = client
+            .request_with::<_, u64>(
+                "echo.echo",
+                &i,
+                CallOptions::timeout(Duration::from_secs(2)),
+            )
+            .await;
+        match r {
+            Ok(v) => {
+                assert_eq!(v, i);
+                ok += 1;
+            }
+            Err(
+                CallError::Disconnected(_) | CallError::NoResponder(_) | CallError::Timeout { .. },
+            ) => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(restarted.is_some());
+    assert!(ok > 100 && failed > 0, "ok {ok} failed {failed}");
+    wait_until("restarted node known", || {
+        client
+            .peers()
+            .iter()
+            .any(|p| p.name == "victim-2" && p.connected)
+    })
+    .await;
+    assert_eq!(
+        client.request::<_, u64>("echo.echo", &1u64).await.unwrap(),
+        1
+    );
 }

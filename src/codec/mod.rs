@@ -296,8 +296,6 @@ pub mod codes {
     pub const BAD_REQUEST: &str = "bad_request";
     /// The handler panicked.
     pub const HANDLER_PANICKED: &str = "handler_panicked";
-    /// The deadline passed on the server before the handler finished.
-    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
     /// The envelope's major version is not one this node speaks.
     pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
     /// The envelope's kind is not one this node knows.
@@ -335,6 +333,9 @@ pub struct Hello {
     pub pub_port: u16,
     /// What it serves.
     pub catalog: Catalog,
+    /// ROUTER endpoints of the peers it is connected to, so that a node reached through
+    /// one seed learns of the others (gossip).
+    pub peers: Vec<String>,
 }
 
 /// Why an envelope could not be decoded.

@@ -136,6 +136,7 @@ pub struct NodeBuilder {
     peers: Vec<String>,
     default_timeout: Duration,
     drain_timeout: Duration,
+    forget_after: Duration,
     socket: SocketOptions,
 }
 
@@ -180,6 +181,14 @@ impl NodeBuilder {
     /// How long [`Node::shutdown`] lets in-flight handlers finish (default 5 s).
     pub fn drain_timeout(mut self, t: Duration) -> Self {
         self.drain_timeout = t;
+        self
+    }
+
+    /// How long a peer learned from another node (not a static peer) may stay
+    /// unreachable before it is forgotten (default 10 s). Static peers are kept and
+    /// retried for the node's whole life.
+    pub fn forget_after(mut self, t: Duration) -> Self {
+        self.forget_after = t;
         self
     }
 
@@ -234,6 +243,9 @@ impl NodeBuilder {
             next_sub: AtomicU64::new(1),
             default_timeout: self.default_timeout,
             drain_timeout: self.drain_timeout,
+            forget_after: self.forget_after,
+            static_endpoints: self.peers.iter().cloned().collect(),
+            self_endpoints: Mutex::new(HashSet::new()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             handler_tasks: TaskTracker::new(),
@@ -311,6 +323,11 @@ struct Inner {
     next_sub: AtomicU64,
     default_timeout: Duration,
     drain_timeout: Duration,
+    forget_after: Duration,
+    /// Endpoints given at start: never forgotten.
+    static_endpoints: HashSet<String>,
+    /// Endpoints found to lead back to this node (through gossip): never dialled again.
+    self_endpoints: Mutex<HashSet<String>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     handler_tasks: TaskTracker,
@@ -340,6 +357,7 @@ impl Node {
             peers: Vec::new(),
             default_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            forget_after: Duration::from_secs(10),
             socket: SocketOptions::default(),
         }
     }
@@ -767,6 +785,14 @@ impl Inner {
             router_port: self.router_port,
             pub_port: self.pub_port,
             catalog: self.registry.read().catalog(),
+            peers: self
+                .peers
+                .lock()
+                .by_id
+                .values()
+                .filter(|p| p.info.connected)
+                .map(|p| p.info.router_endpoint.clone())
+                .collect(),
         }
     }
 
@@ -804,6 +830,11 @@ impl Inner {
     /// The DEALER for a peer ROUTER endpoint, created (with its loop) if new.
     fn ensure_dealer(self: &Arc<Self>, endpoint: &str) -> Result<Arc<Dealer>, TransportError> {
         let mut peers = self.peers.lock();
+        if self.self_endpoints.lock().contains(endpoint) {
+            return Err(TransportError::InvalidEndpoint(format!(
+                "{endpoint} is this node itself"
+            )));
+        }
         if let Some(d) = peers.dealers.get(endpoint) {
             return Ok(d.clone());
         }
@@ -823,7 +854,7 @@ impl Inner {
 
     /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
     /// DEALER), connecting to it if it is new.
-    fn learn(self: &Arc<Self>, hello: Hello, source_ip: Option<IpAddr>) {
+    fn learn(self: &Arc<Self>, mut hello: Hello, source_ip: Option<IpAddr>) {
         if hello.cluster != self.cluster {
             self.counters.other_cluster.fetch_add(1, Relaxed);
             debug!(peer = %hello.name, cluster = %hello.cluster, "ignoring a node of another cluster");
@@ -854,7 +885,8 @@ impl Inner {
                 warn!(endpoint = %pub_ep, error = %e, "cannot subscribe to a peer");
             }
         }
-        let info = {
+        let gossip = std::mem::take(&mut hello.peers);
+        let (info, new_peer) = {
             let mut peers = self.peers.lock();
             let new = peers.upsert(
                 hello.node_id,
@@ -868,10 +900,50 @@ impl Inner {
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
             }
-            info
+            (info, new)
         };
+        let is_new = new_peer;
         let _ = self.presence.send(info);
         self.changed.notify_waiters();
+        // Gossip: connect to the peers it knows, and tell ours about the newcomer.
+        let own = format!("tcp://{}", self.router.local_addr());
+        for ep in gossip {
+            if ep != own && !self.peers.lock().dealers.contains_key(&ep) {
+                if let Err(e) = self.ensure_dealer(&ep) {
+                    debug!(endpoint = %ep, error = %e, "not following gossip");
+                }
+            }
+        }
+        if is_new {
+            self.announce();
+        }
+    }
+
+    /// Drops everything known about a peer endpoint that has stayed unreachable.
+    async fn forget(self: &Arc<Self>, endpoint: &str) {
+        let (dealer, pubs) = {
+            let mut peers = self.peers.lock();
+            let dealer = peers.dealers.remove(endpoint);
+            let mut pubs = Vec::new();
+            peers.by_id.retain(|_, p| {
+                if p.info.router_endpoint == endpoint {
+                    pubs.push(p.info.pub_endpoint.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            (dealer, pubs)
+        };
+        for p in pubs {
+            self.subscriber.disconnect(&p);
+            self.sub_endpoints.lock().remove(&p);
+        }
+        self.changed.notify_waiters();
+        if let Some(d) = dealer {
+            d.shutdown().await;
+        }
+        debug!(node = %self.name, %endpoint, "forgot an unreachable peer");
     }
 
     fn reply_error(&self, identity: &Bytes, to: &Header, code: &str, message: String) {
@@ -888,12 +960,14 @@ impl Inner {
         }
     }
 
-    /// Runs a handler in its own task under the caller's deadline; returns the outcome.
+    /// Runs a handler under the caller's deadline. `None` means the deadline passed: the
+    /// caller has already given up (its own timer started earlier than ours), so no reply
+    /// is sent at all rather than one that can only arrive too late.
     fn run_handler(
         &self,
         handler: handlers::ErasedHandler,
         env: Envelope,
-    ) -> impl Future<Output = Result<Bytes, ErrorBody>> + Send + 'static {
+    ) -> impl Future<Output = Option<Result<Bytes, ErrorBody>>> + Send + 'static {
         let h = &env.header;
         let ctx = Context {
             message_id: h.id,
@@ -905,15 +979,17 @@ impl Inner {
         };
         let deadline = h.deadline();
         let fut = handler(env.payload, ctx);
+        let target = h.target.clone();
         async move {
             match deadline {
-                Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
-                    Err(ErrorBody {
-                        code: codes::DEADLINE_EXCEEDED.into(),
-                        message: format!("handler did not finish within {d:?}"),
-                    })
-                }),
-                None => fut.await,
+                Some(d) => match tokio::time::timeout(d, fut).await {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        warn!(%target, deadline = ?d, "handler cut off at the caller's deadline; no reply sent");
+                        None
+                    }
+                },
+                None => Some(fut.await),
             }
         }
     }
@@ -960,7 +1036,7 @@ impl Inner {
                 let run = self.run_handler(handler, env);
                 let weak = Arc::downgrade(self);
                 self.handler_tasks.spawn(async move {
-                    let out = run.await;
+                    let Some(out) = run.await else { return };
                     let Some(inner) = weak.upgrade() else { return };
                     if !is_request {
                         if let Err(e) = out {
@@ -1033,6 +1109,12 @@ impl Inner {
                 }
             }
             Kind::HelloAck => match codec::decode_payload::<Hello>(&env.payload) {
+                Ok(hello) if hello.node_id == self.id => {
+                    // Gossip led us to ourselves: never dial this endpoint again.
+                    self.self_endpoints.lock().insert(endpoint.to_string());
+                    let (me, ep) = (self.clone(), endpoint.to_string());
+                    self.tasks.spawn(async move { me.forget(&ep).await });
+                }
                 Ok(hello) => {
                     let ip = endpoint_ip(endpoint);
                     self.learn(hello, ip);
@@ -1081,7 +1163,10 @@ impl Inner {
                 let weak = Arc::downgrade(self);
                 self.handler_tasks.spawn(async move {
                     let out = match run {
-                        Ok(run) => run.await,
+                        Ok(run) => match run.await {
+                            Some(out) => out,
+                            None => return,
+                        },
                         Err(body) => Err(body),
                     };
                     let Some(inner) = weak.upgrade() else { return };
@@ -1205,9 +1290,23 @@ async fn dealer_loop(
     mut events: broadcast::Receiver<SocketEvent>,
     cancel: CancellationToken,
 ) {
+    // A peer learned by gossip (not a static one) that stays unreachable is forgotten.
+    let forgettable = inner
+        .upgrade()
+        .map(|i| (!i.static_endpoints.contains(&endpoint)).then_some(i.forget_after))
+        .unwrap_or(None);
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut forget_at = forgettable
+        .map(|t| tokio::time::Instant::now() + t)
+        .unwrap_or(far);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(forget_at) => {
+                let Some(strong) = inner.upgrade() else { return };
+                strong.forget(&endpoint).await;
+                return;
+            }
             r = dealer.recv() => {
                 let Ok(msg) = r else { return };
                 let Some(strong) = inner.upgrade() else { return };
@@ -1222,6 +1321,15 @@ async fn dealer_loop(
             e = events.recv() => match e {
                 Ok(e) => {
                     let Some(strong) = inner.upgrade() else { return };
+                    match &e {
+                        SocketEvent::Connected { .. } => forget_at = far,
+                        SocketEvent::Disconnected { .. } => {
+                            if let Some(t) = forgettable {
+                                forget_at = tokio::time::Instant::now() + t;
+                            }
+                        }
+                        _ => {}
+                    }
                     strong.on_dealer_event(&endpoint, &dealer, e);
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {

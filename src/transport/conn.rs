@@ -300,7 +300,14 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
 
 /// Connects to `endpoint` and keeps reconnecting, with exponential backoff and jitter,
 /// until the socket is cancelled.
-pub(crate) fn spawn_connector(endpoint: String, shared: Arc<Shared>, role: Arc<dyn Role>) {
+/// `stop` ends this connector (it is the socket's token, or a child of it for a SUB's
+/// per-endpoint connectors).
+pub(crate) fn spawn_connector(
+    endpoint: String,
+    shared: Arc<Shared>,
+    role: Arc<dyn Role>,
+    stop: CancellationToken,
+) {
     let tracker = shared.tracker.clone();
     tracker.spawn(async move {
         let opts = &shared.opts;
@@ -315,7 +322,7 @@ pub(crate) fn spawn_connector(endpoint: String, shared: Arc<Shared>, role: Arc<d
                 Ok::<_, std::io::Error>((stream, addr))
             };
             let res = tokio::select! {
-                _ = shared.cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
                 r = timeout(opts.handshake_timeout, attempt) => r,
             };
             match res {
@@ -337,13 +344,13 @@ pub(crate) fn spawn_connector(endpoint: String, shared: Arc<Shared>, role: Arc<d
                     error: "connect timed out".into(),
                 }),
             }
-            if shared.cancel.is_cancelled() {
+            if stop.is_cancelled() {
                 break;
             }
             // Jitter in [0.5, 1.0) of the delay spreads out reconnect storms.
             let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
             tokio::select! {
-                _ = shared.cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
             delay = (delay * 2).min(opts.reconnect_max);

@@ -79,7 +79,8 @@ impl Dealer {
             connected: AtomicBool::new(false),
         });
         let events = shared.events.subscribe();
-        spawn_connector(endpoint.to_string(), shared, role.clone());
+        let stop = shared.cancel.clone();
+        spawn_connector(endpoint.to_string(), shared, role.clone(), stop);
         let dealer = Dealer {
             role,
             endpoint: endpoint.to_string(),

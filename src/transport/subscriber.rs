@@ -21,7 +21,9 @@ struct Topics {
     /// Outgoing queues of the live connections. Kept under the same lock as `prefixes`
     /// so that a connection coming up and a subscribe racing it cannot miss or double
     /// the subscription.
-    live: Vec<Arc<Queue<OutItem>>>,
+    live: Vec<(std::net::SocketAddr, Arc<Queue<OutItem>>)>,
+    /// The connector of each endpoint, to stop it on `disconnect`.
+    connectors: std::collections::HashMap<String, tokio_util::sync::CancellationToken>,
 }
 
 struct SubRole {
@@ -38,7 +40,7 @@ impl Role for SubRole {
         for p in &t.prefixes {
             out.push_unbounded(OutItem::Subscribe(p.clone()));
         }
-        t.live.push(out.clone());
+        t.live.push((peer.addr, out.clone()));
         Ok(Attached {
             out,
             sink: Sink::Deliver(self.inbound.clone()),
@@ -50,7 +52,7 @@ impl Role for SubRole {
         self.topics
             .lock()
             .live
-            .retain(|q| !Arc::ptr_eq(q, &att.out));
+            .retain(|(_, q)| !Arc::ptr_eq(q, &att.out));
     }
 }
 
@@ -75,21 +77,51 @@ impl Subscriber {
 
     /// Starts connecting to a publisher at `endpoint`; kept up (and resubscribed) in
     /// the background until the socket closes.
+    /// Connecting twice to the same endpoint does nothing the second time.
     pub fn connect(&self, endpoint: &str) -> Result<(), TransportError> {
         parse_endpoint(endpoint)?;
+        let stop = {
+            let mut t = self.role.topics.lock();
+            if t.connectors.contains_key(endpoint) {
+                return Ok(());
+            }
+            let stop = self.role.shared.cancel.child_token();
+            t.connectors.insert(endpoint.to_string(), stop.clone());
+            stop
+        };
         spawn_connector(
             endpoint.to_string(),
             self.role.shared.clone(),
             self.role.clone(),
+            stop,
         );
         Ok(())
+    }
+
+    /// Stops connecting to `endpoint` and closes its connection if one is up.
+    /// Returns whether it was connected (or connecting).
+    pub fn disconnect(&self, endpoint: &str) -> bool {
+        let mut t = self.role.topics.lock();
+        let Some(stop) = t.connectors.remove(endpoint) else {
+            return false;
+        };
+        stop.cancel();
+        let addr = parse_endpoint(endpoint)
+            .ok()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        for (a, q) in &t.live {
+            if Some(*a) == addr {
+                q.interrupt();
+            }
+        }
+        true
     }
 
     /// Subscribes to messages whose first frame starts with `prefix` (empty: all).
     pub fn subscribe(&self, prefix: impl Into<Bytes>) {
         let prefix = prefix.into();
         let mut t = self.role.topics.lock();
-        for q in &t.live {
+        for (_, q) in &t.live {
             q.push_unbounded(OutItem::Subscribe(prefix.clone()));
         }
         t.prefixes.push(prefix);
@@ -102,7 +134,7 @@ impl Subscriber {
             return false;
         };
         let p = t.prefixes.remove(i);
-        for q in &t.live {
+        for (_, q) in &t.live {
             q.push_unbounded(OutItem::Cancel(p.clone()));
         }
         true
