@@ -1,0 +1,155 @@
+//! Node benchmark: request/reply through the node runtime beside the bare transport
+//! DEALER/ROUTER ping-pong it runs on, and a gather to 4 responders beside a 1:1
+//! request, all in the same run. HdrHistogram of every round trip after a warm-up.
+//!
+//! Run: `cargo bench --bench node` (`-- --quick` for a short run).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use peerwire::codec::Version;
+use peerwire::node::{CallOptions, GatherOptions, Node};
+use peerwire::transport::{Dealer, Message, Router, SocketOptions};
+
+const ROUNDS: usize = 3;
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
+}
+
+fn opts() -> SocketOptions {
+    SocketOptions {
+        heartbeat_interval: None,
+        ..SocketOptions::default()
+    }
+}
+
+async fn transport_pingpong(n: usize, warm: usize, h: &mut Histogram<u64>) {
+    let router = Router::bind("tcp://127.0.0.1:0", opts()).await.unwrap();
+    let ep = format!("tcp://{}", router.local_addr());
+    let server = tokio::spawn(async move {
+        while let Ok((id, m)) = router.recv().await {
+            if router.send(&id, m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let dealer = Dealer::connect(&ep, opts()).unwrap();
+    // Same shape as a node message: a small header frame and a 64-byte payload.
+    let msg = Message::from_frames(vec![Bytes::from(vec![1u8; 90]), Bytes::from(vec![2u8; 64])]);
+    for i in 0..warm + n {
+        let t = Instant::now();
+        dealer.send(msg.clone()).await.unwrap();
+        dealer.recv().await.unwrap();
+        if i >= warm {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    dealer.close().await;
+    server.abort();
+}
+
+async fn nodes(responders: usize) -> (Node, Vec<Node>) {
+    let mut rs = Vec::new();
+    for i in 0..responders {
+        let n = Node::builder(format!("r{i}")).socket_options(opts()).start().await.unwrap();
+        n.handle("bench.echo", Version::new(1, 0), |v: Bytes, _| async move { Ok(v) });
+        n.handle_gather("bench.gather", Version::new(1, 0), |v: Bytes, _| async move { Ok(v) });
+        rs.push(n);
+    }
+    let mut b = Node::builder("client").socket_options(opts());
+    for r in &rs {
+        b = b.peer(r.endpoint());
+    }
+    let client = b.start().await.unwrap();
+    assert!(client.wait_for_service("bench.echo", responders, Duration::from_secs(10)).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.subscribers_of("bench.gather").len() < responders {
+        assert!(Instant::now() < deadline, "responders did not subscribe");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (client, rs)
+}
+
+async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
+    let (client, rs) = nodes(1).await;
+    let payload = Bytes::from(vec![3u8; 64]);
+    let o = CallOptions::timeout(Duration::from_secs(10));
+    for i in 0..warm + n {
+        let t = Instant::now();
+        let _: Bytes = client.request_with("bench.echo", &payload, o.clone()).await.unwrap();
+        if i >= warm {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    client.shutdown().await;
+    for r in rs {
+        r.shutdown().await;
+    }
+}
+
+async fn node_gather(responders: usize, n: usize, warm: usize, h: &mut Histogram<u64>) {
+    let (client, rs) = nodes(responders).await;
+    let payload = Bytes::from(vec![3u8; 64]);
+    for i in 0..warm + n {
+        let t = Instant::now();
+        let g = client
+            .gather::<_, Bytes>("bench.gather", &payload, GatherOptions::within(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        let out = g.finish().await;
+        assert_eq!(out.replies.len(), responders);
+        if i >= warm {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    client.shutdown().await;
+    for r in rs {
+        r.shutdown().await;
+    }
+}
+
+fn row(name: &str, h: &Histogram<u64>, base: u64) -> String {
+    let us = |v: u64| v as f64 / 1000.0;
+    format!(
+        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
+        us(h.value_at_quantile(0.5)),
+        us(h.value_at_quantile(0.99)),
+        us(h.value_at_quantile(0.999)),
+        us(h.max()),
+        h.value_at_quantile(0.5) as f64 / base as f64
+    )
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, warm, gn) = if quick { (2000, 200, 500) } else { (20_000, 2000, 5000) };
+    for (multi, name) in [(false, "current-thread runtime"), (true, "multi-thread runtime (2 workers)")] {
+        let rt = if multi {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        .unwrap();
+        rt.block_on(async {
+            let (mut tp, mut nr, mut g1, mut g4) = (hist(), hist(), hist(), hist());
+            for _ in 0..ROUNDS {
+                transport_pingpong(n, warm, &mut tp).await;
+                node_request(n, warm, &mut nr).await;
+                node_gather(1, gn, warm / 4, &mut g1).await;
+                node_gather(4, gn, warm / 4, &mut g4).await;
+            }
+            println!("\n## Node round trips, 64 B payload, {name} (µs)\n");
+            println!("| what | p50 | p99 | p99.9 | max | p50 ratio |");
+            println!("|---|---|---|---|---|---|");
+            let base = tp.value_at_quantile(0.5);
+            println!("{}", row("transport DEALER/ROUTER ping-pong (base)", &tp, base));
+            println!("{}", row("node request/reply (vs transport)", &nr, base));
+            let nb = nr.value_at_quantile(0.5);
+            println!("{}", row("node gather, 1 responder (vs node request)", &g1, nb));
+            println!("{}", row("node gather, 4 responders (vs node request)", &g4, nb));
+        });
+    }
+    println!("\n(histograms merge {ROUNDS} interleaved rounds)");
+}
