@@ -134,6 +134,10 @@ fn main() {
         .unwrap();
         rt.block_on(async {
             let (mut tp, mut nr, mut g1, mut g4) = (hist(), hist(), hist(), hist());
+            if std::env::var("BENCH_ONLY").as_deref() == Ok("request") {
+                node_request(n * 5, warm, &mut nr).await;
+                return;
+            }
             for _ in 0..ROUNDS {
                 transport_pingpong(n, warm, &mut tp).await;
                 node_request(n, warm, &mut nr).await;
