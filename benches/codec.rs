@@ -15,7 +15,9 @@ fn bench(c: &mut Criterion) {
     let h = request_header();
     let bytes = encode_header(&h);
     c.bench_function("header encode", |b| b.iter(|| encode_header(black_box(&h))));
-    c.bench_function("header decode", |b| b.iter(|| decode_header(black_box(&bytes)).unwrap()));
+    c.bench_function("header decode", |b| {
+        b.iter(|| decode_header(black_box(&bytes)).unwrap())
+    });
     c.bench_function("header encode+decode", |b| {
         b.iter(|| decode_header(&encode_header(black_box(&h))).unwrap())
     });

@@ -53,9 +53,19 @@ async fn transport_pingpong(n: usize, warm: usize, h: &mut Histogram<u64>) {
 async fn nodes(responders: usize) -> (Node, Vec<Node>) {
     let mut rs = Vec::new();
     for i in 0..responders {
-        let n = Node::builder(format!("r{i}")).socket_options(opts()).start().await.unwrap();
-        n.handle("bench.echo", Version::new(1, 0), |v: Bytes, _| async move { Ok(v) });
-        n.handle_gather("bench.gather", Version::new(1, 0), |v: Bytes, _| async move { Ok(v) });
+        let n = Node::builder(format!("r{i}"))
+            .socket_options(opts())
+            .start()
+            .await
+            .unwrap();
+        n.handle("bench.echo", Version::new(1, 0), |v: Bytes, _| async move {
+            Ok(v)
+        });
+        n.handle_gather(
+            "bench.gather",
+            Version::new(1, 0),
+            |v: Bytes, _| async move { Ok(v) },
+        );
         rs.push(n);
     }
     let mut b = Node::builder("client").socket_options(opts());
@@ -63,7 +73,11 @@ async fn nodes(responders: usize) -> (Node, Vec<Node>) {
         b = b.peer(r.endpoint());
     }
     let client = b.start().await.unwrap();
-    assert!(client.wait_for_service("bench.echo", responders, Duration::from_secs(10)).await);
+    assert!(
+        client
+            .wait_for_service("bench.echo", responders, Duration::from_secs(10))
+            .await
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while client.subscribers_of("bench.gather").len() < responders {
         assert!(Instant::now() < deadline, "responders did not subscribe");
@@ -78,7 +92,10 @@ async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
     let o = CallOptions::timeout(Duration::from_secs(10));
     for i in 0..warm + n {
         let t = Instant::now();
-        let _: Bytes = client.request_with("bench.echo", &payload, o.clone()).await.unwrap();
+        let _: Bytes = client
+            .request_with("bench.echo", &payload, o.clone())
+            .await
+            .unwrap();
         if i >= warm {
             h.record(t.elapsed().as_nanos() as u64).unwrap();
         }
@@ -95,7 +112,11 @@ async fn node_gather(responders: usize, n: usize, warm: usize, h: &mut Histogram
     for i in 0..warm + n {
         let t = Instant::now();
         let g = client
-            .gather::<_, Bytes>("bench.gather", &payload, GatherOptions::within(Duration::from_secs(10)))
+            .gather::<_, Bytes>(
+                "bench.gather",
+                &payload,
+                GatherOptions::within(Duration::from_secs(10)),
+            )
             .await
             .unwrap();
         let out = g.finish().await;
@@ -124,12 +145,23 @@ fn row(name: &str, h: &Histogram<u64>, base: u64) -> String {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (n, warm, gn) = if quick { (2000, 200, 500) } else { (20_000, 2000, 5000) };
-    for (multi, name) in [(false, "current-thread runtime"), (true, "multi-thread runtime (2 workers)")] {
+    let (n, warm, gn) = if quick {
+        (2000, 200, 500)
+    } else {
+        (20_000, 2000, 5000)
+    };
+    for (multi, name) in [
+        (false, "current-thread runtime"),
+        (true, "multi-thread runtime (2 workers)"),
+    ] {
         let rt = if multi {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
         } else {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
         }
         .unwrap();
         rt.block_on(async {
@@ -148,11 +180,20 @@ fn main() {
             println!("| what | p50 | p99 | p99.9 | max | p50 ratio |");
             println!("|---|---|---|---|---|---|");
             let base = tp.value_at_quantile(0.5);
-            println!("{}", row("transport DEALER/ROUTER ping-pong (base)", &tp, base));
+            println!(
+                "{}",
+                row("transport DEALER/ROUTER ping-pong (base)", &tp, base)
+            );
             println!("{}", row("node request/reply (vs transport)", &nr, base));
             let nb = nr.value_at_quantile(0.5);
-            println!("{}", row("node gather, 1 responder (vs node request)", &g1, nb));
-            println!("{}", row("node gather, 4 responders (vs node request)", &g4, nb));
+            println!(
+                "{}",
+                row("node gather, 1 responder (vs node request)", &g1, nb)
+            );
+            println!(
+                "{}",
+                row("node gather, 4 responders (vs node request)", &g4, nb)
+            );
         });
     }
     println!("\n(histograms merge {ROUNDS} interleaved rounds)");

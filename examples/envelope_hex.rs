@@ -6,14 +6,23 @@ use peerwire::codec::{self, Envelope, ErrorBody, Header, Hello, Id, Kind, Versio
 use uuid::Uuid;
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
     // Fixed ids so the dump is reproducible.
-    let id = Id(Uuid::from_bytes([0x01, 0x9a, 0xd0, 0x6b, 0x3c, 0x10, 0x7e, 0x11, 0x8f, 0x00, 0, 0, 0, 0, 0, 0x01]));
-    let cid = Id(Uuid::from_bytes([0x01, 0x9a, 0xd0, 0x6b, 0x3c, 0x0f, 0x7e, 0x11, 0x8f, 0x00, 0, 0, 0, 0, 0, 0x02]));
-    let src = Id(Uuid::from_bytes([0x01, 0x9a, 0xd0, 0x6a, 0x00, 0x00, 0x70, 0x00, 0x80, 0x00, 0, 0, 0, 0, 0, 0xaa]));
+    let id = Id(Uuid::from_bytes([
+        0x01, 0x9a, 0xd0, 0x6b, 0x3c, 0x10, 0x7e, 0x11, 0x8f, 0x00, 0, 0, 0, 0, 0, 0x01,
+    ]));
+    let cid = Id(Uuid::from_bytes([
+        0x01, 0x9a, 0xd0, 0x6b, 0x3c, 0x0f, 0x7e, 0x11, 0x8f, 0x00, 0, 0, 0, 0, 0, 0x02,
+    ]));
+    let src = Id(Uuid::from_bytes([
+        0x01, 0x9a, 0xd0, 0x6a, 0x00, 0x00, 0x70, 0x00, 0x80, 0x00, 0, 0, 0, 0, 0, 0xaa,
+    ]));
     let mk = |kind: Kind, target: &str| {
         let mut h = Header::new(kind, src, target);
         h.id = id;
@@ -35,18 +44,49 @@ fn main() {
     grep.correlation_id = cid;
     let hello = mk(Kind::Hello, "");
     let cases: Vec<(Header, Vec<u8>)> = vec![
-        (req, codec::encode_payload(&serde_json_like()).unwrap().to_vec()),
+        (
+            req,
+            codec::encode_payload(&serde_json_like()).unwrap().to_vec(),
+        ),
         (reply, codec::encode_payload(&42u32).unwrap().to_vec()),
-        (err, codec::encode_payload(&ErrorBody { code: "invalid_qty".into(), message: "quantity must be positive".into() }).unwrap().to_vec()),
+        (
+            err,
+            codec::encode_payload(&ErrorBody {
+                code: "invalid_qty".into(),
+                message: "quantity must be positive".into(),
+            })
+            .unwrap()
+            .to_vec(),
+        ),
         (note, codec::encode_payload("hi").unwrap().to_vec()),
         (event, codec::encode_payload(&3u8).unwrap().to_vec()),
         (greq, codec::encode_payload("book").unwrap().to_vec()),
         (grep, codec::encode_payload(&7u8).unwrap().to_vec()),
-        (hello, codec::encode_payload(&Hello { node_id: src, name: "a".into(), cluster: "default".into(), host: "127.0.0.1".into(), router_port: 5555, pub_port: 5556, ..Default::default() }).unwrap().to_vec()),
+        (
+            hello,
+            codec::encode_payload(&Hello {
+                node_id: src,
+                name: "a".into(),
+                cluster: "default".into(),
+                host: "127.0.0.1".into(),
+                router_port: 5555,
+                pub_port: 5556,
+                ..Default::default()
+            })
+            .unwrap()
+            .to_vec(),
+        ),
     ];
     for (h, payload) in cases {
-        let env = Envelope { header: h.clone(), payload: payload.into() };
-        let frames = if matches!(h.kind, Kind::Event | Kind::GatherRequest) { env.to_pub_frames() } else { env.to_frames() };
+        let env = Envelope {
+            header: h.clone(),
+            payload: payload.into(),
+        };
+        let frames = if matches!(h.kind, Kind::Event | Kind::GatherRequest) {
+            env.to_pub_frames()
+        } else {
+            env.to_frames()
+        };
         println!("{:?}:", h.kind);
         for (i, f) in frames.iter().enumerate() {
             println!("  frame {i} ({} bytes): {}", f.len(), hex(f));
@@ -61,5 +101,8 @@ struct CreateOrder {
 }
 
 fn serde_json_like() -> CreateOrder {
-    CreateOrder { item: "book", qty: 2 }
+    CreateOrder {
+        item: "book",
+        qty: 2,
+    }
 }

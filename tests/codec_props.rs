@@ -106,3 +106,49 @@ proptest! {
         }
     }
 }
+
+mod envelopes {
+    use peerwire::codec::{decode_header, encode_header, Envelope, Header, Id, Kind, Version};
+    use proptest::prelude::*;
+
+    fn header() -> impl Strategy<Value = Header> {
+        (
+            1u8..=9,
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            "[a-z.]{0,30}",
+            proptest::option::of(any::<u64>()),
+            proptest::collection::btree_map("[a-z-]{1,10}", "[ -~]{0,20}", 0..4),
+            proptest::option::of("[a-z0-9]{1,10}"),
+            any::<u64>(),
+            proptest::option::of((any::<u16>(), any::<u16>())),
+        )
+            .prop_map(|(k, id, cid, tgt, dl, h, sk, seq, mv)| {
+                let mut hd = Header::new(Kind::from_code(k), Id(uuid::Uuid::from_bytes(id)), tgt);
+                hd.correlation_id = Id(uuid::Uuid::from_bytes(cid));
+                hd.deadline_ms = dl;
+                hd.headers = h;
+                hd.shard_key = sk;
+                hd.seq = seq;
+                hd.method_version = mv.map(|(a, b)| Version::new(a, b));
+                hd
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn headers_round_trip(h in header()) {
+            prop_assert_eq!(decode_header(&encode_header(&h)).unwrap(), h);
+        }
+
+        #[test]
+        fn arbitrary_envelopes_never_panic(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..4)) {
+            let frames: Vec<bytes::Bytes> = frames.into_iter().map(bytes::Bytes::from).collect();
+            let _ = Envelope::from_frames(&frames);
+            let _ = Envelope::from_pub_frames(&frames);
+            if let Some(f) = frames.first() {
+                let _ = decode_header(f);
+            }
+        }
+    }
+}
