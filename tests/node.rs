@@ -392,6 +392,8 @@ async fn publish_subscribe_with_prefixes_and_sequence_gaps() {
             )
             .unwrap();
     }
+    // Nobody reads yet, so the 4096-event subscription queue must overflow.
+    wait_until("local overflow", || a.stats().events_dropped > 0).await;
     // Once the burst is out, markers follow until one gets through (a marker arriving
     // while the queue is still full is itself dropped, and counted, like any event).
     let publisher = Arc::new(publisher);
@@ -708,4 +710,70 @@ async fn shutdown_drains_in_flight_work() {
     within("shutdown", server.shutdown()).await;
     // The handler in flight finished and its reply went out before the sockets closed.
     assert_eq!(within("drained reply", h.recv()).await.unwrap(), 300);
+}
+
+#[tokio::test]
+async fn one_seed_leads_to_the_whole_cluster() {
+    init_tracing();
+    let seed = start_node("seed", &[]).await;
+    let b = start_node("b", &[seed.endpoint()]).await;
+    b.handle("b.hello", V1, |_: (), _| async { Ok("from b") });
+    let c = start_node("c", &[seed.endpoint()]).await;
+    // c was only given the seed; gossip brings it b (and b learns of c).
+    wait_service(&c, "b.hello", 1).await;
+    assert_eq!(
+        c.request::<_, String>("b.hello", &()).await.unwrap(),
+        "from b"
+    );
+    wait_until("b knows c", || b.peers().iter().any(|p| p.name == "c")).await;
+    // A node of another cluster is ignored.
+    let other = Node::builder("stranger")
+        .cluster("elsewhere")
+        .peer(seed.endpoint())
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    wait_until("stranger refused", || seed.stats().other_cluster > 0).await;
+    assert!(seed.peers().iter().all(|p| p.name != "stranger"));
+    drop(other);
+}
+
+#[tokio::test]
+async fn gather_ignores_bystanders_without_a_handler() {
+    init_tracing();
+    let responder = start_node("responder", &[]).await;
+    responder.handle_gather("census.count", V1, |_: (), _| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(1u32)
+    });
+    let asker = start_node("asker", &[responder.endpoint()]).await;
+    // A bystander subscribed to every topic (for events) also receives the request.
+    let bystander = start_node("bystander", &[asker.endpoint()]).await;
+    let _all = bystander.subscribe::<serde_json::Value>("");
+    wait_until("both subscribed", || {
+        asker.subscribers_of("census.count").len() == 2
+    })
+    .await;
+    wait_until("catalog", || {
+        asker
+            .peers()
+            .iter()
+            .any(|p| p.gathers.contains_key("census.count"))
+    })
+    .await;
+    let g = asker
+        .gather::<_, u32>(
+            "census.count",
+            &(),
+            GatherOptions::within(Duration::from_secs(5)).quorum(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.expected().len(), 1, "only the responder is expected");
+    let out = within("gather", g.finish()).await;
+    assert_eq!(out.end, GatherEnd::Quorum);
+    assert_eq!(out.replies.len(), 1);
+    assert_eq!(out.replies[0].name, "responder");
+    assert_eq!(out.replies[0].result, Ok(1));
 }

@@ -44,6 +44,11 @@ pub use peers::PeerInfo;
 use handlers::{erase, lookup, Entry, Registry};
 use peers::PeerTable;
 
+/// Most endpoints followed from one HELLO's gossip list.
+const MAX_GOSSIP: usize = 64;
+/// Most peer endpoints a node dials.
+const MAX_PEERS: usize = 1024;
+
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -87,7 +92,9 @@ pub enum CallError {
     /// The request or reply could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// The connection to the chosen peer dropped before its reply arrived.
+    /// The connection to the chosen peer dropped before its reply arrived. The request
+    /// may or may not have run there (it may even still be delivered, if it was queued
+    /// and the same peer comes back): retry only what is safe to repeat.
     #[error("connection to {0} lost before the reply arrived")]
     Disconnected(String),
     /// The message could not be queued.
@@ -137,6 +144,7 @@ pub struct NodeBuilder {
     default_timeout: Duration,
     drain_timeout: Duration,
     forget_after: Duration,
+    max_in_flight: usize,
     socket: SocketOptions,
 }
 
@@ -189,6 +197,13 @@ impl NodeBuilder {
     /// retried for the node's whole life.
     pub fn forget_after(mut self, t: Duration) -> Self {
         self.forget_after = t;
+        self
+    }
+
+    /// Most handlers running at once (default 10 000). Past it the node stops reading
+    /// new requests until one finishes, so TCP pushes back on the callers.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
         self
     }
 
@@ -249,6 +264,8 @@ impl NodeBuilder {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             handler_tasks: TaskTracker::new(),
+            handler_slots: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
+            router_ids: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             changed: Notify::new(),
             counters: Counters::default(),
@@ -331,6 +348,11 @@ struct Inner {
     cancel: CancellationToken,
     tasks: TaskTracker,
     handler_tasks: TaskTracker,
+    /// Bounds handlers running at once; when none is free the loops stop reading and
+    /// TCP pushes back on the senders.
+    handler_slots: Arc<tokio::sync::Semaphore>,
+    /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
+    router_ids: Mutex<HashMap<Bytes, Id>>,
     shutting_down: AtomicBool,
     /// Signalled whenever the peer table changes.
     changed: Notify,
@@ -358,6 +380,7 @@ impl Node {
             default_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             forget_after: Duration::from_secs(10),
+            max_in_flight: 10_000,
             socket: SocketOptions::default(),
         }
     }
@@ -448,7 +471,7 @@ impl Node {
     /// Waits until at least `n` connected peers serve `target`, or `within` passes.
     /// Returns whether they do.
     pub async fn wait_for_service(&self, target: &str, n: usize, within: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + within;
+        let deadline = far_instant_after(within);
         loop {
             let notified = self.inner.changed.notified();
             if self.inner.peers.lock().candidates(target, None).0.len() >= n {
@@ -462,7 +485,7 @@ impl Node {
 
     /// Waits until at least `n` peers are known, or `within` passes.
     pub async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + within;
+        let deadline = far_instant_after(within);
         loop {
             let notified = self.inner.changed.notified();
             if self.inner.peers.lock().by_id.len() >= n {
@@ -544,10 +567,12 @@ impl Node {
         Resp: DeserializeOwned,
     {
         let inner = &self.inner;
-        if inner.shutting_down.load(Relaxed) {
+        // Handlers still draining at shutdown may call out; only a stopped node refuses.
+        if inner.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
         let timeout = opts.timeout.unwrap_or(inner.default_timeout);
+        let deadline = far_instant_after(timeout);
         let payload = codec::encode_payload(req)?;
         let (peer_id, dealer) = inner.pick(target, opts.version)?;
         let mut h = Header::new(Kind::Request, inner.id, target);
@@ -564,20 +589,32 @@ impl Node {
             },
         );
         let env = Envelope { header: h, payload };
-        if let Err(e) = dealer.send(Message::from_frames(env.to_frames())).await {
-            inner.pending.lock().remove(&id);
-            return Err(e.into());
-        }
-        debug!(%target, peer = %peer_id, %id, "request sent");
-        Ok(PendingReply {
+        // From here the handle owns the entry: whether the send below fails, times out or
+        // is cancelled by the caller dropping this future, its Drop removes it.
+        let handle = PendingReply {
             id,
             rx,
-            deadline: tokio::time::Instant::now() + timeout,
+            deadline,
             timeout,
             target: target.to_string(),
             inner: Arc::downgrade(inner),
             _t: PhantomData,
-        })
+        };
+        // Waiting for room in the queue counts against the call's deadline too.
+        match tokio::time::timeout_at(deadline, dealer.send(Message::from_frames(env.to_frames())))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(CallError::Timeout {
+                    target: target.to_string(),
+                    timeout,
+                })
+            }
+        }
+        debug!(%target, peer = %peer_id, %id, "request sent");
+        Ok(handle)
     }
 
     /// One-way notification to exactly one instance of `target`. Returns once queued;
@@ -599,9 +636,10 @@ impl Node {
         opts: CallOptions,
     ) -> Result<(), CallError> {
         let inner = &self.inner;
-        if inner.shutting_down.load(Relaxed) {
+        if inner.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
+        let timeout = opts.timeout.unwrap_or(inner.default_timeout);
         let payload = codec::encode_payload(msg)?;
         let (_, dealer) = inner.pick(target, opts.version)?;
         let mut h = Header::new(Kind::Notification, inner.id, target);
@@ -609,7 +647,15 @@ impl Node {
         h.headers = opts.headers;
         h.deadline_ms = opts.timeout.map(|t| t.as_millis() as u64);
         let env = Envelope { header: h, payload };
-        dealer.send(Message::from_frames(env.to_frames())).await?;
+        tokio::time::timeout_at(
+            far_instant_after(timeout),
+            dealer.send(Message::from_frames(env.to_frames())),
+        )
+        .await
+        .map_err(|_| CallError::Timeout {
+            target: target.to_string(),
+            timeout,
+        })??;
         Ok(())
     }
 
@@ -669,7 +715,7 @@ impl Node {
         Resp: DeserializeOwned,
     {
         let inner = &self.inner;
-        if inner.shutting_down.load(Relaxed) {
+        if inner.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
         let payload = codec::encode_payload(req)?;
@@ -712,7 +758,7 @@ impl Node {
             id,
             rx,
             started: Instant::now(),
-            deadline: tokio::time::Instant::now() + opts.within,
+            deadline: far_instant_after(opts.within),
             quorum: opts.quorum,
             expected,
             answered: Vec::new(),
@@ -873,6 +919,14 @@ impl Inner {
             std::net::SocketAddr::new(host, hello.router_port)
         );
         let pub_ep = format!("tcp://{}", std::net::SocketAddr::new(host, hello.pub_port));
+        if self
+            .peers
+            .lock()
+            .claimed_elsewhere(&hello.node_id, &router_ep)
+        {
+            warn!(id = %hello.node_id, endpoint = %router_ep, "HELLO claims the id of a peer connected elsewhere; ignored");
+            return;
+        }
         let dealer = match self.ensure_dealer(&router_ep) {
             Ok(d) => d,
             Err(e) => {
@@ -886,9 +940,9 @@ impl Inner {
             }
         }
         let gossip = std::mem::take(&mut hello.peers);
-        let (info, new_peer) = {
+        let (info, new_peer, stale_pubs) = {
             let mut peers = self.peers.lock();
-            let new = peers.upsert(
+            let (new, stale) = peers.upsert(
                 hello.node_id,
                 hello.name,
                 router_ep,
@@ -900,14 +954,25 @@ impl Inner {
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
             }
-            (info, new)
+            (info, new, stale)
         };
+        for p in stale_pubs {
+            // The peer restarted (new PUB port) or was replaced: stop dialling the old one.
+            self.subscriber.disconnect(&p);
+            self.sub_endpoints.lock().remove(&p);
+        }
         let is_new = new_peer;
         let _ = self.presence.send(info);
         self.changed.notify_waiters();
         // Gossip: connect to the peers it knows, and tell ours about the newcomer.
         let own = format!("tcp://{}", self.router.local_addr());
-        for ep in gossip {
+        // Bounded: a HELLO cannot make us open more than MAX_GOSSIP connections, nor
+        // grow the table past MAX_PEERS.
+        for ep in gossip.into_iter().take(MAX_GOSSIP) {
+            if self.peers.lock().dealers.len() >= MAX_PEERS {
+                warn!(node = %self.name, "peer limit reached; gossip not followed");
+                break;
+            }
             if ep != own && !self.peers.lock().dealers.contains_key(&ep) {
                 if let Err(e) = self.ensure_dealer(&ep) {
                     debug!(endpoint = %ep, error = %e, "not following gossip");
@@ -994,7 +1059,12 @@ impl Inner {
         }
     }
 
-    fn on_router(self: &Arc<Self>, identity: Bytes, env: Envelope) {
+    fn on_router(
+        self: &Arc<Self>,
+        identity: Bytes,
+        env: Envelope,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let h = &env.header;
         if h.version != codec::VERSION_MAJOR {
             let msg = format!(
@@ -1033,9 +1103,11 @@ impl Inner {
                     }
                 };
                 let request_header = env.header.clone();
+                let reply_within = request_header.deadline().unwrap_or(self.default_timeout);
                 let run = self.run_handler(handler, env);
                 let weak = Arc::downgrade(self);
                 self.handler_tasks.spawn(async move {
+                    let _slot = slot;
                     let Some(out) = run.await else { return };
                     let Some(inner) = weak.upgrade() else { return };
                     if !is_request {
@@ -1052,12 +1124,18 @@ impl Inner {
                         }
                         Err(body) => error_envelope(inner.id, &request_header, &body),
                     };
-                    if let Err(e) = inner
-                        .router
-                        .send(&identity, Message::from_frames(env.to_frames()))
-                        .await
+                    // A caller that stops reading its replies must not pin this task.
+                    match tokio::time::timeout(
+                        reply_within,
+                        inner
+                            .router
+                            .send(&identity, Message::from_frames(env.to_frames())),
+                    )
+                    .await
                     {
-                        debug!(error = %e, "reply not sent: caller gone");
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
+                        Err(_) => warn!("reply not sent: the caller's queue stayed full"),
                     }
                 });
             }
@@ -1071,6 +1149,13 @@ impl Inner {
                     }
                 };
                 let source = self.router.peer_addr(&identity).map(|a| a.ip());
+                {
+                    let mut ids = self.router_ids.lock();
+                    if ids.len() >= 4 * MAX_PEERS {
+                        ids.clear(); // bounded; live peers re-introduce themselves
+                    }
+                    ids.insert(identity.clone(), hello.node_id);
+                }
                 let ack = self.hello_envelope(Kind::HelloAck, h.id);
                 let _ = self
                     .router
@@ -1078,6 +1163,13 @@ impl Inner {
                 self.learn(hello, source);
             }
             Kind::GatherReply | Kind::ErrorReply => {
+                // Only the node that introduced itself on this connection may answer as
+                // itself: a forged sender id could otherwise end a gather early.
+                if self.router_ids.lock().get(&identity) != Some(&h.sender) {
+                    self.counters.unexpected.fetch_add(1, Relaxed);
+                    debug!(sender = %h.sender, "gather reply from a connection that is not its sender's, dropped");
+                    return;
+                }
                 let tx = self.gathers.lock().get(&h.correlation_id).cloned();
                 match tx {
                     Some(tx) => {
@@ -1131,7 +1223,7 @@ impl Inner {
         }
     }
 
-    fn on_published(self: &Arc<Self>, env: Envelope) {
+    fn on_published(self: &Arc<Self>, env: Envelope, slot: tokio::sync::OwnedSemaphorePermit) {
         match env.header.kind {
             Kind::Event => {
                 for s in self.subs.read().iter() {
@@ -1144,10 +1236,16 @@ impl Inner {
             }
             Kind::GatherRequest => {
                 let h = &env.header;
-                if h.sender == self.id {
+                if h.sender == self.id || self.shutting_down.load(Relaxed) {
                     return;
                 }
-                let handler = lookup(&self.registry.read().gathers, &h.target, h.method_version);
+                // No handler here (we only subscribed to the prefix for events): stay
+                // silent. The gatherer does not expect us, and an error reply would count.
+                let Ok(handler) =
+                    lookup(&self.registry.read().gathers, &h.target, h.method_version)
+                else {
+                    return;
+                };
                 let dealer = self
                     .peers
                     .lock()
@@ -1159,16 +1257,11 @@ impl Inner {
                     return;
                 };
                 let request_header = env.header.clone();
-                let run = handler.map(|hd| self.run_handler(hd, env));
+                let run = self.run_handler(handler, env);
                 let weak = Arc::downgrade(self);
                 self.handler_tasks.spawn(async move {
-                    let out = match run {
-                        Ok(run) => match run.await {
-                            Some(out) => out,
-                            None => return,
-                        },
-                        Err(body) => Err(body),
-                    };
+                    let _slot = slot;
+                    let Some(out) = run.await else { return };
                     let Some(inner) = weak.upgrade() else { return };
                     let env = match out {
                         Ok(payload) => {
@@ -1199,10 +1292,10 @@ impl Inner {
         match e {
             SocketEvent::Connected { .. } => {
                 // (Re)introduce ourselves: the peer may be new, or restarted.
+                // The peer counts as connected again only once its HELLO-ACK says who it
+                // is now: the endpoint may have been taken by a restarted or other node.
                 let env = self.hello_envelope(Kind::Hello, Id::NIL);
                 let _ = dealer.try_send(Message::from_frames(env.to_frames()));
-                self.peers.lock().set_connected(endpoint, true);
-                self.changed.notify_waiters();
             }
             SocketEvent::Disconnected { reason, .. } => {
                 self.peers.lock().set_connected(endpoint, false);
@@ -1229,6 +1322,13 @@ impl Inner {
     }
 }
 
+/// `now + d`, or a year from now if that overflows (a `Duration::MAX` timeout).
+fn far_instant_after(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+}
+
 fn error_envelope(sender: Id, to: &Header, body: &ErrorBody) -> Envelope {
     let mut h = Header::new(Kind::ErrorReply, sender, to.target.clone());
     h.correlation_id = to.id;
@@ -1253,8 +1353,13 @@ async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
             r = strong.router.recv() => r,
         };
         let Ok((identity, msg)) = got else { return };
+        let slots = strong.handler_slots.clone();
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+        };
         match Envelope::from_frames(msg.frames()) {
-            Ok(env) => strong.on_router(identity, env),
+            Ok(env) => strong.on_router(identity, env, slot),
             Err(e) => {
                 strong.counters.malformed.fetch_add(1, Relaxed);
                 warn!(error = %e, "malformed envelope on the ROUTER, dropped");
@@ -1273,8 +1378,13 @@ async fn subscriber_loop(inner: Weak<Inner>, cancel: CancellationToken) {
             r = strong.subscriber.recv() => r,
         };
         let Ok(msg) = got else { return };
+        let slots = strong.handler_slots.clone();
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+        };
         match Envelope::from_pub_frames(msg.frames()) {
-            Ok(env) => strong.on_published(env),
+            Ok(env) => strong.on_published(env, slot),
             Err(e) => {
                 strong.counters.malformed.fetch_add(1, Relaxed);
                 warn!(error = %e, "malformed envelope on the SUB, dropped");
@@ -1325,7 +1435,7 @@ async fn dealer_loop(
                         SocketEvent::Connected { .. } => forget_at = far,
                         SocketEvent::Disconnected { .. } => {
                             if let Some(t) = forgettable {
-                                forget_at = tokio::time::Instant::now() + t;
+                                forget_at = far_instant_after(t);
                             }
                         }
                         _ => {}
@@ -1445,6 +1555,10 @@ impl<T: DeserializeOwned> Subscription<T> {
         let env = self.rx.recv().await?;
         let h = env.header;
         let key = (h.sender, h.target.clone());
+        if self.last.len() >= 10_000 && !self.last.contains_key(&key) {
+            // Bounded: forget old (publisher, topic) pairs rather than grow for ever.
+            self.last.clear();
+        }
         let missed = match self.last.insert(key, h.seq) {
             Some(prev) if h.seq > prev => h.seq - prev - 1,
             _ => 0,
@@ -1571,8 +1685,8 @@ impl<T: DeserializeOwned> Gather<T> {
                 }
             };
             let from = env.header.sender;
-            if self.answered.contains(&from) {
-                continue; // one reply per responder
+            if self.answered.contains(&from) || !self.expected.iter().any(|(id, _)| *id == from) {
+                continue; // one reply per expected responder; others do not count
             }
             self.answered.push(from);
             let name = self

@@ -40,7 +40,8 @@ pub(crate) struct PeerTable {
 }
 
 impl PeerTable {
-    /// Records (or refreshes) a peer from its HELLO. Returns whether it is new.
+    /// Records (or refreshes) a peer from its HELLO. Returns whether it is new, and the
+    /// PUB endpoints no peer uses any more (to disconnect from).
     /// A different node id on an endpoint we knew (the peer restarted) replaces the old
     /// entry, so calls never go to a node that no longer exists.
     pub fn upsert(
@@ -51,9 +52,21 @@ impl PeerTable {
         pub_endpoint: String,
         catalog: Catalog,
         dealer: Arc<Dealer>,
-    ) -> bool {
-        self.by_id
-            .retain(|old, p| *old == id || p.info.router_endpoint != router_endpoint);
+    ) -> (bool, Vec<String>) {
+        let mut replaced = Vec::new();
+        self.by_id.retain(|old, p| {
+            if *old != id && p.info.router_endpoint == router_endpoint {
+                replaced.push(p.info.pub_endpoint.clone());
+                false
+            } else {
+                true
+            }
+        });
+        if let Some(p) = self.by_id.get(&id) {
+            if p.info.pub_endpoint != pub_endpoint {
+                replaced.push(p.info.pub_endpoint.clone());
+            }
+        }
         let connected = dealer.is_connected();
         let info = PeerInfo {
             id,
@@ -64,7 +77,17 @@ impl PeerTable {
             gathers: catalog.gathers,
             connected,
         };
-        self.by_id.insert(id, Peer { info, dealer }).is_none()
+        let new = self.by_id.insert(id, Peer { info, dealer }).is_none();
+        replaced.retain(|p| !self.by_id.values().any(|x| &x.info.pub_endpoint == p));
+        (new, replaced)
+    }
+
+    /// Whether `id` is known at an endpoint other than `router_endpoint` and connected
+    /// there: a HELLO claiming it from elsewhere is not believed.
+    pub fn claimed_elsewhere(&self, id: &Id, router_endpoint: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|p| p.info.connected && p.info.router_endpoint != router_endpoint)
     }
 
     /// Marks every peer reached through `endpoint` up or down.
