@@ -150,10 +150,15 @@ fn main() {
     } else {
         (20_000, 2000, 5000)
     };
+    let which = std::env::var("BENCH_RUNTIME").unwrap_or_default();
+    let only_request = std::env::var("BENCH_ONLY").as_deref() == Ok("request");
     for (multi, name) in [
         (false, "current-thread runtime"),
         (true, "multi-thread runtime (2 workers)"),
     ] {
+        if (which == "current" && multi) || (which == "multi" && !multi) {
+            continue;
+        }
         let rt = if multi {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -166,7 +171,7 @@ fn main() {
         .unwrap();
         rt.block_on(async {
             let (mut tp, mut nr, mut g1, mut g4) = (hist(), hist(), hist(), hist());
-            if std::env::var("BENCH_ONLY").as_deref() == Ok("request") {
+            if only_request {
                 node_request(n * 5, warm, &mut nr).await;
                 return;
             }

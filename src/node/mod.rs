@@ -1104,34 +1104,47 @@ impl Inner {
                 };
                 let request_header = env.header.clone();
                 let reply_within = request_header.deadline().unwrap_or(self.default_timeout);
-                let run = self.run_handler(handler, env);
+                let mut run = Box::pin(self.run_handler(handler, env));
+                // Fast path: a handler that finishes on its first poll (no awaiting) is
+                // answered from here, saving a task hop. Anything else goes on in its own
+                // task, which polls it again with a real waker.
+                let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+                if let std::task::Poll::Ready(out) = run.as_mut().poll(&mut cx) {
+                    drop(slot);
+                    if let Some(reply) = self.reply_for(&request_header, is_request, out) {
+                        match self.router.try_send(&identity, reply.clone()) {
+                            Ok(()) => {}
+                            Err(SendError::QueueFull { .. }) => {
+                                // The caller's queue is full: wait for room in a task.
+                                let weak = Arc::downgrade(self);
+                                self.handler_tasks.spawn(async move {
+                                    let Some(inner) = weak.upgrade() else { return };
+                                    let sent = tokio::time::timeout(
+                                        reply_within,
+                                        inner.router.send(&identity, reply),
+                                    )
+                                    .await;
+                                    if !matches!(sent, Ok(Ok(()))) {
+                                        warn!("reply not sent: the caller's queue stayed full");
+                                    }
+                                });
+                            }
+                            Err(e) => debug!(error = %e, "reply not sent: caller gone"),
+                        }
+                    }
+                    return;
+                }
                 let weak = Arc::downgrade(self);
                 self.handler_tasks.spawn(async move {
                     let _slot = slot;
-                    let Some(out) = run.await else { return };
+                    let out = run.await;
                     let Some(inner) = weak.upgrade() else { return };
-                    if !is_request {
-                        if let Err(e) = out {
-                            warn!(target = %request_header.target, code = %e.code, message = %e.message, "notification handler failed");
-                        }
+                    let Some(reply) = inner.reply_for(&request_header, is_request, out) else {
                         return;
-                    }
-                    let env = match out {
-                        Ok(payload) => {
-                            let mut rh = Header::new(Kind::Reply, inner.id, request_header.target.clone());
-                            rh.correlation_id = request_header.id;
-                            Envelope { header: rh, payload }
-                        }
-                        Err(body) => error_envelope(inner.id, &request_header, &body),
                     };
                     // A caller that stops reading its replies must not pin this task.
-                    match tokio::time::timeout(
-                        reply_within,
-                        inner
-                            .router
-                            .send(&identity, Message::from_frames(env.to_frames())),
-                    )
-                    .await
+                    match tokio::time::timeout(reply_within, inner.router.send(&identity, reply))
+                        .await
                     {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
@@ -1191,6 +1204,35 @@ impl Inner {
                 warn!(kind = ?h.kind, "unexpected envelope kind on the ROUTER, dropped");
             }
         }
+    }
+
+    /// The reply message for a handler's outcome, or `None` when there is nothing to send
+    /// (a notification, or the caller's deadline passed).
+    fn reply_for(
+        &self,
+        request: &Header,
+        is_request: bool,
+        out: Option<Result<Bytes, ErrorBody>>,
+    ) -> Option<Message> {
+        let out = out?;
+        if !is_request {
+            if let Err(e) = out {
+                warn!(target = %request.target, code = %e.code, message = %e.message, "notification handler failed");
+            }
+            return None;
+        }
+        let env = match out {
+            Ok(payload) => {
+                let mut rh = Header::new(Kind::Reply, self.id, request.target.clone());
+                rh.correlation_id = request.id;
+                Envelope {
+                    header: rh,
+                    payload,
+                }
+            }
+            Err(body) => error_envelope(self.id, request, &body),
+        };
+        Some(Message::from_frames(env.to_frames()))
     }
 
     fn on_dealer(self: &Arc<Self>, endpoint: &str, env: Envelope) {
