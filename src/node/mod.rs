@@ -34,8 +34,8 @@ use crate::codec::{
     self, codes, CodecError, Envelope, ErrorBody, Header, Hello, Id, Kind, Version,
 };
 use crate::transport::{
-    Dealer, Message, PublishReport, Publisher, Router, SendError, SocketEvent, SocketOptions,
-    Subscriber, TransportError,
+    Dealer, Message, MessageHandler, PublishReport, Publisher, Router, SendError, SocketEvent,
+    SocketOptions, Subscriber, TransportError,
 };
 
 pub use handlers::{Context, HandlerError};
@@ -884,7 +884,22 @@ impl Inner {
         if let Some(d) = peers.dealers.get(endpoint) {
             return Ok(d.clone());
         }
-        let (dealer, events) = Dealer::connect_with_events(endpoint, self.socket.clone())?;
+        // Replies are dispatched inline by the DEALER's connection task: a reply wakes its
+        // caller directly, with no task in between.
+        let weak = Arc::downgrade(self);
+        let ep = endpoint.to_string();
+        let on_message: MessageHandler = Arc::new(move |msg: Message| {
+            let Some(inner) = weak.upgrade() else { return };
+            match Envelope::from_frames(msg.frames()) {
+                Ok(env) => inner.on_dealer(&ep, env),
+                Err(e) => {
+                    inner.counters.malformed.fetch_add(1, Relaxed);
+                    warn!(error = %e, endpoint = %ep, "malformed envelope on a DEALER, dropped");
+                }
+            }
+        });
+        let (dealer, events) =
+            Dealer::connect_with_handler(endpoint, self.socket.clone(), on_message)?;
         let dealer = Arc::new(dealer);
         peers.dealers.insert(endpoint.to_string(), dealer.clone());
         drop(peers);
@@ -1458,17 +1473,6 @@ async fn dealer_loop(
                 let Some(strong) = inner.upgrade() else { return };
                 strong.forget(&endpoint).await;
                 return;
-            }
-            r = dealer.recv() => {
-                let Ok(msg) = r else { return };
-                let Some(strong) = inner.upgrade() else { return };
-                match Envelope::from_frames(msg.frames()) {
-                    Ok(env) => strong.on_dealer(&endpoint, env),
-                    Err(e) => {
-                        strong.counters.malformed.fetch_add(1, Relaxed);
-                        warn!(error = %e, %endpoint, "malformed envelope on a DEALER, dropped");
-                    }
-                }
             }
             e = events.recv() => match e {
                 Ok(e) => {

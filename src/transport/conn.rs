@@ -120,10 +120,15 @@ impl Subscriptions {
     }
 }
 
+/// A function that takes every received message, run inline by the connection task.
+pub type MessageHandler = Arc<dyn Fn(Message) + Send + Sync>;
+
 /// Where a connection puts what it receives.
 pub(crate) enum Sink {
     /// Messages go to the socket's incoming queue.
     Deliver(Arc<Queue<Inbound>>),
+    /// Messages are handed to a function, inline (no queue, no task hop).
+    Handler(MessageHandler),
     /// Messages and SUBSCRIBE/CANCEL commands update a PUB's filter for this peer.
     Subscriptions(Arc<Subscriptions>),
 }
@@ -732,6 +737,7 @@ async fn run(
                                 pending = Some(item);
                             }
                         }
+                        Sink::Handler(f) => f(msg),
                         Sink::Subscriptions(subs) => {
                             // ZMTP 3.0 subscription form: a one-frame message starting
                             // with 1 or 0. Other messages from a subscriber mean nothing
@@ -886,7 +892,7 @@ async fn run(
 async fn wait_sink(sink: &Sink) {
     match sink {
         Sink::Deliver(q) => q.writable().await,
-        Sink::Subscriptions(_) => std::future::pending().await,
+        Sink::Handler(_) | Sink::Subscriptions(_) => std::future::pending().await,
     }
 }
 

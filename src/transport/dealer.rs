@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::conn::{spawn_connector, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::conn::{
+    spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+};
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
@@ -13,6 +15,8 @@ use super::{parse_endpoint, Message, SocketOptions, SocketType};
 
 struct DealerRole {
     shared: Arc<Shared>,
+    /// When set, received messages go to this function instead of `inbound`.
+    handler: Option<MessageHandler>,
     /// One queue for the socket's whole life, so messages queued while disconnected (and
     /// those not fully written when a connection dropped) go out on the next connection.
     out: Arc<Queue<OutItem>>,
@@ -25,7 +29,10 @@ impl Role for DealerRole {
         self.connected.store(true, Relaxed);
         Ok(Attached {
             out: self.out.clone(),
-            sink: Sink::Deliver(self.inbound.clone()),
+            sink: match &self.handler {
+                Some(f) => Sink::Handler(f.clone()),
+                None => Sink::Deliver(self.inbound.clone()),
+            },
             identity: peer.identity.clone(),
         })
     }
@@ -61,6 +68,27 @@ impl Dealer {
         endpoint: &str,
         opts: SocketOptions,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
+        Self::start(endpoint, opts, None)
+    }
+
+    /// Like [`Dealer::connect_with_events`], but every received message is passed to
+    /// `handler`, called inline by the connection's task (so it must be quick and must
+    /// not block), instead of waiting for [`Dealer::recv`], which then never returns a
+    /// message. This saves a task hop per message for a caller that only dispatches
+    /// replies (the node does).
+    pub fn connect_with_handler(
+        endpoint: &str,
+        opts: SocketOptions,
+        handler: MessageHandler,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
+        Self::start(endpoint, opts, Some(handler))
+    }
+
+    fn start(
+        endpoint: &str,
+        opts: SocketOptions,
+        handler: Option<MessageHandler>,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
         parse_endpoint(endpoint)?;
         if let Some(id) = &opts.identity {
             // What every ROUTER would refuse anyway (ZMTP: 1..=255 bytes; a leading zero
@@ -74,6 +102,7 @@ impl Dealer {
         let shared = Shared::new(opts, SocketType::Dealer);
         let role = Arc::new(DealerRole {
             shared: shared.clone(),
+            handler,
             out,
             inbound,
             connected: AtomicBool::new(false),

@@ -56,6 +56,7 @@ use smallvec::SmallVec;
 /// (header + payload) have two.
 const INLINE_FRAMES: usize = 3;
 
+pub use conn::MessageHandler;
 pub use dealer::Dealer;
 pub use error::{CloseReason, ProtocolViolation, RecvError, SendError, TransportError};
 pub use events::{SocketEvent, Stats, StatsSnapshot};
