@@ -16,6 +16,8 @@
 //! (`v`) changes only for incompatible changes, and a node receiving a major version it
 //! does not speak answers with an error reply instead of guessing.
 
+mod header;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -365,16 +367,15 @@ pub enum CodecError {
     Encode(String),
 }
 
-/// Encodes a header.
+/// Encodes a header (hand-written MessagePack, the same bytes serde would produce).
 pub fn encode_header(h: &Header) -> Bytes {
-    // Named maps: unknown keys can be skipped by older decoders.
-    Bytes::from(rmp_serde::to_vec_named(h).expect("a header always encodes"))
+    header::encode(h)
 }
 
 /// Decodes a header. A header with an unknown major version still decodes (so the node
-/// can answer it); check [`Header::version`].
+/// can answer it); check [`Header::version`]. Unknown keys are skipped.
 pub fn decode_header(b: &[u8]) -> Result<Header, CodecError> {
-    rmp_serde::from_slice(b).map_err(|e| CodecError::Header(e.to_string()))
+    header::decode(b)
 }
 
 /// Encodes a payload value as MessagePack (named maps for structs, so fields can be added).
@@ -506,6 +507,67 @@ mod tests {
             let _ = decode_header(g);
         }
         assert!(decode_header(b"\xc1").is_err());
+    }
+
+    #[test]
+    fn hand_written_encoding_matches_serde_both_ways() {
+        let mut full = Header::new(Kind::Request, Id::new(), "orders.create");
+        full.correlation_id = Id::new();
+        full.deadline_ms = Some(70_000);
+        full.content_type = Some("application/json".into());
+        full.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        full.headers.insert("b".into(), "x".repeat(300));
+        full.shard_key = Some("k".into());
+        full.seq = u64::MAX;
+        full.method_version = Some(Version::new(300, 2));
+        let minimal = Header::new(Kind::Event, Id::new(), "");
+        for h in [full, minimal] {
+            let ours = encode_header(&h);
+            let theirs = rmp_serde::to_vec_named(&h).unwrap();
+            assert_eq!(&ours[..], &theirs[..]);
+            let back: Header = rmp_serde::from_slice(&ours).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(decode_header(&theirs).unwrap(), h);
+        }
+    }
+
+    #[test]
+    fn decoder_accepts_other_writers_forms() {
+        // Positional struct (array) for the version, and an id as an integer array.
+        #[derive(Serialize)]
+        struct Alt {
+            v: u8,
+            k: u8,
+            id: Vec<u8>,
+            src: Vec<u8>,
+            mv: (u16, u16),
+            extra: BTreeMap<String, Vec<Option<f64>>>,
+        }
+        let b = rmp_serde::to_vec_named(&Alt {
+            v: 1,
+            k: 1,
+            id: vec![7; 16],
+            src: vec![8; 16],
+            mv: (2, 3),
+            extra: [("x".to_string(), vec![None, Some(1.5)])].into(),
+        })
+        .unwrap();
+        let h = decode_header(&b).unwrap();
+        assert_eq!(h.id.0.as_bytes(), &[7; 16]);
+        assert_eq!(h.method_version, Some(Version::new(2, 3)));
+    }
+
+    #[test]
+    fn lying_lengths_are_refused_without_allocating() {
+        // A map claiming 4 billion entries, an unknown key whose array claims as much.
+        assert!(decode_header(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+        let mut b = vec![0x81, 0xa1, b'z', 0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode_header(&b).is_err());
+        // Deep nesting in an unknown value.
+        b = vec![0x81, 0xa1, b'z'];
+        b.extend(std::iter::repeat_n(0x91, 10_000));
+        b.push(0xc0);
+        assert!(decode_header(&b).is_err());
     }
 
     #[test]
