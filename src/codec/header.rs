@@ -137,7 +137,7 @@ impl<'a> Rd<'a> {
             0xce => self.be(4)?,
             0xcf => self.be(8)?,
             // Signed encodings of non-negative values are legal MessagePack too.
-            0xd0 | 0xd1 | 0xd2 | 0xd3 => {
+            0xd0..=0xd3 => {
                 let n = 1usize << (m - 0xd0);
                 let raw = self.be(n)?;
                 let shift = 64 - 8 * n as u32;
@@ -299,9 +299,21 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
             "id" => h.id = r.id()?,
             "cid" => h.correlation_id = if r.nil() { Id::NIL } else { r.id()? },
             "src" => h.sender = r.id()?,
-            "tgt" => h.target = if r.nil() { String::new() } else { r.str()?.to_string() },
+            "tgt" => {
+                h.target = if r.nil() {
+                    String::new()
+                } else {
+                    r.str()?.to_string()
+                }
+            }
             "dl" => h.deadline_ms = if r.nil() { None } else { Some(r.uint()?) },
-            "ct" => h.content_type = if r.nil() { None } else { Some(r.str()?.to_string()) },
+            "ct" => {
+                h.content_type = if r.nil() {
+                    None
+                } else {
+                    Some(r.str()?.to_string())
+                }
+            }
             "h" => {
                 if !r.nil() {
                     let n = r.map_len()?;
@@ -317,7 +329,13 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
                     h.headers = m;
                 }
             }
-            "sk" => h.shard_key = if r.nil() { None } else { Some(r.str()?.to_string()) },
+            "sk" => {
+                h.shard_key = if r.nil() {
+                    None
+                } else {
+                    Some(r.str()?.to_string())
+                }
+            }
             "seq" => h.seq = if r.nil() { 0 } else { r.uint()? },
             "mv" => h.method_version = if r.nil() { None } else { Some(r.version()?) },
             _ => r.skip(0)?,

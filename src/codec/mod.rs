@@ -515,7 +515,8 @@ mod tests {
         full.correlation_id = Id::new();
         full.deadline_ms = Some(70_000);
         full.content_type = Some("application/json".into());
-        full.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        full.headers
+            .insert("traceparent".into(), "00-abc-def-01".into());
         full.headers.insert("b".into(), "x".repeat(300));
         full.shard_key = Some("k".into());
         full.seq = u64::MAX;

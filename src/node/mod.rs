@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -251,7 +252,7 @@ impl NodeBuilder {
             registry: RwLock::new(Registry::default()),
             peers: Mutex::new(PeerTable::default()),
             sub_endpoints: Mutex::new(HashSet::new()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::default()),
             gathers: Mutex::new(HashMap::new()),
             subs: RwLock::new(Vec::new()),
             topic_seq: Mutex::new(HashMap::new()),
@@ -333,7 +334,7 @@ struct Inner {
     registry: RwLock<Registry>,
     peers: Mutex<PeerTable>,
     sub_endpoints: Mutex<HashSet<String>>,
-    pending: Mutex<HashMap<Id, Pending>>,
+    pending: Mutex<HashMap<Id, Pending, IdHash>>,
     gathers: Mutex<HashMap<Id, mpsc::Sender<Envelope>>>,
     subs: RwLock<Vec<LocalSub>>,
     topic_seq: Mutex<HashMap<String, u64>>,
@@ -1040,27 +1041,38 @@ impl Inner {
         }
     }
 
-    /// Runs a handler under the caller's deadline. `None` means the deadline passed: the
-    /// caller has already given up (its own timer started earlier than ours), so no reply
-    /// is sent at all rather than one that can only arrive too late.
-    fn run_handler(
+    /// Starts a handler by polling it once: a handler that does not await (most do not)
+    /// finishes here and is answered without a task hop (`Ok`). Otherwise (`Err`) the
+    /// returned future finishes it under the caller's deadline, yielding `None` if the
+    /// deadline passed: the caller has already given up (its timer started before ours),
+    /// so no reply is sent at all rather than one that can only arrive too late.
+    #[allow(clippy::type_complexity)]
+    fn start_handler(
         &self,
         handler: handlers::ErasedHandler,
         env: Envelope,
-    ) -> impl Future<Output = Option<Result<Bytes, ErrorBody>>> + Send + 'static {
-        let h = &env.header;
+    ) -> Result<
+        Result<Bytes, ErrorBody>,
+        Pin<Box<dyn Future<Output = Option<Result<Bytes, ErrorBody>>> + Send>>,
+    > {
+        let h = env.header;
+        let deadline = h.deadline();
         let ctx = Context {
             message_id: h.id,
             sender: h.sender,
-            target: h.target.clone(),
-            deadline: h.deadline(),
-            headers: h.headers.clone(),
-            shard_key: h.shard_key.clone(),
+            target: h.target,
+            deadline,
+            headers: h.headers,
+            shard_key: h.shard_key,
         };
-        let deadline = h.deadline();
-        let fut = handler(env.payload, ctx);
-        let target = h.target.clone();
-        async move {
+        let target = ctx.target.clone();
+        let mut fut = handler(env.payload, ctx);
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Ok(out);
+        }
+        // The task polls it again with a real waker.
+        Err(Box::pin(async move {
             match deadline {
                 Some(d) => match tokio::time::timeout(d, fut).await {
                     Ok(r) => Some(r),
@@ -1071,7 +1083,7 @@ impl Inner {
                 },
                 None => Some(fut.await),
             }
-        }
+        }))
     }
 
     fn on_router(
@@ -1117,16 +1129,14 @@ impl Inner {
                         return;
                     }
                 };
-                let request_header = env.header.clone();
-                let reply_within = request_header.deadline().unwrap_or(self.default_timeout);
-                let mut run = Box::pin(self.run_handler(handler, env));
-                // Fast path: a handler that finishes on its first poll (no awaiting) is
-                // answered from here, saving a task hop. Anything else goes on in its own
-                // task, which polls it again with a real waker.
-                let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
-                if let std::task::Poll::Ready(out) = run.as_mut().poll(&mut cx) {
-                    drop(slot);
-                    if let Some(reply) = self.reply_for(&request_header, is_request, out) {
+                let request = ReplyTo::of(&env.header);
+                let reply_within = env.header.deadline().unwrap_or(self.default_timeout);
+                match self.start_handler(handler, env) {
+                    Ok(out) => {
+                        drop(slot);
+                        let Some(reply) = self.reply_for(&request, is_request, Some(out)) else {
+                            return;
+                        };
                         match self.router.try_send(&identity, reply.clone()) {
                             Ok(()) => {}
                             Err(SendError::QueueFull { .. }) => {
@@ -1134,38 +1144,24 @@ impl Inner {
                                 let weak = Arc::downgrade(self);
                                 self.handler_tasks.spawn(async move {
                                     let Some(inner) = weak.upgrade() else { return };
-                                    let sent = tokio::time::timeout(
-                                        reply_within,
-                                        inner.router.send(&identity, reply),
-                                    )
-                                    .await;
-                                    if !matches!(sent, Ok(Ok(()))) {
-                                        warn!("reply not sent: the caller's queue stayed full");
-                                    }
+                                    inner.send_reply(&identity, reply, reply_within).await;
                                 });
                             }
                             Err(e) => debug!(error = %e, "reply not sent: caller gone"),
                         }
                     }
-                    return;
-                }
-                let weak = Arc::downgrade(self);
-                self.handler_tasks.spawn(async move {
-                    let _slot = slot;
-                    let out = run.await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let Some(reply) = inner.reply_for(&request_header, is_request, out) else {
-                        return;
-                    };
-                    // A caller that stops reading its replies must not pin this task.
-                    match tokio::time::timeout(reply_within, inner.router.send(&identity, reply))
-                        .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
-                        Err(_) => warn!("reply not sent: the caller's queue stayed full"),
+                    Err(run) => {
+                        let weak = Arc::downgrade(self);
+                        self.handler_tasks.spawn(async move {
+                            let _slot = slot;
+                            let out = run.await;
+                            let Some(inner) = weak.upgrade() else { return };
+                            if let Some(reply) = inner.reply_for(&request, is_request, out) {
+                                inner.send_reply(&identity, reply, reply_within).await;
+                            }
+                        });
                     }
-                });
+                }
             }
             Kind::Hello => {
                 let hello: Hello = match codec::decode_payload(&env.payload) {
@@ -1225,7 +1221,7 @@ impl Inner {
     /// (a notification, or the caller's deadline passed).
     fn reply_for(
         &self,
-        request: &Header,
+        request: &ReplyTo,
         is_request: bool,
         out: Option<Result<Bytes, ErrorBody>>,
     ) -> Option<Message> {
@@ -1236,18 +1232,19 @@ impl Inner {
             }
             return None;
         }
-        let env = match out {
-            Ok(payload) => {
-                let mut rh = Header::new(Kind::Reply, self.id, request.target.clone());
-                rh.correlation_id = request.id;
-                Envelope {
-                    header: rh,
-                    payload,
-                }
-            }
-            Err(body) => error_envelope(self.id, request, &body),
-        };
-        Some(Message::from_frames(env.to_frames()))
+        Some(Message::from_frames(
+            request.answer(self.id, out).to_frames(),
+        ))
+    }
+
+    /// Sends a reply, waiting at most `within` for room (a caller that stops reading its
+    /// replies must not pin a task).
+    async fn send_reply(&self, identity: &Bytes, reply: Message, within: Duration) {
+        match tokio::time::timeout(within, self.router.send(identity, reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
+            Err(_) => warn!("reply not sent: the caller's queue stayed full"),
+        }
     }
 
     fn on_dealer(self: &Arc<Self>, endpoint: &str, env: Envelope) {
@@ -1313,30 +1310,40 @@ impl Inner {
                     debug!(sender = %h.sender, "gather request from an unknown node ignored");
                     return;
                 };
-                let request_header = env.header.clone();
-                let run = self.run_handler(handler, env);
-                let weak = Arc::downgrade(self);
-                self.handler_tasks.spawn(async move {
-                    let _slot = slot;
-                    let Some(out) = run.await else { return };
-                    let Some(inner) = weak.upgrade() else { return };
-                    let env = match out {
-                        Ok(payload) => {
-                            let mut rh = Header::new(
-                                Kind::GatherReply,
-                                inner.id,
-                                request_header.target.clone(),
-                            );
-                            rh.correlation_id = request_header.id;
-                            Envelope {
-                                header: rh,
-                                payload,
-                            }
-                        }
-                        Err(body) => error_envelope(inner.id, &request_header, &body),
+                let request = ReplyTo::of(&env.header);
+                let reply_within = env.header.deadline().unwrap_or(self.default_timeout);
+                let (kind_ok, kind_err) = (Kind::GatherReply, Kind::ErrorReply);
+                let answer = move |id: Id, out: Result<Bytes, ErrorBody>| {
+                    let mut env = request.answer(id, out);
+                    env.header.kind = if env.header.kind == Kind::Reply {
+                        kind_ok
+                    } else {
+                        kind_err
                     };
-                    let _ = dealer.send(Message::from_frames(env.to_frames())).await;
-                });
+                    Message::from_frames(env.to_frames())
+                };
+                match self.start_handler(handler, env) {
+                    Ok(out) => {
+                        drop(slot);
+                        let reply = answer(self.id, out);
+                        if let Err(SendError::QueueFull { .. }) = dealer.try_send(reply.clone()) {
+                            self.handler_tasks.spawn(async move {
+                                let _ =
+                                    tokio::time::timeout(reply_within, dealer.send(reply)).await;
+                            });
+                        }
+                    }
+                    Err(run) => {
+                        let id = self.id;
+                        self.handler_tasks.spawn(async move {
+                            let _slot = slot;
+                            let Some(out) = run.await else { return };
+                            let _ =
+                                tokio::time::timeout(reply_within, dealer.send(answer(id, out)))
+                                    .await;
+                        });
+                    }
+                }
             }
             other => {
                 self.counters.unexpected.fetch_add(1, Relaxed);
@@ -1376,6 +1383,65 @@ impl Inner {
             }
             _ => {}
         }
+    }
+}
+
+/// Hashes our own message ids by their random low half. Only ids this node generated
+/// are ever inserted, so a peer cannot choose colliding keys; SipHash would only cost time.
+#[derive(Default, Clone, Copy)]
+struct IdHash;
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // A UUIDv7's last 8 bytes are random.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+}
+
+/// What a reply needs of the request it answers.
+struct ReplyTo {
+    id: Id,
+    target: String,
+}
+
+impl ReplyTo {
+    fn of(h: &Header) -> ReplyTo {
+        ReplyTo {
+            id: h.id,
+            target: h.target.clone(),
+        }
+    }
+
+    /// The reply (or error reply) envelope. Replies carry no target: the correlation id
+    /// says what they answer.
+    fn answer(&self, sender: Id, out: Result<Bytes, ErrorBody>) -> Envelope {
+        let (kind, payload) = match out {
+            Ok(p) => (Kind::Reply, p),
+            Err(body) => (
+                Kind::ErrorReply,
+                codec::encode_payload(&body).expect("an error body always encodes"),
+            ),
+        };
+        let mut h = Header::new(kind, sender, String::new());
+        h.correlation_id = self.id;
+        Envelope { header: h, payload }
     }
 }
 

@@ -122,19 +122,38 @@ impl PeerTable {
         (out, incompatible)
     }
 
-    /// Chooses one of the candidates for `target`, round robin.
+    /// Chooses one of the candidates for `target`, round robin (in the table's iteration
+    /// order, which is stable while the table does not change). No allocation: this is on
+    /// every call's path.
     pub fn pick(
         &mut self,
         target: &str,
         wanted: Option<Version>,
     ) -> Result<(Id, Arc<Dealer>), Option<Version>> {
-        self.cursor = self.cursor.wrapping_add(1);
-        let cursor = self.cursor;
-        let (c, incompatible) = self.candidates(target, wanted);
-        if c.is_empty() {
+        let mut incompatible = None;
+        let fits = |p: &Peer, incompatible: &mut Option<Version>| match p.info.methods.get(target) {
+            Some(v) if wanted.is_some_and(|w| !v.serves(w)) => {
+                *incompatible = Some(*v);
+                false
+            }
+            Some(_) => p.info.connected,
+            None => false,
+        };
+        let n = self
+            .by_id
+            .values()
+            .filter(|p| fits(p, &mut incompatible))
+            .count();
+        if n == 0 {
             return Err(incompatible);
         }
-        let p = c[cursor % c.len()];
+        self.cursor = self.cursor.wrapping_add(1);
+        let p = self
+            .by_id
+            .values()
+            .filter(|p| fits(p, &mut incompatible))
+            .nth(self.cursor % n)
+            .expect("counted above");
         Ok((p.info.id, p.dealer.clone()))
     }
 }
