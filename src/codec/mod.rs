@@ -408,6 +408,13 @@ impl Envelope {
         vec![encode_header(&self.header), self.payload.clone()]
     }
 
+    /// The transport message `[header, payload]`, without an intermediate `Vec`.
+    pub fn to_message(&self) -> crate::transport::Message {
+        [encode_header(&self.header), self.payload.clone()]
+            .into_iter()
+            .collect()
+    }
+
     /// Frames for PUB: `[topic, header, payload]`, the topic being the header's target.
     pub fn to_pub_frames(&self) -> Vec<Bytes> {
         vec![

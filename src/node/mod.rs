@@ -602,9 +602,7 @@ impl Node {
             _t: PhantomData,
         };
         // Waiting for room in the queue counts against the call's deadline too.
-        match tokio::time::timeout_at(deadline, dealer.send(Message::from_frames(env.to_frames())))
-            .await
-        {
+        match tokio::time::timeout_at(deadline, dealer.send(env.to_message())).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
@@ -648,15 +646,12 @@ impl Node {
         h.headers = opts.headers;
         h.deadline_ms = opts.timeout.map(|t| t.as_millis() as u64);
         let env = Envelope { header: h, payload };
-        tokio::time::timeout_at(
-            far_instant_after(timeout),
-            dealer.send(Message::from_frames(env.to_frames())),
-        )
-        .await
-        .map_err(|_| CallError::Timeout {
-            target: target.to_string(),
-            timeout,
-        })??;
+        tokio::time::timeout_at(far_instant_after(timeout), dealer.send(env.to_message()))
+            .await
+            .map_err(|_| CallError::Timeout {
+                target: target.to_string(),
+                timeout,
+            })??;
         Ok(())
     }
 
@@ -856,7 +851,7 @@ impl Inner {
     fn announce(&self) {
         let env = self.hello_envelope(Kind::Hello, Id::NIL);
         for d in self.peers.lock().dealers.values() {
-            let _ = d.try_send(Message::from_frames(env.to_frames()));
+            let _ = d.try_send(env.to_message());
         }
     }
 
@@ -1033,10 +1028,7 @@ impl Inner {
             message,
         };
         let env = error_envelope(self.id, to, &body);
-        if let Err(e) = self
-            .router
-            .try_send(identity, Message::from_frames(env.to_frames()))
-        {
+        if let Err(e) = self.router.try_send(identity, env.to_message()) {
             debug!(error = %e, "could not send an error reply");
         }
     }
@@ -1181,9 +1173,7 @@ impl Inner {
                     ids.insert(identity.clone(), hello.node_id);
                 }
                 let ack = self.hello_envelope(Kind::HelloAck, h.id);
-                let _ = self
-                    .router
-                    .try_send(&identity, Message::from_frames(ack.to_frames()));
+                let _ = self.router.try_send(&identity, ack.to_message());
                 self.learn(hello, source);
             }
             Kind::GatherReply | Kind::ErrorReply => {
@@ -1232,9 +1222,7 @@ impl Inner {
             }
             return None;
         }
-        Some(Message::from_frames(
-            request.answer(self.id, out).to_frames(),
-        ))
+        Some(request.answer(self.id, out).to_message())
     }
 
     /// Sends a reply, waiting at most `within` for room (a caller that stops reading its
@@ -1320,7 +1308,7 @@ impl Inner {
                     } else {
                         kind_err
                     };
-                    Message::from_frames(env.to_frames())
+                    env.to_message()
                 };
                 match self.start_handler(handler, env) {
                     Ok(out) => {
@@ -1359,7 +1347,7 @@ impl Inner {
                 // The peer counts as connected again only once its HELLO-ACK says who it
                 // is now: the endpoint may have been taken by a restarted or other node.
                 let env = self.hello_envelope(Kind::Hello, Id::NIL);
-                let _ = dealer.try_send(Message::from_frames(env.to_frames()));
+                let _ = dealer.try_send(env.to_message());
             }
             SocketEvent::Disconnected { reason, .. } => {
                 self.peers.lock().set_connected(endpoint, false);
@@ -1476,10 +1464,15 @@ async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
             r = strong.router.recv() => r,
         };
         let Ok((identity, msg)) = got else { return };
-        let slots = strong.handler_slots.clone();
-        let slot = tokio::select! {
-            _ = cancel.cancelled() => return,
-            s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+        let slot = match strong.handler_slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                let slots = strong.handler_slots.clone();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+                }
+            }
         };
         match Envelope::from_frames(msg.frames()) {
             Ok(env) => strong.on_router(identity, env, slot),
