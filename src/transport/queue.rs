@@ -51,6 +51,10 @@ pub(crate) struct Queue<T> {
     interrupted: AtomicBool,
     /// Set by [`Queue::tick`]: the consumer's periodic heartbeat work is due.
     ticked: AtomicBool,
+    /// Mirrors `closed`, for lock-free checks.
+    closed: AtomicBool,
+    /// A task is waiting in [`Queue::pop`] on the `AtomicWaker`.
+    solo_waiting: AtomicBool,
     /// Whether `items` is non-empty, mirrored outside the lock (written under it) so the
     /// connection task's poll does not take the lock when nothing is queued.
     has_items: AtomicBool,
@@ -81,6 +85,8 @@ impl<T: Cost> Queue<T> {
             interrupted: AtomicBool::new(false),
             has_items: AtomicBool::new(false),
             ticked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            solo_waiting: AtomicBool::new(false),
         }
     }
 
@@ -249,15 +255,42 @@ impl<T: Cost> Queue<T> {
     }
 
     /// Waits for and pops the next item; `None` once closed and empty.
+    ///
+    /// The usual case, one task receiving, waits on the queue's `AtomicWaker` (cheap);
+    /// further concurrent receivers wait on the `Notify`. Every push wakes both.
     pub async fn pop(&self) -> Option<T> {
+        struct Solo<'a>(&'a AtomicBool);
+        impl Drop for Solo<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
         loop {
             if let Some(item) = self.try_pop() {
                 return Some(item);
             }
-            if self.state.lock().closed {
+            if self.closed.load(Ordering::Acquire) {
                 return None;
             }
-            self.readable().await;
+            if self
+                .solo_waiting
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let _solo = Solo(&self.solo_waiting);
+                std::future::poll_fn(|cx| {
+                    self.consumer.register(cx.waker());
+                    if self.has_items.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire)
+                    {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+            } else {
+                self.readable().await;
+            }
         }
     }
 
@@ -298,6 +331,7 @@ impl<T: Cost> Queue<T> {
     /// Closes the queue: pushes fail, and waiters wake up.
     pub fn close(&self) {
         self.state.lock().closed = true;
+        self.closed.store(true, Ordering::Release);
         self.readable.notify_waiters();
         self.wake_consumer();
         self.writable.notify_waiters();
@@ -363,6 +397,44 @@ mod tests {
         let q: Queue<Vec<u8>> = Queue::new(10, 10);
         assert!(q.try_push(vec![0; 50]).is_ok());
         assert!(q.try_push(vec![0; 1]).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_receivers_get_every_item_once() {
+        let q = std::sync::Arc::new(Queue::<Vec<u8>>::new(100_000, 1 << 30));
+        let mut rx = Vec::new();
+        for _ in 0..3 {
+            let q = q.clone();
+            rx.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(v) = q.pop().await {
+                    got.push(u32::from_le_bytes(v[..4].try_into().unwrap()));
+                }
+                got
+            }));
+        }
+        for i in 0..20_000u32 {
+            q.try_push(i.to_le_bytes().to_vec()).unwrap();
+            if i % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Wait until drained, then close so the receivers finish.
+        while q.usage().count > 0 {
+            tokio::task::yield_now().await;
+        }
+        q.close();
+        let mut all = Vec::new();
+        for r in rx {
+            all.extend(
+                tokio::time::timeout(std::time::Duration::from_secs(10), r)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        all.sort();
+        assert_eq!(all, (0..20_000).collect::<Vec<_>>());
     }
 
     #[tokio::test]
