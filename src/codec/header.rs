@@ -159,6 +159,12 @@ impl<'a> Rd<'a> {
         })
     }
 
+    /// A map key: compared as bytes, so no UTF-8 check is needed for it.
+    fn key(&mut self) -> Result<&'a [u8], CodecError> {
+        let n = self.str_len()?;
+        self.take(n)
+    }
+
     fn str(&mut self) -> Result<&'a str, CodecError> {
         let n = self.str_len()?;
         std::str::from_utf8(self.take(n)?).map_err(|_| err("string is not UTF-8"))
@@ -226,9 +232,9 @@ impl<'a> Rd<'a> {
         }
         let mut v = Version::default();
         for _ in 0..self.map_len()? {
-            match self.str()? {
-                "major" => v.major = small(self.uint()?)?,
-                "minor" => v.minor = small(self.uint()?)?,
+            match self.key()? {
+                b"major" => v.major = small(self.uint()?)?,
+                b"minor" => v.minor = small(self.uint()?)?,
                 _ => self.skip(0)?,
             }
         }
@@ -290,31 +296,31 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
         return Err(err("truncated"));
     }
     for _ in 0..n {
-        let k = r.str()?;
+        let k = r.key()?;
         match k {
-            "v" => h.version = u8::try_from(r.uint()?).map_err(|_| err("version over 255"))?,
-            "k" => {
+            b"v" => h.version = u8::try_from(r.uint()?).map_err(|_| err("version over 255"))?,
+            b"k" => {
                 h.kind = Kind::from_code(u8::try_from(r.uint()?).map_err(|_| err("kind over 255"))?)
             }
-            "id" => h.id = r.id()?,
-            "cid" => h.correlation_id = if r.nil() { Id::NIL } else { r.id()? },
-            "src" => h.sender = r.id()?,
-            "tgt" => {
+            b"id" => h.id = r.id()?,
+            b"cid" => h.correlation_id = if r.nil() { Id::NIL } else { r.id()? },
+            b"src" => h.sender = r.id()?,
+            b"tgt" => {
                 h.target = if r.nil() {
                     String::new()
                 } else {
                     r.str()?.to_string()
                 }
             }
-            "dl" => h.deadline_ms = if r.nil() { None } else { Some(r.uint()?) },
-            "ct" => {
+            b"dl" => h.deadline_ms = if r.nil() { None } else { Some(r.uint()?) },
+            b"ct" => {
                 h.content_type = if r.nil() {
                     None
                 } else {
                     Some(r.str()?.to_string())
                 }
             }
-            "h" => {
+            b"h" => {
                 if !r.nil() {
                     let n = r.map_len()?;
                     if n > r.b.len() {
@@ -329,15 +335,15 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
                     h.headers = m;
                 }
             }
-            "sk" => {
+            b"sk" => {
                 h.shard_key = if r.nil() {
                     None
                 } else {
                     Some(r.str()?.to_string())
                 }
             }
-            "seq" => h.seq = if r.nil() { 0 } else { r.uint()? },
-            "mv" => h.method_version = if r.nil() { None } else { Some(r.version()?) },
+            b"seq" => h.seq = if r.nil() { 0 } else { r.uint()? },
+            b"mv" => h.method_version = if r.nil() { None } else { Some(r.version()?) },
             _ => r.skip(0)?,
         }
     }
