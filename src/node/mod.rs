@@ -13,7 +13,8 @@
 mod handlers;
 mod peers;
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr};
@@ -253,6 +254,8 @@ impl NodeBuilder {
             peers: Mutex::new(PeerTable::default()),
             sub_endpoints: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::default()),
+            deadlines: Mutex::new(BinaryHeap::new()),
+            earlier_deadline: Notify::new(),
             gathers: Mutex::new(HashMap::new()),
             subs: RwLock::new(Vec::new()),
             topic_seq: Mutex::new(HashMap::new()),
@@ -278,7 +281,8 @@ impl NodeBuilder {
             .spawn(router_loop(weak.clone(), inner.cancel.clone()));
         inner
             .tasks
-            .spawn(subscriber_loop(weak, inner.cancel.clone()));
+            .spawn(subscriber_loop(weak.clone(), inner.cancel.clone()));
+        inner.tasks.spawn(deadline_loop(weak, inner.cancel.clone()));
         for p in &self.peers {
             inner.ensure_dealer(p)?;
         }
@@ -312,6 +316,8 @@ pub struct NodeStats {
 struct Pending {
     tx: oneshot::Sender<Result<Envelope, CallError>>,
     endpoint: String,
+    target: Arc<str>,
+    timeout: Duration,
 }
 
 struct LocalSub {
@@ -335,6 +341,12 @@ struct Inner {
     peers: Mutex<PeerTable>,
     sub_endpoints: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<Id, Pending, IdHash>>,
+    /// Deadlines of pending calls, earliest first. One sweeper task fails the expired
+    /// ones, instead of every call arming a timer of its own. Entries of calls already
+    /// answered are skipped when they come up (and compacted away when they pile up).
+    deadlines: Mutex<BinaryHeap<Reverse<(tokio::time::Instant, Id)>>>,
+    /// Signalled when a deadline earlier than every other is added.
+    earlier_deadline: Notify,
     gathers: Mutex<HashMap<Id, mpsc::Sender<Envelope>>>,
     subs: RwLock<Vec<LocalSub>>,
     topic_seq: Mutex<HashMap<String, u64>>,
@@ -582,13 +594,17 @@ impl Node {
         h.headers = opts.headers;
         let id = h.id;
         let (tx, rx) = oneshot::channel();
+        let target: Arc<str> = Arc::from(target);
         inner.pending.lock().insert(
             id,
             Pending {
                 tx,
                 endpoint: dealer.endpoint().to_string(),
+                target: target.clone(),
+                timeout,
             },
         );
+        inner.watch_deadline(deadline, id);
         let env = Envelope { header: h, payload };
         // From here the handle owns the entry: whether the send below fails, times out or
         // is cancelled by the caller dropping this future, its Drop removes it.
@@ -597,7 +613,7 @@ impl Node {
             rx,
             deadline,
             timeout,
-            target: target.to_string(),
+            target: target.clone(),
             inner: Arc::downgrade(inner),
             _t: PhantomData,
         };
@@ -612,7 +628,7 @@ impl Node {
                 })
             }
         }
-        debug!(%target, peer = %peer_id, %id, "request sent");
+        debug!(target = %target, peer = %peer_id, %id, "request sent");
         Ok(handle)
     }
 
@@ -844,6 +860,23 @@ impl Inner {
         Envelope {
             header: h,
             payload: codec::encode_payload(&self.hello()).expect("a HELLO always encodes"),
+        }
+    }
+
+    /// Registers a pending call's deadline with the sweeper.
+    fn watch_deadline(&self, at: tokio::time::Instant, id: Id) {
+        let mut heap = self.deadlines.lock();
+        let earliest = heap.peek().is_none_or(|Reverse((t, _))| at < *t);
+        heap.push(Reverse((at, id)));
+        // Answered calls leave their entry behind until it comes up: compact when those
+        // outnumber the live ones, so the heap stays proportional to calls in flight.
+        if heap.len() > 4096 && heap.len() > 4 * self.pending.lock().len() {
+            let pending = self.pending.lock();
+            heap.retain(|Reverse((_, id))| pending.contains_key(id));
+        }
+        drop(heap);
+        if earliest {
+            self.earlier_deadline.notify_one();
         }
     }
 
@@ -1454,6 +1487,45 @@ fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
     rest.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
+/// Fails calls whose deadline passed, with `Timeout`. One timer for the whole node.
+async fn deadline_loop(inner: Weak<Inner>, cancel: CancellationToken) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let next = strong.deadlines.lock().peek().map(|Reverse((t, _))| *t);
+        let earlier = strong.earlier_deadline.notified();
+        let wake = next.unwrap_or_else(|| far_instant_after(Duration::MAX));
+        // Holding `strong` while waiting is fine: Node's drop cancels the token.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = earlier => {}
+        }
+        let now = tokio::time::Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut heap = strong.deadlines.lock();
+            while let Some(Reverse((t, id))) = heap.peek() {
+                if *t > now {
+                    break;
+                }
+                expired.push(*id);
+                heap.pop();
+            }
+        }
+        for id in expired {
+            let p = strong.pending.lock().remove(&id);
+            if let Some(p) = p {
+                let _ = p.tx.send(Err(CallError::Timeout {
+                    target: p.target.to_string(),
+                    timeout: p.timeout,
+                }));
+            }
+        }
+    }
+}
+
 async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
     loop {
         let Some(strong) = inner.upgrade() else {
@@ -1576,7 +1648,7 @@ pub struct PendingReply<Resp> {
     rx: oneshot::Receiver<Result<Envelope, CallError>>,
     deadline: tokio::time::Instant,
     timeout: Duration,
-    target: String,
+    target: Arc<str>,
     inner: Weak<Inner>,
     _t: PhantomData<fn() -> Resp>,
 }
@@ -1589,13 +1661,10 @@ impl<Resp: DeserializeOwned> PendingReply<Resp> {
 
     /// Waits for the reply until the call's deadline.
     pub async fn recv(mut self) -> Result<Resp, CallError> {
-        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-            Ok(Ok(r)) => decode_reply(r?),
-            Ok(Err(_)) => Err(CallError::Shutdown),
-            Err(_) => Err(CallError::Timeout {
-                target: self.target.clone(),
-                timeout: self.timeout,
-            }),
+        // The node's deadline sweeper answers with `Timeout` when the deadline passes.
+        match (&mut self.rx).await {
+            Ok(r) => decode_reply(r?),
+            Err(_) => Err(CallError::Shutdown),
         }
     }
 
@@ -1608,7 +1677,7 @@ impl<Resp: DeserializeOwned> PendingReply<Resp> {
             Err(oneshot::error::TryRecvError::Empty) => {
                 if tokio::time::Instant::now() >= self.deadline {
                     Some(Err(CallError::Timeout {
-                        target: self.target.clone(),
+                        target: self.target.to_string(),
                         timeout: self.timeout,
                     }))
                 } else {
