@@ -315,7 +315,8 @@ pub struct NodeStats {
 
 struct Pending {
     tx: oneshot::Sender<Result<Envelope, CallError>>,
-    endpoint: String,
+    /// The DEALER it went out on (compared by pointer when a connection drops).
+    dealer: Arc<Dealer>,
     target: Arc<str>,
     timeout: Duration,
 }
@@ -599,7 +600,7 @@ impl Node {
             id,
             Pending {
                 tx,
-                endpoint: dealer.endpoint().to_string(),
+                dealer: dealer.clone(),
                 target: target.clone(),
                 timeout,
             },
@@ -1090,7 +1091,7 @@ impl Inner {
             headers: h.headers,
             shard_key: h.shard_key,
         };
-        let target = ctx.target.clone();
+        let message_id = ctx.message_id;
         let mut fut = handler(env.payload, ctx);
         let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
         if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
@@ -1102,7 +1103,7 @@ impl Inner {
                 Some(d) => match tokio::time::timeout(d, fut).await {
                     Ok(r) => Some(r),
                     Err(_) => {
-                        warn!(%target, deadline = ?d, "handler cut off at the caller's deadline; no reply sent");
+                        warn!(id = %message_id, deadline = ?d, "handler cut off at the caller's deadline; no reply sent");
                         None
                     }
                 },
@@ -1251,7 +1252,7 @@ impl Inner {
         let out = out?;
         if !is_request {
             if let Err(e) = out {
-                warn!(target = %request.target, code = %e.code, message = %e.message, "notification handler failed");
+                warn!(target = request.target.as_deref().unwrap_or(""), code = %e.code, message = %e.message, "notification handler failed");
             }
             return None;
         }
@@ -1389,7 +1390,7 @@ impl Inner {
                     let mut pending = self.pending.lock();
                     let ids: Vec<Id> = pending
                         .iter()
-                        .filter(|(_, p)| p.endpoint == endpoint)
+                        .filter(|(_, p)| std::ptr::eq(Arc::as_ptr(&p.dealer), dealer))
                         .map(|(id, _)| *id)
                         .collect();
                     ids.iter().filter_map(|id| pending.remove(id)).collect()
@@ -1439,14 +1440,15 @@ impl std::hash::Hasher for IdHasher {
 /// What a reply needs of the request it answers.
 struct ReplyTo {
     id: Id,
-    target: String,
+    /// Kept for notifications only, whose failures are logged with it.
+    target: Option<String>,
 }
 
 impl ReplyTo {
     fn of(h: &Header) -> ReplyTo {
         ReplyTo {
             id: h.id,
-            target: h.target.clone(),
+            target: (h.kind == Kind::Notification).then(|| h.target.clone()),
         }
     }
 
