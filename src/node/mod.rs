@@ -218,12 +218,17 @@ impl NodeBuilder {
     /// Binds the sockets, connects to the static peers and starts the node.
     pub async fn start(self) -> Result<Node, NodeError> {
         let id = Id::new();
-        let router = Router::bind(
+        // Requests are dispatched inline by the ROUTER's connection tasks (no task hop);
+        // the node is not built yet, so the handler finds it through this cell, and
+        // declines (queues for `router_loop`) until it is there.
+        let cell: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::new(std::sync::OnceLock::new());
+        let router = Router::bind_with_handler(
             &format!(
                 "tcp://{}",
                 std::net::SocketAddr::new(self.host, self.router_port)
             ),
             self.socket.clone(),
+            router_handler(cell.clone()),
         )
         .await?;
         let publisher = Publisher::bind(
@@ -276,6 +281,7 @@ impl NodeBuilder {
             presence: broadcast::channel(256).0,
         });
         let weak = Arc::downgrade(&inner);
+        let _ = cell.set(weak.clone());
         inner
             .tasks
             .spawn(router_loop(weak.clone(), inner.cancel.clone()));
@@ -918,8 +924,10 @@ impl Inner {
         // caller directly, with no task in between.
         let weak = Arc::downgrade(self);
         let ep = endpoint.to_string();
-        let on_message: MessageHandler = Arc::new(move |msg: Message| {
-            let Some(inner) = weak.upgrade() else { return };
+        let on_message: MessageHandler = Arc::new(move |_: &Bytes, msg: Message| {
+            let Some(inner) = weak.upgrade() else {
+                return Ok(());
+            };
             match Envelope::from_frames(msg.frames()) {
                 Ok(env) => inner.on_dealer(&ep, env),
                 Err(e) => {
@@ -927,6 +935,7 @@ impl Inner {
                     warn!(error = %e, endpoint = %ep, "malformed envelope on a DEALER, dropped");
                 }
             }
+            Ok(())
         });
         let (dealer, events) =
             Dealer::connect_with_handler(endpoint, self.socket.clone(), on_message)?;
@@ -987,6 +996,10 @@ impl Inner {
         let gossip = std::mem::take(&mut hello.peers);
         let (info, new_peer, stale_pubs) = {
             let mut peers = self.peers.lock();
+            let was_up = peers
+                .by_id
+                .get(&hello.node_id)
+                .is_some_and(|p| p.info.connected);
             let (new, stale) = peers.upsert(
                 hello.node_id,
                 hello.name,
@@ -999,7 +1012,10 @@ impl Inner {
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
             }
-            (info, new, stale)
+            // Announce when a peer becomes reachable, not only when it is first heard of:
+            // that is when the others can be told of it.
+            let announce = new || (!was_up && info.connected);
+            (info, announce, stale)
         };
         for p in stale_pubs {
             // The peer restarted (new PUB port) or was replaced: stop dialling the old one.
@@ -1487,6 +1503,32 @@ fn error_envelope(sender: Id, to: &Header, body: &ErrorBody) -> Envelope {
 fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
     let rest = endpoint.strip_prefix("tcp://").unwrap_or(endpoint);
     rest.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
+}
+
+/// The ROUTER's inline message handler: dispatches a request on the connection task that
+/// received it. Declines (the message then waits for `router_loop`) when the node is not
+/// ready, when no handler slot is free (backpressure), or while earlier messages are
+/// queued (so a connection's messages keep their order).
+fn router_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler {
+    Arc::new(move |identity: &Bytes, msg: Message| {
+        let Some(inner) = cell.get().and_then(Weak::upgrade) else {
+            return Err(msg);
+        };
+        if inner.cancel.is_cancelled() || !inner.router.is_recv_queue_empty() {
+            return Err(msg);
+        }
+        let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
+            return Err(msg);
+        };
+        match Envelope::from_frames(msg.frames()) {
+            Ok(env) => inner.on_router(identity.clone(), env, slot),
+            Err(e) => {
+                inner.counters.malformed.fetch_add(1, Relaxed);
+                warn!(error = %e, "malformed envelope on the ROUTER, dropped");
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Fails calls whose deadline passed, with `Timeout`. One timer for the whole node.

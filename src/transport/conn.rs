@@ -120,15 +120,19 @@ impl Subscriptions {
     }
 }
 
-/// A function that takes every received message, run inline by the connection task.
-pub type MessageHandler = Arc<dyn Fn(Message) + Send + Sync>;
+/// A function that takes every received message with the identity of its connection,
+/// run inline by the connection task: it must be quick and must not block. Returning the
+/// message back (`Err`) declines it: a ROUTER then queues it for `recv` as usual (with
+/// the usual backpressure); a DEALER drops it and counts it.
+pub type MessageHandler = Arc<dyn Fn(&Bytes, Message) -> Result<(), Message> + Send + Sync>;
 
 /// Where a connection puts what it receives.
 pub(crate) enum Sink {
     /// Messages go to the socket's incoming queue.
     Deliver(Arc<Queue<Inbound>>),
-    /// Messages are handed to a function, inline (no queue, no task hop).
-    Handler(MessageHandler),
+    /// Messages are handed to a function, inline (no queue, no task hop); those it
+    /// declines go to the queue if there is one.
+    Handler(MessageHandler, Option<Arc<Queue<Inbound>>>),
     /// Messages and SUBSCRIBE/CANCEL commands update a PUB's filter for this peer.
     Subscriptions(Arc<Subscriptions>),
 }
@@ -737,7 +741,24 @@ async fn run(
                                 pending = Some(item);
                             }
                         }
-                        Sink::Handler(f) => f(msg),
+                        Sink::Handler(f, fallback) => {
+                            if let Err(msg) = f(&att.identity, msg) {
+                                match fallback {
+                                    Some(q) => {
+                                        let item = Inbound {
+                                            identity: att.identity.clone(),
+                                            msg,
+                                        };
+                                        if let Err((item, _)) = q.try_push(item) {
+                                            pending = Some(item);
+                                        }
+                                    }
+                                    None => {
+                                        shared.stats.dropped.fetch_add(1, Relaxed);
+                                    }
+                                }
+                            }
+                        }
                         Sink::Subscriptions(subs) => {
                             // ZMTP 3.0 subscription form: a one-frame message starting
                             // with 1 or 0. Other messages from a subscriber mean nothing
@@ -863,7 +884,7 @@ async fn run(
                 Err(e) => break e.into(),
             },
             _ = wait_sink(&att.sink), if pending.is_some() => {
-                if let Sink::Deliver(q) = &att.sink {
+                if let Sink::Deliver(q) | Sink::Handler(_, Some(q)) = &att.sink {
                     if let Err((item, _)) = q.try_push(pending.take().expect("pending")) {
                         pending = Some(item);
                     } else {
@@ -891,8 +912,8 @@ async fn run(
 
 async fn wait_sink(sink: &Sink) {
     match sink {
-        Sink::Deliver(q) => q.writable().await,
-        Sink::Handler(_) | Sink::Subscriptions(_) => std::future::pending().await,
+        Sink::Deliver(q) | Sink::Handler(_, Some(q)) => q.writable().await,
+        Sink::Handler(_, None) | Sink::Subscriptions(_) => std::future::pending().await,
     }
 }
 

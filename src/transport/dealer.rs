@@ -30,7 +30,7 @@ impl Role for DealerRole {
         Ok(Attached {
             out: self.out.clone(),
             sink: match &self.handler {
-                Some(f) => Sink::Handler(f.clone()),
+                Some(f) => Sink::Handler(f.clone(), None),
                 None => Sink::Deliver(self.inbound.clone()),
             },
             identity: peer.identity.clone(),

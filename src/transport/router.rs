@@ -10,7 +10,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::conn::{spawn_listener, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::conn::{
+    spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+};
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
@@ -24,6 +26,8 @@ struct Route {
 
 struct RouterRole {
     shared: Arc<Shared>,
+    /// When set, received messages go to this function first (see [`Router::bind_with_handler`]).
+    handler: Option<MessageHandler>,
     routes: Mutex<HashMap<Bytes, Route>>,
     inbound: Arc<Queue<Inbound>>,
     next_id: AtomicU32,
@@ -69,7 +73,10 @@ impl Role for RouterRole {
         );
         Ok(Attached {
             out,
-            sink: Sink::Deliver(self.inbound.clone()),
+            sink: match &self.handler {
+                Some(f) => Sink::Handler(f.clone(), Some(self.inbound.clone())),
+                None => Sink::Deliver(self.inbound.clone()),
+            },
             identity,
         })
     }
@@ -113,12 +120,33 @@ pub struct Router {
 impl Router {
     /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
     pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Router, TransportError> {
+        Self::start(endpoint, opts, None).await
+    }
+
+    /// Like [`Router::bind`], but each received message is first offered to `handler`,
+    /// called inline by its connection's task with the sender's identity (quick, never
+    /// blocking). Messages it declines (returns) are queued for [`Router::recv`]. This
+    /// saves a task hop per message for a caller that dispatches (the node does).
+    pub async fn bind_with_handler(
+        endpoint: &str,
+        opts: SocketOptions,
+        handler: MessageHandler,
+    ) -> Result<Router, TransportError> {
+        Self::start(endpoint, opts, Some(handler)).await
+    }
+
+    async fn start(
+        endpoint: &str,
+        opts: SocketOptions,
+        handler: Option<MessageHandler>,
+    ) -> Result<Router, TransportError> {
         let listener = bind(endpoint).await?;
         let local_addr = listener.local_addr()?;
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Router);
         let role = Arc::new(RouterRole {
             shared: shared.clone(),
+            handler,
             routes: Mutex::new(HashMap::new()),
             inbound,
             next_id: AtomicU32::new(fastrand::u32(..)),
@@ -130,6 +158,11 @@ impl Router {
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether no received message is waiting for [`Router::recv`].
+    pub fn is_recv_queue_empty(&self) -> bool {
+        self.role.inbound.usage().count == 0
     }
 
     /// Receives the next message and the identity of the peer that sent it.
