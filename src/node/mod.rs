@@ -240,10 +240,13 @@ impl NodeBuilder {
         )
         .await?;
         // The SUB announces our node id, so a publisher can tell which peers subscribe.
-        let subscriber = Subscriber::new(SocketOptions {
-            identity: Some(Bytes::copy_from_slice(id.0.as_bytes())),
-            ..self.socket.clone()
-        });
+        let subscriber = Subscriber::with_handler(
+            SocketOptions {
+                identity: Some(Bytes::copy_from_slice(id.0.as_bytes())),
+                ..self.socket.clone()
+            },
+            subscriber_handler(cell.clone()),
+        );
         let inner = Arc::new(Inner {
             id,
             name: self.name,
@@ -521,14 +524,9 @@ impl Node {
     pub fn subscribers_of(&self, topic: &str) -> Vec<Id> {
         self.inner
             .publisher
-            .subscribers()
+            .subscribers_matching(topic.as_bytes())
             .into_iter()
-            .filter(|s| {
-                s.subscriptions
-                    .iter()
-                    .any(|p| topic.as_bytes().starts_with(p))
-            })
-            .filter_map(|s| uuid::Uuid::from_slice(&s.identity).ok().map(Id))
+            .filter_map(|id| uuid::Uuid::from_slice(&id).ok().map(Id))
             .collect()
     }
 
@@ -777,7 +775,7 @@ impl Node {
             id,
             rx,
             started: Instant::now(),
-            deadline: far_instant_after(opts.within),
+            deadline: Box::pin(tokio::time::sleep_until(far_instant_after(opts.within))),
             quorum: opts.quorum,
             expected,
             answered: Vec::new(),
@@ -1531,6 +1529,30 @@ fn router_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler
     })
 }
 
+/// The SUB's inline message handler: events and gather requests dispatched on the
+/// connection task that received them; declined like `router_handler`'s.
+fn subscriber_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler {
+    Arc::new(move |_: &Bytes, msg: Message| {
+        let Some(inner) = cell.get().and_then(Weak::upgrade) else {
+            return Err(msg);
+        };
+        if inner.cancel.is_cancelled() || !inner.subscriber.is_recv_queue_empty() {
+            return Err(msg);
+        }
+        let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
+            return Err(msg);
+        };
+        match Envelope::from_pub_frames(msg.frames()) {
+            Ok(env) => inner.on_published(env, slot),
+            Err(e) => {
+                inner.counters.malformed.fetch_add(1, Relaxed);
+                warn!(error = %e, "malformed envelope on the SUB, dropped");
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Fails calls whose deadline passed, with `Timeout`. One timer for the whole node.
 async fn deadline_loop(inner: Weak<Inner>, cancel: CancellationToken) {
     loop {
@@ -1874,7 +1896,8 @@ pub struct Gather<T> {
     id: Id,
     rx: mpsc::Receiver<Envelope>,
     started: Instant,
-    deadline: tokio::time::Instant,
+    /// One timer for the whole gather, however many replies are awaited.
+    deadline: Pin<Box<tokio::time::Sleep>>,
     quorum: Option<usize>,
     expected: Vec<(Id, String)>,
     answered: Vec<Id>,
@@ -1895,12 +1918,14 @@ impl<T: DeserializeOwned> Gather<T> {
             return None;
         }
         loop {
-            let env = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
-                Ok(Some(env)) => env,
-                Ok(None) | Err(_) => {
-                    self.finished = Some(GatherEnd::Deadline);
-                    return None;
-                }
+            let got = tokio::select! {
+                biased;
+                r = self.rx.recv() => r,
+                _ = &mut self.deadline => None,
+            };
+            let Some(env) = got else {
+                self.finished = Some(GatherEnd::Deadline);
+                return None;
             };
             let from = env.header.sender;
             if self.answered.contains(&from) || !self.expected.iter().any(|(id, _)| *id == from) {

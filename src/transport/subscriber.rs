@@ -8,7 +8,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::conn::{spawn_connector, Attached, Inbound, OutItem, PeerInfo, Role, Shared, Sink};
+use super::conn::{
+    spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+};
 use super::error::{ProtocolViolation, RecvError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
@@ -30,6 +32,8 @@ struct SubRole {
     shared: Arc<Shared>,
     topics: Mutex<Topics>,
     inbound: Arc<Queue<Inbound>>,
+    /// When set, received messages go to this function first.
+    handler: Option<MessageHandler>,
 }
 
 impl Role for SubRole {
@@ -43,7 +47,10 @@ impl Role for SubRole {
         t.live.push((peer.addr, out.clone()));
         Ok(Attached {
             out,
-            sink: Sink::Deliver(self.inbound.clone()),
+            sink: match &self.handler {
+                Some(f) => Sink::Handler(f.clone(), Some(self.inbound.clone())),
+                None => Sink::Deliver(self.inbound.clone()),
+            },
             identity: peer.identity.clone(),
         })
     }
@@ -64,6 +71,19 @@ pub struct Subscriber {
 impl Subscriber {
     /// A subscriber with no connections yet.
     pub fn new(opts: SocketOptions) -> Subscriber {
+        Self::build(opts, None)
+    }
+
+    /// Like [`Subscriber::new`], but each received message is first offered to
+    /// `handler`, called inline by its connection's task (quick, never blocking; the
+    /// identity it gets is the publisher's, usually empty). It sees every message the
+    /// publishers send, so it filters by topic itself. Messages it declines are queued
+    /// for [`Subscriber::recv`], which filters them.
+    pub fn with_handler(opts: SocketOptions, handler: MessageHandler) -> Subscriber {
+        Self::build(opts, Some(handler))
+    }
+
+    fn build(opts: SocketOptions, handler: Option<MessageHandler>) -> Subscriber {
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Sub);
         Subscriber {
@@ -71,6 +91,7 @@ impl Subscriber {
                 shared,
                 topics: Mutex::new(Topics::default()),
                 inbound,
+                handler,
             }),
         }
     }
@@ -138,6 +159,11 @@ impl Subscriber {
             q.push_unbounded(OutItem::Cancel(p.clone()));
         }
         true
+    }
+
+    /// Whether no received message is waiting for [`Subscriber::recv`].
+    pub fn is_recv_queue_empty(&self) -> bool {
+        self.role.inbound.usage().count == 0
     }
 
     /// Receives the next message matching a subscription. Publishers filter too; this
