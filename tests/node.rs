@@ -777,3 +777,42 @@ async fn gather_ignores_bystanders_without_a_handler() {
     assert_eq!(out.replies[0].name, "responder");
     assert_eq!(out.replies[0].result, Ok(1));
 }
+
+#[tokio::test]
+async fn handler_concurrency_is_bounded_and_excess_requests_wait_their_turn() {
+    init_tracing();
+    let server = Node::builder("bounded")
+        .max_in_flight(2)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    server.handle("slow.op", V1, move |x: u32, _| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(x)
+        }
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "slow.op", 1).await;
+    let mut handles = Vec::new();
+    for i in 0..20u32 {
+        handles.push(client.request_async::<_, u32>("slow.op", &i).await.unwrap());
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(within("reply", h.recv()).await.unwrap(), i as u32);
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(peak.load(Ordering::SeqCst), 2, "the two slots were used");
+}
