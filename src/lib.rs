@@ -6,9 +6,13 @@
 //! - [`transport`]: peerwire's own hardened ZMTP 3.1 implementation (ROUTER, DEALER,
 //!   PUB, SUB over TCP), with limits checked before allocation, heartbeats, reconnection
 //!   and bounded queues.
+//! - [`codec`]: the MessagePack envelopes every node message carries; no I/O.
+//! - [`node`]: the runtime a service embeds: typed handlers, the five interaction styles
+//!   (request/response, asynchronous request/response, notification, publish/subscribe,
+//!   gather), peers and their catalogs.
 //!
-//! The node runtime, envelopes, discovery and the interaction styles build on it; see
-//! ARCHITECTURE.md for the map and PROTOCOL.md for the wire format.
+//! Start with [`node::Node::builder`]. ARCHITECTURE.md has the map, PROTOCOL.md the
+//! wire format.
 
 #![warn(missing_docs)]
 

@@ -35,7 +35,7 @@
 //! ```
 //!
 //! Each connection is driven by one task that owns its `TcpStream`; sockets talk to those
-//! tasks only through bounded queues ([`queue`]). See PROTOCOL.md for the wire format and
+//! tasks only through bounded queues (`queue`). See PROTOCOL.md for the wire format and
 //! ARCHITECTURE.md for the task layout.
 
 mod conn;

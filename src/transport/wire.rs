@@ -2,7 +2,7 @@
 //!
 //! This module owns the byte layout of ZMTP and nothing else. It performs no I/O, knows
 //! nothing of tokio, and never allocates more than the limits it was given allow: every
-//! length read from the network is checked against [`Limits`](super::Limits) before a
+//! length read from the network is checked against [`SocketOptions`](super::SocketOptions) before a
 //! single byte is reserved for it. That makes it the piece the fuzz target and the
 //! property tests exercise on their own.
 
@@ -303,7 +303,7 @@ pub fn encode_message(msg: &Message, out: &mut BytesMut) {
     }
 }
 
-/// Limits the decoder enforces; a copy of the relevant part of [`Limits`](super::Limits).
+/// Limits the decoder enforces; a copy of the relevant part of [`SocketOptions`](super::SocketOptions).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
     /// Largest frame body accepted.
