@@ -31,16 +31,17 @@ fn main() {
     let mut req = mk(Kind::Request, "orders.create");
     req.deadline_ms = Some(5000);
     req.method_version = Some(Version::new(1, 0));
-    let mut reply = mk(Kind::Reply, "orders.create");
+    // Replies name what they answer by correlation id alone: no target.
+    let mut reply = mk(Kind::Reply, "");
     reply.correlation_id = cid;
-    let mut err = mk(Kind::ErrorReply, "orders.create");
+    let mut err = mk(Kind::ErrorReply, "");
     err.correlation_id = cid;
     let note = mk(Kind::Notification, "mail.send");
     let mut event = mk(Kind::Event, "stock.low");
     event.seq = 3;
     let mut greq = mk(Kind::GatherRequest, "stock.check");
     greq.deadline_ms = Some(300);
-    let mut grep = mk(Kind::GatherReply, "stock.check");
+    let mut grep = mk(Kind::GatherReply, "");
     grep.correlation_id = cid;
     let hello = mk(Kind::Hello, "");
     let cases: Vec<(Header, Vec<u8>)> = vec![

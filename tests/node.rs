@@ -816,3 +816,33 @@ async fn handler_concurrency_is_bounded_and_excess_requests_wait_their_turn() {
     );
     assert_eq!(peak.load(Ordering::SeqCst), 2, "the two slots were used");
 }
+
+#[tokio::test]
+async fn a_handler_panicking_before_its_future_is_caught_too() {
+    init_tracing();
+    let server = start_node("eager", &[]).await;
+    // The closure itself panics (indexing an empty list) before returning a future.
+    server.handle("list.first", V1, |v: Vec<u32>, _| {
+        let first = v[0];
+        async move { Ok(first) }
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "list.first", 1).await;
+    for _ in 0..3 {
+        let err = client
+            .request::<_, u32>("list.first", &Vec::<u32>::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, CallError::Remote { code, .. } if code == codes::HANDLER_PANICKED),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        client
+            .request::<_, u32>("list.first", &vec![7u32])
+            .await
+            .unwrap(),
+        7
+    );
+}

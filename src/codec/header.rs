@@ -15,6 +15,11 @@ use super::{CodecError, Header, Id, Kind, Version};
 
 /// Deepest nesting skipped inside an unknown value (bounds recursion on hostile input).
 const MAX_DEPTH: usize = 32;
+/// Largest header accepted. Real headers are a few hundred bytes; the cap keeps what a
+/// header can make us allocate (strings, the `h` map) small whatever the frame limit.
+pub(super) const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most entries in the `h` (string headers) map.
+pub(super) const MAX_HEADERS: usize = 64;
 
 pub(super) fn encode(h: &Header) -> Bytes {
     let mut b = Vec::with_capacity(96 + h.target.len());
@@ -88,6 +93,11 @@ fn key(w: &mut Vec<u8>, k: &str) {
 /// A cursor over MessagePack bytes.
 struct Rd<'a> {
     b: &'a [u8],
+}
+
+/// A length from the wire as `usize`, refused where it does not fit (32-bit targets).
+fn len(n: u64) -> Result<usize, CodecError> {
+    usize::try_from(n).map_err(|_| err("too long"))
 }
 
 fn err(what: &str) -> CodecError {
@@ -257,7 +267,12 @@ impl<'a> Rd<'a> {
             0xc6 | 0xdb => (self.be(4)? as usize, 0),
             0xc7 => (self.be(1)? as usize + 1, 0),
             0xc8 => (self.be(2)? as usize + 1, 0),
-            0xc9 => (self.be(4)? as usize + 1, 0),
+            0xc9 => (
+                len(self.be(4)?)?
+                    .checked_add(1)
+                    .ok_or_else(|| err("too long"))?,
+                0,
+            ),
             0xca => (4, 0),
             0xcb => (8, 0),
             0xcc | 0xd0 => (1, 0),
@@ -272,7 +287,12 @@ impl<'a> Rd<'a> {
             0xdc => (0, self.be(2)? as usize),
             0xdd => (0, self.be(4)? as usize),
             0xde => (0, 2 * self.be(2)? as usize),
-            0xdf => (0, 2 * self.be(4)? as usize),
+            0xdf => (
+                0,
+                len(self.be(4)?)?
+                    .checked_mul(2)
+                    .ok_or_else(|| err("too long"))?,
+            ),
             _ => return Err(err("invalid MessagePack marker 0xc1")),
         };
         self.take(data)?;
@@ -289,6 +309,9 @@ impl<'a> Rd<'a> {
 }
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
+    if bytes.len() > MAX_HEADER_BYTES {
+        return Err(err("header larger than 64 KiB"));
+    }
     let mut r = Rd { b: bytes };
     let mut h = Header::default();
     let n = r.map_len()?;
@@ -323,8 +346,8 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
             b"h" => {
                 if !r.nil() {
                     let n = r.map_len()?;
-                    if n > r.b.len() {
-                        return Err(err("truncated"));
+                    if n > MAX_HEADERS {
+                        return Err(err("more than 64 string headers"));
                     }
                     let mut m = BTreeMap::new();
                     for _ in 0..n {

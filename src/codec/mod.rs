@@ -579,6 +579,18 @@ mod tests {
     }
 
     #[test]
+    fn header_size_and_string_headers_are_capped() {
+        let mut h = Header::new(Kind::Request, Id::new(), "t");
+        for i in 0..65 {
+            h.headers.insert(format!("k{i}"), "v".into());
+        }
+        assert!(decode_header(&encode_header(&h)).is_err());
+        h.headers.clear();
+        h.target = "x".repeat(70 * 1024);
+        assert!(decode_header(&encode_header(&h)).is_err());
+    }
+
+    #[test]
     fn versions() {
         assert!(Version::new(1, 3).serves(Version::new(1, 2)));
         assert!(!Version::new(1, 1).serves(Version::new(1, 2)));

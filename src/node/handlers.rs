@@ -82,7 +82,11 @@ where
             let target = ctx.target.clone();
             // The handler is user code: a panic must become an error reply, not take the
             // node (or even this connection) down.
-            let out = AssertUnwindSafe(f(req, ctx)).catch_unwind().await;
+            // The call itself is inside the guarded future too: a closure may panic
+            // before it returns its future.
+            let out = AssertUnwindSafe(async move { f(req, ctx).await })
+                .catch_unwind()
+                .await;
             match out {
                 Ok(Ok(resp)) => codec::encode_payload(&resp).map_err(|e| ErrorBody {
                     code: codes::HANDLER_PANICKED.into(),

@@ -8,7 +8,9 @@
 //!
 //! This module owns dispatch and the tasks that drive it; it never touches bytes on the
 //! wire (that is [`crate::codec`] and [`crate::transport`]) and never blocks a socket
-//! loop on a handler: every handler runs in its own task, under the caller's deadline.
+//! loop on a handler: a handler is polled once where its request arrives (most finish
+//! there, with no task hop) and, if it awaits, goes on in its own task under the
+//! caller's deadline.
 
 mod handlers;
 mod peers;
@@ -19,7 +21,10 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -278,6 +283,7 @@ impl NodeBuilder {
             handler_tasks: TaskTracker::new(),
             handler_slots: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
             router_ids: Mutex::new(HashMap::new()),
+            declined: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             changed: Notify::new(),
             counters: Counters::default(),
@@ -374,6 +380,10 @@ struct Inner {
     /// Bounds handlers running at once; when none is free the loops stop reading and
     /// TCP pushes back on the senders.
     handler_slots: Arc<tokio::sync::Semaphore>,
+    /// Messages declined by the inline dispatchers and not yet dispatched by the loops.
+    /// While any are outstanding, the inline dispatchers decline too, so that no
+    /// connection's later message overtakes an earlier one.
+    declined: AtomicU64,
     /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
     router_ids: Mutex<HashMap<Bytes, Id>>,
     shutting_down: AtomicBool,
@@ -868,6 +878,14 @@ impl Inner {
         }
     }
 
+    /// One declined message has been dispatched by a loop.
+    fn undecline(&self) {
+        // Saturating: messages declined before the node was ready were not counted.
+        let _ = self
+            .declined
+            .fetch_update(AcqRel, Acquire, |n| Some(n.saturating_sub(1)));
+    }
+
     /// Registers a pending call's deadline with the sweeper.
     fn watch_deadline(&self, at: tokio::time::Instant, id: Id) {
         let mut heap = self.deadlines.lock();
@@ -1173,19 +1191,28 @@ impl Inner {
                     }
                 };
                 let request = ReplyTo::of(&env.header);
-                let reply_within = env.header.deadline().unwrap_or(self.default_timeout);
+                // The caller's deadline, but never longer than our default: it is the
+                // peer's number.
+                let reply_within = env
+                    .header
+                    .deadline()
+                    .unwrap_or(self.default_timeout)
+                    .min(self.default_timeout);
                 match self.start_handler(handler, env) {
                     Ok(out) => {
-                        drop(slot);
                         let Some(reply) = self.reply_for(&request, is_request, Some(out)) else {
                             return;
                         };
                         match self.router.try_send(&identity, reply.clone()) {
                             Ok(()) => {}
                             Err(SendError::QueueFull { .. }) => {
-                                // The caller's queue is full: wait for room in a task.
+                                // The caller's queue is full: wait for room in a task that
+                                // keeps the handler slot, so a caller that never reads its
+                                // replies runs out of slots (and is read no more) instead
+                                // of growing tasks.
                                 let weak = Arc::downgrade(self);
                                 self.handler_tasks.spawn(async move {
+                                    let _slot = slot;
                                     let Some(inner) = weak.upgrade() else { return };
                                     inner.send_reply(&identity, reply, reply_within).await;
                                 });
@@ -1350,7 +1377,13 @@ impl Inner {
                     return;
                 };
                 let request = ReplyTo::of(&env.header);
-                let reply_within = env.header.deadline().unwrap_or(self.default_timeout);
+                // The caller's deadline, but never longer than our default: it is the
+                // peer's number.
+                let reply_within = env
+                    .header
+                    .deadline()
+                    .unwrap_or(self.default_timeout)
+                    .min(self.default_timeout);
                 let (kind_ok, kind_err) = (Kind::GatherReply, Kind::ErrorReply);
                 let answer = move |id: Id, out: Result<Bytes, ErrorBody>| {
                     let mut env = request.answer(id, out);
@@ -1363,10 +1396,10 @@ impl Inner {
                 };
                 match self.start_handler(handler, env) {
                     Ok(out) => {
-                        drop(slot);
                         let reply = answer(self.id, out);
                         if let Err(SendError::QueueFull { .. }) = dealer.try_send(reply.clone()) {
                             self.handler_tasks.spawn(async move {
+                                let _slot = slot;
                                 let _ =
                                     tokio::time::timeout(reply_within, dealer.send(reply)).await;
                             });
@@ -1493,7 +1526,8 @@ fn far_instant_after(d: Duration) -> tokio::time::Instant {
 }
 
 fn error_envelope(sender: Id, to: &Header, body: &ErrorBody) -> Envelope {
-    let mut h = Header::new(Kind::ErrorReply, sender, to.target.clone());
+    // Like every reply, it names what it answers by correlation id alone.
+    let mut h = Header::new(Kind::ErrorReply, sender, String::new());
     h.correlation_id = to.id;
     Envelope {
         header: h,
@@ -1518,10 +1552,12 @@ fn router_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler
         let Some(inner) = cell.get().and_then(Weak::upgrade) else {
             return Err(msg);
         };
-        if inner.cancel.is_cancelled() || !inner.router.is_recv_queue_empty() {
+        if inner.cancel.is_cancelled() || inner.declined.load(Acquire) > 0 {
+            inner.declined.fetch_add(1, AcqRel);
             return Err(msg);
         }
         let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
+            inner.declined.fetch_add(1, AcqRel);
             return Err(msg);
         };
         match Envelope::from_frames(msg.frames()) {
@@ -1542,10 +1578,12 @@ fn subscriber_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHan
         let Some(inner) = cell.get().and_then(Weak::upgrade) else {
             return Err(msg);
         };
-        if inner.cancel.is_cancelled() || !inner.subscriber.is_recv_queue_empty() {
+        if inner.cancel.is_cancelled() || inner.declined.load(Acquire) > 0 {
+            inner.declined.fetch_add(1, AcqRel);
             return Err(msg);
         }
         let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
+            inner.declined.fetch_add(1, AcqRel);
             return Err(msg);
         };
         match Envelope::from_pub_frames(msg.frames()) {
@@ -1625,6 +1663,7 @@ async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
                 warn!(error = %e, "malformed envelope on the ROUTER, dropped");
             }
         }
+        strong.undecline();
     }
 }
 
@@ -1650,6 +1689,7 @@ async fn subscriber_loop(inner: Weak<Inner>, cancel: CancellationToken) {
                 warn!(error = %e, "malformed envelope on the SUB, dropped");
             }
         }
+        strong.undecline();
     }
 }
 
