@@ -552,9 +552,15 @@ async fn gather_collects_until_all_answer_quorum_or_deadline() {
 async fn peer_killed_and_restarted_mid_stream() {
     init_tracing();
     let server = start_node("echo-1", &[]).await;
-    server.handle("echo.echo", V1, |x: u64, _| async move {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        Ok(x)
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    server.handle("echo.echo", V1, move |x: u64, _| {
+        let counter = counter.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(x)
+        }
     });
     let endpoint = server.endpoint();
     let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
@@ -591,9 +597,16 @@ async fn peer_killed_and_restarted_mid_stream() {
         }
         (ok, failed)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Kill it once calls are flowing, restart it once the client has noticed.
+    wait_until("some calls done", || served.load(Ordering::SeqCst) >= 20).await;
     drop(server); // killed: no drain, sockets closed at once
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("client saw the loss", || {
+        client
+            .peers()
+            .iter()
+            .all(|p| p.name != "echo-1" || !p.connected)
+    })
+    .await;
     let restarted = Node::builder("echo-2")
         .router_port(port)
         .socket_options(test_opts())
@@ -696,9 +709,15 @@ async fn malformed_envelopes_are_dropped_or_answered() {
 async fn shutdown_drains_in_flight_work() {
     init_tracing();
     let server = start_node("drain", &[]).await;
-    server.handle("work.do", V1, |ms: u64, _| async move {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(ms)
+    let started = Arc::new(AtomicUsize::new(0));
+    let s2 = started.clone();
+    server.handle("work.do", V1, move |ms: u64, _| {
+        let s2 = s2.clone();
+        async move {
+            s2.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(ms)
+        }
     });
     let client = start_node("client", &[server.endpoint()]).await;
     wait_service(&client, "work.do", 1).await;
@@ -706,7 +725,7 @@ async fn shutdown_drains_in_flight_work() {
         .request_async::<_, u64>("work.do", &300u64)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_until("handler started", || started.load(Ordering::SeqCst) == 1).await;
     within("shutdown", server.shutdown()).await;
     // The handler in flight finished and its reply went out before the sockets closed.
     assert_eq!(within("drained reply", h.recv()).await.unwrap(), 300);
