@@ -131,6 +131,97 @@ async fn node_gather(responders: usize, n: usize, warm: usize, h: &mut Histogram
     }
 }
 
+/// Responders as separate `peerwire node --serve echo` processes, as in a deployment:
+/// request to one (`echo.echo`) and gather from all four (`echo.ping`), measured by a
+/// client node in this process.
+fn separate_processes(n: usize, warm: usize) {
+    use std::io::BufRead;
+    let mut children = Vec::new();
+    let mut eps = Vec::new();
+    for i in 0..4 {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"))
+            .args(["node", "--name", &format!("p{i}"), "--serve", "echo"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a peerwire node process");
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        eps.push(line.trim().to_string());
+        children.push(c);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut req, mut g4) = (hist(), hist());
+    rt.block_on(async {
+        let mut b = Node::builder("client").socket_options(opts());
+        for e in &eps {
+            b = b.peer(e.clone());
+        }
+        let client = b.start().await.unwrap();
+        assert!(
+            client
+                .wait_for_service("echo.echo", 4, Duration::from_secs(10))
+                .await
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.subscribers_of("echo.ping").len() < 4 {
+            assert!(Instant::now() < deadline, "responders did not subscribe");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let v = serde_json_value();
+        for _ in 0..ROUNDS {
+            for i in 0..warm + n {
+                let t = Instant::now();
+                let _: serde_json::Value = client.request("echo.echo", &v).await.unwrap();
+                if i >= warm {
+                    req.record(t.elapsed().as_nanos() as u64).unwrap();
+                }
+            }
+            for i in 0..warm + n {
+                let t = Instant::now();
+                let g = client
+                    .gather::<_, serde_json::Value>(
+                        "echo.ping",
+                        &v,
+                        GatherOptions::within(Duration::from_secs(10)),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(g.finish().await.replies.len(), 4);
+                if i >= warm {
+                    g4.record(t.elapsed().as_nanos() as u64).unwrap();
+                }
+            }
+        }
+        client.shutdown().await;
+    });
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    println!("\n## Responders as separate processes (µs)\n");
+    println!("| what | p50 | p99 | p99.9 | max | p50 ratio |");
+    println!("|---|---|---|---|---|---|");
+    let base = req.value_at_quantile(0.5);
+    println!(
+        "{}",
+        row("node request/reply to one process (base)", &req, base)
+    );
+    println!(
+        "{}",
+        row("node gather from 4 processes (vs request)", &g4, base)
+    );
+}
+
+fn serde_json_value() -> serde_json::Value {
+    serde_json::json!({ "payload": "x".repeat(48) })
+}
+
 fn row(name: &str, h: &Histogram<u64>, base: u64) -> String {
     let us = |v: u64| v as f64 / 1000.0;
     format!(
@@ -156,7 +247,7 @@ fn main() {
         (false, "current-thread runtime"),
         (true, "multi-thread runtime (2 workers)"),
     ] {
-        if (which == "current" && multi) || (which == "multi" && !multi) {
+        if (which == "current" && multi) || (which == "multi" && !multi) || which == "processes" {
             continue;
         }
         let rt = if multi {
@@ -200,6 +291,9 @@ fn main() {
                 row("node gather, 4 responders (vs node request)", &g4, nb)
             );
         });
+    }
+    if which.is_empty() || which == "processes" {
+        separate_processes(n / 4, warm / 4);
     }
     println!("\n(histograms merge {ROUNDS} interleaved rounds)");
 }
