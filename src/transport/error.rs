@@ -216,9 +216,6 @@ pub enum SendError {
     /// No connected peer has this identity (ROUTER).
     #[error("no connected peer with identity {0}")]
     UnknownPeer(String),
-    /// The socket was closed.
-    #[error("socket closed")]
-    Closed,
 }
 
 /// Why a receive failed.
