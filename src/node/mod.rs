@@ -1327,6 +1327,15 @@ impl Inner {
                     let (me, ep) = (self.clone(), endpoint.to_string());
                     self.tasks.spawn(async move { me.forget(&ep).await });
                 }
+                Ok(hello) if hello.cluster != self.cluster => {
+                    // Gossip led us to another cluster's node: stop dialling it (a static
+                    // peer stays, the operator named it).
+                    self.counters.other_cluster.fetch_add(1, Relaxed);
+                    if !self.static_endpoints.contains(endpoint) {
+                        let (me, ep) = (self.clone(), endpoint.to_string());
+                        self.tasks.spawn(async move { me.forget(&ep).await });
+                    }
+                }
                 Ok(hello) => {
                     let ip = endpoint_ip(endpoint);
                     self.learn(hello, ip);
