@@ -6,6 +6,35 @@
 //! replies come back on it). It keeps a peer table from the HELLOs nodes exchange, a
 //! registry of typed handlers, and the tables of calls waiting for replies.
 //!
+//! ```
+//! use peerwire::codec::Version;
+//! use peerwire::node::{HandlerError, Node};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct CreateOrder { item: String, qty: u32 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let orders = Node::builder("orders").start().await?;
+//! orders.handle("orders.create", Version::new(1, 0), |req: CreateOrder, _ctx| async move {
+//!     if req.qty == 0 {
+//!         return Err(HandlerError::new("invalid_qty", "quantity must be positive"));
+//!     }
+//!     Ok(format!("{} × {}", req.qty, req.item))
+//! });
+//!
+//! let client = Node::builder("client").peer(orders.endpoint()).start().await?;
+//! client.wait_for_service("orders.create", 1, std::time::Duration::from_secs(5)).await;
+//! let reply: String = client
+//!     .request("orders.create", &CreateOrder { item: "book".into(), qty: 2 })
+//!     .await?;
+//! assert_eq!(reply, "2 × book");
+//! client.shutdown().await;
+//! orders.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! This module owns dispatch and the tasks that drive it; it never touches bytes on the
 //! wire (that is [`crate::codec`] and [`crate::transport`]) and never blocks a socket
 //! loop on a handler: a handler is polled once where its request arrives (most finish
