@@ -499,7 +499,16 @@ impl Inner {
                     }
                 }
                 Ok(hello) => {
-                    let ip = endpoint_ip(endpoint);
+                    // Where our connection actually went (a host name resolved), for a
+                    // peer that listens on an unspecified address.
+                    let ip = self
+                        .peers
+                        .lock()
+                        .dealers
+                        .get(endpoint)
+                        .and_then(|d| d.peer_addr())
+                        .map(|a| a.ip())
+                        .or_else(|| endpoint_ip(endpoint));
                     self.learn(hello, ip);
                 }
                 Err(e) => {
@@ -715,9 +724,8 @@ pub(super) fn error_envelope(sender: Id, to: &Header, body: &ErrorBody) -> Envel
     }
 }
 
-/// The IP of an endpoint given as an IP literal. A host name gives `None`, so a peer
-/// reached by name that listens on an unspecified address is recorded as 127.0.0.1
-/// (known gap: the DEALER's connected address should be used instead).
+/// The IP of an endpoint given as an IP literal (a host name gives `None`; the DEALER's
+/// connected address is preferred anyway).
 pub(super) fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
     let rest = endpoint.strip_prefix("tcp://").unwrap_or(endpoint);
     rest.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())

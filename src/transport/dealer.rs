@@ -22,10 +22,13 @@ struct DealerRole {
     out: Arc<Queue<OutItem>>,
     inbound: Arc<Queue<Inbound>>,
     connected: AtomicBool,
+    /// Address of the peer of the current (or last) connection.
+    peer_addr: parking_lot::Mutex<Option<std::net::SocketAddr>>,
 }
 
 impl Role for DealerRole {
     fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
+        *self.peer_addr.lock() = Some(peer.addr);
         self.connected.store(true, Relaxed);
         Ok(Attached {
             out: self.out.clone(),
@@ -106,6 +109,7 @@ impl Dealer {
             out,
             inbound,
             connected: AtomicBool::new(false),
+            peer_addr: parking_lot::Mutex::new(None),
         });
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
@@ -120,6 +124,11 @@ impl Dealer {
     /// The endpoint this socket connects to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The address the current (or last) connection reached: the endpoint resolved.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        *self.role.peer_addr.lock()
     }
 
     /// Whether a connection is up (handshake completed) right now.
