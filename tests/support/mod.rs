@@ -76,6 +76,9 @@ pub fn test_opts() -> SocketOptions {
         reconnect_initial: Duration::from_millis(20),
         reconnect_max: Duration::from_millis(200),
         linger: Duration::from_millis(200),
+        // Generous: a test runtime starved by a flood (or by parallel test runs) must not
+        // drop a well-behaved peer for silence. Tests of heartbeats set their own.
+        heartbeat_timeout: Duration::from_secs(10),
         ..SocketOptions::default()
     }
 }
