@@ -235,14 +235,7 @@ pub async fn run() -> Result<()> {
             GatherOptions::within(Duration::from_millis(300)),
         )
         .await?;
-    println!(
-        "    expecting: {}",
-        g.expected()
-            .iter()
-            .map(|(_, n)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("    expecting: {}", super::names(g.expected()));
     while let Some(r) = g.next().await {
         match r.result {
             Ok(v) => println!("    ← {v}  ({})", micros(r.elapsed)),
@@ -254,15 +247,7 @@ pub async fn run() -> Result<()> {
         "    ended: {:?} after {}; silent: {}",
         out.end,
         micros(t.elapsed()),
-        if out.silent.is_empty() {
-            "none".into()
-        } else {
-            out.silent
-                .iter()
-                .map(|(_, n)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+        super::names(&out.silent)
     );
 
     section("shutdown");

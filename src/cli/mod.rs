@@ -59,6 +59,17 @@ pub fn parse_json(what: &str, text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| anyhow!("{what} is not valid JSON: {e}"))
 }
 
+/// Node names of a list of (id, name), comma-separated, or "none".
+pub fn names(list: &[(peerwire::codec::Id, String)]) -> String {
+    if list.is_empty() {
+        return "none".into();
+    }
+    list.iter()
+        .map(|(_, n)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Parses `MAJOR.MINOR`.
 pub fn parse_version(s: &str) -> Result<Version> {
     let (a, b) = s.split_once('.').unwrap_or((s, "0"));
@@ -311,15 +322,7 @@ pub async fn gather(
         out.replies.len(),
         if out.replies.len() == 1 { "y" } else { "ies" },
         out.end,
-        if out.silent.is_empty() {
-            "none".to_string()
-        } else {
-            out.silent
-                .iter()
-                .map(|(_, n)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+        names(&out.silent)
     );
     node.shutdown().await;
     Ok(())

@@ -3,6 +3,7 @@
 //! loops (declined messages, connection events, deadlines). No public items.
 
 use super::*;
+use tokio::sync::OwnedSemaphorePermit;
 impl Inner {
     pub(super) fn hello(&self) -> Hello {
         Hello {
@@ -731,58 +732,77 @@ pub(super) fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
     rest.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
-/// The ROUTER's inline message handler: dispatches a request on the connection task that
-/// received it. Declines (the message then waits for `router_loop`) when the node is not
-/// ready, when no handler slot is free (backpressure), or while earlier messages are
-/// queued (so a connection's messages keep their order).
-pub(super) fn router_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler {
+/// Which socket a message came in on.
+pub(super) enum Via {
+    /// The ROUTER, from the connection with this identity.
+    Router(Bytes),
+    /// The SUB.
+    Sub,
+}
+
+impl Inner {
+    /// A handler slot for a message offered to an inline dispatcher, or `None` to
+    /// decline it (counted, so the loops can keep each connection's order): when the
+    /// node is stopping, while earlier declined messages wait, or when no slot is free
+    /// (backpressure).
+    fn inline_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = if self.cancel.is_cancelled() || self.declined.load(Acquire) > 0 {
+            None
+        } else {
+            self.handler_slots.clone().try_acquire_owned().ok()
+        };
+        if slot.is_none() {
+            self.declined.fetch_add(1, AcqRel);
+        }
+        slot
+    }
+
+    /// Decodes a message and dispatches it by the socket it came on.
+    fn dispatch(self: &Arc<Self>, via: Via, msg: &Message, slot: OwnedSemaphorePermit) {
+        let (decoded, socket) = match via {
+            Via::Router(_) => (Envelope::from_frames(msg.frames()), "ROUTER"),
+            Via::Sub => (Envelope::from_pub_frames(msg.frames()), "SUB"),
+        };
+        match (decoded, via) {
+            (Ok(env), Via::Router(identity)) => self.on_router(identity, env, slot),
+            (Ok(env), Via::Sub) => self.on_published(env, slot),
+            (Err(e), _) => {
+                self.counters.malformed.fetch_add(1, Relaxed);
+                warn!(error = %e, socket, "malformed envelope, dropped");
+            }
+        }
+    }
+}
+
+/// An inline dispatcher for the ROUTER (`router`) or the SUB: runs on the connection
+/// task that received the message, and declines (the message then waits for its loop)
+/// when the node is not ready or [`Inner::inline_slot`] says so.
+fn inline_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>, router: bool) -> MessageHandler {
     Arc::new(move |identity: &Bytes, msg: Message| {
         let Some(inner) = cell.get().and_then(Weak::upgrade) else {
             return Err(msg);
         };
-        if inner.cancel.is_cancelled() || inner.declined.load(Acquire) > 0 {
-            inner.declined.fetch_add(1, AcqRel);
-            return Err(msg);
-        }
-        let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
-            inner.declined.fetch_add(1, AcqRel);
+        let Some(slot) = inner.inline_slot() else {
             return Err(msg);
         };
-        match Envelope::from_frames(msg.frames()) {
-            Ok(env) => inner.on_router(identity.clone(), env, slot),
-            Err(e) => {
-                inner.counters.malformed.fetch_add(1, Relaxed);
-                warn!(error = %e, "malformed envelope on the ROUTER, dropped");
-            }
-        }
+        let via = if router {
+            Via::Router(identity.clone())
+        } else {
+            Via::Sub
+        };
+        inner.dispatch(via, &msg, slot);
         Ok(())
     })
 }
 
-/// The SUB's inline message handler: events and gather requests dispatched on the
-/// connection task that received them; declined like `router_handler`'s.
+/// The ROUTER's inline dispatcher: requests, notifications, HELLOs, gather replies.
+pub(super) fn router_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler {
+    inline_handler(cell, true)
+}
+
+/// The SUB's inline dispatcher: events and gather requests.
 pub(super) fn subscriber_handler(cell: Arc<std::sync::OnceLock<Weak<Inner>>>) -> MessageHandler {
-    Arc::new(move |_: &Bytes, msg: Message| {
-        let Some(inner) = cell.get().and_then(Weak::upgrade) else {
-            return Err(msg);
-        };
-        if inner.cancel.is_cancelled() || inner.declined.load(Acquire) > 0 {
-            inner.declined.fetch_add(1, AcqRel);
-            return Err(msg);
-        }
-        let Ok(slot) = inner.handler_slots.clone().try_acquire_owned() else {
-            inner.declined.fetch_add(1, AcqRel);
-            return Err(msg);
-        };
-        match Envelope::from_pub_frames(msg.frames()) {
-            Ok(env) => inner.on_published(env, slot),
-            Err(e) => {
-                inner.counters.malformed.fetch_add(1, Relaxed);
-                warn!(error = %e, "malformed envelope on the SUB, dropped");
-            }
-        }
-        Ok(())
-    })
+    inline_handler(cell, false)
 }
 
 /// Fails calls whose deadline passed, with `Timeout`. One timer for the whole node.
@@ -824,59 +844,43 @@ pub(super) async fn deadline_loop(inner: Weak<Inner>, cancel: CancellationToken)
     }
 }
 
+/// Dispatches what the ROUTER's inline dispatcher declined, waiting for handler slots.
 pub(super) async fn router_loop(inner: Weak<Inner>, cancel: CancellationToken) {
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let got = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = strong.router.recv() => r,
-        };
-        let Ok((identity, msg)) = got else { return };
-        let slot = match strong.handler_slots.clone().try_acquire_owned() {
-            Ok(s) => s,
-            Err(_) => {
-                let slots = strong.handler_slots.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
-                }
-            }
-        };
-        match Envelope::from_frames(msg.frames()) {
-            Ok(env) => strong.on_router(identity, env, slot),
-            Err(e) => {
-                strong.counters.malformed.fetch_add(1, Relaxed);
-                warn!(error = %e, "malformed envelope on the ROUTER, dropped");
-            }
-        }
-        strong.undecline();
-    }
+    declined_loop(inner, cancel, true).await
 }
 
+/// Dispatches what the SUB's inline dispatcher declined, waiting for handler slots.
 pub(super) async fn subscriber_loop(inner: Weak<Inner>, cancel: CancellationToken) {
+    declined_loop(inner, cancel, false).await
+}
+
+async fn declined_loop(inner: Weak<Inner>, cancel: CancellationToken, router: bool) {
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        let next = async {
+            if router {
+                strong
+                    .router
+                    .recv()
+                    .await
+                    .map(|(id, m)| (Via::Router(id), m))
+            } else {
+                strong.subscriber.recv().await.map(|m| (Via::Sub, m))
+            }
+        };
         let got = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = strong.subscriber.recv() => r,
+            r = next => r,
         };
-        let Ok(msg) = got else { return };
+        let Ok((via, msg)) = got else { return };
         let slots = strong.handler_slots.clone();
         let slot = tokio::select! {
             _ = cancel.cancelled() => return,
             s = slots.acquire_owned() => match s { Ok(s) => s, Err(_) => return },
         };
-        match Envelope::from_pub_frames(msg.frames()) {
-            Ok(env) => strong.on_published(env, slot),
-            Err(e) => {
-                strong.counters.malformed.fetch_add(1, Relaxed);
-                warn!(error = %e, "malformed envelope on the SUB, dropped");
-            }
-        }
+        strong.dispatch(via, &msg, slot);
         strong.undecline();
     }
 }
@@ -893,10 +897,8 @@ pub(super) async fn dealer_loop(
         .upgrade()
         .map(|i| (!i.static_endpoints.contains(&endpoint)).then_some(i.forget_after))
         .unwrap_or(None);
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut forget_at = forgettable
-        .map(|t| tokio::time::Instant::now() + t)
-        .unwrap_or(far);
+    let far = far_instant_after(Duration::MAX);
+    let mut forget_at = forgettable.map(far_instant_after).unwrap_or(far);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -736,9 +736,17 @@ impl Node {
         let mut h = Header::new(Kind::Event, inner.id, topic);
         h.seq = {
             let mut seqs = inner.topic_seq.lock();
-            let s = seqs.entry(topic.to_string()).or_insert(0);
-            *s += 1;
-            *s
+            // Look up before inserting: no key allocated on every publish.
+            match seqs.get_mut(topic) {
+                Some(s) => {
+                    *s += 1;
+                    *s
+                }
+                None => {
+                    seqs.insert(topic.to_string(), 1);
+                    1
+                }
+            }
         };
         let env = Envelope { header: h, payload };
         Ok(inner
