@@ -34,6 +34,15 @@ impl Inner {
         }
     }
 
+    /// How long a reply may wait for room: the caller's deadline, but never longer than
+    /// our default, since the deadline is the peer's number.
+    fn reply_window(&self, request: &Header) -> Duration {
+        request
+            .deadline()
+            .unwrap_or(self.default_timeout)
+            .min(self.default_timeout)
+    }
+
     /// One declined message has been dispatched by a loop.
     pub(super) fn undecline(&self) {
         // Saturating: messages declined before the node was ready were not counted.
@@ -354,13 +363,7 @@ impl Inner {
                     }
                 };
                 let request = ReplyTo::of(&env.header);
-                // The caller's deadline, but never longer than our default: it is the
-                // peer's number.
-                let reply_within = env
-                    .header
-                    .deadline()
-                    .unwrap_or(self.default_timeout)
-                    .min(self.default_timeout);
+                let reply_within = self.reply_window(&env.header);
                 match self.start_handler(handler, env) {
                     Ok(out) => {
                         let Some(reply) = self.reply_for(&request, is_request, Some(out)) else {
@@ -562,13 +565,7 @@ impl Inner {
                     return;
                 };
                 let request = ReplyTo::of(&env.header);
-                // The caller's deadline, but never longer than our default: it is the
-                // peer's number.
-                let reply_within = env
-                    .header
-                    .deadline()
-                    .unwrap_or(self.default_timeout)
-                    .min(self.default_timeout);
+                let reply_within = self.reply_window(&env.header);
                 let (kind_ok, kind_err) = (Kind::GatherReply, Kind::ErrorReply);
                 let answer = move |id: Id, out: Result<Bytes, ErrorBody>| {
                     let mut env = request.answer(id, out);
