@@ -138,9 +138,13 @@ fn separate_processes(n: usize, warm: usize) {
     use std::io::BufRead;
     let mut children = Vec::new();
     let mut eps = Vec::new();
+    // One thread per responder process: five processes share two cores here, and a
+    // second worker per process only adds wake-ups. BENCH_NODE_ARGS overrides.
+    let node_args = std::env::var("BENCH_NODE_ARGS").unwrap_or_else(|_| "--threads 1".into());
     for i in 0..4 {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"))
             .args(["node", "--name", &format!("p{i}"), "--serve", "echo"])
+            .args(node_args.split_whitespace())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -157,6 +161,13 @@ fn separate_processes(n: usize, warm: usize) {
         .build()
         .unwrap();
     let (mut req, mut g4) = (hist(), hist());
+    // CPU time spent by all five processes, per operation: what the cores must do, however
+    // it overlaps. Read from the scheduler's per-thread run time (nanoseconds).
+    let pids: Vec<u32> = std::iter::once(std::process::id())
+        .chain(children.iter().map(|c| c.id()))
+        .collect();
+    let (mut req_cpu, mut g4_cpu) = (0u64, 0u64);
+    let (mut req_own, mut g4_own) = (0u64, 0u64);
     rt.block_on(async {
         let mut b = Node::builder("client").socket_options(opts());
         for e in &eps {
@@ -175,14 +186,25 @@ fn separate_processes(n: usize, warm: usize) {
         }
         let v = serde_json_value();
         for _ in 0..ROUNDS {
+            let (mut c0, mut o0) = (0, 0);
             for i in 0..warm + n {
+                if i == warm {
+                    c0 = cpu_ns(&pids);
+                    o0 = cpu_ns(&pids[..1]);
+                }
                 let t = Instant::now();
                 let _: serde_json::Value = client.request("echo.echo", &v).await.unwrap();
                 if i >= warm {
                     req.record(t.elapsed().as_nanos() as u64).unwrap();
                 }
             }
+            req_cpu += cpu_ns(&pids) - c0;
+            req_own += cpu_ns(&pids[..1]) - o0;
             for i in 0..warm + n {
+                if i == warm {
+                    c0 = cpu_ns(&pids);
+                    o0 = cpu_ns(&pids[..1]);
+                }
                 let t = Instant::now();
                 let g = client
                     .gather::<_, serde_json::Value>(
@@ -197,6 +219,8 @@ fn separate_processes(n: usize, warm: usize) {
                     g4.record(t.elapsed().as_nanos() as u64).unwrap();
                 }
             }
+            g4_cpu += cpu_ns(&pids) - c0;
+            g4_own += cpu_ns(&pids[..1]) - o0;
         }
         client.shutdown().await;
     });
@@ -216,6 +240,38 @@ fn separate_processes(n: usize, warm: usize) {
         "{}",
         row("node gather from 4 processes (vs request)", &g4, base)
     );
+    let ops = (n * ROUNDS) as f64;
+    let per_op = |ns: u64| ns as f64 / ops / 1000.0;
+    let (rc, gc) = (per_op(req_cpu), per_op(g4_cpu));
+    println!(
+        "\nCPU time per operation, all five processes: request {rc:.1} µs (client {:.1}), \
+         gather {gc:.1} µs (client {:.1}), {:.2}×; with the two cores of this machine a \
+         gather cannot take less than {:.1} µs.",
+        per_op(req_own),
+        per_op(g4_own),
+        gc / rc,
+        gc / 2.0
+    );
+}
+
+/// Run time of every thread of these processes so far, in nanoseconds (Linux schedstat).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
 }
 
 fn serde_json_value() -> serde_json::Value {
