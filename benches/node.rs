@@ -143,6 +143,7 @@ fn separate_processes(n: usize, warm: usize) {
     let node_args = std::env::var("BENCH_NODE_ARGS").unwrap_or_else(|_| "--threads 1".into());
     for i in 0..4 {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"))
+            .env("PEERWIRE_MDNS", "off")
             .args(["node", "--name", &format!("p{i}"), "--serve", "echo"])
             .args(node_args.split_whitespace())
             .stdout(std::process::Stdio::piped())

@@ -7,6 +7,7 @@
 //!   PUB, SUB over TCP), with limits checked before allocation, heartbeats, reconnection
 //!   and bounded queues.
 //! - [`codec`]: the MessagePack envelopes every node message carries; no I/O.
+//! - [`discovery`]: where peers come from: mDNS on the LAN, static seeds, DNS names.
 //! - [`node`]: the runtime a service embeds: typed handlers, the five interaction styles
 //!   (request/response, asynchronous request/response, notification, publish/subscribe,
 //!   gather), peers and their catalogs.
@@ -17,5 +18,6 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod discovery;
 pub mod node;
 pub mod transport;

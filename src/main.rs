@@ -1,6 +1,18 @@
 //! The `peerwire` command: run a node, talk to nodes (call, notify, publish, subscribe,
 //! gather) with JSON at the edge, the demo, and transport tools (`probe`, `zmtp-echo`).
 
+/// `println!` for the command's output: when the reader has gone (piped into `head` and
+/// closed), the command ends quietly with status 141, as Unix tools do, instead of
+/// panicking. (SIGPIPE itself stays ignored: sockets must see EPIPE, not die of it.)
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
 mod cli;
 
 use std::time::Duration;
@@ -47,11 +59,23 @@ enum Command {
         #[command(flatten)]
         net: cli::NodeArgs,
     },
-    /// List the peers and what they serve.
+    /// List the peers and what they serve (--watch: follow them as they come and go).
     Peers {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (with --watch, one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Keep running and print every peer that joins, changes or leaves.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch, stop after this many events.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// Explain discovery: the interfaces mDNS uses, whether its packets go out and come
+    /// back, which peers were seen, and which could not be reached and why.
+    Doctor {
         #[command(flatten)]
         net: cli::NodeArgs,
     },
@@ -142,6 +166,8 @@ enum ProbeAs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The demo runs mDNS for real, in a network of its own: set up before any thread.
+    let demo_net = matches!(cli.command, Command::Demo).then(cli::isolate::private_network);
     let rt = match cli.threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -159,7 +185,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, demo_net)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says: this is for people, not debuggers.
@@ -169,7 +195,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -183,7 +209,7 @@ async fn run(cli: Cli) -> Result<()> {
             timeout_ms,
         } => probe(&endpoint, as_type, Duration::from_millis(timeout_ms)).await,
         Command::ZmtpEcho { bind } => echo(&bind).await,
-        Command::Demo => cli::demo::run().await,
+        Command::Demo => cli::demo::run(demo_net.unwrap_or(Err("not the demo".into()))).await,
         Command::Node {
             name,
             port,
@@ -191,7 +217,14 @@ async fn run(cli: Cli) -> Result<()> {
             serve,
             net,
         } => cli::run_node(&net, &name, port, pub_port, &serve).await,
-        Command::Peers { json, net } => cli::peers(&net, json).await,
+        Command::Peers {
+            json,
+            watch: true,
+            count,
+            net,
+        } => cli::watch(&net, json, count).await,
+        Command::Peers { json, net, .. } => cli::peers(&net, json).await,
+        Command::Doctor { net } => cli::doctor::run(&net).await,
         Command::Call {
             target,
             json,
@@ -257,11 +290,11 @@ async fn probe(endpoint: &str, as_type: ProbeAs, bound: Duration) -> Result<()> 
     .await;
     match outcome {
         Ok(Ok((addr, identity, socket_type, minor))) => {
-            println!("endpoint     {endpoint}");
-            println!("address      {addr}");
-            println!("protocol     ZMTP 3.{minor}");
-            println!("socket type  {socket_type}");
-            println!(
+            outln!("endpoint     {endpoint}");
+            outln!("address      {addr}");
+            outln!("protocol     ZMTP 3.{minor}");
+            outln!("socket type  {socket_type}");
+            outln!(
                 "identity     {}",
                 if identity.is_empty() {
                     "(none)".to_string()
@@ -269,7 +302,7 @@ async fn probe(endpoint: &str, as_type: ProbeAs, bound: Duration) -> Result<()> 
                     display_identity(&identity)
                 }
             );
-            println!(
+            outln!(
                 "heartbeats   {}",
                 if minor >= 1 {
                     "PING/PONG"

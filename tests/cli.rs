@@ -4,17 +4,14 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use peerwire::transport::{Router, SocketOptions};
 use support::*;
 
 fn peerwire(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_peerwire"))
-        .args(args)
-        .output()
-        .expect("run peerwire")
+    peerwire_cmd().args(args).output().expect("run peerwire")
 }
 
 #[tokio::test]
@@ -62,7 +59,7 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(name: &str, extra: &[&str]) -> NodeProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_peerwire"))
+        let mut child = peerwire_cmd()
             .args(["node", "--name", name, "--serve", "echo"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -188,7 +185,7 @@ fn call_notify_gather_across_processes() {
 #[test]
 fn publish_and_subscribe_across_processes() {
     let a = NodeProc::start("hub", &[]);
-    let mut sub = Command::new(env!("CARGO_BIN_EXE_peerwire"))
+    let mut sub = peerwire_cmd()
         .args(["subscribe", "news.", "--count", "1", "--peer", &a.endpoint])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

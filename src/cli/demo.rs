@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use peerwire::codec::Version;
+use peerwire::discovery::MdnsConfig;
 use peerwire::node::{GatherOptions, HandlerError, Node};
 use serde::{Deserialize, Serialize};
 
@@ -40,11 +41,25 @@ fn micros(d: Duration) -> String {
 }
 
 fn section(title: &str) {
-    println!("\n── {title} ──");
+    outln!("\n── {title} ──");
 }
 
-async fn inventory(name: &str, stock: u32, slow: bool) -> Result<Node> {
-    let node = Node::builder(name).start().await?;
+/// A node of the demo: found by mDNS on the private loopback when there is one,
+/// otherwise through static seeds.
+fn builder(name: &str, mdns: bool, seeds: &[&Node]) -> peerwire::node::NodeBuilder {
+    let mut b = Node::builder(name);
+    if mdns {
+        b = b.mdns(MdnsConfig::loopback());
+    } else {
+        for s in seeds {
+            b = b.peer(s.endpoint());
+        }
+    }
+    b
+}
+
+async fn inventory(name: &str, stock: u32, slow: bool, mdns: bool) -> Result<Node> {
+    let node = builder(name, mdns, &[]).start().await?;
     let left = Arc::new(AtomicU32::new(stock));
     let (n, l) = (name.to_string(), left.clone());
     node.handle("inventory.reserve", V1, move |r: Reserve, _| {
@@ -70,7 +85,7 @@ async fn inventory(name: &str, stock: u32, slow: bool) -> Result<Node> {
         let (n, l) = (n.clone(), l.clone());
         async move {
             let now = l.fetch_add(qty, Ordering::SeqCst) + qty;
-            println!("    {n} handled the notification: restocked {qty}, now {now}");
+            outln!("    {n} handled the notification: restocked {qty}, now {now}");
             Ok(())
         }
     });
@@ -88,25 +103,27 @@ async fn inventory(name: &str, stock: u32, slow: bool) -> Result<Node> {
     Ok(node)
 }
 
-/// Runs the demo. Nothing leaves the host: every node binds 127.0.0.1.
-pub async fn run() -> Result<()> {
+/// Runs the demo. Nothing leaves the host: every node binds 127.0.0.1, and mDNS runs only
+/// inside the private network namespace `net` says was set up (else static seeds).
+pub async fn run(net: Result<(), String>) -> Result<()> {
     let t0 = Instant::now();
-    println!("peerwire demo: five nodes on 127.0.0.1, no broker");
-    let inv1 = inventory("inventory-1", 10, false).await?;
-    let inv2 = inventory("inventory-2", 10, false).await?;
-    let inv3 = inventory("inventory-3", 10, true).await?;
-    let watcher = Node::builder("watcher")
-        .peer(inv1.endpoint())
-        .start()
-        .await?;
-    let client = Node::builder("client")
-        .peer(inv1.endpoint())
-        .peer(inv2.endpoint())
-        .peer(inv3.endpoint())
+    let mdns = net.is_ok();
+    outln!("peerwire demo: five nodes on 127.0.0.1, no broker");
+    match &net {
+        Ok(()) => outln!(
+            "  discovery: mDNS on loopback, inside a network namespace of this process's own"
+        ),
+        Err(why) => outln!("  discovery: static seeds (no private network for mDNS: {why})"),
+    }
+    let inv1 = inventory("inventory-1", 10, false, mdns).await?;
+    let inv2 = inventory("inventory-2", 10, false, mdns).await?;
+    let inv3 = inventory("inventory-3", 10, true, mdns).await?;
+    let watcher = builder("watcher", mdns, &[&inv1]).start().await?;
+    let client = builder("client", mdns, &[&inv1, &inv2, &inv3])
         .start()
         .await?;
     for n in [&inv1, &inv2, &inv3, &watcher, &client] {
-        println!(
+        outln!(
             "  {:<12} router {}  pub {}",
             n.name(),
             n.endpoint(),
@@ -119,9 +136,11 @@ pub async fn run() -> Result<()> {
     {
         bail!("the client did not discover the inventory nodes");
     }
-    println!(
-        "  client knows {} peers (HELLO exchange)",
-        client.peers().len()
+    outln!(
+        "  client knows {} peers after {} ({}, then a HELLO with each)",
+        client.peers().len(),
+        micros(t0.elapsed()),
+        if mdns { "mDNS" } else { "static seeds" }
     );
 
     section("1. request/response (sync, 1-1)");
@@ -130,7 +149,7 @@ pub async fn run() -> Result<()> {
             item: "book".into(),
             qty,
         };
-        println!(
+        outln!(
             "  client → inventory.reserve {}",
             serde_json::to_string(&req)?
         );
@@ -139,19 +158,19 @@ pub async fn run() -> Result<()> {
             .request::<_, Reserved>("inventory.reserve", &req)
             .await
         {
-            Ok(r) => println!(
+            Ok(r) => outln!(
                 "    ← {}: reserved, {} left  ({})",
                 r.by,
                 r.left,
                 micros(t.elapsed())
             ),
-            Err(e) => println!("    ← error: {e}  ({})", micros(t.elapsed())),
+            Err(e) => outln!("    ← error: {e}  ({})", micros(t.elapsed())),
         }
     }
     let t = Instant::now();
     match client.request::<_, Reserved>("billing.charge", &1).await {
         Ok(_) => bail!("billing.charge should have no responder"),
-        Err(e) => println!("  client → billing.charge: {e}  ({})", micros(t.elapsed())),
+        Err(e) => outln!("  client → billing.charge: {e}  ({})", micros(t.elapsed())),
     }
 
     section("2. asynchronous request/response (async, 1-1)");
@@ -168,13 +187,13 @@ pub async fn run() -> Result<()> {
                 .await?,
         );
     }
-    println!(
+    outln!(
         "  client sent 4 requests in {} without waiting",
         micros(t.elapsed())
     );
     for h in handles {
         let r = h.recv().await?;
-        println!(
+        outln!(
             "    ← {} reserved {}  ({} since sending)",
             r.by,
             r.item,
@@ -184,7 +203,7 @@ pub async fn run() -> Result<()> {
 
     section("3. one-way notification (async, 1-1)");
     for qty in [5, 6, 7] {
-        println!("  client → inventory.restock {qty} (to exactly one instance)");
+        outln!("  client → inventory.restock {qty} (to exactly one instance)");
         client.notify("inventory.restock", &qty).await?;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -201,7 +220,7 @@ pub async fn run() -> Result<()> {
             left,
         };
         inv1.publish("stock.low", &e)?;
-        println!(
+        outln!(
             "  inventory-1 published stock.low {}",
             serde_json::to_string(&e)?
         );
@@ -209,7 +228,7 @@ pub async fn run() -> Result<()> {
     for _ in 0..3 {
         let t = Instant::now();
         match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
-            Ok(Some(Ok(e))) => println!(
+            Ok(Some(Ok(e))) => outln!(
                 "    watcher got {} #{} ({} missed): {} left  ({})",
                 e.topic,
                 e.seq,
@@ -226,7 +245,7 @@ pub async fn run() -> Result<()> {
     while client.subscribers_of("inventory.count").len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    println!("  client gathers inventory.count \"book\" within 300 ms");
+    outln!("  client gathers inventory.count \"book\" within 300 ms");
     let t = Instant::now();
     let mut g = client
         .gather::<_, String>(
@@ -235,15 +254,15 @@ pub async fn run() -> Result<()> {
             GatherOptions::within(Duration::from_millis(300)),
         )
         .await?;
-    println!("    expecting: {}", super::names(g.expected()));
+    outln!("    expecting: {}", super::names(g.expected()));
     while let Some(r) = g.next().await {
         match r.result {
-            Ok(v) => println!("    ← {v}  ({})", micros(r.elapsed)),
-            Err(e) => println!("    ← {}: error {e}", r.name),
+            Ok(v) => outln!("    ← {v}  ({})", micros(r.elapsed)),
+            Err(e) => outln!("    ← {}: error {e}", r.name),
         }
     }
     let out = g.finish().await;
-    println!(
+    outln!(
         "    ended: {:?} after {}; silent: {}",
         out.end,
         micros(t.elapsed()),
@@ -254,8 +273,8 @@ pub async fn run() -> Result<()> {
     for n in [client, watcher, inv1, inv2, inv3] {
         let name = n.name().to_string();
         n.shutdown().await;
-        println!("  {name} stopped");
+        outln!("  {name} stopped");
     }
-    println!("\ndemo finished in {}", micros(t0.elapsed()));
+    outln!("\ndemo finished in {}", micros(t0.elapsed()));
     Ok(())
 }

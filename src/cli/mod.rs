@@ -1,6 +1,8 @@
 //! The `peerwire` command's subcommands. JSON at the edge, MessagePack on the wire.
 
 pub mod demo;
+pub mod doctor;
+pub mod isolate;
 pub mod services;
 
 use std::net::IpAddr;
@@ -8,8 +10,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use peerwire::codec::Version;
-use peerwire::node::{CallOptions, GatherOptions, Node, NodeBuilder};
+use peerwire::discovery::{DnsSeed, MdnsConfig};
+use peerwire::node::{CallOptions, GatherOptions, Node, NodeBuilder, PeerInfo, PresenceEvent};
 use serde_json::Value;
+
+/// How a command's node uses mDNS.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MdnsMode {
+    /// No mDNS: only --peer and --dns.
+    Off,
+    /// mDNS on loopback only (nodes on this host).
+    Loopback,
+    /// mDNS on every LAN interface (not loopback, container bridges, veth or VPNs).
+    Lan,
+}
 
 /// Options shared by every command that runs a node.
 #[derive(clap::Args, Debug, Clone)]
@@ -17,24 +31,65 @@ pub struct NodeArgs {
     /// A peer's ROUTER endpoint, tcp://host:port (repeatable).
     #[arg(long = "peer", value_name = "ENDPOINT")]
     pub peers: Vec<String>,
+    /// A DNS name whose every address is a peer, NAME:PORT (repeatable), resolved again
+    /// every --dns-every ms: a Kubernetes headless service, say.
+    #[arg(long = "dns", value_name = "NAME:PORT")]
+    pub dns: Vec<DnsSeed>,
+    /// How often DNS names are resolved again, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub dns_every: u64,
+    /// mDNS discovery: off, loopback or lan. --mdns-interface overrides the choice of
+    /// interfaces.
+    #[arg(long, value_enum, env = "PEERWIRE_MDNS", default_value = "lan")]
+    pub mdns: MdnsMode,
+    /// Use mDNS on exactly this interface (repeatable), even a bridge or a veth.
+    #[arg(long = "mdns-interface", value_name = "NAME")]
+    pub mdns_interfaces: Vec<String>,
+    /// UDP port for mDNS (every node must agree).
+    #[arg(long, env = "PEERWIRE_MDNS_PORT", default_value_t = 5353)]
+    pub mdns_port: u16,
     /// Cluster name; nodes of other clusters are ignored.
     #[arg(long, default_value = "default")]
     pub cluster: String,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub listen: IpAddr,
+    /// Address to listen on (default: 127.0.0.1, or 0.0.0.0 when mDNS uses LAN
+    /// interfaces).
+    #[arg(long)]
+    pub listen: Option<IpAddr>,
     /// How long to wait for peers (and, for calls, for a responder), in milliseconds.
     #[arg(long = "wait", default_value_t = 3000)]
     pub wait_ms: u64,
 }
 
 impl NodeArgs {
+    /// The mDNS configuration these options ask for, if any.
+    pub fn mdns_config(&self) -> Option<MdnsConfig> {
+        let cfg = if !self.mdns_interfaces.is_empty() {
+            MdnsConfig::interfaces(self.mdns_interfaces.clone())
+        } else {
+            match self.mdns {
+                MdnsMode::Off => return None,
+                MdnsMode::Loopback => MdnsConfig::loopback(),
+                MdnsMode::Lan => MdnsConfig::lan(),
+            }
+        };
+        Some(cfg.with_port(self.mdns_port))
+    }
+
     fn builder(&self, name: &str) -> NodeBuilder {
         let mut b = Node::builder(name)
             .cluster(self.cluster.clone())
-            .listen(self.listen);
+            .dns_every(Duration::from_millis(self.dns_every));
+        if let Some(l) = self.listen {
+            b = b.listen(l);
+        }
+        if let Some(m) = self.mdns_config() {
+            b = b.mdns(m);
+        }
         for p in &self.peers {
             b = b.peer(p.clone());
+        }
+        for d in &self.dns {
+            b = b.dns(d.clone());
         }
         b
     }
@@ -43,14 +98,41 @@ impl NodeArgs {
         Duration::from_millis(self.wait_ms)
     }
 
-    /// Starts a short-lived node for one command and waits for its static peers.
+    /// Starts a short-lived node for one command and waits for peers: every static
+    /// peer, or (with mDNS or DNS) until the table has been still for a moment.
     async fn client_node(&self) -> Result<Node> {
-        if self.peers.is_empty() {
-            bail!("no peers: give at least one --peer tcp://host:port");
+        if self.peers.is_empty() && self.dns.is_empty() && self.mdns_config().is_none() {
+            bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
         }
         let node = self.builder("peerwire-cli").start().await?;
-        node.wait_for_peers(self.peers.len(), self.wait()).await;
+        if self.dns.is_empty() && self.mdns_config().is_none() {
+            node.wait_for_peers(self.peers.len(), self.wait()).await;
+        } else {
+            settle(&node, self.wait()).await;
+        }
         Ok(node)
+    }
+}
+
+/// Waits until at least one peer is connected and the table has not changed for 300 ms,
+/// or `bound` passes.
+async fn settle(node: &Node, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    let quiet = Duration::from_millis(300);
+    let mut presence = node.presence();
+    let mut seen = 0usize;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let wait = if seen > 0 { quiet.min(left) } else { left };
+        match tokio::time::timeout(wait, presence.next()).await {
+            Ok(Some(_)) => seen += 1,
+            Ok(None) => return,
+            Err(_) if seen > 0 => return,
+            Err(_) => {}
+        }
     }
 }
 
@@ -115,7 +197,7 @@ pub async fn run_node(
         }
     }
     // The first line is the endpoint, for scripts to read.
-    println!("{}", node.endpoint());
+    outln!("{}", node.endpoint());
     eprintln!(
         "node {name} ({}) listening: router {} pub {}",
         node.id(),
@@ -126,12 +208,119 @@ pub async fn run_node(
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            p = presence.recv() => if let Ok(p) = p {
-                eprintln!("peer {} ({}) at {}: {} method(s)", p.name, p.id, p.router_endpoint, p.methods.len());
+            _ = terminated() => break,
+            e = presence.next() => match e {
+                Some(e) => eprintln!("{}", presence_line(&e)),
+                None => break,
             }
         }
     }
     eprintln!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Unix), so `kill` stops a node as gracefully as Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut s) = signal(SignalKind::terminate()) {
+            s.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+fn peer_json(p: &PeerInfo) -> Value {
+    serde_json::json!({
+        "id": p.id.to_string(),
+        "name": p.name,
+        "router": p.router_endpoint,
+        "pub": p.pub_endpoint,
+        "connected": p.connected,
+        "methods": p.methods.iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect::<serde_json::Map<_, _>>(),
+        "gathers": p.gathers.keys().collect::<Vec<_>>(),
+    })
+}
+
+/// One line for people about a presence event.
+fn presence_line(e: &PresenceEvent) -> String {
+    match e {
+        PresenceEvent::Joined(p) => format!(
+            "+ joined  {} ({}) at {}: {} method(s)",
+            p.name,
+            p.id,
+            p.router_endpoint,
+            p.methods.len()
+        ),
+        PresenceEvent::Updated(p) => format!(
+            "~ updated {} ({}) at {}: {} method(s)",
+            p.name,
+            p.id,
+            p.router_endpoint,
+            p.methods.len()
+        ),
+        PresenceEvent::Left { peer, reason } => format!(
+            "- left    {} ({}) at {}: {reason}",
+            peer.name, peer.id, peer.router_endpoint
+        ),
+        PresenceEvent::Lagged(n) => {
+            format!("! missed {n} event(s); run `peerwire peers` for the table")
+        }
+    }
+}
+
+/// One JSON line about a presence event, with the time (Unix milliseconds).
+fn presence_json(e: &PresenceEvent) -> Value {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match e {
+        PresenceEvent::Joined(p) => {
+            serde_json::json!({"event": "joined", "t": t, "peer": peer_json(p)})
+        }
+        PresenceEvent::Updated(p) => {
+            serde_json::json!({"event": "updated", "t": t, "peer": peer_json(p)})
+        }
+        PresenceEvent::Left { peer, reason } => {
+            serde_json::json!({"event": "left", "t": t, "peer": peer_json(peer), "reason": reason})
+        }
+        PresenceEvent::Lagged(n) => serde_json::json!({"event": "lagged", "t": t, "missed": n}),
+    }
+}
+
+/// `peerwire peers --watch`: the peers as they join, change and leave, until Ctrl-C
+/// (or `count` events).
+pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()> {
+    if args.peers.is_empty() && args.dns.is_empty() && args.mdns_config().is_none() {
+        bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
+    }
+    let node = args.builder("peerwire-watch").start().await?;
+    let mut presence = node.presence();
+    if !json {
+        eprintln!("watching for peers (Ctrl-C to stop)");
+    }
+    let mut n = 0u64;
+    while count.is_none_or(|c| n < c) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminated() => break,
+            e = presence.next() => match e {
+                Some(e) => {
+                    n += 1;
+                    if json {
+                        outln!("{}", presence_json(&e));
+                    } else {
+                        outln!("{}", presence_line(&e));
+                    }
+                }
+                None => break,
+            }
+        }
+    }
     node.shutdown().await;
     Ok(())
 }
@@ -141,26 +330,13 @@ pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
     let node = args.client_node().await?;
     let peers = node.peers();
     if json {
-        let v: Vec<Value> = peers
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "id": p.id.to_string(),
-                    "name": p.name,
-                    "router": p.router_endpoint,
-                    "pub": p.pub_endpoint,
-                    "connected": p.connected,
-                    "methods": p.methods.iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect::<serde_json::Map<_, _>>(),
-                    "gathers": p.gathers.keys().collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let v: Vec<Value> = peers.iter().map(peer_json).collect();
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else if peers.is_empty() {
-        println!("no peers answered within {} ms", args.wait_ms);
+        outln!("no peers answered within {} ms", args.wait_ms);
     } else {
         for p in &peers {
-            println!(
+            outln!(
                 "{:<20} {}  {}  {}",
                 p.name,
                 p.id,
@@ -168,10 +344,10 @@ pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
                 if p.connected { "connected" } else { "down" }
             );
             for (m, v) in &p.methods {
-                println!("    {m} {v}");
+                outln!("    {m} {v}");
             }
             for (g, v) in &p.gathers {
-                println!("    {g} {v} (gather)");
+                outln!("    {g} {v} (gather)");
             }
         }
     }
@@ -202,7 +378,7 @@ pub async fn call(
     let took = started.elapsed();
     node.shutdown().await;
     let reply = out?;
-    println!("{}", serde_json::to_string_pretty(&reply)?);
+    outln!("{}", serde_json::to_string_pretty(&reply)?);
     eprintln!("({} µs)", took.as_micros());
     Ok(())
 }
@@ -261,7 +437,7 @@ pub async fn subscribe(args: &NodeArgs, topic: &str, count: Option<u64>) -> Resu
                         "topic": e.topic, "publisher": e.publisher.to_string(),
                         "seq": e.seq, "missed": e.missed, "value": e.value,
                     });
-                    println!("{line}");
+                    outln!("{line}");
                     n += 1;
                     if count.is_some_and(|c| n >= c) {
                         break;
@@ -312,7 +488,7 @@ pub async fn gather(
             Ok(v) => v.clone(),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "from": r.name, "id": r.from.to_string(), "micros": r.elapsed.as_micros() as u64, "reply": value })
         );

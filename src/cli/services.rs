@@ -27,7 +27,13 @@ pub fn serve_echo(node: &Node) {
     node.handle("echo.log", v1, move |v: Value, ctx| {
         let name = name.clone();
         async move {
-            println!("[{name}] notification from {}: {v}", ctx.sender);
+            // Not `outln!`: a node whose stdout reader went away keeps serving.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "[{name}] notification from {}: {v}",
+                ctx.sender
+            );
             Ok(Value::Null)
         }
     });

@@ -182,12 +182,10 @@ impl Inner {
             }
         }
         let gossip = std::mem::take(&mut hello.peers);
-        let (info, new_peer, stale_pubs) = {
+        let (new_peer, stale_pubs, superseded) = {
             let mut peers = self.peers.lock();
-            let was_up = peers
-                .by_id
-                .get(&hello.node_id)
-                .is_some_and(|p| p.info.connected);
+            let before = peers.by_id.get(&hello.node_id).map(|p| p.info.clone());
+            let was_up = before.as_ref().is_some_and(|p| p.connected);
             let (new, stale) = peers.upsert(
                 hello.node_id,
                 hello.name,
@@ -200,18 +198,46 @@ impl Inner {
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
             }
+            // A peer of the same name on the same host, under another id and no longer
+            // reachable, is this one before a restart (on another port, say): stop
+            // dialling it now rather than after `forget_after`.
+            let superseded: Vec<String> = peers
+                .by_id
+                .values()
+                .filter(|p| {
+                    p.info.id != info.id
+                        && !p.info.connected
+                        && p.info.name == info.name
+                        && endpoint_ip(&p.info.router_endpoint) == Some(host)
+                        && p.info.router_endpoint != info.router_endpoint
+                })
+                .map(|p| p.info.router_endpoint.clone())
+                .filter(|ep| !self.static_endpoints.contains(ep))
+                .collect();
+            // Sent under the table's lock, so that `Node::presence` can take a snapshot
+            // and subscribe without missing or repeating an event.
+            if info.connected && !was_up {
+                let _ = self.presence.send(PresenceEvent::Joined(info.clone()));
+            } else if was_up && before.as_ref() != Some(&info) {
+                let _ = self.presence.send(PresenceEvent::Updated(info.clone()));
+            }
             // Announce when a peer becomes reachable, not only when it is first heard of:
             // that is when the others can be told of it.
             let announce = new || (!was_up && info.connected);
-            (info, announce, stale)
+            (announce, stale, superseded)
         };
         for p in stale_pubs {
             // The peer restarted (new PUB port) or was replaced: stop dialling the old one.
             self.subscriber.disconnect(&p);
             self.sub_endpoints.lock().remove(&p);
         }
+        for ep in superseded {
+            debug!(node = %self.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
+            let inner = self.clone();
+            self.tasks
+                .spawn(async move { inner.forget(&ep, "restarted elsewhere").await });
+        }
         let is_new = new_peer;
-        let _ = self.presence.send(info);
         self.changed.notify_waiters();
         // Gossip: connect to the peers it knows, and tell ours about the newcomer.
         let own = format!("tcp://{}", self.router.local_addr());
@@ -237,19 +263,29 @@ impl Inner {
     /// Known gap: a HELLO learned while this runs (between its two lock sections) can
     /// leave that peer in the table without its SUB connection; its next HELLO (on
     /// reconnect) repairs it.
-    pub(super) async fn forget(self: &Arc<Self>, endpoint: &str) {
+    pub(super) async fn forget(self: &Arc<Self>, endpoint: &str, why: &str) {
         let (dealer, pubs) = {
             let mut peers = self.peers.lock();
             let dealer = peers.dealers.remove(endpoint);
             let mut pubs = Vec::new();
+            let mut left = Vec::new();
             peers.by_id.retain(|_, p| {
                 if p.info.router_endpoint == endpoint {
                     pubs.push(p.info.pub_endpoint.clone());
+                    if p.info.connected {
+                        left.push(p.info.clone());
+                    }
                     false
                 } else {
                     true
                 }
             });
+            for peer in left {
+                let _ = self.presence.send(PresenceEvent::Left {
+                    peer,
+                    reason: why.to_string(),
+                });
+            }
             (dealer, pubs)
         };
         for p in pubs {
@@ -260,7 +296,7 @@ impl Inner {
         if let Some(d) = dealer {
             d.shutdown().await;
         }
-        debug!(node = %self.name, %endpoint, "forgot an unreachable peer");
+        debug!(node = %self.name, %endpoint, why, "forgot a peer");
     }
 
     pub(super) fn reply_error(&self, identity: &Bytes, to: &Header, code: &str, message: String) {
@@ -491,7 +527,8 @@ impl Inner {
                     // Gossip led us to ourselves: never dial this endpoint again.
                     self.self_endpoints.lock().insert(endpoint.to_string());
                     let (me, ep) = (self.clone(), endpoint.to_string());
-                    self.tasks.spawn(async move { me.forget(&ep).await });
+                    self.tasks
+                        .spawn(async move { me.forget(&ep, "is this node").await });
                 }
                 Ok(hello) if hello.cluster != self.cluster => {
                     // Gossip led us to another cluster's node: stop dialling it (a static
@@ -499,7 +536,8 @@ impl Inner {
                     self.counters.other_cluster.fetch_add(1, Relaxed);
                     if !self.static_endpoints.contains(endpoint) {
                         let (me, ep) = (self.clone(), endpoint.to_string());
-                        self.tasks.spawn(async move { me.forget(&ep).await });
+                        self.tasks
+                            .spawn(async move { me.forget(&ep, "another cluster").await });
                     }
                 }
                 Ok(hello) => {
@@ -621,7 +659,15 @@ impl Inner {
                 let _ = dealer.try_send(env.to_message());
             }
             SocketEvent::Disconnected { reason, .. } => {
-                self.peers.lock().set_connected(endpoint, false);
+                {
+                    let mut peers = self.peers.lock();
+                    for peer in peers.set_down(endpoint) {
+                        let _ = self.presence.send(PresenceEvent::Left {
+                            peer,
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
                 self.changed.notify_waiters();
                 let failed: Vec<Pending> = {
                     let mut pending = self.pending.lock();
@@ -901,7 +947,7 @@ pub(super) async fn dealer_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(forget_at) => {
                 let Some(strong) = inner.upgrade() else { return };
-                strong.forget(&endpoint).await;
+                strong.forget(&endpoint, "unreachable").await;
                 return;
             }
             e = events.recv() => match e {

@@ -41,6 +41,7 @@
 //! there, with no task hop) and, if it awaits, goes on in its own task under the
 //! caller's deadline.
 
+mod discover;
 mod dispatch;
 mod handlers;
 mod handles;
@@ -71,6 +72,7 @@ use tracing::{debug, warn};
 use crate::codec::{
     self, codes, CodecError, Envelope, ErrorBody, Header, Hello, Id, Kind, Version,
 };
+use crate::discovery::{Announcement, DiscoveryError, DnsSeed, Mdns, MdnsConfig};
 use crate::transport::{
     Dealer, Message, MessageHandler, PublishReport, Publisher, Router, SendError, SocketEvent,
     SocketOptions, Subscriber, TransportError,
@@ -80,7 +82,7 @@ pub use handlers::{Context, HandlerError};
 pub use handles::{
     Event, Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply, PendingReply, Subscription,
 };
-pub use peers::PeerInfo;
+pub use peers::{PeerInfo, Presence, PresenceEvent};
 
 use dispatch::{
     deadline_loop, far_instant_after, router_handler, router_loop, subscriber_handler,
@@ -100,6 +102,9 @@ pub enum NodeError {
     /// A socket could not be created.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A discovery source could not start (mDNS with no usable interface, say).
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
 }
 
 /// Why a call (request, notification, gather) failed.
@@ -182,10 +187,13 @@ impl CallOptions {
 pub struct NodeBuilder {
     name: String,
     cluster: String,
-    host: IpAddr,
+    host: Option<IpAddr>,
     router_port: u16,
     pub_port: u16,
     peers: Vec<String>,
+    mdns: Option<MdnsConfig>,
+    dns: Vec<DnsSeed>,
+    dns_every: Duration,
     default_timeout: Duration,
     drain_timeout: Duration,
     forget_after: Duration,
@@ -201,9 +209,32 @@ impl NodeBuilder {
         self
     }
 
-    /// Address to listen on (default 127.0.0.1: nothing leaves the host unless asked).
+    /// Address to listen on. Default: 127.0.0.1 (nothing leaves the host unless asked),
+    /// or 0.0.0.0 when mDNS is on for interfaces other than loopback.
     pub fn listen(mut self, host: IpAddr) -> Self {
-        self.host = host;
+        self.host = Some(host);
+        self
+    }
+
+    /// Finds peers (and is found) by mDNS on the interfaces `cfg` selects. Off unless
+    /// set: a library should not multicast on every interface without being asked (the
+    /// `peerwire` command turns it on by default).
+    pub fn mdns(mut self, cfg: MdnsConfig) -> Self {
+        self.mdns = Some(cfg);
+        self
+    }
+
+    /// A DNS name whose every address is a peer (`NAME:PORT`), resolved at start and
+    /// then every [`dns_every`](Self::dns_every). Repeatable.
+    pub fn dns(mut self, seed: DnsSeed) -> Self {
+        self.dns.push(seed);
+        self
+    }
+
+    /// How often DNS seeds are resolved again (default 5 s). Addresses that disappear
+    /// from the answer are forgotten.
+    pub fn dns_every(mut self, every: Duration) -> Self {
+        self.dns_every = every.max(Duration::from_millis(100));
         self
     }
 
@@ -261,6 +292,10 @@ impl NodeBuilder {
     /// Binds the sockets, connects to the static peers and starts the node.
     pub async fn start(self) -> Result<Node, NodeError> {
         let id = Id::new();
+        let host = self.host.unwrap_or(match &self.mdns {
+            Some(m) if m.reaches_other_hosts() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        });
         // Requests are dispatched inline by the ROUTER's connection tasks (no task hop);
         // the node is not built yet, so the handler finds it through this cell, and
         // declines (queues for `router_loop`) until it is there.
@@ -268,17 +303,14 @@ impl NodeBuilder {
         let router = Router::bind_with_handler(
             &format!(
                 "tcp://{}",
-                std::net::SocketAddr::new(self.host, self.router_port)
+                std::net::SocketAddr::new(host, self.router_port)
             ),
             self.socket.clone(),
             router_handler(cell.clone()),
         )
         .await?;
         let publisher = Publisher::bind(
-            &format!(
-                "tcp://{}",
-                std::net::SocketAddr::new(self.host, self.pub_port)
-            ),
+            &format!("tcp://{}", std::net::SocketAddr::new(host, self.pub_port)),
             self.socket.clone(),
         )
         .await?;
@@ -294,7 +326,7 @@ impl NodeBuilder {
             id,
             name: self.name,
             cluster: self.cluster,
-            host: self.host,
+            host,
             router_port: router.local_addr().port(),
             pub_port: publisher.local_addr().port(),
             router,
@@ -317,6 +349,7 @@ impl NodeBuilder {
             static_endpoints: self.peers.iter().cloned().collect(),
             self_endpoints: Mutex::new(HashSet::new()),
             cancel: CancellationToken::new(),
+            leave: CancellationToken::new(),
             tasks: TaskTracker::new(),
             handler_tasks: TaskTracker::new(),
             handler_slots: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
@@ -339,6 +372,27 @@ impl NodeBuilder {
         for p in &self.peers {
             inner.ensure_dealer(p)?;
         }
+        if let Some(cfg) = &self.mdns {
+            let me = Announcement {
+                node_id: inner.id,
+                name: inner.name.clone(),
+                cluster: inner.cluster.clone(),
+                router_port: inner.router_port,
+                pub_port: inner.pub_port,
+            };
+            let mdns = Mdns::start(cfg, &me)?;
+            inner
+                .tasks
+                .spawn(discover::mdns_loop(Arc::downgrade(&inner), mdns));
+        }
+        if !self.dns.is_empty() {
+            inner.tasks.spawn(discover::dns_loop(
+                Arc::downgrade(&inner),
+                self.dns,
+                self.dns_every,
+                inner.leave.clone(),
+            ));
+        }
         Ok(Node { inner })
     }
 }
@@ -349,6 +403,7 @@ struct Counters {
     malformed: AtomicU64,
     unexpected: AtomicU64,
     other_cluster: AtomicU64,
+    other_version: AtomicU64,
     events_dropped: AtomicU64,
 }
 
@@ -359,8 +414,10 @@ pub struct NodeStats {
     pub malformed: u64,
     /// Envelopes of a kind not expected on the socket they came on (dropped, logged).
     pub unexpected: u64,
-    /// HELLOs from nodes of another cluster (ignored).
+    /// HELLOs and mDNS sightings of nodes of another cluster (ignored).
     pub other_cluster: u64,
+    /// mDNS sightings of nodes announcing another protocol major version (ignored).
+    pub other_version: u64,
     /// Events dropped because a local subscription's queue was full (subscribers see
     /// them as gaps in the sequence numbers).
     pub events_dropped: u64,
@@ -413,6 +470,8 @@ struct Inner {
     /// Endpoints found to lead back to this node (through gossip): never dialled again.
     self_endpoints: Mutex<HashSet<String>>,
     cancel: CancellationToken,
+    /// Cancelled when shutdown starts (before the drain): discovery says goodbye then.
+    leave: CancellationToken,
     tasks: TaskTracker,
     handler_tasks: TaskTracker,
     /// Bounds handlers running at once; when none is free the loops stop reading and
@@ -428,7 +487,7 @@ struct Inner {
     /// Signalled whenever the peer table changes.
     changed: Notify,
     counters: Counters,
-    presence: broadcast::Sender<PeerInfo>,
+    presence: broadcast::Sender<PresenceEvent>,
 }
 
 /// A peerwire node. See the [module documentation](self).
@@ -444,10 +503,13 @@ impl Node {
         NodeBuilder {
             name: name.into(),
             cluster: "default".into(),
-            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host: None,
             router_port: 0,
             pub_port: 0,
             peers: Vec::new(),
+            mdns: None,
+            dns: Vec::new(),
+            dns_every: Duration::from_secs(5),
             default_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             forget_after: Duration::from_secs(10),
@@ -534,9 +596,23 @@ impl Node {
         v
     }
 
-    /// A stream of peer-table updates: each HELLO learned (new or refreshed) is sent.
-    pub fn presence(&self) -> broadcast::Receiver<PeerInfo> {
-        self.inner.presence.subscribe()
+    /// Joined / updated / left events: first a `Joined` for every peer reachable now,
+    /// then every change as it happens.
+    pub fn presence(&self) -> Presence {
+        // Under the table's lock, where events are sent: nothing missed, nothing twice.
+        let peers = self.inner.peers.lock();
+        let rx = self.inner.presence.subscribe();
+        let mut snapshot: Vec<PeerInfo> = peers
+            .by_id
+            .values()
+            .filter(|p| p.info.connected)
+            .map(|p| p.info.clone())
+            .collect();
+        snapshot.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Presence {
+            snapshot: snapshot.into(),
+            rx,
+        }
     }
 
     /// Waits until at least `n` connected peers serve `target`, or `within` passes.
@@ -848,6 +924,7 @@ impl Node {
             malformed: c.malformed.load(Relaxed),
             unexpected: c.unexpected.load(Relaxed),
             other_cluster: c.other_cluster.load(Relaxed),
+            other_version: c.other_version.load(Relaxed),
             events_dropped: c.events_dropped.load(Relaxed),
         }
     }
@@ -863,6 +940,8 @@ impl Node {
     pub async fn shutdown(self) {
         let inner = &self.inner;
         inner.shutting_down.store(true, Relaxed);
+        // Say goodbye first, so peers stop sending us work while we drain.
+        inner.leave.cancel();
         inner.handler_tasks.close();
         if tokio::time::timeout(inner.drain_timeout, inner.handler_tasks.wait())
             .await
@@ -890,6 +969,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // Without `shutdown`, at least stop the loops; the sockets close as they drop.
+        self.inner.leave.cancel();
         self.inner.cancel.cancel();
     }
 }

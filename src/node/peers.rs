@@ -90,13 +90,16 @@ impl PeerTable {
             .is_some_and(|p| p.info.connected && p.info.router_endpoint != router_endpoint)
     }
 
-    /// Marks every peer reached through `endpoint` up or down.
-    pub fn set_connected(&mut self, endpoint: &str, up: bool) {
+    /// Marks every peer reached through `endpoint` down; returns those that were up.
+    pub fn set_down(&mut self, endpoint: &str) -> Vec<PeerInfo> {
+        let mut went_down = Vec::new();
         for p in self.by_id.values_mut() {
-            if p.info.router_endpoint == endpoint {
-                p.info.connected = up;
+            if p.info.router_endpoint == endpoint && p.info.connected {
+                p.info.connected = false;
+                went_down.push(p.info.clone());
             }
         }
+        went_down
     }
 
     /// Connected peers serving `target`, and whether any peer (connected or not) serves
@@ -155,5 +158,48 @@ impl PeerTable {
             .nth(self.cursor % n)
             .expect("counted above");
         Ok((p.info.id, p.dealer.clone()))
+    }
+}
+
+/// A change in the peer table, as streamed by [`Node::presence`](super::Node::presence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceEvent {
+    /// A peer became reachable (new, or back after a disconnection).
+    Joined(PeerInfo),
+    /// A reachable peer sent a HELLO that changed what we know (its catalog, say).
+    Updated(PeerInfo),
+    /// A peer stopped being reachable: its connection dropped (a crash, a partition, a
+    /// shutdown) or it was forgotten (it said goodbye, or stayed unreachable).
+    Left {
+        /// What we knew of it.
+        peer: PeerInfo,
+        /// Why, for people.
+        reason: String,
+    },
+    /// This stream fell behind and missed this many events; [`Node::peers`]
+    /// (super::Node::peers) has the current table.
+    Lagged(u64),
+}
+
+/// A stream of [`PresenceEvent`]s: first a `Joined` for every peer reachable when it was
+/// created, then every change. Bounded: a reader that falls behind gets `Lagged`.
+pub struct Presence {
+    pub(crate) snapshot: std::collections::VecDeque<PeerInfo>,
+    pub(crate) rx: tokio::sync::broadcast::Receiver<PresenceEvent>,
+}
+
+impl Presence {
+    /// The next event; `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<PresenceEvent> {
+        if let Some(p) = self.snapshot.pop_front() {
+            return Some(PresenceEvent::Joined(p));
+        }
+        match self.rx.recv().await {
+            Ok(e) => Some(e),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Some(PresenceEvent::Lagged(n))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
     }
 }

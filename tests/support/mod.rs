@@ -258,3 +258,11 @@ pub async fn wait_service(node: &peerwire::node::Node, target: &str, n: usize) {
         node.name()
     );
 }
+
+/// The `peerwire` binary, with mDNS off: tests on the host never multicast on its
+/// interfaces (those that want mDNS run it in a network namespace of their own).
+pub fn peerwire_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"));
+    c.env("PEERWIRE_MDNS", "off");
+    c
+}
