@@ -13,6 +13,14 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that never panics: a node whose stderr reader went away keeps running.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 
 use std::time::Duration;
@@ -181,7 +189,7 @@ fn main() -> std::process::ExitCode {
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            errln!("error: cannot start the runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -189,7 +197,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says: this is for people, not debuggers.
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -201,6 +209,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Its own complaint about a failed write would go to the same closed stderr
+        // through `eprintln!`, which panics: a node must outlive its log reader.
+        .log_internal_errors(false)
         .init();
     match cli.command {
         Command::Probe {
@@ -324,14 +335,14 @@ async fn echo(bind: &str) -> Result<()> {
     let router = Router::bind(bind, SocketOptions::default())
         .await
         .with_context(|| format!("cannot start the echo ROUTER on {bind}"))?;
-    eprintln!("echo ROUTER listening on tcp://{}", router.local_addr());
+    errln!("echo ROUTER listening on tcp://{}", router.local_addr());
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             r = router.recv() => {
                 let (id, msg) = r?;
                 if let Err(e) = router.send(&id, msg).await {
-                    eprintln!("reply to {} failed: {e}", display_identity(&id));
+                    errln!("reply to {} failed: {e}", display_identity(&id));
                 }
             }
         }

@@ -309,3 +309,38 @@ async fn node_process_killed_and_restarted_mid_stream() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_node_outlives_a_closed_log_and_output() {
+    // Both pipes closed by their reader: every later log line and output line fails to
+    // write. The node must keep serving (a panic on EPIPE once killed nodes here).
+    let mut child = peerwire_cmd()
+        .args(["node", "--name", "quiet", "--serve", "echo"])
+        .env("RUST_LOG", "peerwire=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    drop(child.stderr.take());
+    let endpoint = line.trim().to_string();
+    // A malformed greeting makes the node log a warning (to the closed stderr).
+    let mut raw = RawPeer::connect(endpoint.trim_start_matches("tcp://").parse().unwrap()).await;
+    let _ = raw.send(b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(raw.closed_within(BOUND).await);
+    for _ in 0..3 {
+        let ep = endpoint.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            peerwire(&["call", "echo.echo", "[1]", "--peer", &ep])
+        })
+        .await
+        .unwrap();
+        ok_stdout(&out);
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the node died");
+    let _ = child.kill();
+    let _ = child.wait();
+}

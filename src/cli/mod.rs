@@ -198,7 +198,7 @@ pub async fn run_node(
     }
     // The first line is the endpoint, for scripts to read.
     outln!("{}", node.endpoint());
-    eprintln!(
+    errln!(
         "node {name} ({}) listening: router {} pub {}",
         node.id(),
         node.endpoint(),
@@ -210,12 +210,12 @@ pub async fn run_node(
             _ = tokio::signal::ctrl_c() => break,
             _ = terminated() => break,
             e = presence.next() => match e {
-                Some(e) => eprintln!("{}", presence_line(&e)),
+                Some(e) => errln!("{}", presence_line(&e)),
                 None => break,
             }
         }
     }
-    eprintln!("shutting down");
+    errln!("shutting down");
     node.shutdown().await;
     Ok(())
 }
@@ -301,7 +301,7 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
     let node = args.builder("peerwire-watch").start().await?;
     let mut presence = node.presence();
     if !json {
-        eprintln!("watching for peers (Ctrl-C to stop)");
+        errln!("watching for peers (Ctrl-C to stop)");
     }
     let mut n = 0u64;
     while count.is_none_or(|c| n < c) {
@@ -379,7 +379,7 @@ pub async fn call(
     node.shutdown().await;
     let reply = out?;
     outln!("{}", serde_json::to_string_pretty(&reply)?);
-    eprintln!("({} µs)", took.as_micros());
+    errln!("({} µs)", took.as_micros());
     Ok(())
 }
 
@@ -395,7 +395,7 @@ pub async fn notify(args: &NodeArgs, target: &str, json: &str) -> Result<()> {
     let out = node.notify(target, &msg).await;
     node.shutdown().await;
     out?;
-    eprintln!("notification sent to one instance of {target}");
+    errln!("notification sent to one instance of {target}");
     Ok(())
 }
 
@@ -410,7 +410,7 @@ pub async fn publish(args: &NodeArgs, topic: &str, json: &str) -> Result<()> {
     }
     let report = node.publish(topic, &event)?;
     node.shutdown().await;
-    eprintln!(
+    errln!(
         "published on {topic} to {} subscriber(s){}",
         report.queued,
         if report.dropped > 0 {
@@ -426,7 +426,7 @@ pub async fn publish(args: &NodeArgs, topic: &str, json: &str) -> Result<()> {
 pub async fn subscribe(args: &NodeArgs, topic: &str, count: Option<u64>) -> Result<()> {
     let node = args.client_node().await?;
     let mut sub = node.subscribe::<Value>(topic);
-    eprintln!("subscribed to {topic:?}; Ctrl-C to stop");
+    errln!("subscribed to {topic:?}; Ctrl-C to stop");
     let mut n = 0u64;
     loop {
         tokio::select! {
@@ -443,7 +443,7 @@ pub async fn subscribe(args: &NodeArgs, topic: &str, count: Option<u64>) -> Resu
                         break;
                     }
                 }
-                Some(Err(err)) => eprintln!("undecodable event: {err}"),
+                Some(Err(err)) => errln!("undecodable event: {err}"),
                 None => break,
             }
         }
@@ -493,7 +493,7 @@ pub async fn gather(
             serde_json::json!({ "from": r.name, "id": r.from.to_string(), "micros": r.elapsed.as_micros() as u64, "reply": value })
         );
     }
-    eprintln!(
+    errln!(
         "{} repl{} ({:?}); silent: {}",
         out.replies.len(),
         if out.replies.len() == 1 { "y" } else { "ies" },

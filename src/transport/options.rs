@@ -19,7 +19,7 @@ use super::wire::DecodeLimits;
 /// | `max_connections` | 1024 per listener |
 /// | `send_queue_messages` / `send_queue_bytes` | 100 000 / 64 MiB per connection |
 /// | `recv_queue_messages` / `recv_queue_bytes` | 100 000 / 64 MiB per socket |
-/// | `heartbeat_interval` / `heartbeat_timeout` | 1 s / 3 s (ZMTP 3.1 peers only) |
+/// | `heartbeat_interval` / `heartbeat_timeout` | 500 ms / 2 s (ZMTP 3.1 peers only) |
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
 /// | `linger` | 1 s |
 /// | `max_subscriptions` / `max_subscription_bytes` | 10 000 / 1 MiB per subscriber |
@@ -79,8 +79,10 @@ impl Default for SocketOptions {
             send_queue_bytes: 64 << 20,
             recv_queue_messages: 100_000,
             recv_queue_bytes: 64 << 20,
-            heartbeat_interval: Some(Duration::from_secs(1)),
-            heartbeat_timeout: Duration::from_secs(3),
+            // A dead host (no FIN, no RST) is noticed within 2.5 s: the node's presence
+            // promises a crashed peer gone within 3 s.
+            heartbeat_interval: Some(Duration::from_millis(500)),
+            heartbeat_timeout: Duration::from_secs(2),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             linger: Duration::from_secs(1),

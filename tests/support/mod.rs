@@ -266,3 +266,277 @@ pub fn peerwire_cmd() -> std::process::Command {
     c.env("PEERWIRE_MDNS", "off");
     c
 }
+
+/// A simulated LAN: one network namespace per host, each with `eth0` (10.77.0.N/24) on a
+/// bridge that lives in a namespace of its own, so nothing touches the real host's
+/// interfaces. Torn down on drop. Needs root and `ip` (iproute2).
+pub struct Lan {
+    tag: String,
+    /// Host namespaces, `hosts[i]` at `10.77.0.{i+1}`.
+    pub hosts: Vec<String>,
+    switch: String,
+    children: std::sync::Mutex<Vec<std::process::Child>>,
+}
+
+/// Why a LAN cannot be built here, or `None` if it can.
+pub fn lan_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root: network namespaces need CAP_SYS_ADMIN".into());
+    }
+    match std::process::Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("the `ip` command (iproute2) is missing".into()),
+    }
+}
+
+/// Skips the calling test (returns `None`) when a LAN cannot be built, saying why; with
+/// CI=true that is a failure instead, so CI never passes by skipping.
+pub fn lan_or_skip(hosts: usize) -> Option<Lan> {
+    if let Some(why) = lan_unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("CI=true but the simulated LAN cannot be built: {why}");
+        }
+        eprintln!("SKIPPED: simulated LAN unavailable: {why}");
+        return None;
+    }
+    Some(Lan::new(hosts))
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Lan {
+    /// Builds a LAN of `n` hosts.
+    pub fn new(n: usize) -> Lan {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = format!(
+            "{}{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let switch = format!("pwsw{tag}");
+        let mut lan = Lan {
+            hosts: Vec::new(),
+            switch: switch.clone(),
+            tag,
+            children: std::sync::Mutex::new(Vec::new()),
+        };
+        ip(&["netns", "add", &switch]);
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        for i in 0..n {
+            let h = format!("pwh{i}x{}", lan.tag);
+            ip(&["netns", "add", &h]);
+            lan.hosts.push(h.clone());
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &h, "type", "veth", "peer", "name", &port, "netns",
+                &switch,
+            ]);
+            ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &switch, "link", "set", &port, "up"]);
+            ip(&[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("10.77.0.{}/24", i + 1),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &h, "link", "set", "eth0", "up"]);
+            ip(&["-n", &h, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    /// The address of host `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.77.0.{}", i + 1)
+    }
+
+    /// `peerwire ARGS` on host `i` (mDNS on the LAN, the command's default), stdout and
+    /// stderr piped.
+    pub fn peerwire(&self, i: usize, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.hosts[i],
+            env!("CARGO_BIN_EXE_peerwire"),
+        ])
+        .args(args)
+        .env("PEERWIRE_MDNS", "lan")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        c
+    }
+
+    /// Runs a command on host `i` to completion.
+    pub fn run(&self, i: usize, args: &[&str]) -> std::process::Output {
+        self.peerwire(i, args).output().expect("run peerwire")
+    }
+
+    /// Takes a link down (`up = false`) or up again: a partition of host `i`.
+    pub fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &format!("p{i}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// Writes `/etc/netns/<host>/hosts` (bind-mounted over /etc/hosts by `ip netns exec`)
+    /// so that names resolve on host `i` as given.
+    pub fn hosts_file(&self, i: usize, lines: &str) {
+        let dir = format!("/etc/netns/{}", self.hosts[i]);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/hosts"), lines).unwrap();
+    }
+
+    /// Starts `peerwire ARGS` on host `i` with extra environment; killed when the LAN is
+    /// torn down. Returns its pid and its stdout and stderr lines.
+    pub fn spawn(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> (u32, Lines, Lines) {
+        let mut c = self.peerwire(i, args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawn peerwire");
+        let out = Lines::new(child.stdout.take().unwrap());
+        let err = Lines::new(child.stderr.take().unwrap());
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        (pid, out, err)
+    }
+
+    /// Sends `sig` to a process started by [`Lan::spawn`] and reaps it if it ends.
+    pub fn signal(&self, pid: u32, sig: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+        let mut children = self.children.lock().unwrap();
+        if let Some(c) = children.iter_mut().find(|c| c.id() == pid) {
+            let deadline = std::time::Instant::now() + BOUND;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for c in self.children.lock().unwrap().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for h in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", h])
+                .output();
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{h}"));
+        }
+    }
+}
+
+/// Lines of a child's output, read by a thread, for bounded waits.
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Lines {
+    /// Follows `r` line by line.
+    pub fn new(r: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (from now) that satisfies `f`, within `bound`; panics naming `what`
+    /// (and everything seen) if none comes.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        bound: Duration,
+        mut f: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if f(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {what} within {bound:?}; seen:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Like [`Lines::wait_for`], but a line already seen counts too (for events whose
+    /// order among themselves does not matter).
+    pub fn seen_or_wait(
+        &mut self,
+        what: &str,
+        bound: Duration,
+        mut f: impl FnMut(&str) -> bool,
+    ) -> String {
+        if let Some(l) = self.seen.iter().find(|l| f(l)) {
+            return l.clone();
+        }
+        self.wait_for(what, bound, f)
+    }
+
+    /// Whether a line satisfying `f` arrives within `bound` (for checks that something
+    /// does not happen).
+    pub fn any_within(&mut self, bound: Duration, mut f: impl FnMut(&str) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + bound;
+        while let Ok(l) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            self.seen.push(l.clone());
+            if f(&l) {
+                return true;
+            }
+        }
+        false
+    }
+}

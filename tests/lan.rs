@@ -1,0 +1,242 @@
+//! Discovery on a simulated LAN: three or more hosts in network namespaces joined by a
+//! bridge, every node a separate `peerwire` process in its own namespace, mDNS on the
+//! LAN interface (the command's default). Join, graceful leave, SIGKILL, restart on a new
+//! port, a partition, two clusters, DNS seeds and `peerwire doctor`.
+//!
+//! Needs root (network namespaces); without it each test says SKIPPED, and with CI=true
+//! that is a failure. Times are printed for information; the targets are measured by
+//! `scripts/discovery-times.sh`, not asserted here.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// Generous bounds: these wait on events, they do not time them.
+const JOIN: Duration = Duration::from_secs(15);
+
+fn event(line: &str) -> Option<(String, String, String)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    Some((
+        v["event"].as_str()?.to_string(),
+        v["peer"]["name"].as_str()?.to_string(),
+        v["peer"]["router"].as_str()?.to_string(),
+    ))
+}
+
+fn is(line: &str, ev: &str, name: &str) -> bool {
+    event(line).is_some_and(|(e, n, _)| e == ev && n == name)
+}
+
+fn node_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["node", "--name", name, "--serve", "echo"];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn join_leave_crash_and_restart_on_a_new_port() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    let (_w, mut watch, mut wlog) = lan.spawn(
+        0,
+        &["peers", "--watch", "--json"],
+        &[("RUST_LOG", "peerwire::node=debug")],
+    );
+
+    let t = Instant::now();
+    let (a, _, _) = lan.spawn(1, &node_args("a", &["--port", "7001"]), &[]);
+    let (b, _, _) = lan.spawn(2, &node_args("b", &[]), &[]);
+    watch.seen_or_wait("a joined", JOIN, |l| is(l, "joined", "a"));
+    watch.seen_or_wait("b joined", JOIN, |l| is(l, "joined", "b"));
+    eprintln!("a and b joined within {:?}", t.elapsed());
+
+    // Graceful leave: SIGTERM runs the node's shutdown (goodbye on mDNS, sockets closed).
+    let t = Instant::now();
+    lan.signal(b, libc::SIGTERM);
+    watch.wait_for("b left", JOIN, |l| is(l, "left", "b"));
+    eprintln!("b left {:?} after SIGTERM", t.elapsed());
+
+    // Crash: no goodbye at all.
+    let t = Instant::now();
+    lan.signal(a, libc::SIGKILL);
+    watch.wait_for("a left", JOIN, |l| is(l, "left", "a"));
+    eprintln!("a gone {:?} after SIGKILL", t.elapsed());
+
+    // Restarted on another port: reached there, and the old endpoint is dropped at once
+    // (not dialled until `forget_after`).
+    let t = Instant::now();
+    let (_a2, _, _) = lan.spawn(1, &node_args("a", &["--port", "7002"]), &[]);
+    let line = watch.wait_for("a joined again", JOIN, |l| is(l, "joined", "a"));
+    assert!(line.contains("10.77.0.2:7002"), "{line}");
+    eprintln!("a reached at its new port {:?} after restart", t.elapsed());
+    wlog.wait_for("the old endpoint forgotten", JOIN, |l| {
+        l.contains("forgot a peer") && l.contains("10.77.0.2:7001")
+    });
+}
+
+#[test]
+fn a_partition_is_detected_by_heartbeats_and_healed() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    // Its debug log is shown if the partition goes unnoticed.
+    let (_w, mut watch, mut wlog) = lan.spawn(
+        0,
+        &["peers", "--watch", "--json"],
+        &[("RUST_LOG", "peerwire=debug")],
+    );
+    let _ = lan.spawn(1, &node_args("a", &[]), &[]);
+    let _ = lan.spawn(2, &node_args("b", &[]), &[]);
+    watch.seen_or_wait("a joined", JOIN, |l| is(l, "joined", "a"));
+    watch.seen_or_wait("b joined", JOIN, |l| is(l, "joined", "b"));
+
+    // Host 1's cable pulled: no FIN, no RST, only silence.
+    let t = Instant::now();
+    lan.link(1, false);
+    if !watch.any_within(JOIN, |l| is(l, "left", "a")) {
+        wlog.any_within(Duration::from_millis(100), |_| false);
+        panic!(
+            "a never left:\n{}\n{}",
+            watch.seen.join("\n"),
+            wlog.seen.join("\n")
+        );
+    }
+    let line = watch.seen.last().unwrap().clone();
+    eprintln!("partition detected after {:?}: {line}", t.elapsed());
+    assert!(line.contains("heartbeat"), "{line}");
+    // b stays.
+    assert!(!watch.seen.iter().any(|l| is(l, "left", "b")));
+
+    lan.link(1, true);
+    watch.wait_for("a back", JOIN, |l| is(l, "joined", "a"));
+}
+
+#[test]
+fn two_clusters_are_kept_apart_and_doctor_says_so() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    let _ = lan.spawn(1, &node_args("blue-1", &["--cluster", "blue"]), &[]);
+    let _ = lan.spawn(2, &node_args("red-1", &["--cluster", "red"]), &[]);
+
+    let out = lan.run(
+        0,
+        &["peers", "--json", "--cluster", "blue", "--wait", "5000"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(names.contains(&"blue-1"), "{names:?}");
+    assert!(!names.contains(&"red-1"), "{names:?}");
+
+    let out = lan.run(0, &["doctor", "--cluster", "blue", "--wait", "3000"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("eth0"), "{stdout}");
+    assert!(stdout.contains("used (LAN interface)"), "{stdout}");
+    assert!(
+        stdout.contains("our own announcement came back"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ignored, cluster \"red\""), "{stdout}");
+    assert!(
+        stdout.contains("reachable (ZMTP handshake completed)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("serves: echo.echo"), "{stdout}");
+}
+
+#[test]
+fn doctor_explains_a_peer_it_cannot_reach() {
+    let Some(lan) = lan_or_skip(2) else { return };
+    // Announced on the LAN, but listening on loopback only: the classic mistake.
+    let _ = lan.spawn(1, &node_args("hidden", &["--listen", "127.0.0.1"]), &[]);
+    let out = lan.run(0, &["doctor", "--wait", "3000"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("NOT reachable"), "{stdout}");
+    assert!(stdout.to_lowercase().contains("refused"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("problem(s) found"), "{stderr}");
+}
+
+#[test]
+fn dns_names_and_static_seeds_work_without_mdns() {
+    let Some(lan) = lan_or_skip(3) else { return };
+    let _ = lan.spawn(
+        1,
+        &node_args(
+            "d1",
+            &["--mdns", "off", "--listen", "0.0.0.0", "--port", "7100"],
+        ),
+        &[],
+    );
+    let _ = lan.spawn(
+        2,
+        &node_args(
+            "d2",
+            &["--mdns", "off", "--listen", "0.0.0.0", "--port", "7100"],
+        ),
+        &[],
+    );
+    lan.hosts_file(
+        0,
+        "127.0.0.1 localhost\n10.77.0.2 svc.lan\n10.77.0.3 svc.lan\n",
+    );
+
+    let out = lan.run(
+        0,
+        &[
+            "peers",
+            "--json",
+            "--mdns",
+            "off",
+            "--dns",
+            "svc.lan:7100",
+            "--wait",
+            "5000",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(names.contains(&"d1") && names.contains(&"d2"), "{names:?}");
+
+    let out = lan.run(
+        0,
+        &[
+            "call",
+            "echo.echo",
+            "[1]",
+            "--mdns",
+            "off",
+            "--peer",
+            "tcp://10.77.0.3:7100",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
