@@ -865,3 +865,82 @@ async fn a_handler_panicking_before_its_future_is_caught_too() {
         7
     );
 }
+
+#[tokio::test]
+async fn presence_streams_joins_updates_and_leaves() {
+    let a = start_node("a", &[]).await;
+    let watcher = start_node("watcher", &[a.endpoint()]).await;
+    let mut presence = watcher.presence();
+    use peerwire::node::{Presence, PresenceEvent};
+    async fn next(p: &mut Presence) -> PresenceEvent {
+        within("a presence event", p.next())
+            .await
+            .expect("stream open")
+    }
+    match next(&mut presence).await {
+        PresenceEvent::Joined(p) => assert_eq!(p.name, "a"),
+        other => panic!("{other:?}"),
+    }
+    // A new handler on `a` reaches the watcher as an update of its catalog.
+    a.handle("a.ping", V1, |_: (), _| async { Ok(()) });
+    match next(&mut presence).await {
+        PresenceEvent::Updated(p) => assert!(p.methods.contains_key("a.ping")),
+        other => panic!("{other:?}"),
+    }
+    // A second stream starts with a snapshot of who is there now.
+    let mut late = watcher.presence();
+    assert!(matches!(next(&mut late).await, PresenceEvent::Joined(p) if p.name == "a"));
+    a.shutdown().await;
+    match next(&mut presence).await {
+        PresenceEvent::Left { peer, reason } => {
+            assert_eq!(peer.name, "a");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    watcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dns_seed_finds_its_peers() {
+    let server = orders_server().await;
+    let port = server
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let client = Node::builder("client")
+        .socket_options(test_opts())
+        .dns(format!("localhost:{port}").parse().unwrap())
+        .dns_every(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    wait_service(&client, "orders.create", 1).await;
+    let created: OrderCreated = client
+        .request(
+            "orders.create",
+            &CreateOrder {
+                item: "dns".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.item, "dns");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn mdns_with_no_usable_interface_is_a_clear_error() {
+    let err = Node::builder("x")
+        .mdns(peerwire::discovery::MdnsConfig::interfaces(["no-such-if0"]))
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("no usable interface"), "{err}");
+}

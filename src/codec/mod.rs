@@ -314,6 +314,11 @@ pub struct Catalog {
     pub methods: BTreeMap<String, Version>,
     /// Topics this node answers gather requests on, with their versions.
     pub gathers: BTreeMap<String, Version>,
+    /// Bumped by the node each time its handlers change. HELLOs from one node reach a
+    /// peer over two connections (its DEALER and the peer's), so an older catalog can
+    /// arrive after a newer one: the receiver keeps the highest revision. Absent (0) from
+    /// nodes that predate it.
+    pub revision: u64,
 }
 
 /// A node's introduction, the payload of HELLO and HELLO-ACK.

@@ -118,6 +118,8 @@ where
 pub(crate) struct Registry {
     pub methods: HashMap<String, Entry>,
     pub gathers: HashMap<String, Entry>,
+    /// Bumped on every change (see [`codec::Catalog::revision`]).
+    pub revision: u64,
 }
 
 impl Registry {
@@ -133,6 +135,7 @@ impl Registry {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.version))
                 .collect(),
+            revision: self.revision,
         }
     }
 }

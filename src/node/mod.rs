@@ -553,13 +553,17 @@ impl Node {
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, HandlerError>> + Send + 'static,
     {
-        self.inner.registry.write().methods.insert(
-            target.to_string(),
-            Entry {
-                version,
-                handler: erase(f),
-            },
-        );
+        {
+            let mut r = self.inner.registry.write();
+            r.methods.insert(
+                target.to_string(),
+                Entry {
+                    version,
+                    handler: erase(f),
+                },
+            );
+            r.revision += 1;
+        }
         self.inner.announce();
     }
 
@@ -571,13 +575,17 @@ impl Node {
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, HandlerError>> + Send + 'static,
     {
-        self.inner.registry.write().gathers.insert(
-            topic.to_string(),
-            Entry {
-                version,
-                handler: erase(f),
-            },
-        );
+        {
+            let mut r = self.inner.registry.write();
+            r.gathers.insert(
+                topic.to_string(),
+                Entry {
+                    version,
+                    handler: erase(f),
+                },
+            );
+            r.revision += 1;
+        }
         self.inner.subscriber.subscribe(topic.to_string());
         self.inner.announce();
     }

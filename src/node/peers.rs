@@ -28,6 +28,8 @@ pub struct PeerInfo {
 pub(crate) struct Peer {
     pub info: PeerInfo,
     pub dealer: Arc<Dealer>,
+    /// Revision of the catalog in `info` (see [`Catalog::revision`]).
+    pub catalog_revision: u64,
 }
 
 #[derive(Default)]
@@ -68,16 +70,35 @@ impl PeerTable {
             }
         }
         let connected = dealer.is_connected();
+        // A catalog older than the one we have arrived late by the other connection.
+        let (methods, gathers, catalog_revision) = match self.by_id.get(&id) {
+            Some(p) if p.catalog_revision > catalog.revision => (
+                p.info.methods.clone(),
+                p.info.gathers.clone(),
+                p.catalog_revision,
+            ),
+            _ => (catalog.methods, catalog.gathers, catalog.revision),
+        };
         let info = PeerInfo {
             id,
             name,
             router_endpoint,
             pub_endpoint,
-            methods: catalog.methods,
-            gathers: catalog.gathers,
+            methods,
+            gathers,
             connected,
         };
-        let new = self.by_id.insert(id, Peer { info, dealer }).is_none();
+        let new = self
+            .by_id
+            .insert(
+                id,
+                Peer {
+                    info,
+                    dealer,
+                    catalog_revision,
+                },
+            )
+            .is_none();
         replaced.retain(|p| !self.by_id.values().any(|x| &x.info.pub_endpoint == p));
         (new, replaced)
     }
