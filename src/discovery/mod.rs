@@ -279,6 +279,9 @@ pub struct Mdns {
     fullname: String,
     events: mdns_sd::Receiver<ServiceEvent>,
     selection: Interfaces,
+    /// (address, netmask) of every IPv4 address mDNS uses here: a peer's address in one
+    /// of these subnets is preferred (a multi-homed peer announces all of its own).
+    local_nets: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
 }
 
 impl Mdns {
@@ -294,6 +297,25 @@ impl Mdns {
         if !choices.iter().any(|c| c.used) {
             return Err(DiscoveryError::NoInterface(cfg.interfaces.to_string()));
         }
+        let local_nets = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| match &i.addr {
+                if_addrs::IfAddr::V4(a)
+                    if choose(
+                        &cfg.interfaces,
+                        &i.name,
+                        i.ip(),
+                        i.is_loopback(),
+                        i.is_p2p(),
+                    )
+                    .0 =>
+                {
+                    Some((a.ip, a.netmask))
+                }
+                _ => None,
+            })
+            .collect();
         let err = |e: mdns_sd::Error| DiscoveryError::Mdns(e.to_string());
         let daemon = ServiceDaemon::new_with_port(cfg.port).map_err(err)?;
         daemon.disable_interface(IfKind::All).map_err(err)?;
@@ -332,6 +354,7 @@ impl Mdns {
             fullname,
             events,
             selection: cfg.interfaces.clone(),
+            local_nets,
         })
     }
 
@@ -365,11 +388,11 @@ impl Mdns {
         let txt = |k: &str| r.txt_properties.get_property_val_str(k).map(str::to_string);
         let mut addresses: Vec<IpAddr> = r.addresses.iter().map(|a| a.to_ip_addr()).collect();
         addresses.sort();
-        // Loopback addresses only make sense in loopback mode; elsewhere the first LAN
-        // address wins (sorted, so every node picks the same one).
-        let ip = addresses
-            .iter()
-            .find(|a| a.is_ipv4() && (a.is_loopback() == (self.selection == Interfaces::Loopback)));
+        let ip = pick_address(
+            &addresses,
+            self.selection == Interfaces::Loopback,
+            &self.local_nets,
+        );
         let port = txt("rp")
             .and_then(|p| p.parse::<u16>().ok())
             .unwrap_or(r.port);
@@ -379,7 +402,7 @@ impl Mdns {
             name: txt("name").unwrap_or_default(),
             cluster: txt("cluster").unwrap_or_default(),
             version: txt("v").and_then(|v| v.parse().ok()),
-            router: ip.map(|ip| format!("tcp://{}", SocketAddr::new(*ip, port))),
+            router: ip.map(|ip| format!("tcp://{}", SocketAddr::new(ip, port))),
             addresses,
         }
     }
@@ -409,6 +432,32 @@ impl Mdns {
             Err(e) => warn!(error = %e, "mDNS daemon did not stop cleanly"),
         }
     }
+}
+
+/// The address to dial among those a peer announced. Loopback addresses only make sense in
+/// loopback mode. Among the others, one in a subnet we are on wins, then the first (the
+/// list is sorted, so every node picks the same one).
+fn pick_address(
+    addresses: &[IpAddr],
+    loopback_mode: bool,
+    local_nets: &[(std::net::Ipv4Addr, std::net::Ipv4Addr)],
+) -> Option<IpAddr> {
+    let usable: Vec<IpAddr> = addresses
+        .iter()
+        .copied()
+        .filter(|a| a.is_ipv4() && a.is_loopback() == loopback_mode)
+        .collect();
+    let on_our_subnet = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => local_nets.iter().any(|(ip, mask)| {
+            u32::from(*v4) & u32::from(*mask) == u32::from(*ip) & u32::from(*mask)
+        }),
+        IpAddr::V6(_) => false,
+    };
+    usable
+        .iter()
+        .copied()
+        .find(on_our_subnet)
+        .or(usable.first().copied())
 }
 
 fn short(fullname: &str) -> String {
@@ -511,6 +560,21 @@ mod tests {
         assert_eq!(n.len(), "orders-eu-west-".len() + 8);
         assert!(instance_name(&"x".repeat(100), id).len() <= 49);
         assert_eq!(short(&format!("{n}.{SERVICE_TYPE}")), n);
+    }
+
+    #[test]
+    fn the_address_on_our_subnet_is_dialled() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let nets = [(
+            "10.77.0.1".parse().unwrap(),
+            "255.255.255.0".parse().unwrap(),
+        )];
+        let announced = [a("10.1.0.5"), a("10.77.0.5"), a("127.0.0.1"), a("fe80::1")];
+        assert_eq!(pick_address(&announced, false, &nets), Some(a("10.77.0.5")));
+        // Nothing on our subnets: the first usable one.
+        assert_eq!(pick_address(&announced, false, &[]), Some(a("10.1.0.5")));
+        assert_eq!(pick_address(&announced, true, &nets), Some(a("127.0.0.1")));
+        assert_eq!(pick_address(&[a("fe80::1")], false, &nets), None);
     }
 
     #[test]
