@@ -344,3 +344,12 @@ async fn a_node_outlives_a_closed_log_and_output() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn mdns_on_a_missing_interface_is_a_one_line_error_with_a_hint() {
+    // Refused before any mDNS socket exists: nothing is sent anywhere.
+    let out = peerwire(&["peers", "--mdns-interface", "no-such-if0"]);
+    let err = one_line_error(&out);
+    assert!(err.contains("no usable interface"), "{err}");
+    assert!(err.contains("peerwire doctor"), "{err}");
+}

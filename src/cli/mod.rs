@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use peerwire::codec::Version;
-use peerwire::discovery::{DnsSeed, MdnsConfig};
-use peerwire::node::{CallOptions, GatherOptions, Node, NodeBuilder, PeerInfo, PresenceEvent};
+use peerwire::discovery::{DiscoveryError, DnsSeed, MdnsConfig};
+use peerwire::node::{
+    CallOptions, GatherOptions, Node, NodeBuilder, NodeError, PeerInfo, PresenceEvent,
+};
 use serde_json::Value;
 
 /// How a command's node uses mDNS.
@@ -98,13 +100,24 @@ impl NodeArgs {
         Duration::from_millis(self.wait_ms)
     }
 
+    /// Starts a node from `b`, with a hint for the mistakes people make with mDNS.
+    async fn start(&self, b: NodeBuilder) -> Result<Node> {
+        b.start().await.map_err(|e| match e {
+            NodeError::Discovery(DiscoveryError::NoInterface(_)) => anyhow!(
+                "{e} (see `peerwire doctor`; choose one with --mdns-interface NAME, or use \
+                 --mdns loopback or --mdns off with --peer)"
+            ),
+            e => e.into(),
+        })
+    }
+
     /// Starts a short-lived node for one command and waits for peers: every static
     /// peer, or (with mDNS or DNS) until the table has been still for a moment.
     async fn client_node(&self) -> Result<Node> {
         if self.peers.is_empty() && self.dns.is_empty() && self.mdns_config().is_none() {
             bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
         }
-        let node = self.builder("peerwire-cli").start().await?;
+        let node = self.start(self.builder("peerwire-cli")).await?;
         if self.dns.is_empty() && self.mdns_config().is_none() {
             node.wait_for_peers(self.peers.len(), self.wait()).await;
         } else {
@@ -185,10 +198,7 @@ pub async fn run_node(
     serve: &[String],
 ) -> Result<()> {
     let node = args
-        .builder(name)
-        .router_port(port)
-        .pub_port(pub_port)
-        .start()
+        .start(args.builder(name).router_port(port).pub_port(pub_port))
         .await?;
     for s in serve {
         match s.as_str() {
@@ -298,7 +308,7 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
     if args.peers.is_empty() && args.dns.is_empty() && args.mdns_config().is_none() {
         bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
     }
-    let node = args.builder("peerwire-watch").start().await?;
+    let node = args.start(args.builder("peerwire-watch")).await?;
     let mut presence = node.presence();
     if !json {
         errln!("watching for peers (Ctrl-C to stop)");
