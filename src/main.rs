@@ -336,9 +336,10 @@ async fn echo(bind: &str) -> Result<()> {
         .await
         .with_context(|| format!("cannot start the echo ROUTER on {bind}"))?;
     errln!("echo ROUTER listening on tcp://{}", router.local_addr());
+    let mut stop = cli::StopSignal::new();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = stop.recv() => break,
             r = router.recv() => {
                 let (id, msg) = r?;
                 if let Err(e) = router.send(&id, msg).await {

@@ -944,3 +944,51 @@ async fn mdns_with_no_usable_interface_is_a_clear_error() {
         .expect("refused");
     assert!(err.to_string().contains("no usable interface"), "{err}");
 }
+
+/// No `Left` event for any peer within `bound`.
+async fn no_leave(p: &mut peerwire::node::Presence, bound: Duration) {
+    use peerwire::node::PresenceEvent;
+    let _ = tokio::time::timeout(bound, async {
+        while let Some(e) = p.next().await {
+            if let PresenceEvent::Left { peer, reason } = e {
+                panic!("{} left: {reason}", peer.name);
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replicas_with_one_name_are_all_kept() {
+    // Two live instances called "orders" on one host are replicas, not a restart. They
+    // introduce themselves to the client (on its ROUTER) before the client's own
+    // connections to them are up: that is when a replica could pass for a restart.
+    for _ in 0..5 {
+        let client = start_node("client", &[]).await;
+        let a = Node::builder("orders")
+            .socket_options(test_opts())
+            .peer(client.endpoint())
+            .start();
+        let b = Node::builder("orders")
+            .socket_options(test_opts())
+            .peer(client.endpoint())
+            .start();
+        let (a, b) = tokio::join!(a, b);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut p = client.presence();
+        wait_until("both replicas connected", || {
+            client
+                .peers()
+                .iter()
+                .filter(|p| p.name == "orders" && p.connected)
+                .count()
+                == 2
+        })
+        .await;
+        no_leave(&mut p, Duration::from_millis(200)).await;
+        assert_eq!(client.peers().len(), 2);
+        client.shutdown().await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}

@@ -34,9 +34,18 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
                     }
                 );
             }
+            if let peerwire::discovery::Interfaces::Named(names) = &cfg.interfaces {
+                for n in names
+                    .iter()
+                    .filter(|n| !choices.iter().any(|c| &c.name == *n))
+                {
+                    problems.push(format!("there is no interface named {n:?} here"));
+                }
+            }
             if !choices.iter().any(|c| c.used) {
                 problems.push(format!(
-                    "no interface is usable for mDNS in mode {}; name one with --mdns-interface",
+                    "no interface is usable for mDNS ({}); name one that is up with \
+                     --mdns-interface",
                     cfg.interfaces
                 ));
             }
@@ -68,7 +77,7 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
         };
         match Mdns::start(cfg, &me) {
             Err(e) => problems.push(format!("mDNS cannot start: {e}")),
-            Ok(mdns) => {
+            Ok(mut mdns) => {
                 outln!(
                     "\nmDNS: announcing {} on UDP port {}, browsing for {} ms",
                     mdns.fullname(),
@@ -76,12 +85,14 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
                     args.wait_ms
                 );
                 let deadline = Instant::now() + wait;
+                let mut received = 0usize;
                 while let Ok(Some(s)) = tokio::time::timeout(
                     deadline.saturating_duration_since(Instant::now()),
                     mdns.next(),
                 )
                 .await
                 {
+                    received += 1;
                     match s {
                         Sighting::Own => heard_own = true,
                         Sighting::Up(s) => {
@@ -101,7 +112,8 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
                     get("respond")
                 );
                 outln!(
-                    "  received: our own announcement {}; {} other instance(s)",
+                    "  received: {received} resolved answer(s) and goodbye(s); our own \
+                     announcement {}; {} other instance(s)",
                     if heard_own {
                         "came back"
                     } else {

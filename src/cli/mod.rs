@@ -60,6 +60,10 @@ pub struct NodeArgs {
     /// How long to wait for peers (and, for calls, for a responder), in milliseconds.
     #[arg(long = "wait", default_value_t = 3000)]
     pub wait_ms: u64,
+    /// How long a discovered peer may stay unreachable before it is forgotten, in
+    /// milliseconds (it is dialled again while discovery still announces it).
+    #[arg(long, default_value_t = 10_000)]
+    pub forget_after: u64,
 }
 
 impl NodeArgs {
@@ -80,7 +84,8 @@ impl NodeArgs {
     fn builder(&self, name: &str) -> NodeBuilder {
         let mut b = Node::builder(name)
             .cluster(self.cluster.clone())
-            .dns_every(Duration::from_millis(self.dns_every));
+            .dns_every(Duration::from_millis(self.dns_every))
+            .forget_after(Duration::from_millis(self.forget_after));
         if let Some(l) = self.listen {
             b = b.listen(l);
         }
@@ -215,10 +220,10 @@ pub async fn run_node(
         node.pub_endpoint()
     );
     let mut presence = node.presence();
+    let mut stop = StopSignal::new();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminated() => break,
+            _ = stop.recv() => break,
             e = presence.next() => match e {
                 Some(e) => errln!("{}", presence_line(&e)),
                 None => break,
@@ -230,17 +235,57 @@ pub async fn run_node(
     Ok(())
 }
 
-/// Resolves on SIGTERM (Unix), so `kill` stops a node as gracefully as Ctrl-C.
-async fn terminated() {
+/// Ctrl-C or SIGTERM (so `kill` stops a node as gracefully as Ctrl-C). Listening starts
+/// when this is created, once, before the loop that waits on it: a signal listener made
+/// afresh on each turn of a `select!` misses a signal that lands between two turns.
+pub struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut s) = signal(SignalKind::terminate()) {
-            s.recv().await;
-            return;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignal {
+    /// Starts listening.
+    pub fn new() -> StopSignal {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            StopSignal {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        StopSignal {}
+    }
+
+    /// Resolves when one of them arrives (or arrived since `new`).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match &mut self.term {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match &mut self.int {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    std::future::pending::<()>().await
 }
 
 fn peer_json(p: &PeerInfo) -> Value {
@@ -310,14 +355,14 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
     }
     let node = args.start(args.builder("peerwire-watch")).await?;
     let mut presence = node.presence();
+    let mut stop = StopSignal::new();
     if !json {
         errln!("watching for peers (Ctrl-C to stop)");
     }
     let mut n = 0u64;
     while count.is_none_or(|c| n < c) {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminated() => break,
+            _ = stop.recv() => break,
             e = presence.next() => match e {
                 Some(e) => {
                     n += 1;
@@ -438,9 +483,10 @@ pub async fn subscribe(args: &NodeArgs, topic: &str, count: Option<u64>) -> Resu
     let mut sub = node.subscribe::<Value>(topic);
     errln!("subscribed to {topic:?}; Ctrl-C to stop");
     let mut n = 0u64;
+    let mut stop = StopSignal::new();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = stop.recv() => break,
             e = sub.recv() => match e {
                 Some(Ok(e)) => {
                     let line = serde_json::json!({

@@ -185,14 +185,17 @@ fn choose(
     }
 }
 
-/// Every address of every interface that is up, with the decision `sel` makes about it.
+/// Every address of every interface, with the decision `sel` makes about it.
 pub fn interface_choices(sel: &Interfaces) -> Vec<InterfaceChoice> {
     let mut out: Vec<InterfaceChoice> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
-        .filter(|i| i.is_oper_up())
         .map(|i| {
-            let (used, why) = choose(sel, &i.name, i.ip(), i.is_loopback(), i.is_p2p());
+            let (used, why) = if i.is_oper_up() {
+                choose(sel, &i.name, i.ip(), i.is_loopback(), i.is_p2p())
+            } else {
+                (false, "down")
+            };
             InterfaceChoice {
                 name: i.name.clone(),
                 addr: i.ip(),
@@ -254,13 +257,13 @@ pub struct Seen {
     pub addresses: Vec<IpAddr>,
 }
 
-/// The mDNS instance name for a node: its name (up to 40 characters, dots and spaces
-/// replaced) and the first 8 hex digits of its id, unique enough on one LAN and still
-/// readable in `avahi-browse` or `dns-sd -B`.
+/// The mDNS instance name for a node: its name (at most 40 bytes, cut at a character
+/// boundary, dots and spaces replaced) and the last 8 hex digits of its id: under the
+/// 63-byte limit of a DNS label, unique enough on one LAN and still readable in
+/// `avahi-browse` or `dns-sd -B`.
 pub fn instance_name(name: &str, id: Id) -> String {
-    let clean: String = name
+    let clean: String = truncate(name, 40)
         .chars()
-        .take(40)
         .map(|c| {
             if c == '.' || c.is_whitespace() {
                 '-'
@@ -278,10 +281,11 @@ pub struct Mdns {
     daemon: ServiceDaemon,
     fullname: String,
     events: mdns_sd::Receiver<ServiceEvent>,
-    selection: Interfaces,
     /// (address, netmask) of every IPv4 address mDNS uses here: a peer's address in one
     /// of these subnets is preferred (a multi-homed peer announces all of its own).
     local_nets: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// Whether any interface in use is loopback (then peers' loopback addresses count).
+    loopback: bool,
 }
 
 impl Mdns {
@@ -295,8 +299,51 @@ impl Mdns {
     pub fn start(cfg: &MdnsConfig, me: &Announcement) -> Result<Mdns, DiscoveryError> {
         let choices = interface_choices(&cfg.interfaces);
         if !choices.iter().any(|c| c.used) {
-            return Err(DiscoveryError::NoInterface(cfg.interfaces.to_string()));
+            match &cfg.interfaces {
+                // A laptop offline or a container before its network is up: mdns-sd
+                // checks the interfaces again later and starts on the first that fits.
+                Interfaces::Lan => warn!(
+                    "mDNS: no LAN interface is up yet; announcing once one comes up \
+                     (`peerwire doctor` lists the interfaces)"
+                ),
+                Interfaces::Named(names) => {
+                    let missing: Vec<&String> = names
+                        .iter()
+                        .filter(|n| !choices.iter().any(|c| &c.name == *n))
+                        .collect();
+                    let here: Vec<String> = {
+                        let mut v: Vec<String> = choices.iter().map(|c| c.name.clone()).collect();
+                        v.dedup();
+                        v
+                    };
+                    return Err(DiscoveryError::NoInterface(format!(
+                        "{} ({}; interfaces here: {})",
+                        cfg.interfaces,
+                        if missing.is_empty() {
+                            "none has an IPv4 address".to_string()
+                        } else {
+                            format!(
+                                "no interface named {}",
+                                missing
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        },
+                        if here.is_empty() {
+                            "none".into()
+                        } else {
+                            here.join(", ")
+                        }
+                    )));
+                }
+                Interfaces::Loopback => {
+                    return Err(DiscoveryError::NoInterface(cfg.interfaces.to_string()))
+                }
+            }
         }
+        let mut loopback = false;
         let local_nets = if_addrs::get_if_addrs()
             .unwrap_or_default()
             .into_iter()
@@ -311,26 +358,23 @@ impl Mdns {
                     )
                     .0 =>
                 {
+                    loopback |= i.is_loopback();
                     Some((a.ip, a.netmask))
                 }
                 _ => None,
             })
             .collect();
         let err = |e: mdns_sd::Error| DiscoveryError::Mdns(e.to_string());
-        let daemon = ServiceDaemon::new_with_port(cfg.port).map_err(err)?;
-        daemon.disable_interface(IfKind::All).map_err(err)?;
-        let sel = cfg.interfaces.clone();
-        daemon
-            .enable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
-                choose(&sel, &i.name, i.ip(), i.is_loopback(), i.is_p2p()).0
-            })))
-            .map_err(err)?;
+        // Everything that can be refused is checked before the daemon (a thread) exists.
         let instance = instance_name(&me.name, me.node_id);
         let host = format!("{instance}.local.");
         let props = [
             ("id", me.node_id.to_string()),
-            ("name", me.name.clone()),
-            ("cluster", me.cluster.clone()),
+            ("name", truncate(&me.name, 100).to_string()),
+            (
+                "cluster",
+                truncate(&me.cluster, MAX_CLUSTER_LEN).to_string(),
+            ),
             ("rp", me.router_port.to_string()),
             ("pp", me.pub_port.to_string()),
             ("v", VERSION_MAJOR.to_string()),
@@ -345,16 +389,35 @@ impl Mdns {
         )
         .map_err(err)?
         .enable_addr_auto();
+        let daemon = ServiceDaemon::new_with_port(cfg.port).map_err(err)?;
+        let fail = |daemon: ServiceDaemon, e: mdns_sd::Error| {
+            let _ = daemon.shutdown();
+            Err(err(e))
+        };
+        if let Err(e) = daemon.disable_interface(IfKind::All) {
+            return fail(daemon, e);
+        }
+        let sel = cfg.interfaces.clone();
+        if let Err(e) = daemon.enable_interface(IfKind::Predicate(IfPredicate::new(move |i| {
+            choose(&sel, &i.name, i.ip(), i.is_loopback(), i.is_p2p()).0
+        }))) {
+            return fail(daemon, e);
+        }
         let fullname = info.get_fullname().to_string();
-        daemon.register(info).map_err(err)?;
-        let events = daemon.browse(SERVICE_TYPE).map_err(err)?;
+        if let Err(e) = daemon.register(info) {
+            return fail(daemon, e);
+        }
+        let events = match daemon.browse(SERVICE_TYPE) {
+            Ok(ev) => ev,
+            Err(e) => return fail(daemon, e),
+        };
         debug!(%fullname, interfaces = %cfg.interfaces, "mDNS started");
         Ok(Mdns {
             daemon,
             fullname,
             events,
-            selection: cfg.interfaces.clone(),
             local_nets,
+            loopback,
         })
     }
 
@@ -364,9 +427,16 @@ impl Mdns {
     }
 
     /// The next sighting. `None` once the daemon has stopped.
-    pub async fn next(&self) -> Option<Sighting> {
+    pub async fn next(&mut self) -> Option<Sighting> {
         loop {
-            let ev = self.events.recv_async().await.ok()?;
+            let Ok(ev) = self.events.recv_async().await else {
+                // The daemon ends a browse whose channel it found full (a reader that fell
+                // behind): browse again rather than stop discovering. It fails only if the
+                // daemon itself has stopped.
+                self.events = self.daemon.browse(SERVICE_TYPE).ok()?;
+                warn!("mDNS: browsing again after the event stream ended");
+                continue;
+            };
             match ev {
                 ServiceEvent::ServiceResolved(r) if r.fullname == self.fullname => {
                     return Some(Sighting::Own);
@@ -388,11 +458,7 @@ impl Mdns {
         let txt = |k: &str| r.txt_properties.get_property_val_str(k).map(str::to_string);
         let mut addresses: Vec<IpAddr> = r.addresses.iter().map(|a| a.to_ip_addr()).collect();
         addresses.sort();
-        let ip = pick_address(
-            &addresses,
-            self.selection == Interfaces::Loopback,
-            &self.local_nets,
-        );
+        let ip = pick_address(&addresses, self.loopback, &self.local_nets);
         let port = txt("rp")
             .and_then(|p| p.parse::<u16>().ok())
             .unwrap_or(r.port);
@@ -434,18 +500,18 @@ impl Mdns {
     }
 }
 
-/// The address to dial among those a peer announced. Loopback addresses only make sense in
-/// loopback mode. Among the others, one in a subnet we are on wins, then the first (the
-/// list is sorted, so every node picks the same one).
+/// The address to dial among those a peer announced: IPv4, loopback only if we use a
+/// loopback interface ourselves. One in a subnet we are on wins, then the first that is
+/// not loopback, then the first (the list is sorted, so every node picks the same one).
 fn pick_address(
     addresses: &[IpAddr],
-    loopback_mode: bool,
+    loopback: bool,
     local_nets: &[(std::net::Ipv4Addr, std::net::Ipv4Addr)],
 ) -> Option<IpAddr> {
     let usable: Vec<IpAddr> = addresses
         .iter()
         .copied()
-        .filter(|a| a.is_ipv4() && a.is_loopback() == loopback_mode)
+        .filter(|a| a.is_ipv4() && (loopback || !a.is_loopback()))
         .collect();
     let on_our_subnet = |a: &IpAddr| match a {
         IpAddr::V4(v4) => local_nets.iter().any(|(ip, mask)| {
@@ -456,9 +522,25 @@ fn pick_address(
     usable
         .iter()
         .copied()
-        .find(on_our_subnet)
+        .find(|a| on_our_subnet(a))
+        .or_else(|| usable.iter().copied().find(|a| !a.is_loopback()))
         .or(usable.first().copied())
 }
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Longest cluster name (bytes): it travels in every TXT record and HELLO.
+pub const MAX_CLUSTER_LEN: usize = 64;
 
 fn short(fullname: &str) -> String {
     fullname
@@ -559,6 +641,10 @@ mod tests {
         assert!(n.starts_with("orders-eu-west-"));
         assert_eq!(n.len(), "orders-eu-west-".len() + 8);
         assert!(instance_name(&"x".repeat(100), id).len() <= 49);
+        // Bytes, not characters: 40 × "é" is 80 bytes, over a DNS label's 63.
+        let n = instance_name(&"é".repeat(40), id);
+        assert!(n.len() <= 49, "{}", n.len());
+        assert!(n.starts_with("éé"));
         assert_eq!(short(&format!("{n}.{SERVICE_TYPE}")), n);
     }
 
@@ -573,7 +659,14 @@ mod tests {
         assert_eq!(pick_address(&announced, false, &nets), Some(a("10.77.0.5")));
         // Nothing on our subnets: the first usable one.
         assert_eq!(pick_address(&announced, false, &[]), Some(a("10.1.0.5")));
-        assert_eq!(pick_address(&announced, true, &nets), Some(a("127.0.0.1")));
+        // Loopback mode, or a named `lo`: loopback is our subnet.
+        let lo = [("127.0.0.1".parse().unwrap(), "255.0.0.0".parse().unwrap())];
+        assert_eq!(pick_address(&announced, true, &lo), Some(a("127.0.0.1")));
+        assert_eq!(
+            pick_address(&[a("127.0.0.1")], true, &lo),
+            Some(a("127.0.0.1"))
+        );
+        assert_eq!(pick_address(&[a("127.0.0.1")], false, &nets), None);
         assert_eq!(pick_address(&[a("fe80::1")], false, &nets), None);
     }
 

@@ -5,16 +5,117 @@
 use super::*;
 use crate::discovery::{Sighting, VERSION_MAJOR_TXT};
 
+/// How often endpoints that discovery still vouches for are dialled again if dispatch
+/// forgot them (a partition longer than `forget_after`, say). Dialling a known endpoint
+/// is a no-op, so this costs a table lookup per endpoint.
+const REDIAL_EVERY: Duration = Duration::from_secs(5);
+
+/// Most node ids remembered as retired (restarted elsewhere), oldest dropped first.
+const MAX_RETIRED: usize = 1024;
+
+/// Node ids known to be gone for good: a peer that restarted under a new id. Their mDNS
+/// records linger in caches until they expire (minutes); they must not be dialled again.
+#[derive(Default)]
+pub(super) struct Retired {
+    order: std::collections::VecDeque<Id>,
+    set: HashSet<Id>,
+}
+
+impl Retired {
+    pub(super) fn add(&mut self, id: Id) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > MAX_RETIRED {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(super) fn contains(&self, id: &Id) -> bool {
+        self.set.contains(id)
+    }
+}
+
+impl Inner {
+    /// The node id at a ROUTER endpoint, and whether it is connected.
+    fn peer_at(&self, endpoint: &str) -> Option<(Id, bool)> {
+        self.peers
+            .lock()
+            .by_id
+            .values()
+            .find(|p| p.info.router_endpoint == endpoint)
+            .map(|p| (p.info.id, p.info.connected))
+    }
+
+    fn forget_later(self: &Arc<Self>, endpoint: String, why: &'static str) {
+        let inner = self.clone();
+        self.tasks
+            .spawn(async move { inner.forget(&endpoint, why).await });
+    }
+}
+
+/// What to do with an endpoint whose mDNS instance went away (goodbye or expiry).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum OnDown {
+    /// Nothing: another instance is announced there now, or another node answers there.
+    Keep,
+    /// Forget it now: nobody reachable is there.
+    Forget,
+    /// The peer is still connected (its goodbye comes before its connections close, and
+    /// multicast can fail while TCP works): forget it when its connection drops.
+    WhenDisconnected,
+}
+
+/// The decision for an endpoint `ep` whose instance, announced by node `gone` (from its
+/// TXT), went away. `others` are the endpoints of the instances still announced; `at` is
+/// the peer at `ep` now (id, connected).
+pub(super) fn on_down<'a>(
+    ep: &str,
+    gone: Option<Id>,
+    mut others: impl Iterator<Item = &'a String>,
+    at: Option<(Id, bool)>,
+) -> OnDown {
+    if others.any(|e| e == ep) {
+        return OnDown::Keep;
+    }
+    match at {
+        None => OnDown::Forget,
+        // Another node lives at that endpoint now (the instance's node restarted there):
+        // the old instance expiring must not drop it.
+        Some((id, _)) if gone.is_some_and(|g| g != id) => OnDown::Keep,
+        Some((_, true)) => OnDown::WhenDisconnected,
+        Some((_, false)) => OnDown::Forget,
+    }
+}
+
 /// Follows mDNS until the node leaves, then says goodbye.
-pub(super) async fn mdns_loop(inner: Weak<Inner>, mdns: Mdns) {
+pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
     let Some(leave) = inner.upgrade().map(|i| i.leave.clone()) else {
         return;
     };
-    // Instance → the endpoint we dial for it.
-    let mut dialled: HashMap<String, String> = HashMap::new();
+    // Instance → the endpoint we dial for it and the node id it announced.
+    let mut dialled: HashMap<String, (String, Option<Id>)> = HashMap::new();
+    let mut redial =
+        tokio::time::interval_at(tokio::time::Instant::now() + REDIAL_EVERY, REDIAL_EVERY);
+    redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let sighting = tokio::select! {
+            biased;
             _ = leave.cancelled() => break,
+            _ = redial.tick() => {
+                let Some(inner) = inner.upgrade() else { break };
+                for (ep, id) in dialled.values() {
+                    if id.is_some_and(|id| inner.retired.lock().contains(&id)) {
+                        continue;
+                    }
+                    if let Err(e) = inner.ensure_dealer(ep) {
+                        debug!(endpoint = %ep, error = %e, "mDNS: not dialling again");
+                    }
+                }
+                continue;
+            }
             s = mdns.next() => match s {
                 Some(s) => s,
                 None => {
@@ -39,13 +140,25 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mdns: Mdns) {
                     warn!(instance = %seen.instance, version = ?seen.version, "mDNS: a node speaking another protocol version, ignored");
                     continue;
                 }
+                if seen
+                    .node_id
+                    .is_some_and(|id| inner.retired.lock().contains(&id))
+                {
+                    debug!(instance = %seen.instance, "mDNS: a lingering record of a node that restarted, ignored");
+                    continue;
+                }
                 let Some(ep) = seen.router else {
                     debug!(instance = %seen.instance, addresses = ?seen.addresses, "mDNS: no usable address");
                     continue;
                 };
-                if let Some(old) = dialled.insert(seen.instance.clone(), ep.clone()) {
-                    if old != ep && !inner.static_endpoints.contains(&old) {
-                        inner.forget(&old, "moved").await;
+                inner.unannounced.lock().remove(&ep);
+                let previous = dialled.insert(seen.instance.clone(), (ep.clone(), seen.node_id));
+                if let Some((old, _)) = previous {
+                    if old != ep
+                        && !inner.static_endpoints.contains(&old)
+                        && !dialled.values().any(|(e, _)| *e == old)
+                    {
+                        inner.forget_later(old, "moved");
                     }
                 }
                 debug!(node = %inner.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
@@ -55,10 +168,28 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mdns: Mdns) {
             }
             Sighting::Own => {}
             Sighting::Down { instance } => {
-                if let Some(ep) = dialled.remove(&instance) {
-                    debug!(node = %inner.name, %instance, endpoint = %ep, "mDNS: peer said goodbye");
-                    if !inner.static_endpoints.contains(&ep) {
-                        inner.forget(&ep, "said goodbye").await;
+                let Some((ep, gone)) = dialled.remove(&instance) else {
+                    continue;
+                };
+                if inner.static_endpoints.contains(&ep) {
+                    continue;
+                }
+                let decision = on_down(
+                    &ep,
+                    gone,
+                    dialled.values().map(|(e, _)| e),
+                    inner.peer_at(&ep),
+                );
+                debug!(node = %inner.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
+                match decision {
+                    OnDown::Keep => {}
+                    OnDown::Forget => inner.forget_later(ep, "gone from mDNS"),
+                    OnDown::WhenDisconnected => {
+                        inner.unannounced.lock().insert(ep.clone());
+                        // It may have dropped between the look and the mark.
+                        if inner.peer_at(&ep).is_some_and(|(_, up)| !up) {
+                            inner.forget_later(ep, "gone from mDNS");
+                        }
                     }
                 }
             }
@@ -67,8 +198,8 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mdns: Mdns) {
     mdns.stop().await;
 }
 
-/// Resolves the DNS seeds every `every` until the node leaves: new addresses are dialled,
-/// vanished ones forgotten.
+/// Resolves the DNS seeds every `every` until the node leaves: every address is dialled
+/// (again, if dispatch forgot it), vanished ones forgotten.
 pub(super) async fn dns_loop(
     inner: Weak<Inner>,
     seeds: Vec<DnsSeed>,
@@ -105,7 +236,9 @@ pub(super) async fn dns_loop(
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        for ep in found.difference(&current) {
+        // All of them, not only the new ones: an address dispatch forgot (unreachable for
+        // a while) is dialled again while DNS still lists it. Known ones are a no-op.
+        for ep in &found {
             if let Err(e) = strong.ensure_dealer(ep) {
                 debug!(endpoint = %ep, error = %e, "DNS: not dialling");
             }
@@ -114,7 +247,7 @@ pub(super) async fn dns_loop(
         if !failed {
             for ep in current.difference(&found) {
                 if !strong.static_endpoints.contains(ep) {
-                    strong.forget(ep, "gone from DNS").await;
+                    strong.forget_later(ep.clone(), "gone from DNS");
                 }
             }
             current = found;
@@ -126,5 +259,91 @@ pub(super) async fn dns_loop(
             _ = leave.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiring_instance_never_drops_the_node_that_replaced_it() {
+        let (old, new) = (Id::new(), Id::new());
+        let ep = "tcp://10.0.0.2:7001";
+        let none: Vec<String> = Vec::new();
+        // The restarted node answers at the same endpoint: keep it.
+        assert_eq!(
+            on_down(ep, Some(old), none.iter(), Some((new, true))),
+            OnDown::Keep
+        );
+        assert_eq!(
+            on_down(ep, Some(old), none.iter(), Some((new, false))),
+            OnDown::Keep
+        );
+        // Another instance announces the endpoint now: keep it.
+        let others = [ep.to_string()];
+        assert_eq!(on_down(ep, Some(old), others.iter(), None), OnDown::Keep);
+        // The same node, still connected (its goodbye precedes its close): later.
+        assert_eq!(
+            on_down(ep, Some(old), none.iter(), Some((old, true))),
+            OnDown::WhenDisconnected
+        );
+        // Down, or never reached: now.
+        assert_eq!(
+            on_down(ep, Some(old), none.iter(), Some((old, false))),
+            OnDown::Forget
+        );
+        assert_eq!(on_down(ep, Some(old), none.iter(), None), OnDown::Forget);
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_endpoints_loop_never_touches_its_successor() {
+        // `b` reaches `a` through a HELLO (not a static peer, so forgettable). `a` forgets
+        // it (as discovery would on a goodbye), then dials the same endpoint again: the
+        // first dealer's loop must be gone, not forget the second after `forget_after`.
+        let forget = Duration::from_millis(200);
+        let a = Node::builder("a")
+            .forget_after(forget)
+            .start()
+            .await
+            .unwrap();
+        let b = Node::builder("b").peer(a.endpoint()).start().await.unwrap();
+        let ep = b.endpoint();
+        let connected = |n: &Node| {
+            n.peers()
+                .iter()
+                .any(|p| p.router_endpoint == ep && p.connected)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !connected(&a) {
+            assert!(std::time::Instant::now() < deadline, "a never reached b");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        a.inner.forget(&ep, "test").await;
+        a.add_peer(&ep).unwrap();
+        while !connected(&a) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a never reached b again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Several `forget_after`s: a stray loop would have struck by now.
+        tokio::time::sleep(forget * 5).await;
+        assert!(connected(&a), "the new connection to b was forgotten");
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+
+    #[test]
+    fn retired_ids_are_bounded() {
+        let mut r = Retired::default();
+        let first = Id::new();
+        r.add(first);
+        for _ in 0..MAX_RETIRED {
+            r.add(Id::new());
+        }
+        assert!(!r.contains(&first));
+        assert_eq!(r.set.len(), MAX_RETIRED);
     }
 }

@@ -128,14 +128,20 @@ impl Inner {
         let (dealer, events) =
             Dealer::connect_with_handler(endpoint, self.socket.clone(), on_message)?;
         let dealer = Arc::new(dealer);
+        // Its loop ends with the node, or when this endpoint is forgotten: a loop that
+        // outlived its dealer would act on whatever dealer the endpoint has later.
+        let stop = self.cancel.child_token();
         peers.dealers.insert(endpoint.to_string(), dealer.clone());
+        peers
+            .dealer_stops
+            .insert(endpoint.to_string(), stop.clone());
         drop(peers);
         self.tasks.spawn(dealer_loop(
             Arc::downgrade(self),
             endpoint.to_string(),
             dealer.clone(),
             events,
-            self.cancel.clone(),
+            stop,
         ));
         Ok(dealer)
     }
@@ -186,7 +192,7 @@ impl Inner {
             let mut peers = self.peers.lock();
             let before = peers.by_id.get(&hello.node_id).map(|p| p.info.clone());
             let was_up = before.as_ref().is_some_and(|p| p.connected);
-            let (new, stale) = peers.upsert(
+            let (new, stale, replaced) = peers.upsert(
                 hello.node_id,
                 hello.name,
                 router_ep,
@@ -194,6 +200,12 @@ impl Inner {
                 hello.catalog,
                 dealer,
             );
+            for peer in replaced {
+                let _ = self.presence.send(PresenceEvent::Left {
+                    peer,
+                    reason: "replaced by another node at its endpoint".into(),
+                });
+            }
             let info = peers.by_id[&hello.node_id].info.clone();
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
@@ -201,18 +213,21 @@ impl Inner {
             // A peer of the same name on the same host, under another id and no longer
             // reachable, is this one before a restart (on another port, say): stop
             // dialling it now rather than after `forget_after`.
-            let superseded: Vec<String> = peers
+            // (Only one that was reachable and then dropped: a replica of the same name
+            // whose HELLO arrived before our connection to it is up is not a restart.)
+            let superseded: Vec<(String, Id)> = peers
                 .by_id
                 .values()
                 .filter(|p| {
                     p.info.id != info.id
                         && !p.info.connected
+                        && p.went_down
                         && p.info.name == info.name
                         && endpoint_ip(&p.info.router_endpoint) == Some(host)
                         && p.info.router_endpoint != info.router_endpoint
                 })
-                .map(|p| p.info.router_endpoint.clone())
-                .filter(|ep| !self.static_endpoints.contains(ep))
+                .filter(|p| !self.static_endpoints.contains(&p.info.router_endpoint))
+                .map(|p| (p.info.router_endpoint.clone(), p.info.id))
                 .collect();
             // Sent under the table's lock, so that `Node::presence` can take a snapshot
             // and subscribe without missing or repeating an event.
@@ -231,7 +246,9 @@ impl Inner {
             self.subscriber.disconnect(&p);
             self.sub_endpoints.lock().remove(&p);
         }
-        for ep in superseded {
+        for (ep, old_id) in superseded {
+            // Its mDNS records linger in caches for minutes: never dial them again.
+            self.retired.lock().add(old_id);
             debug!(node = %self.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
             let inner = self.clone();
             self.tasks
@@ -267,6 +284,10 @@ impl Inner {
         let (dealer, pubs) = {
             let mut peers = self.peers.lock();
             let dealer = peers.dealers.remove(endpoint);
+            if let Some(stop) = peers.dealer_stops.remove(endpoint) {
+                stop.cancel();
+            }
+            self.unannounced.lock().remove(endpoint);
             let mut pubs = Vec::new();
             let mut left = Vec::new();
             peers.by_id.retain(|_, p| {
@@ -944,6 +965,7 @@ pub(super) async fn dealer_loop(
     let mut forget_at = forgettable.map(far_instant_after).unwrap_or(far);
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(forget_at) => {
                 let Some(strong) = inner.upgrade() else { return };
@@ -957,7 +979,13 @@ pub(super) async fn dealer_loop(
                         SocketEvent::Connected { .. } => forget_at = far,
                         SocketEvent::Disconnected { .. } => {
                             if let Some(t) = forgettable {
-                                forget_at = far_instant_after(t);
+                                // Gone from mDNS already: nothing vouches for it any more.
+                                let unannounced = strong.unannounced.lock().contains(&endpoint);
+                                forget_at = if unannounced {
+                                    tokio::time::Instant::now()
+                                } else {
+                                    far_instant_after(t)
+                                };
                             }
                         }
                         _ => {}

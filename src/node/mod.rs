@@ -105,6 +105,9 @@ pub enum NodeError {
     /// A discovery source could not start (mDNS with no usable interface, say).
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The builder was given a setting the node cannot use.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Why a call (request, notification, gather) failed.
@@ -291,6 +294,13 @@ impl NodeBuilder {
 
     /// Binds the sockets, connects to the static peers and starts the node.
     pub async fn start(self) -> Result<Node, NodeError> {
+        if self.cluster.is_empty() || self.cluster.len() > crate::discovery::MAX_CLUSTER_LEN {
+            return Err(NodeError::Config(format!(
+                "the cluster name must be 1 to {} bytes, not {}",
+                crate::discovery::MAX_CLUSTER_LEN,
+                self.cluster.len()
+            )));
+        }
         let id = Id::new();
         let host = self.host.unwrap_or(match &self.mdns {
             Some(m) if m.reaches_other_hosts() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -348,6 +358,8 @@ impl NodeBuilder {
             forget_after: self.forget_after,
             static_endpoints: self.peers.iter().cloned().collect(),
             self_endpoints: Mutex::new(HashSet::new()),
+            retired: Mutex::new(discover::Retired::default()),
+            unannounced: Mutex::new(HashSet::new()),
             cancel: CancellationToken::new(),
             leave: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -369,18 +381,37 @@ impl NodeBuilder {
             .tasks
             .spawn(subscriber_loop(weak.clone(), inner.cancel.clone()));
         inner.tasks.spawn(deadline_loop(weak, inner.cancel.clone()));
+        // Discovery first: if it is refused, nothing has been dialled yet. Whatever did
+        // start is shut down before the error is returned.
+        let mdns = match &self.mdns {
+            Some(cfg) => {
+                let me = Announcement {
+                    node_id: inner.id,
+                    name: inner.name.clone(),
+                    cluster: inner.cluster.clone(),
+                    router_port: inner.router_port,
+                    pub_port: inner.pub_port,
+                };
+                match Mdns::start(cfg, &me) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        Node { inner }.shutdown().await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         for p in &self.peers {
-            inner.ensure_dealer(p)?;
+            if let Err(e) = inner.ensure_dealer(p) {
+                if let Some(m) = mdns {
+                    m.stop().await;
+                }
+                Node { inner }.shutdown().await;
+                return Err(e.into());
+            }
         }
-        if let Some(cfg) = &self.mdns {
-            let me = Announcement {
-                node_id: inner.id,
-                name: inner.name.clone(),
-                cluster: inner.cluster.clone(),
-                router_port: inner.router_port,
-                pub_port: inner.pub_port,
-            };
-            let mdns = Mdns::start(cfg, &me)?;
+        if let Some(mdns) = mdns {
             inner
                 .tasks
                 .spawn(discover::mdns_loop(Arc::downgrade(&inner), mdns));
@@ -469,6 +500,11 @@ struct Inner {
     static_endpoints: HashSet<String>,
     /// Endpoints found to lead back to this node (through gossip): never dialled again.
     self_endpoints: Mutex<HashSet<String>>,
+    /// Node ids that restarted elsewhere: their lingering mDNS records are not dialled.
+    retired: Mutex<discover::Retired>,
+    /// Endpoints whose mDNS instance went away while still connected: forgotten as soon
+    /// as their connection drops, rather than after `forget_after`.
+    unannounced: Mutex<HashSet<String>>,
     cancel: CancellationToken,
     /// Cancelled when shutdown starts (before the drain): discovery says goodbye then.
     leave: CancellationToken,

@@ -30,6 +30,9 @@ pub(crate) struct Peer {
     pub dealer: Arc<Dealer>,
     /// Revision of the catalog in `info` (see [`Catalog::revision`]).
     pub catalog_revision: u64,
+    /// It was reachable once and its connection has since dropped (as opposed to a peer
+    /// whose HELLO came in before our own connection to it is up).
+    pub went_down: bool,
 }
 
 #[derive(Default)]
@@ -37,13 +40,16 @@ pub(crate) struct PeerTable {
     pub by_id: HashMap<Id, Peer>,
     /// One DEALER per remote ROUTER endpoint, whether or not its HELLO came back yet.
     pub dealers: HashMap<String, Arc<Dealer>>,
+    /// Stops the `dealer_loop` of each endpoint in `dealers` (cancelled when forgotten).
+    pub dealer_stops: HashMap<String, tokio_util::sync::CancellationToken>,
     /// Round-robin cursor for choosing among instances.
     pub cursor: usize,
 }
 
 impl PeerTable {
-    /// Records (or refreshes) a peer from its HELLO. Returns whether it is new, and the
-    /// PUB endpoints no peer uses any more (to disconnect from).
+    /// Records (or refreshes) a peer from its HELLO. Returns whether it is new, the
+    /// PUB endpoints no peer uses any more (to disconnect from), and the reachable peers
+    /// it replaced (another node id on the same endpoint).
     /// A different node id on an endpoint we knew (the peer restarted) replaces the old
     /// entry, so calls never go to a node that no longer exists.
     pub fn upsert(
@@ -54,11 +60,15 @@ impl PeerTable {
         pub_endpoint: String,
         catalog: Catalog,
         dealer: Arc<Dealer>,
-    ) -> (bool, Vec<String>) {
+    ) -> (bool, Vec<String>, Vec<PeerInfo>) {
         let mut replaced = Vec::new();
+        let mut gone = Vec::new();
         self.by_id.retain(|old, p| {
             if *old != id && p.info.router_endpoint == router_endpoint {
                 replaced.push(p.info.pub_endpoint.clone());
+                if p.info.connected {
+                    gone.push(p.info.clone());
+                }
                 false
             } else {
                 true
@@ -70,6 +80,7 @@ impl PeerTable {
             }
         }
         let connected = dealer.is_connected();
+        let went_down = !connected && self.by_id.get(&id).is_some_and(|p| p.went_down);
         // A catalog older than the one we have arrived late by the other connection.
         let (methods, gathers, catalog_revision) = match self.by_id.get(&id) {
             Some(p) if p.catalog_revision > catalog.revision => (
@@ -96,11 +107,12 @@ impl PeerTable {
                     info,
                     dealer,
                     catalog_revision,
+                    went_down,
                 },
             )
             .is_none();
         replaced.retain(|p| !self.by_id.values().any(|x| &x.info.pub_endpoint == p));
-        (new, replaced)
+        (new, replaced, gone)
     }
 
     /// Whether `id` is known at an endpoint other than `router_endpoint` and connected
@@ -117,6 +129,7 @@ impl PeerTable {
         for p in self.by_id.values_mut() {
             if p.info.router_endpoint == endpoint && p.info.connected {
                 p.info.connected = false;
+                p.went_down = true;
                 went_down.push(p.info.clone());
             }
         }

@@ -133,6 +133,10 @@ pub enum CloseReason {
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // Silence is how a vanished host looks, not something the peer did wrong.
+            CloseReason::Violation(ProtocolViolation::HeartbeatTimeout) => {
+                write!(f, "{}", ProtocolViolation::HeartbeatTimeout)
+            }
             CloseReason::Violation(v) => write!(f, "protocol violation: {v}"),
             CloseReason::PeerClosed => f.write_str("peer closed the connection"),
             CloseReason::Io(e) => write!(f, "I/O error: {e}"),
