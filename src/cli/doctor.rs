@@ -95,6 +95,7 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
                     received += 1;
                     match s {
                         Sighting::Own => heard_own = true,
+                        Sighting::Refreshed => {}
                         Sighting::Up(s) => {
                             seen.insert(s.instance.clone(), s);
                         }

@@ -202,6 +202,9 @@ pub async fn run_node(
     pub_port: u16,
     serve: &[String],
 ) -> Result<()> {
+    // Listening before the endpoint line is printed: a script that reads it and at
+    // once sends SIGTERM must get a graceful stop.
+    let mut stop = StopSignal::new();
     let node = args
         .start(args.builder(name).router_port(port).pub_port(pub_port))
         .await?;
@@ -220,7 +223,6 @@ pub async fn run_node(
         node.pub_endpoint()
     );
     let mut presence = node.presence();
-    let mut stop = StopSignal::new();
     loop {
         tokio::select! {
             _ = stop.recv() => break,
@@ -353,9 +355,9 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
     if args.peers.is_empty() && args.dns.is_empty() && args.mdns_config().is_none() {
         bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
     }
+    let mut stop = StopSignal::new();
     let node = args.start(args.builder("peerwire-watch")).await?;
     let mut presence = node.presence();
-    let mut stop = StopSignal::new();
     if !json {
         errln!("watching for peers (Ctrl-C to stop)");
     }
@@ -479,11 +481,11 @@ pub async fn publish(args: &NodeArgs, topic: &str, json: &str) -> Result<()> {
 
 /// `peerwire subscribe`.
 pub async fn subscribe(args: &NodeArgs, topic: &str, count: Option<u64>) -> Result<()> {
+    let mut stop = StopSignal::new();
     let node = args.client_node().await?;
     let mut sub = node.subscribe::<Value>(topic);
     errln!("subscribed to {topic:?}; Ctrl-C to stop");
     let mut n = 0u64;
-    let mut stop = StopSignal::new();
     loop {
         tokio::select! {
             _ = stop.recv() => break,

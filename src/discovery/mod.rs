@@ -236,6 +236,9 @@ pub enum Sighting {
     /// Our own announcement came back: multicast goes out and comes in on at least one
     /// selected interface.
     Own,
+    /// Browsing started again (see [`Mdns::refresh`]); the instances still cached are
+    /// reported again as `Up` right after, so a reader can tell which are gone.
+    Refreshed,
 }
 
 /// A resolved peerwire instance.
@@ -431,11 +434,13 @@ impl Mdns {
         loop {
             let Ok(ev) = self.events.recv_async().await else {
                 // The daemon ends a browse whose channel it found full (a reader that fell
-                // behind): browse again rather than stop discovering. It fails only if the
-                // daemon itself has stopped.
-                self.events = self.daemon.browse(SERVICE_TYPE).ok()?;
+                // behind), and events are lost with it: browse again rather than stop
+                // discovering, and say so. It fails only if the daemon itself has stopped.
                 warn!("mDNS: browsing again after the event stream ended");
-                continue;
+                if !self.refresh() {
+                    return None;
+                }
+                return Some(Sighting::Refreshed);
             };
             match ev {
                 ServiceEvent::ServiceResolved(r) if r.fullname == self.fullname => {
@@ -470,6 +475,19 @@ impl Mdns {
             version: txt("v").and_then(|v| v.parse().ok()),
             router: ip.map(|ip| format!("tcp://{}", SocketAddr::new(ip, port))),
             addresses,
+        }
+    }
+
+    /// Browses again: queries the LAN anew (answers to it reach peers whose records
+    /// expired during a long partition) and reports every instance still cached as `Up`.
+    /// Returns false if the daemon has stopped.
+    pub fn refresh(&mut self) -> bool {
+        match self.daemon.browse(SERVICE_TYPE) {
+            Ok(ev) => {
+                self.events = ev;
+                true
+            }
+            Err(_) => false,
         }
     }
 

@@ -10,6 +10,14 @@ use crate::discovery::{Sighting, VERSION_MAJOR_TXT};
 /// is a no-op, so this costs a table lookup per endpoint.
 const REDIAL_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the LAN is asked again who is there. Records live 120 s: a peer whose
+/// records expired during a partition answers the next refresh once it heals.
+const REFRESH_EVERY: Duration = Duration::from_secs(120);
+
+/// After a refresh, how long instances have to be reported again before the ones that
+/// were not are taken as gone.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(3);
+
 /// Most node ids remembered as retired (restarted elsewhere), oldest dropped first.
 const MAX_RETIRED: usize = 1024;
 
@@ -36,6 +44,12 @@ impl Retired {
     pub(super) fn contains(&self, id: &Id) -> bool {
         self.set.contains(id)
     }
+
+    pub(super) fn remove(&mut self, id: &Id) {
+        if self.set.remove(id) {
+            self.order.retain(|x| x != id);
+        }
+    }
 }
 
 impl Inner {
@@ -52,7 +66,7 @@ impl Inner {
     fn forget_later(self: &Arc<Self>, endpoint: String, why: &'static str) {
         let inner = self.clone();
         self.tasks
-            .spawn(async move { inner.forget(&endpoint, why).await });
+            .spawn(async move { inner.forget(&endpoint, why, None).await });
     }
 }
 
@@ -90,6 +104,48 @@ pub(super) fn on_down<'a>(
     }
 }
 
+/// An instance went away (goodbye, expiry, or not reported again after a refresh).
+fn instance_gone(
+    inner: &Arc<Inner>,
+    dialled: &mut HashMap<String, (String, Option<Id>)>,
+    instance: &str,
+) {
+    let Some((ep, gone)) = dialled.remove(instance) else {
+        return;
+    };
+    if inner.static_endpoints.contains(&ep) {
+        return;
+    }
+    let decision = on_down(
+        &ep,
+        gone,
+        dialled.values().map(|(e, _)| e),
+        inner.peer_at(&ep),
+    );
+    debug!(node = %inner.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
+    match decision {
+        OnDown::Keep => {}
+        OnDown::Forget => inner.forget_later(ep, "gone from mDNS"),
+        OnDown::WhenDisconnected => {
+            // Only while a dealer is there: a mark left behind would make a later
+            // connection to this endpoint be forgotten on its first blip.
+            let peers = inner.peers.lock();
+            if peers.dealers.contains_key(&ep) {
+                inner.unannounced.lock().insert(ep.clone());
+            }
+            // It may have dropped between the look and the mark.
+            let dropped = peers
+                .by_id
+                .values()
+                .any(|p| p.info.router_endpoint == ep && !p.info.connected);
+            drop(peers);
+            if dropped {
+                inner.forget_later(ep, "gone from mDNS");
+            }
+        }
+    }
+}
+
 /// Follows mDNS until the node leaves, then says goodbye.
 pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
     let Some(leave) = inner.upgrade().map(|i| i.leave.clone()) else {
@@ -100,7 +156,14 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
     let mut redial =
         tokio::time::interval_at(tokio::time::Instant::now() + REDIAL_EVERY, REDIAL_EVERY);
     redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh =
+        tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a refresh: until when instances may confirm they are still there, and which did.
+    let mut confirming: Option<(tokio::time::Instant, HashSet<String>)> = None;
+    let far = far_instant_after(Duration::MAX);
     loop {
+        let confirm_at = confirming.as_ref().map_or(far, |(at, _)| *at);
         let sighting = tokio::select! {
             biased;
             _ = leave.cancelled() => break,
@@ -113,6 +176,27 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                     if let Err(e) = inner.ensure_dealer(ep) {
                         debug!(endpoint = %ep, error = %e, "mDNS: not dialling again");
                     }
+                }
+                continue;
+            }
+            _ = refresh.tick() => {
+                if !mdns.refresh() {
+                    warn!("mDNS daemon stopped; discovery by mDNS ends");
+                    break;
+                }
+                Sighting::Refreshed
+            }
+            _ = tokio::time::sleep_until(confirm_at), if confirming.is_some() => {
+                let (_, confirmed) = confirming.take().expect("checked");
+                let gone: Vec<String> = dialled
+                    .keys()
+                    .filter(|i| !confirmed.contains(*i))
+                    .cloned()
+                    .collect();
+                let Some(inner) = inner.upgrade() else { break };
+                for instance in gone {
+                    debug!(node = %inner.name, %instance, "mDNS: not reported again after a refresh");
+                    instance_gone(&inner, &mut dialled, &instance);
                 }
                 continue;
             }
@@ -151,6 +235,9 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                     debug!(instance = %seen.instance, addresses = ?seen.addresses, "mDNS: no usable address");
                     continue;
                 };
+                if let Some((_, confirmed)) = &mut confirming {
+                    confirmed.insert(seen.instance.clone());
+                }
                 inner.unannounced.lock().remove(&ep);
                 let previous = dialled.insert(seen.instance.clone(), (ep.clone(), seen.node_id));
                 if let Some((old, _)) = previous {
@@ -167,32 +254,10 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                 }
             }
             Sighting::Own => {}
-            Sighting::Down { instance } => {
-                let Some((ep, gone)) = dialled.remove(&instance) else {
-                    continue;
-                };
-                if inner.static_endpoints.contains(&ep) {
-                    continue;
-                }
-                let decision = on_down(
-                    &ep,
-                    gone,
-                    dialled.values().map(|(e, _)| e),
-                    inner.peer_at(&ep),
-                );
-                debug!(node = %inner.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
-                match decision {
-                    OnDown::Keep => {}
-                    OnDown::Forget => inner.forget_later(ep, "gone from mDNS"),
-                    OnDown::WhenDisconnected => {
-                        inner.unannounced.lock().insert(ep.clone());
-                        // It may have dropped between the look and the mark.
-                        if inner.peer_at(&ep).is_some_and(|(_, up)| !up) {
-                            inner.forget_later(ep, "gone from mDNS");
-                        }
-                    }
-                }
+            Sighting::Refreshed => {
+                confirming = Some((tokio::time::Instant::now() + CONFIRM_WITHIN, HashSet::new()));
             }
+            Sighting::Down { instance } => instance_gone(&inner, &mut dialled, &instance),
         }
     }
     mdns.stop().await;
@@ -319,7 +384,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "a never reached b");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        a.inner.forget(&ep, "test").await;
+        a.inner.forget(&ep, "test", None).await;
         a.add_peer(&ep).unwrap();
         while !connected(&a) {
             assert!(
@@ -333,6 +398,47 @@ mod tests {
         assert!(connected(&a), "the new connection to b was forgotten");
         b.shutdown().await;
         a.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn replicas_that_both_blipped_are_not_restarts_of_each_other() {
+        // Two live replicas called "orders" both lose their connections (a network blip)
+        // and one's HELLO comes back first: the other is not an earlier life of it,
+        // since nothing has refused a connection at its endpoint.
+        let client = Node::builder("client").start().await.unwrap();
+        let a = Node::builder("orders").start().await.unwrap();
+        let b = Node::builder("orders").start().await.unwrap();
+        client.add_peer(&a.endpoint()).unwrap();
+        client.add_peer(&b.endpoint()).unwrap();
+        assert!(client.wait_for_peers(2, Duration::from_secs(10)).await);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while client.peers().iter().filter(|p| p.connected).count() < 2 {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        {
+            let mut peers = client.inner.peers.lock();
+            peers.set_down(&a.endpoint());
+            peers.set_down(&b.endpoint());
+        }
+        client.inner.learn(b.inner.hello(), None);
+        assert!(!client.inner.retired.lock().contains(&a.id()));
+        assert!(client
+            .inner
+            .peers
+            .lock()
+            .dealers
+            .contains_key(&a.endpoint()));
+        // Once a's endpoint refuses connections (its process ended), it is.
+        client.inner.peers.lock().set_refused(&a.endpoint());
+        client.inner.learn(b.inner.hello(), None);
+        assert!(client.inner.retired.lock().contains(&a.id()));
+        // And a HELLO from a retired id (it was alive after all) brings it back.
+        client.inner.learn(a.inner.hello(), None);
+        assert!(!client.inner.retired.lock().contains(&a.id()));
+        for n in [client, a, b] {
+            n.shutdown().await;
+        }
     }
 
     #[test]

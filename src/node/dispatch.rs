@@ -157,6 +157,8 @@ impl Inner {
         if hello.node_id == self.id {
             return;
         }
+        // Whoever speaks is alive: an id retired by mistake is dialled again.
+        self.retired.lock().remove(&hello.node_id);
         // An unspecified listen address (0.0.0.0) means "wherever you reached me from".
         let host: IpAddr = match hello.host.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() => ip,
@@ -210,24 +212,17 @@ impl Inner {
             if new {
                 debug!(node = %self.name, peer = %info.name, id = %info.id, "peer joined");
             }
-            // A peer of the same name on the same host, under another id and no longer
-            // reachable, is this one before a restart (on another port, say): stop
-            // dialling it now rather than after `forget_after`.
-            // (Only one that was reachable and then dropped: a replica of the same name
-            // whose HELLO arrived before our connection to it is up is not a restart.)
+            // A peer of the same name on the same host, under another id, whose endpoint
+            // now refuses connections, is this one before a restart (on another port,
+            // say): stop dialling it now rather than after `forget_after`. (Not merely
+            // unreachable: replicas of one name that both lost their connections in a
+            // network blip are not restarts of each other.)
             let superseded: Vec<(String, Id)> = peers
-                .by_id
-                .values()
-                .filter(|p| {
-                    p.info.id != info.id
-                        && !p.info.connected
-                        && p.went_down
-                        && p.info.name == info.name
-                        && endpoint_ip(&p.info.router_endpoint) == Some(host)
-                        && p.info.router_endpoint != info.router_endpoint
+                .ended_namesakes(info.id, &info.name, Some(host))
+                .into_iter()
+                .filter(|(ep, _)| {
+                    *ep != info.router_endpoint && !self.static_endpoints.contains(ep)
                 })
-                .filter(|p| !self.static_endpoints.contains(&p.info.router_endpoint))
-                .map(|p| (p.info.router_endpoint.clone(), p.info.id))
                 .collect();
             // Sent under the table's lock, so that `Node::presence` can take a snapshot
             // and subscribe without missing or repeating an event.
@@ -246,14 +241,7 @@ impl Inner {
             self.subscriber.disconnect(&p);
             self.sub_endpoints.lock().remove(&p);
         }
-        for (ep, old_id) in superseded {
-            // Its mDNS records linger in caches for minutes: never dial them again.
-            self.retired.lock().add(old_id);
-            debug!(node = %self.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
-            let inner = self.clone();
-            self.tasks
-                .spawn(async move { inner.forget(&ep, "restarted elsewhere").await });
-        }
+        self.supersede(superseded);
         let is_new = new_peer;
         self.changed.notify_waiters();
         // Gossip: connect to the peers it knows, and tell ours about the newcomer.
@@ -276,13 +264,41 @@ impl Inner {
         }
     }
 
+    /// Forgets the endpoints of earlier lives of restarted nodes, and retires their ids:
+    /// their mDNS records linger in caches for minutes and must not be dialled again.
+    pub(super) fn supersede(self: &Arc<Self>, old: Vec<(String, Id)>) {
+        for (ep, old_id) in old {
+            self.retired.lock().add(old_id);
+            debug!(node = %self.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
+            let inner = self.clone();
+            self.tasks
+                .spawn(async move { inner.forget(&ep, "restarted elsewhere", None).await });
+        }
+    }
+
     /// Drops everything known about a peer endpoint that has stayed unreachable.
     /// Known gap: a HELLO learned while this runs (between its two lock sections) can
     /// leave that peer in the table without its SUB connection; its next HELLO (on
     /// reconnect) repairs it.
-    pub(super) async fn forget(self: &Arc<Self>, endpoint: &str, why: &str) {
+    /// With `only`, nothing happens unless that dealer is still the endpoint's: a decision
+    /// about one connection must not remove a newer one.
+    pub(super) async fn forget(
+        self: &Arc<Self>,
+        endpoint: &str,
+        why: &str,
+        only: Option<&Arc<Dealer>>,
+    ) {
         let (dealer, pubs) = {
             let mut peers = self.peers.lock();
+            if let Some(expected) = only {
+                if !peers
+                    .dealers
+                    .get(endpoint)
+                    .is_some_and(|d| Arc::ptr_eq(d, expected))
+                {
+                    return;
+                }
+            }
             let dealer = peers.dealers.remove(endpoint);
             if let Some(stop) = peers.dealer_stops.remove(endpoint) {
                 stop.cancel();
@@ -549,7 +565,7 @@ impl Inner {
                     self.self_endpoints.lock().insert(endpoint.to_string());
                     let (me, ep) = (self.clone(), endpoint.to_string());
                     self.tasks
-                        .spawn(async move { me.forget(&ep, "is this node").await });
+                        .spawn(async move { me.forget(&ep, "is this node", None).await });
                 }
                 Ok(hello) if hello.cluster != self.cluster => {
                     // Gossip led us to another cluster's node: stop dialling it (a static
@@ -558,7 +574,7 @@ impl Inner {
                     if !self.static_endpoints.contains(endpoint) {
                         let (me, ep) = (self.clone(), endpoint.to_string());
                         self.tasks
-                            .spawn(async move { me.forget(&ep, "another cluster").await });
+                            .spawn(async move { me.forget(&ep, "another cluster", None).await });
                     }
                 }
                 Ok(hello) => {
@@ -706,6 +722,27 @@ impl Inner {
                     let _ =
                         p.tx.send(Err(CallError::Disconnected(endpoint.to_string())));
                 }
+            }
+            SocketEvent::ConnectFailed { refused: true, .. } => {
+                // The process behind it has ended. If the same node already came back
+                // elsewhere on that host, this endpoint is its earlier life.
+                let mut old = Vec::new();
+                {
+                    let mut peers = self.peers.lock();
+                    for (id, name) in peers.set_refused(endpoint) {
+                        let host = endpoint_ip(endpoint);
+                        let successor = peers.by_id.values().any(|p| {
+                            p.info.id != id
+                                && p.info.connected
+                                && p.info.name == name
+                                && endpoint_ip(&p.info.router_endpoint) == host
+                        });
+                        if successor && !self.static_endpoints.contains(endpoint) {
+                            old.push((endpoint.to_string(), id));
+                        }
+                    }
+                }
+                self.supersede(old);
             }
             _ => {}
         }
@@ -969,28 +1006,30 @@ pub(super) async fn dealer_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(forget_at) => {
                 let Some(strong) = inner.upgrade() else { return };
-                strong.forget(&endpoint, "unreachable").await;
+                strong.forget(&endpoint, "unreachable", Some(&dealer)).await;
                 return;
             }
             e = events.recv() => match e {
                 Ok(e) => {
                     let Some(strong) = inner.upgrade() else { return };
-                    match &e {
-                        SocketEvent::Connected { .. } => forget_at = far,
-                        SocketEvent::Disconnected { .. } => {
-                            if let Some(t) = forgettable {
-                                // Gone from mDNS already: nothing vouches for it any more.
-                                let unannounced = strong.unannounced.lock().contains(&endpoint);
-                                forget_at = if unannounced {
-                                    tokio::time::Instant::now()
-                                } else {
-                                    far_instant_after(t)
-                                };
-                            }
-                        }
-                        _ => {}
+                    let down = matches!(e, SocketEvent::Disconnected { .. });
+                    if matches!(e, SocketEvent::Connected { .. }) {
+                        forget_at = far;
                     }
+                    // The table first (marks the peer down), then the decision, which
+                    // reads what discovery said meanwhile.
                     strong.on_dealer_event(&endpoint, &dealer, e);
+                    if down {
+                        if let Some(t) = forgettable {
+                            // Gone from mDNS already: nothing vouches for it any more.
+                            let unannounced = strong.unannounced.lock().contains(&endpoint);
+                            forget_at = if unannounced {
+                                tokio::time::Instant::now()
+                            } else {
+                                far_instant_after(t)
+                            };
+                        }
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     warn!(%endpoint, missed = n, "connection events lagged");

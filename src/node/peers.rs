@@ -33,6 +33,10 @@ pub(crate) struct Peer {
     /// It was reachable once and its connection has since dropped (as opposed to a peer
     /// whose HELLO came in before our own connection to it is up).
     pub went_down: bool,
+    /// Since it went down, its host refused a connection to its endpoint: the host is
+    /// up and nothing listens there any more (the process ended). Only such a peer can
+    /// be taken for the previous life of a node restarted elsewhere on that host.
+    pub refused: bool,
 }
 
 #[derive(Default)]
@@ -81,6 +85,7 @@ impl PeerTable {
         }
         let connected = dealer.is_connected();
         let went_down = !connected && self.by_id.get(&id).is_some_and(|p| p.went_down);
+        let refused = went_down && self.by_id.get(&id).is_some_and(|p| p.refused);
         // A catalog older than the one we have arrived late by the other connection.
         let (methods, gathers, catalog_revision) = match self.by_id.get(&id) {
             Some(p) if p.catalog_revision > catalog.revision => (
@@ -108,6 +113,7 @@ impl PeerTable {
                     dealer,
                     catalog_revision,
                     went_down,
+                    refused,
                 },
             )
             .is_none();
@@ -130,10 +136,47 @@ impl PeerTable {
             if p.info.router_endpoint == endpoint && p.info.connected {
                 p.info.connected = false;
                 p.went_down = true;
+                p.refused = false;
                 went_down.push(p.info.clone());
             }
         }
         went_down
+    }
+
+    /// Records that `endpoint` refused a connection; returns the peers there that went
+    /// down (id, name), now known to have ended.
+    pub fn set_refused(&mut self, endpoint: &str) -> Vec<(Id, String)> {
+        let mut out = Vec::new();
+        for p in self.by_id.values_mut() {
+            if p.info.router_endpoint == endpoint && p.went_down && !p.info.connected {
+                p.refused = true;
+                out.push((p.info.id, p.info.name.clone()));
+            }
+        }
+        out
+    }
+
+    /// Peers that ended (refused since going down) on the host of `endpoint`, called
+    /// `name`, under an id other than `id`: earlier lives of a node now at `endpoint`.
+    pub fn ended_namesakes(
+        &self,
+        id: Id,
+        name: &str,
+        host: Option<std::net::IpAddr>,
+    ) -> Vec<(String, Id)> {
+        self.by_id
+            .values()
+            .filter(|p| {
+                p.info.id != id
+                    && !p.info.connected
+                    && p.went_down
+                    && p.refused
+                    && p.info.name == name
+                    && host.is_some()
+                    && super::dispatch::endpoint_ip(&p.info.router_endpoint) == host
+            })
+            .map(|p| (p.info.router_endpoint.clone(), p.info.id))
+            .collect()
     }
 
     /// Connected peers serving `target`, and whether any peer (connected or not) serves

@@ -349,11 +349,13 @@ pub(crate) fn spawn_connector(
                     shared.emit(SocketEvent::ConnectFailed {
                         endpoint: endpoint.clone(),
                         error: e.to_string(),
+                        refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
                     });
                 }
                 Err(_) => shared.emit(SocketEvent::ConnectFailed {
                     endpoint: endpoint.clone(),
                     error: "connect timed out".into(),
+                    refused: false,
                 }),
             }
             if stop.is_cancelled() {
@@ -418,7 +420,13 @@ pub(crate) async fn serve(
     shared.unregister(&attached.out);
     role.detach(&peer, &attached);
     shared.stats.disconnects.fetch_add(1, Relaxed);
-    if let CloseReason::Violation(v) = &reason {
+    if let CloseReason::Violation(ProtocolViolation::HeartbeatTimeout) = &reason {
+        shared
+            .stats
+            .count_violation(&ProtocolViolation::HeartbeatTimeout);
+        // Silence is how a vanished host looks; not something the peer did wrong.
+        warn!(%addr, identity = %display_identity(&attached.identity), "connection closed: peer silent past the heartbeat timeout");
+    } else if let CloseReason::Violation(v) = &reason {
         shared.stats.count_violation(v);
         warn!(%addr, identity = %display_identity(&attached.identity), reason = %v, "connection closed for a protocol violation");
     } else {

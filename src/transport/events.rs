@@ -50,6 +50,9 @@ pub enum SocketEvent {
         endpoint: String,
         /// The error.
         error: String,
+        /// The host answered that nothing listens there (connection refused): the
+        /// host is up, the process is not.
+        refused: bool,
     },
 }
 
