@@ -253,8 +253,8 @@ pub enum PresenceEvent {
         /// Why, for people.
         reason: String,
     },
-    /// This stream fell behind and missed this many events; [`Node::peers`]
-    /// (super::Node::peers) has the current table.
+    /// This stream fell behind and missed this many events;
+    /// [`Node::peers`](super::Node::peers) has the current table.
     Lagged(u64),
 }
 
