@@ -12,11 +12,8 @@ use peerwire::codec::Version;
 use peerwire::node::{CallOptions, GatherOptions, Node};
 use peerwire::transport::{Dealer, Message, Router, SocketOptions};
 
-const ROUNDS: usize = 3;
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
-}
+mod common;
+use common::{cells, hist, runtime, ROUNDS};
 
 fn opts() -> SocketOptions {
     SocketOptions {
@@ -157,10 +154,7 @@ fn separate_processes(n: usize, warm: usize) {
         eps.push(line.trim().to_string());
         children.push(c);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(false);
     let (mut req, mut g4) = (hist(), hist());
     // CPU time spent by all five processes, per operation: what the cores must do, however
     // it overlaps. Read from the scheduler's per-thread run time (nanoseconds).
@@ -280,15 +274,7 @@ fn serde_json_value() -> serde_json::Value {
 }
 
 fn row(name: &str, h: &Histogram<u64>, base: u64) -> String {
-    let us = |v: u64| v as f64 / 1000.0;
-    format!(
-        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
-        us(h.value_at_quantile(0.5)),
-        us(h.value_at_quantile(0.99)),
-        us(h.value_at_quantile(0.999)),
-        us(h.max()),
-        h.value_at_quantile(0.5) as f64 / base as f64
-    )
+    format!("| {name} | {}", cells(h, base))
 }
 
 fn main() {
@@ -307,16 +293,7 @@ fn main() {
         if (which == "current" && multi) || (which == "multi" && !multi) || which == "processes" {
             continue;
         }
-        let rt = if multi {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-        } else {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        }
-        .unwrap();
+        let rt = runtime(multi);
         rt.block_on(async {
             let (mut tp, mut nr, mut g1, mut g4) = (hist(), hist(), hist(), hist());
             if only_request {

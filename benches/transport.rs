@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-const ROUNDS: usize = 3;
+mod common;
+use common::{cells, hist, runtime, ROUNDS};
 
 struct Plan {
     size: usize,
@@ -48,10 +49,6 @@ fn plans(quick: bool) -> Vec<Plan> {
             samples: 400 / f,
         },
     ]
-}
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
 }
 
 /// Raw tokio TCP: 4-byte length prefix, TCP_NODELAY, echo server.
@@ -154,20 +151,8 @@ async fn zeromq_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
     server.abort();
 }
 
-fn us(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
 fn row(name: &str, size: usize, h: &Histogram<u64>, base_p50: u64) -> String {
-    format!(
-        "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
-        human(size),
-        us(h.value_at_quantile(0.5)),
-        us(h.value_at_quantile(0.99)),
-        us(h.value_at_quantile(0.999)),
-        us(h.max()),
-        h.value_at_quantile(0.5) as f64 / base_p50 as f64
-    )
+    format!("| {name} | {} | {}", human(size), cells(h, base_p50))
 }
 
 fn human(n: usize) -> String {
@@ -242,19 +227,6 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
     }
     let (got, end) = recv.await.unwrap();
     (got as f64 / end.duration_since(t).as_secs_f64(), got)
-}
-
-fn runtime(multi: bool) -> tokio::runtime::Runtime {
-    if multi {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    }
-    .unwrap()
 }
 
 async fn latency(quick: bool) {

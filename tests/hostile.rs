@@ -72,17 +72,6 @@ async fn expect_failure(
     }
 }
 
-fn greeting_and_ready(socket_type: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    out.put_slice(&encode_greeting(false));
-    Command::Ready(vec![(
-        "Socket-Type".into(),
-        Bytes::copy_from_slice(socket_type.as_bytes()),
-    )])
-    .encode(&mut out);
-    out
-}
-
 #[tokio::test]
 async fn truncated_greeting() {
     init_tracing();
@@ -408,19 +397,5 @@ async fn subscription_flood_is_refused() {
     expect_failure(&mut events, "too_many_subscriptions").await;
     assert!(p.closed_within(BOUND).await);
     // A well-behaved subscriber is still served.
-    let sub = peerwire::transport::Subscriber::new(test_opts());
-    sub.subscribe("x");
-    sub.connect(&ep(publisher.local_addr())).unwrap();
-    wait_until("subscribed", || {
-        publisher
-            .subscribers()
-            .iter()
-            .any(|s| !s.subscriptions.is_empty())
-    })
-    .await;
-    publisher.publish("x1".into()).unwrap();
-    assert_eq!(
-        &within("x1", sub.recv()).await.unwrap().frames()[0][..],
-        b"x1"
-    );
+    pub_serves(&publisher, "x1").await;
 }

@@ -30,6 +30,23 @@ fn is(line: &str, ev: &str, name: &str) -> bool {
     event(line).is_some_and(|(e, n, _)| e == ev && n == name)
 }
 
+/// `peerwire peers --json ARGS` on host `i`: the peers it lists (it must succeed).
+fn peers_json(lan: &Lan, i: usize, args: &[&str]) -> Vec<Value> {
+    let out = lan.run(i, &[&["peers", "--json"], args].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The names in a `peers --json` list.
+fn names(peers: &[Value]) -> Vec<&str> {
+    peers.iter().filter_map(|p| p["name"].as_str()).collect()
+}
+
 fn node_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["node", "--name", name, "--serve", "echo"];
     v.extend_from_slice(extra);
@@ -99,13 +116,17 @@ fn a_long_partition_heals() {
     // other again from mDNS once the cable is back.
     let Some(lan) = lan_or_skip(3) else { return };
     let fast = ["--forget-after", "1000"];
-    let (_w, mut watch, _) = lan.spawn(0, &["peers", "--watch", "--json", fast[0], fast[1]], &[]);
-    let _ = lan.spawn(1, &node_args("a", &fast), &[]);
+    let debug = [("RUST_LOG", "peerwire::node=debug")];
+    let (_w, mut watch, mut wlog) =
+        lan.spawn(0, &["peers", "--watch", "--json", fast[0], fast[1]], &debug);
+    let (_a, _, mut alog) = lan.spawn(1, &node_args("a", &fast), &debug);
     watch.seen_or_wait("a joined", JOIN, |l| is(l, "joined", "a"));
     lan.link(1, false);
     watch.wait_for("a left", JOIN, |l| is(l, "left", "a"));
-    // Past forget_after (1 s) after the loss is noticed: forgotten on both sides.
-    std::thread::sleep(Duration::from_secs(2));
+    // Both sides forget each other (forget_after, 1 s, after the loss is noticed).
+    let forgot = |who: &'static str| move |l: &str| l.contains("forgot a peer") && l.contains(who);
+    wlog.seen_or_wait("the watcher forgets a", JOIN, forgot("10.77.0.2"));
+    alog.seen_or_wait("a forgets the watcher", JOIN, forgot("10.77.0.1"));
     lan.link(1, true);
     watch.wait_for("a back after the partition", JOIN, |l| is(l, "joined", "a"));
 }
@@ -115,20 +136,14 @@ fn a_named_loopback_interface_finds_nodes_on_the_same_host() {
     let Some(lan) = lan_or_skip(1) else { return };
     let lo = ["--mdns-interface", "lo"];
     let _ = lan.spawn(0, &node_args("local", &lo), &[]);
-    let out = lan.run(0, &["peers", "--json", "--wait", "5000", lo[0], lo[1]]);
+    let peers = peers_json(&lan, 0, &["--wait", "5000", lo[0], lo[1]]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(
-        v.as_array().unwrap().iter().any(|p| p["name"] == "local"
+        peers.iter().any(|p| p["name"] == "local"
             && p["router"]
                 .as_str()
                 .unwrap()
                 .starts_with("tcp://127.0.0.1:")),
-        "{v}"
+        "{peers:?}"
     );
 }
 
@@ -173,22 +188,8 @@ fn two_clusters_are_kept_apart_and_doctor_says_so() {
     let _ = lan.spawn(1, &node_args("blue-1", &["--cluster", "blue"]), &[]);
     let _ = lan.spawn(2, &node_args("red-1", &["--cluster", "red"]), &[]);
 
-    let out = lan.run(
-        0,
-        &["peers", "--json", "--cluster", "blue", "--wait", "5000"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
+    let peers = peers_json(&lan, 0, &["--cluster", "blue", "--wait", "5000"]);
+    let names = names(&peers);
     assert!(names.contains(&"blue-1"), "{names:?}");
     assert!(!names.contains(&"red-1"), "{names:?}");
 
@@ -251,31 +252,12 @@ fn dns_names_and_static_seeds_work_without_mdns() {
         "127.0.0.1 localhost\n10.77.0.2 svc.lan\n10.77.0.3 svc.lan\n",
     );
 
-    let out = lan.run(
+    let peers = peers_json(
+        &lan,
         0,
-        &[
-            "peers",
-            "--json",
-            "--mdns",
-            "off",
-            "--dns",
-            "svc.lan:7100",
-            "--wait",
-            "5000",
-        ],
+        &["--mdns", "off", "--dns", "svc.lan:7100", "--wait", "5000"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
+    let names = names(&peers);
     assert!(names.contains(&"d1") && names.contains(&"d2"), "{names:?}");
 
     let out = lan.run(

@@ -28,6 +28,13 @@ struct OrderCreated {
 
 const V1: Version = Version::new(1, 0);
 
+fn order(item: &str, qty: u32) -> CreateOrder {
+    CreateOrder {
+        item: item.into(),
+        qty,
+    }
+}
+
 async fn orders_server() -> Node {
     let server = start_node("orders", &[]).await;
     server.handle(
@@ -63,13 +70,7 @@ async fn request_response_typed_with_errors_and_panics() {
     wait_service(&client, "orders.create", 1).await;
 
     let ok: OrderCreated = client
-        .request(
-            "orders.create",
-            &CreateOrder {
-                item: "book".into(),
-                qty: 2,
-            },
-        )
+        .request("orders.create", &order("book", 2))
         .await
         .unwrap();
     assert_eq!(
@@ -81,13 +82,7 @@ async fn request_response_typed_with_errors_and_panics() {
     );
 
     let err = client
-        .request::<_, OrderCreated>(
-            "orders.create",
-            &CreateOrder {
-                item: "book".into(),
-                qty: 0,
-            },
-        )
+        .request::<_, OrderCreated>("orders.create", &order("book", 0))
         .await
         .unwrap_err();
     assert_eq!(
@@ -99,13 +94,7 @@ async fn request_response_typed_with_errors_and_panics() {
     );
 
     let err = client
-        .request::<_, OrderCreated>(
-            "orders.create",
-            &CreateOrder {
-                item: "boom".into(),
-                qty: 1,
-            },
-        )
+        .request::<_, OrderCreated>("orders.create", &order("boom", 1))
         .await
         .unwrap_err();
     assert!(
@@ -114,26 +103,14 @@ async fn request_response_typed_with_errors_and_panics() {
     );
     // The node goes on after the panic.
     let ok: OrderCreated = client
-        .request(
-            "orders.create",
-            &CreateOrder {
-                item: "pen".into(),
-                qty: 1,
-            },
-        )
+        .request("orders.create", &order("pen", 1))
         .await
         .unwrap();
     assert_eq!(ok.item, "pen");
 
     // A reply that does not decode as the caller's type.
     let err = client
-        .request::<_, String>(
-            "orders.create",
-            &CreateOrder {
-                item: "pen".into(),
-                qty: 1,
-            },
-        )
+        .request::<_, String>("orders.create", &order("pen", 1))
         .await
         .unwrap_err();
     assert!(matches!(err, CallError::Codec(_)), "{err}");
@@ -154,17 +131,14 @@ async fn versions_no_responder_and_timeouts() {
     let server = orders_server().await;
     let client = start_node("client", &[server.endpoint()]).await;
     wait_service(&client, "orders.create", 1).await;
-    let order = CreateOrder {
-        item: "book".into(),
-        qty: 1,
-    };
+    let book = order("book", 1);
 
     // Compatible: 1.2 serves 1.0 and 1.2; not 1.3 nor 2.0. Refused at once, locally.
     for ok in [Version::new(1, 0), Version::new(1, 2)] {
         let _: OrderCreated = client
             .request_with(
                 "orders.create",
-                &order,
+                &book,
                 CallOptions::default().with_version(ok),
             )
             .await
@@ -175,7 +149,7 @@ async fn versions_no_responder_and_timeouts() {
             "refusal",
             client.request_with::<_, OrderCreated>(
                 "orders.create",
-                &order,
+                &book,
                 CallOptions::default().with_version(bad),
             ),
         )
@@ -192,7 +166,7 @@ async fn versions_no_responder_and_timeouts() {
     let err = client
         .request_with::<_, OrderCreated>(
             "billing.charge",
-            &order,
+            &book,
             CallOptions::timeout(Duration::from_secs(30)),
         )
         .await
@@ -204,10 +178,7 @@ async fn versions_no_responder_and_timeouts() {
     let err = client
         .request_with::<_, OrderCreated>(
             "orders.create",
-            &CreateOrder {
-                item: "slow".into(),
-                qty: 1,
-            },
+            &order("slow", 1),
             CallOptions::timeout(Duration::from_millis(200)),
         )
         .await
@@ -693,13 +664,7 @@ async fn malformed_envelopes_are_dropped_or_answered() {
     let client = start_node("client", &[server.endpoint()]).await;
     wait_service(&client, "orders.create", 1).await;
     let ok: OrderCreated = client
-        .request(
-            "orders.create",
-            &CreateOrder {
-                item: "x".into(),
-                qty: 1,
-            },
-        )
+        .request("orders.create", &order("x", 1))
         .await
         .unwrap();
     assert_eq!(ok.id, 10);
@@ -920,13 +885,7 @@ async fn a_dns_seed_finds_its_peers() {
         .unwrap();
     wait_service(&client, "orders.create", 1).await;
     let created: OrderCreated = client
-        .request(
-            "orders.create",
-            &CreateOrder {
-                item: "dns".into(),
-                qty: 1,
-            },
-        )
+        .request("orders.create", &order("dns", 1))
         .await
         .unwrap();
     assert_eq!(created.item, "dns");

@@ -105,6 +105,14 @@ impl NodeArgs {
         Duration::from_millis(self.wait_ms)
     }
 
+    /// Fails unless at least one discovery source is given.
+    fn some_source(&self) -> Result<()> {
+        if self.peers.is_empty() && self.dns.is_empty() && self.mdns_config().is_none() {
+            bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
+        }
+        Ok(())
+    }
+
     /// Starts a node from `b`, with a hint for the mistakes people make with mDNS.
     async fn start(&self, b: NodeBuilder) -> Result<Node> {
         b.start().await.map_err(|e| match e {
@@ -119,9 +127,7 @@ impl NodeArgs {
     /// Starts a short-lived node for one command and waits for peers: every static
     /// peer, or (with mDNS or DNS) until the table has been still for a moment.
     async fn client_node(&self) -> Result<Node> {
-        if self.peers.is_empty() && self.dns.is_empty() && self.mdns_config().is_none() {
-            bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
-        }
+        self.some_source()?;
         let node = self.start(self.builder("peerwire-cli")).await?;
         if self.dns.is_empty() && self.mdns_config().is_none() {
             node.wait_for_peers(self.peers.len(), self.wait()).await;
@@ -352,9 +358,7 @@ fn presence_json(e: &PresenceEvent) -> Value {
 /// `peerwire peers --watch`: the peers as they join, change and leave, until Ctrl-C
 /// (or `count` events).
 pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()> {
-    if args.peers.is_empty() && args.dns.is_empty() && args.mdns_config().is_none() {
-        bail!("no way to find peers: give --peer tcp://host:port, --dns NAME:PORT, or --mdns loopback|lan");
-    }
+    args.some_source()?;
     let mut stop = StopSignal::new();
     let node = args.start(args.builder("peerwire-watch")).await?;
     let mut presence = node.presence();

@@ -154,6 +154,8 @@ pub struct InterfaceChoice {
     pub name: String,
     /// The address.
     pub addr: IpAddr,
+    /// Its netmask, for an IPv4 address.
+    pub netmask: Option<std::net::Ipv4Addr>,
     /// Whether mDNS announces and listens there.
     pub used: bool,
     /// Why (or why not).
@@ -199,6 +201,10 @@ pub fn interface_choices(sel: &Interfaces) -> Vec<InterfaceChoice> {
             InterfaceChoice {
                 name: i.name.clone(),
                 addr: i.ip(),
+                netmask: match &i.addr {
+                    if_addrs::IfAddr::V4(a) => Some(a.netmask),
+                    if_addrs::IfAddr::V6(_) => None,
+                },
                 used,
                 why,
             }
@@ -346,27 +352,15 @@ impl Mdns {
                 }
             }
         }
-        let mut loopback = false;
-        let local_nets = if_addrs::get_if_addrs()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|i| match &i.addr {
-                if_addrs::IfAddr::V4(a)
-                    if choose(
-                        &cfg.interfaces,
-                        &i.name,
-                        i.ip(),
-                        i.is_loopback(),
-                        i.is_p2p(),
-                    )
-                    .0 =>
-                {
-                    loopback |= i.is_loopback();
-                    Some((a.ip, a.netmask))
-                }
+        let local_nets: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> = choices
+            .iter()
+            .filter(|c| c.used)
+            .filter_map(|c| match (c.addr, c.netmask) {
+                (IpAddr::V4(ip), Some(mask)) => Some((ip, mask)),
                 _ => None,
             })
             .collect();
+        let loopback = local_nets.iter().any(|(ip, _)| ip.is_loopback());
         let err = |e: mdns_sd::Error| DiscoveryError::Mdns(e.to_string());
         // Everything that can be refused is checked before the daemon (a thread) exists.
         let instance = instance_name(&me.name, me.node_id);

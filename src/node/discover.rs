@@ -361,6 +361,30 @@ mod tests {
         assert_eq!(on_down(ep, Some(old), none.iter(), None), OnDown::Forget);
     }
 
+    /// Waits (bounded) for `n` joins; other events are skipped.
+    async fn joins(p: &mut Presence, n: usize) {
+        let mut seen = 0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while seen < n {
+                if let Some(PresenceEvent::Joined(_)) = p.next().await {
+                    seen += 1;
+                }
+            }
+        })
+        .await
+        .expect("peers never joined");
+    }
+
+    /// Fails if any peer leaves within `bound`.
+    async fn no_leave(p: &mut Presence, bound: Duration) {
+        let _ = tokio::time::timeout(bound, async {
+            while let Some(e) = p.next().await {
+                assert!(!matches!(e, PresenceEvent::Left { .. }), "{e:?}");
+            }
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn a_forgotten_endpoints_loop_never_touches_its_successor() {
         // `b` reaches `a` through a HELLO (not a static peer, so forgettable). `a` forgets
@@ -372,6 +396,7 @@ mod tests {
             .start()
             .await
             .unwrap();
+        let mut presence = a.presence();
         let b = Node::builder("b").peer(a.endpoint()).start().await.unwrap();
         let ep = b.endpoint();
         let connected = |n: &Node| {
@@ -379,22 +404,12 @@ mod tests {
                 .iter()
                 .any(|p| p.router_endpoint == ep && p.connected)
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !connected(&a) {
-            assert!(std::time::Instant::now() < deadline, "a never reached b");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        joins(&mut presence, 1).await;
         a.inner.forget(&ep, "test", None).await;
         a.add_peer(&ep).unwrap();
-        while !connected(&a) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a never reached b again"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        joins(&mut presence, 1).await;
         // Several `forget_after`s: a stray loop would have struck by now.
-        tokio::time::sleep(forget * 5).await;
+        no_leave(&mut presence, forget * 5).await;
         assert!(connected(&a), "the new connection to b was forgotten");
         b.shutdown().await;
         a.shutdown().await;
@@ -408,14 +423,10 @@ mod tests {
         let client = Node::builder("client").start().await.unwrap();
         let a = Node::builder("orders").start().await.unwrap();
         let b = Node::builder("orders").start().await.unwrap();
+        let mut presence = client.presence();
         client.add_peer(&a.endpoint()).unwrap();
         client.add_peer(&b.endpoint()).unwrap();
-        assert!(client.wait_for_peers(2, Duration::from_secs(10)).await);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while client.peers().iter().filter(|p| p.connected).count() < 2 {
-            assert!(std::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        joins(&mut presence, 2).await;
         {
             let mut peers = client.inner.peers.lock();
             peers.set_down(&a.endpoint());

@@ -217,13 +217,7 @@ impl Inner {
             // say): stop dialling it now rather than after `forget_after`. (Not merely
             // unreachable: replicas of one name that both lost their connections in a
             // network blip are not restarts of each other.)
-            let superseded: Vec<(String, Id)> = peers
-                .ended_namesakes(info.id, &info.name, Some(host))
-                .into_iter()
-                .filter(|(ep, _)| {
-                    *ep != info.router_endpoint && !self.static_endpoints.contains(ep)
-                })
-                .collect();
+            let superseded = peers.restarts();
             // Sent under the table's lock, so that `Node::presence` can take a snapshot
             // and subscribe without missing or repeating an event.
             if info.connected && !was_up {
@@ -268,6 +262,9 @@ impl Inner {
     /// their mDNS records linger in caches for minutes and must not be dialled again.
     pub(super) fn supersede(self: &Arc<Self>, old: Vec<(String, Id)>) {
         for (ep, old_id) in old {
+            if self.static_endpoints.contains(&ep) {
+                continue;
+            }
             self.retired.lock().add(old_id);
             debug!(node = %self.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
             let inner = self.clone();
@@ -304,19 +301,7 @@ impl Inner {
                 stop.cancel();
             }
             self.unannounced.lock().remove(endpoint);
-            let mut pubs = Vec::new();
-            let mut left = Vec::new();
-            peers.by_id.retain(|_, p| {
-                if p.info.router_endpoint == endpoint {
-                    pubs.push(p.info.pub_endpoint.clone());
-                    if p.info.connected {
-                        left.push(p.info.clone());
-                    }
-                    false
-                } else {
-                    true
-                }
-            });
+            let (pubs, left) = peers.remove_at(endpoint, None);
             for peer in left {
                 let _ = self.presence.send(PresenceEvent::Left {
                     peer,
@@ -726,22 +711,11 @@ impl Inner {
             SocketEvent::ConnectFailed { refused: true, .. } => {
                 // The process behind it has ended. If the same node already came back
                 // elsewhere on that host, this endpoint is its earlier life.
-                let mut old = Vec::new();
-                {
+                let old = {
                     let mut peers = self.peers.lock();
-                    for (id, name) in peers.set_refused(endpoint) {
-                        let host = endpoint_ip(endpoint);
-                        let successor = peers.by_id.values().any(|p| {
-                            p.info.id != id
-                                && p.info.connected
-                                && p.info.name == name
-                                && endpoint_ip(&p.info.router_endpoint) == host
-                        });
-                        if successor && !self.static_endpoints.contains(endpoint) {
-                            old.push((endpoint.to_string(), id));
-                        }
-                    }
-                }
+                    peers.set_refused(endpoint);
+                    peers.restarts()
+                };
                 self.supersede(old);
             }
             _ => {}

@@ -65,19 +65,7 @@ impl PeerTable {
         catalog: Catalog,
         dealer: Arc<Dealer>,
     ) -> (bool, Vec<String>, Vec<PeerInfo>) {
-        let mut replaced = Vec::new();
-        let mut gone = Vec::new();
-        self.by_id.retain(|old, p| {
-            if *old != id && p.info.router_endpoint == router_endpoint {
-                replaced.push(p.info.pub_endpoint.clone());
-                if p.info.connected {
-                    gone.push(p.info.clone());
-                }
-                false
-            } else {
-                true
-            }
-        });
+        let (mut replaced, gone) = self.remove_at(&router_endpoint, Some(id));
         if let Some(p) = self.by_id.get(&id) {
             if p.info.pub_endpoint != pub_endpoint {
                 replaced.push(p.info.pub_endpoint.clone());
@@ -143,37 +131,50 @@ impl PeerTable {
         went_down
     }
 
-    /// Records that `endpoint` refused a connection; returns the peers there that went
-    /// down (id, name), now known to have ended.
-    pub fn set_refused(&mut self, endpoint: &str) -> Vec<(Id, String)> {
-        let mut out = Vec::new();
+    /// Removes the peers reached through `endpoint` (but `keep`). Returns their PUB
+    /// endpoints, and those of them that were connected (they have left).
+    pub fn remove_at(&mut self, endpoint: &str, keep: Option<Id>) -> (Vec<String>, Vec<PeerInfo>) {
+        let mut pubs = Vec::new();
+        let mut left = Vec::new();
+        self.by_id.retain(|id, p| {
+            if Some(*id) == keep || p.info.router_endpoint != endpoint {
+                return true;
+            }
+            pubs.push(p.info.pub_endpoint.clone());
+            if p.info.connected {
+                left.push(p.info.clone());
+            }
+            false
+        });
+        (pubs, left)
+    }
+
+    /// Records that `endpoint` refused a connection: the peers there that went down have
+    /// ended (their host is up, their process is not).
+    pub fn set_refused(&mut self, endpoint: &str) {
         for p in self.by_id.values_mut() {
             if p.info.router_endpoint == endpoint && p.went_down && !p.info.connected {
                 p.refused = true;
-                out.push((p.info.id, p.info.name.clone()));
             }
         }
-        out
     }
 
-    /// Peers that ended (refused since going down) on the host of `endpoint`, called
-    /// `name`, under an id other than `id`: earlier lives of a node now at `endpoint`.
-    pub fn ended_namesakes(
-        &self,
-        id: Id,
-        name: &str,
-        host: Option<std::net::IpAddr>,
-    ) -> Vec<(String, Id)> {
+    /// Earlier lives of restarted nodes: peers that ended (down, then refused) while a
+    /// node of the same name on the same host is connected under another id. Returns
+    /// their endpoints and ids.
+    pub fn restarts(&self) -> Vec<(String, Id)> {
+        let host = |p: &Peer| super::dispatch::endpoint_ip(&p.info.router_endpoint);
         self.by_id
             .values()
-            .filter(|p| {
-                p.info.id != id
-                    && !p.info.connected
-                    && p.went_down
-                    && p.refused
-                    && p.info.name == name
-                    && host.is_some()
-                    && super::dispatch::endpoint_ip(&p.info.router_endpoint) == host
+            .filter(|old| old.went_down && old.refused && !old.info.connected)
+            .filter(|old| {
+                self.by_id.values().any(|new| {
+                    new.info.connected
+                        && new.info.id != old.info.id
+                        && new.info.name == old.info.name
+                        && host(new).is_some()
+                        && host(new) == host(old)
+                })
             })
             .map(|p| (p.info.router_endpoint.clone(), p.info.id))
             .collect()

@@ -420,15 +420,10 @@ pub(crate) async fn serve(
     shared.unregister(&attached.out);
     role.detach(&peer, &attached);
     shared.stats.disconnects.fetch_add(1, Relaxed);
-    if let CloseReason::Violation(ProtocolViolation::HeartbeatTimeout) = &reason {
-        shared
-            .stats
-            .count_violation(&ProtocolViolation::HeartbeatTimeout);
-        // Silence is how a vanished host looks; not something the peer did wrong.
-        warn!(%addr, identity = %display_identity(&attached.identity), "connection closed: peer silent past the heartbeat timeout");
-    } else if let CloseReason::Violation(v) = &reason {
+    if let CloseReason::Violation(v) = &reason {
         shared.stats.count_violation(v);
-        warn!(%addr, identity = %display_identity(&attached.identity), reason = %v, "connection closed for a protocol violation");
+        // `reason` reads "protocol violation: …", or says the peer went silent.
+        warn!(%addr, identity = %display_identity(&attached.identity), %reason, "connection closed");
     } else {
         debug!(%addr, %reason, "disconnected");
     }

@@ -13,6 +13,41 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
+/// The bytes of a ZMTP 3.1 greeting (NULL) followed by READY with this socket type.
+pub fn greeting_and_ready(socket_type: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    out.put_slice(&encode_greeting(false));
+    Command::Ready(vec![(
+        "Socket-Type".into(),
+        Bytes::copy_from_slice(socket_type.as_bytes()),
+    )])
+    .encode(&mut out);
+    out
+}
+
+/// A fresh SUB subscribed to `topic` receives what `publisher` publishes on it.
+pub async fn pub_serves(publisher: &peerwire::transport::Publisher, topic: &str) {
+    let sub = peerwire::transport::Subscriber::new(test_opts());
+    sub.subscribe(topic.to_string());
+    sub.connect(&ep(publisher.local_addr())).unwrap();
+    wait_until("subscribed", || {
+        publisher
+            .subscribers()
+            .iter()
+            .any(|s| !s.subscriptions.is_empty())
+    })
+    .await;
+    publisher
+        .publish(peerwire::transport::Message::from(Bytes::copy_from_slice(
+            topic.as_bytes(),
+        )))
+        .unwrap();
+    assert_eq!(
+        &within(topic, sub.recv()).await.unwrap().frames()[0][..],
+        topic.as_bytes()
+    );
+}
+
 /// Default bound for any wait in a test.
 pub const BOUND: Duration = Duration::from_secs(10);
 
@@ -119,14 +154,7 @@ impl RawPeer {
 
     /// Greeting (3.1, NULL) and READY with this socket type.
     pub async fn handshake(&mut self, socket_type: &str) {
-        let mut out = BytesMut::new();
-        out.put_slice(&encode_greeting(false));
-        Command::Ready(vec![(
-            "Socket-Type".into(),
-            Bytes::copy_from_slice(socket_type.as_bytes()),
-        )])
-        .encode(&mut out);
-        self.send(&out).await.unwrap();
+        self.send(&greeting_and_ready(socket_type)).await.unwrap();
         // Their greeting then their READY.
         self.read_exact(64).await;
         let f = self.read_frame().await.expect("peer READY");
