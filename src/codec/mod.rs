@@ -1,9 +1,10 @@
 //! Envelopes: the MessagePack header and payload that every peerwire message carries.
 //!
-//! This module owns the mapping between envelopes and transport frames. It does no I/O,
-//! knows nothing of tokio or sockets, and never trusts a length it did not check: the
-//! transport has already bounded every frame, and decoding here only reads what is in
-//! the frame. It is what the node encodes before sending and decodes after receiving.
+//! This module owns the mapping between envelopes and frames (plain `Bytes`). It does no
+//! I/O, knows nothing of tokio, sockets or the transport (the node joins the two), and
+//! never trusts a length it did not check: the transport has already bounded every
+//! frame, and decoding here only reads what is in the frame. It is what the node encodes
+//! before sending and decodes after receiving.
 //!
 //! Layout on the wire (see PROTOCOL.md, "Envelopes"):
 //!
@@ -411,13 +412,6 @@ impl Envelope {
     /// Frames for ROUTER/DEALER: `[header, payload]`.
     pub fn to_frames(&self) -> Vec<Bytes> {
         vec![encode_header(&self.header), self.payload.clone()]
-    }
-
-    /// The transport message `[header, payload]`, without an intermediate `Vec`.
-    pub fn to_message(&self) -> crate::transport::Message {
-        [encode_header(&self.header), self.payload.clone()]
-            .into_iter()
-            .collect()
     }
 
     /// Frames for PUB: `[topic, header, payload]`, the topic being the header's target.

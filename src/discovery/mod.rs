@@ -24,6 +24,7 @@ use mdns_sd::{IfKind, IfPredicate, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tracing::{debug, warn};
 
 use crate::codec::{Id, VERSION_MAJOR};
+use crate::transport::Endpoint;
 
 /// The protocol major version as announced in TXT (`v`).
 pub const VERSION_MAJOR_TXT: u8 = VERSION_MAJOR;
@@ -260,8 +261,8 @@ pub struct Seen {
     pub cluster: String,
     /// Protocol major version from TXT.
     pub version: Option<u8>,
-    /// The ROUTER endpoint to dial, `tcp://ip:port`, if it announced an IPv4 address.
-    pub router: Option<String>,
+    /// The ROUTER endpoint to dial, if it announced an IPv4 address.
+    pub router: Option<Endpoint>,
     /// Every address it announced.
     pub addresses: Vec<IpAddr>,
 }
@@ -467,7 +468,7 @@ impl Mdns {
             name: txt("name").unwrap_or_default(),
             cluster: txt("cluster").unwrap_or_default(),
             version: txt("v").and_then(|v| v.parse().ok()),
-            router: ip.map(|ip| format!("tcp://{}", SocketAddr::new(ip, port))),
+            router: ip.map(|ip| Endpoint::from_addr(SocketAddr::new(ip, port))),
             addresses,
         }
     }
@@ -598,9 +599,9 @@ impl std::fmt::Display for DnsSeed {
 impl DnsSeed {
     /// Resolves the name now (the system resolver, on a blocking thread): the ROUTER
     /// endpoints of every address, sorted and without duplicates.
-    pub async fn resolve(&self) -> std::io::Result<Vec<String>> {
+    pub async fn resolve(&self) -> std::io::Result<Vec<Endpoint>> {
         let addrs = tokio::net::lookup_host((self.host.as_str(), self.port)).await?;
-        let mut eps: Vec<String> = addrs.map(|a| format!("tcp://{a}")).collect();
+        let mut eps: Vec<Endpoint> = addrs.map(Endpoint::from_addr).collect();
         eps.sort();
         eps.dedup();
         Ok(eps)

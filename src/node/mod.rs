@@ -35,69 +35,69 @@
 //! # }
 //! ```
 //!
-//! This module owns dispatch and the tasks that drive it; it never touches bytes on the
-//! wire (that is [`crate::codec`] and [`crate::transport`]) and never blocks a socket
-//! loop on a handler: a handler is polled once where its request arrives (most finish
-//! there, with no task hop) and, if it awaits, goes on in its own task under the
-//! caller's deadline.
+//! This file is the facade: [`Node`]'s methods delegate to the parts, each of which owns
+//! its state and its lock (ARCHITECTURE.md has the map):
+//!
+//! - `builder`: [`NodeBuilder`], which binds the sockets and wires the parts together;
+//! - `pipeline`: the one path of every outgoing call (admit, choose, send, await);
+//! - `calls`: pending calls and their deadlines, indexed by connection;
+//! - `inbound`: every envelope received, decoded once and routed by socket and kind;
+//! - `respond`: running a handler and sending its reply (requests and gathers);
+//! - `registry`: handlers and the catalog; `pubsub`; `gather`;
+//! - `membership`: HELLO, the peer table, presence, the discovery loops;
+//! - `frames`: where envelopes become transport messages and back.
+//!
+//! The node never touches bytes on the wire (that is [`crate::codec`] and
+//! [`crate::transport`]) and never blocks a socket loop on a handler: a handler is
+//! polled once where its request arrives (most finish there, with no task hop) and, if
+//! it awaits, goes on in its own task under the caller's deadline.
 
-mod discover;
-mod dispatch;
-mod handlers;
-mod handles;
-mod peers;
+mod builder;
+mod calls;
+mod frames;
+mod gather;
+mod inbound;
+mod membership;
+mod pipeline;
+mod pubsub;
+mod registry;
+mod respond;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::future::Future;
-use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
-use std::sync::atomic::{
-    AtomicBool, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed},
-};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::codec::{
-    self, codes, CodecError, Envelope, ErrorBody, Header, Hello, Id, Kind, Version,
-};
-use crate::discovery::{Announcement, DiscoveryError, DnsSeed, Mdns, MdnsConfig};
+use crate::codec::{self, CodecError, Id, Version};
+use crate::discovery::DiscoveryError;
 use crate::transport::{
-    Dealer, Message, MessageHandler, PublishReport, Publisher, Router, SendError, SocketEvent,
-    SocketOptions, Subscriber, TransportError,
+    Endpoint, PublishReport, Publisher, Router, SendError, Subscriber, TransportError,
 };
 
-pub use handlers::{Context, HandlerError};
-pub use handles::{
-    Event, Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply, PendingReply, Subscription,
-};
-pub use peers::{PeerInfo, Presence, PresenceEvent};
+pub use builder::NodeBuilder;
+pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
+pub use membership::{PeerInfo, Presence, PresenceEvent};
+pub use pipeline::PendingReply;
+pub use pubsub::{Event, Subscription};
+pub use registry::{Context, HandlerError};
 
-use dispatch::{
-    deadline_loop, far_instant_after, router_handler, router_loop, subscriber_handler,
-    subscriber_loop, IdHash,
-};
-use handlers::{erase, lookup, Entry, Registry};
-use peers::PeerTable;
-
-/// Most endpoints followed from one HELLO's gossip list.
-const MAX_GOSSIP: usize = 64;
-/// Most peer endpoints a node dials.
-const MAX_PEERS: usize = 1024;
+use calls::Calls;
+use gather::Gathers;
+use inbound::Inbound;
+use membership::Membership;
+use pipeline::{Balance, Call, Started, Style};
+use pubsub::PubSub;
+use registry::{erase, Registry, Table};
+use respond::Responder;
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeError {
     /// A socket could not be created.
     #[error(transparent)]
@@ -112,6 +112,7 @@ pub enum NodeError {
 
 /// Why a call (request, notification, gather) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CallError {
     /// No reply within the deadline.
     #[error("no reply from {target} within {timeout:?}")]
@@ -160,6 +161,7 @@ pub enum CallError {
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct CallOptions {
     /// Deadline for the reply; the node's default when `None`.
     pub timeout: Option<Duration>,
@@ -183,263 +185,23 @@ impl CallOptions {
         self.version = Some(v);
         self
     }
-}
 
-/// Builds a [`Node`].
-#[derive(Debug, Clone)]
-pub struct NodeBuilder {
-    name: String,
-    cluster: String,
-    host: Option<IpAddr>,
-    router_port: u16,
-    pub_port: u16,
-    peers: Vec<String>,
-    mdns: Option<MdnsConfig>,
-    dns: Vec<DnsSeed>,
-    dns_every: Duration,
-    default_timeout: Duration,
-    drain_timeout: Duration,
-    forget_after: Duration,
-    max_in_flight: usize,
-    socket: SocketOptions,
-}
-
-impl NodeBuilder {
-    /// The cluster this node belongs to (default `default`). Nodes of other clusters
-    /// are ignored.
-    pub fn cluster(mut self, cluster: impl Into<String>) -> Self {
-        self.cluster = cluster.into();
+    /// Sets the deadline for the reply.
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
         self
     }
 
-    /// Address to listen on. Default: 127.0.0.1 (nothing leaves the host unless asked),
-    /// or 0.0.0.0 when mDNS is on for interfaces other than loopback.
-    pub fn listen(mut self, host: IpAddr) -> Self {
-        self.host = Some(host);
+    /// Adds a string header (trace context and the like).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
         self
     }
-
-    /// Finds peers (and is found) by mDNS on the interfaces `cfg` selects. Off unless
-    /// set: a library should not multicast on every interface without being asked (the
-    /// `peerwire` command turns it on by default).
-    pub fn mdns(mut self, cfg: MdnsConfig) -> Self {
-        self.mdns = Some(cfg);
-        self
-    }
-
-    /// A DNS name whose every address is a peer (`NAME:PORT`), resolved at start and
-    /// then every [`dns_every`](Self::dns_every). Repeatable.
-    pub fn dns(mut self, seed: DnsSeed) -> Self {
-        self.dns.push(seed);
-        self
-    }
-
-    /// How often DNS seeds are resolved again (default 5 s). Addresses that disappear
-    /// from the answer are forgotten.
-    pub fn dns_every(mut self, every: Duration) -> Self {
-        self.dns_every = every.max(Duration::from_millis(100));
-        self
-    }
-
-    /// Port of the ROUTER (default 0: any free port).
-    pub fn router_port(mut self, port: u16) -> Self {
-        self.router_port = port;
-        self
-    }
-
-    /// Port of the PUB (default 0: any free port).
-    pub fn pub_port(mut self, port: u16) -> Self {
-        self.pub_port = port;
-        self
-    }
-
-    /// A peer's ROUTER endpoint (`tcp://host:port`) to connect to at start. Repeatable.
-    pub fn peer(mut self, endpoint: impl Into<String>) -> Self {
-        self.peers.push(endpoint.into());
-        self
-    }
-
-    /// Deadline of calls that set none (default 5 s).
-    pub fn default_timeout(mut self, t: Duration) -> Self {
-        self.default_timeout = t;
-        self
-    }
-
-    /// How long [`Node::shutdown`] lets in-flight handlers finish (default 5 s).
-    pub fn drain_timeout(mut self, t: Duration) -> Self {
-        self.drain_timeout = t;
-        self
-    }
-
-    /// How long a peer learned from another node (not a static peer) may stay
-    /// unreachable before it is forgotten (default 10 s). Static peers are kept and
-    /// retried for the node's whole life.
-    pub fn forget_after(mut self, t: Duration) -> Self {
-        self.forget_after = t;
-        self
-    }
-
-    /// Most handlers running at once (default 10 000). Past it the node stops reading
-    /// new requests until one finishes, so TCP pushes back on the callers.
-    pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n.max(1);
-        self
-    }
-
-    /// Transport options for every socket of the node.
-    pub fn socket_options(mut self, opts: SocketOptions) -> Self {
-        self.socket = opts;
-        self
-    }
-
-    /// Binds the sockets, connects to the static peers and starts the node.
-    pub async fn start(self) -> Result<Node, NodeError> {
-        if self.cluster.is_empty() || self.cluster.len() > crate::discovery::MAX_CLUSTER_LEN {
-            return Err(NodeError::Config(format!(
-                "the cluster name must be 1 to {} bytes, not {}",
-                crate::discovery::MAX_CLUSTER_LEN,
-                self.cluster.len()
-            )));
-        }
-        let id = Id::new();
-        let host = self.host.unwrap_or(match &self.mdns {
-            Some(m) if m.reaches_other_hosts() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        });
-        // Requests are dispatched inline by the ROUTER's connection tasks (no task hop);
-        // the node is not built yet, so the handler finds it through this cell, and
-        // declines (queues for `router_loop`) until it is there.
-        let cell: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::new(std::sync::OnceLock::new());
-        let router = Router::bind_with_handler(
-            &format!(
-                "tcp://{}",
-                std::net::SocketAddr::new(host, self.router_port)
-            ),
-            self.socket.clone(),
-            router_handler(cell.clone()),
-        )
-        .await?;
-        let publisher = Publisher::bind(
-            &format!("tcp://{}", std::net::SocketAddr::new(host, self.pub_port)),
-            self.socket.clone(),
-        )
-        .await?;
-        // The SUB announces our node id, so a publisher can tell which peers subscribe.
-        let subscriber = Subscriber::with_handler(
-            SocketOptions {
-                identity: Some(Bytes::copy_from_slice(id.0.as_bytes())),
-                ..self.socket.clone()
-            },
-            subscriber_handler(cell.clone()),
-        );
-        let inner = Arc::new(Inner {
-            id,
-            name: self.name,
-            cluster: self.cluster,
-            host,
-            router_port: router.local_addr().port(),
-            pub_port: publisher.local_addr().port(),
-            router,
-            publisher,
-            subscriber,
-            socket: self.socket,
-            registry: RwLock::new(Registry::default()),
-            peers: Mutex::new(PeerTable::default()),
-            sub_endpoints: Mutex::new(HashSet::new()),
-            pending: Mutex::new(HashMap::default()),
-            deadlines: Mutex::new(BinaryHeap::new()),
-            earlier_deadline: Notify::new(),
-            gathers: Mutex::new(HashMap::new()),
-            subs: RwLock::new(Vec::new()),
-            topic_seq: Mutex::new(HashMap::new()),
-            next_sub: AtomicU64::new(1),
-            default_timeout: self.default_timeout,
-            drain_timeout: self.drain_timeout,
-            forget_after: self.forget_after,
-            static_endpoints: self.peers.iter().cloned().collect(),
-            self_endpoints: Mutex::new(HashSet::new()),
-            retired: Mutex::new(discover::Retired::default()),
-            unannounced: Mutex::new(HashSet::new()),
-            cancel: CancellationToken::new(),
-            leave: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            handler_tasks: TaskTracker::new(),
-            handler_slots: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
-            router_ids: Mutex::new(HashMap::new()),
-            declined: AtomicU64::new(0),
-            shutting_down: AtomicBool::new(false),
-            changed: Notify::new(),
-            counters: Counters::default(),
-            presence: broadcast::channel(256).0,
-        });
-        let weak = Arc::downgrade(&inner);
-        let _ = cell.set(weak.clone());
-        inner
-            .tasks
-            .spawn(router_loop(weak.clone(), inner.cancel.clone()));
-        inner
-            .tasks
-            .spawn(subscriber_loop(weak.clone(), inner.cancel.clone()));
-        inner.tasks.spawn(deadline_loop(weak, inner.cancel.clone()));
-        // Discovery first: if it is refused, nothing has been dialled yet. Whatever did
-        // start is shut down before the error is returned.
-        let mdns = match &self.mdns {
-            Some(cfg) => {
-                let me = Announcement {
-                    node_id: inner.id,
-                    name: inner.name.clone(),
-                    cluster: inner.cluster.clone(),
-                    router_port: inner.router_port,
-                    pub_port: inner.pub_port,
-                };
-                match Mdns::start(cfg, &me) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        Node { inner }.shutdown().await;
-                        return Err(e.into());
-                    }
-                }
-            }
-            None => None,
-        };
-        for p in &self.peers {
-            if let Err(e) = inner.ensure_dealer(p) {
-                if let Some(m) = mdns {
-                    m.stop().await;
-                }
-                Node { inner }.shutdown().await;
-                return Err(e.into());
-            }
-        }
-        if let Some(mdns) = mdns {
-            inner
-                .tasks
-                .spawn(discover::mdns_loop(Arc::downgrade(&inner), mdns));
-        }
-        if !self.dns.is_empty() {
-            inner.tasks.spawn(discover::dns_loop(
-                Arc::downgrade(&inner),
-                self.dns,
-                self.dns_every,
-                inner.leave.clone(),
-            ));
-        }
-        Ok(Node { inner })
-    }
-}
-
-/// Counters of the node's own decisions (the sockets keep theirs).
-#[derive(Debug, Default)]
-struct Counters {
-    malformed: AtomicU64,
-    unexpected: AtomicU64,
-    other_cluster: AtomicU64,
-    other_version: AtomicU64,
-    events_dropped: AtomicU64,
 }
 
 /// A copy of the node's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NodeStats {
     /// Envelopes that could not be decoded (dropped, logged).
     pub malformed: u64,
@@ -454,129 +216,94 @@ pub struct NodeStats {
     pub events_dropped: u64,
 }
 
-struct Pending {
-    tx: oneshot::Sender<Result<Envelope, CallError>>,
-    /// The DEALER it went out on (compared by pointer when a connection drops).
-    dealer: Arc<Dealer>,
-    target: Arc<str>,
-    timeout: Duration,
-}
-
-struct LocalSub {
-    id: u64,
-    prefix: String,
-    tx: mpsc::Sender<Envelope>,
-}
-
-struct Inner {
-    id: Id,
-    name: String,
-    cluster: String,
-    host: IpAddr,
-    router_port: u16,
-    pub_port: u16,
-    router: Router,
-    publisher: Publisher,
-    subscriber: Subscriber,
-    socket: SocketOptions,
-    registry: RwLock<Registry>,
-    peers: Mutex<PeerTable>,
-    sub_endpoints: Mutex<HashSet<String>>,
-    pending: Mutex<HashMap<Id, Pending, IdHash>>,
-    /// Deadlines of pending calls, earliest first. One sweeper task fails the expired
-    /// ones, instead of every call arming a timer of its own. Entries of calls already
-    /// answered are skipped when they come up (and compacted away when they pile up).
-    deadlines: Mutex<BinaryHeap<Reverse<(tokio::time::Instant, Id)>>>,
-    /// Signalled when a deadline earlier than every other is added.
-    earlier_deadline: Notify,
-    gathers: Mutex<HashMap<Id, mpsc::Sender<Envelope>>>,
-    subs: RwLock<Vec<LocalSub>>,
-    topic_seq: Mutex<HashMap<String, u64>>,
-    next_sub: AtomicU64,
-    default_timeout: Duration,
-    drain_timeout: Duration,
-    forget_after: Duration,
-    /// Endpoints given at start: never forgotten.
-    static_endpoints: HashSet<String>,
-    /// Endpoints found to lead back to this node (through gossip): never dialled again.
-    self_endpoints: Mutex<HashSet<String>>,
-    /// Node ids that restarted elsewhere: their lingering mDNS records are not dialled.
-    retired: Mutex<discover::Retired>,
-    /// Endpoints whose mDNS instance went away while still connected: forgotten as soon
-    /// as their connection drops, rather than after `forget_after`.
-    unannounced: Mutex<HashSet<String>>,
+/// The node's tasks and the tokens that end them.
+#[derive(Clone)]
+struct Lifecycle {
+    /// Cancelled when the node stops: every loop ends on it.
     cancel: CancellationToken,
     /// Cancelled when shutdown starts (before the drain): discovery says goodbye then.
     leave: CancellationToken,
+    /// Every task the node spawns, but handlers (which `respond` tracks).
     tasks: TaskTracker,
-    handler_tasks: TaskTracker,
-    /// Bounds handlers running at once; when none is free the loops stop reading and
-    /// TCP pushes back on the senders.
-    handler_slots: Arc<tokio::sync::Semaphore>,
-    /// Messages declined by the inline dispatchers and not yet dispatched by the loops.
-    /// While any are outstanding, the inline dispatchers decline too, so that no
-    /// connection's later message overtakes an earlier one.
-    declined: AtomicU64,
-    /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
-    router_ids: Mutex<HashMap<Bytes, Id>>,
-    shutting_down: AtomicBool,
-    /// Signalled whenever the peer table changes.
-    changed: Notify,
-    counters: Counters,
-    presence: broadcast::Sender<PresenceEvent>,
+}
+
+/// The parts of a node, wired together. Each part owns its state (private fields, its
+/// own lock); this struct only holds them, the sockets they share and the call seam.
+struct Core {
+    life: Lifecycle,
+    default_timeout: Duration,
+    drain_timeout: Duration,
+    /// Chooses among instances of a target (round robin by default).
+    balance: Box<dyn Balance>,
+    router: Arc<Router>,
+    publisher: Arc<Publisher>,
+    subscriber: Arc<Subscriber>,
+    calls: Arc<Calls>,
+    registry: Arc<Registry>,
+    membership: Arc<Membership>,
+    pubsub: Arc<PubSub>,
+    gathers: Arc<Gathers>,
+    responder: Responder,
+    inbound: Inbound,
+}
+
+impl Core {
+    /// Stops the node: goodbye first (so peers stop sending us work), then the drain,
+    /// then every call still waiting fails, every socket closes, every task ends.
+    async fn shutdown(&self) {
+        self.responder.stop_taking_work();
+        self.life.leave.cancel();
+        if !self.responder.drain(self.drain_timeout).await {
+            warn!(node = %self.membership.local().name, "handlers still running after the drain timeout");
+        }
+        self.life.cancel.cancel();
+        self.calls.fail_all(|| CallError::Shutdown);
+        self.gathers.clear();
+        self.membership.close().await;
+        self.router.shutdown().await;
+        self.publisher.shutdown().await;
+        self.subscriber.shutdown().await;
+        self.life.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.life.tasks.wait()).await;
+    }
 }
 
 /// A peerwire node. See the [module documentation](self).
 ///
 /// Dropping a node stops it without draining; [`Node::shutdown`] drains first.
 pub struct Node {
-    inner: Arc<Inner>,
+    core: Arc<Core>,
 }
 
 impl Node {
     /// A builder for a node called `name`.
     pub fn builder(name: impl Into<String>) -> NodeBuilder {
-        NodeBuilder {
-            name: name.into(),
-            cluster: "default".into(),
-            host: None,
-            router_port: 0,
-            pub_port: 0,
-            peers: Vec::new(),
-            mdns: None,
-            dns: Vec::new(),
-            dns_every: Duration::from_secs(5),
-            default_timeout: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(5),
-            forget_after: Duration::from_secs(10),
-            max_in_flight: 10_000,
-            socket: SocketOptions::default(),
-        }
+        NodeBuilder::new(name.into())
     }
 
     /// This node's id.
     pub fn id(&self) -> Id {
-        self.inner.id
+        self.core.membership.local().id
     }
 
     /// This node's name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.core.membership.local().name
     }
 
-    /// The endpoint of this node's ROUTER, for other nodes' `peer(...)`.
+    /// The endpoint of this node's ROUTER (`tcp://host:port`), for other nodes' `peer(...)`.
     pub fn endpoint(&self) -> String {
-        format!("tcp://{}", self.inner.router.local_addr())
+        Endpoint::from_addr(self.core.router.local_addr()).to_string()
     }
 
-    /// The endpoint of this node's PUB.
+    /// The endpoint of this node's PUB (`tcp://host:port`).
     pub fn pub_endpoint(&self) -> String {
-        format!("tcp://{}", self.inner.publisher.local_addr())
+        Endpoint::from_addr(self.core.publisher.local_addr()).to_string()
     }
 
     /// Connects to another node's ROUTER endpoint (as `NodeBuilder::peer` does at start).
     pub fn add_peer(&self, endpoint: &str) -> Result<(), NodeError> {
-        self.inner.ensure_dealer(endpoint)?;
+        self.core.membership.dial(&Endpoint::parse(endpoint)?)?;
         Ok(())
     }
 
@@ -589,18 +316,10 @@ impl Node {
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, HandlerError>> + Send + 'static,
     {
-        {
-            let mut r = self.inner.registry.write();
-            r.methods.insert(
-                target.to_string(),
-                Entry {
-                    version,
-                    handler: erase(f),
-                },
-            );
-            r.revision += 1;
-        }
-        self.inner.announce();
+        self.core
+            .registry
+            .insert(Table::Methods, target, version, erase(f));
+        self.core.membership.announce();
     }
 
     /// Registers a typed responder for gather requests published on `topic`.
@@ -611,91 +330,42 @@ impl Node {
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, HandlerError>> + Send + 'static,
     {
-        {
-            let mut r = self.inner.registry.write();
-            r.gathers.insert(
-                topic.to_string(),
-                Entry {
-                    version,
-                    handler: erase(f),
-                },
-            );
-            r.revision += 1;
-        }
-        self.inner.subscriber.subscribe(topic.to_string());
-        self.inner.announce();
+        self.core
+            .registry
+            .insert(Table::Gathers, topic, version, erase(f));
+        // Gather requests travel on the PUB: we must be subscribed to the topic.
+        self.core.subscriber.subscribe(topic.to_string());
+        self.core.membership.announce();
     }
 
     /// The peers known now.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        let mut v: Vec<PeerInfo> = self
-            .inner
-            .peers
-            .lock()
-            .by_id
-            .values()
-            .map(|p| p.info.clone())
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        v
+        self.core.membership.peers()
     }
 
     /// Joined / updated / left events: first a `Joined` for every peer reachable now,
     /// then every change as it happens.
     pub fn presence(&self) -> Presence {
-        // Under the table's lock, where events are sent: nothing missed, nothing twice.
-        let peers = self.inner.peers.lock();
-        let rx = self.inner.presence.subscribe();
-        let mut snapshot: Vec<PeerInfo> = peers
-            .by_id
-            .values()
-            .filter(|p| p.info.connected)
-            .map(|p| p.info.clone())
-            .collect();
-        snapshot.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        Presence {
-            snapshot: snapshot.into(),
-            rx,
-        }
+        self.core.membership.presence()
     }
 
     /// Waits until at least `n` connected peers serve `target`, or `within` passes.
     /// Returns whether they do.
     pub async fn wait_for_service(&self, target: &str, n: usize, within: Duration) -> bool {
-        let deadline = far_instant_after(within);
-        loop {
-            let notified = self.inner.changed.notified();
-            if self.inner.peers.lock().candidates(target, None).0.len() >= n {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
+        self.core
+            .membership
+            .wait_for_service(target, n, within)
+            .await
     }
 
     /// Waits until at least `n` peers are known, or `within` passes.
     pub async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
-        let deadline = far_instant_after(within);
-        loop {
-            let notified = self.inner.changed.notified();
-            if self.inner.peers.lock().by_id.len() >= n {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
-            }
-        }
+        self.core.membership.wait_for_peers(n, within).await
     }
 
     /// Peers subscribed now to our events on `topic` (their SUB filter matches it).
     pub fn subscribers_of(&self, topic: &str) -> Vec<Id> {
-        self.inner
-            .publisher
-            .subscribers_matching(topic.as_bytes())
-            .into_iter()
-            .filter_map(|id| uuid::Uuid::from_slice(&id).ok().map(Id))
-            .collect()
+        self.core.pubsub.subscribers_of(topic)
     }
 
     /// Request/response: sends `req` to one instance of `target` and awaits the typed
@@ -752,57 +422,10 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let inner = &self.inner;
-        // Handlers still draining at shutdown may call out; only a stopped node refuses.
-        if inner.cancel.is_cancelled() {
-            return Err(CallError::Shutdown);
+        match self.core.call(call(Style::Request, target, req, opts)).await? {
+            Started::Reply(awaiting) => Ok(PendingReply::new(awaiting)),
+            _ => unreachable!("a request awaits a reply"),
         }
-        let timeout = opts.timeout.unwrap_or(inner.default_timeout);
-        let deadline = far_instant_after(timeout);
-        let payload = codec::encode_payload(req)?;
-        let (peer_id, dealer) = inner.pick(target, opts.version)?;
-        let mut h = Header::new(Kind::Request, inner.id, target);
-        h.deadline_ms = Some(timeout.as_millis() as u64);
-        h.method_version = opts.version;
-        h.headers = opts.headers;
-        let id = h.id;
-        let (tx, rx) = oneshot::channel();
-        let target: Arc<str> = Arc::from(target);
-        inner.pending.lock().insert(
-            id,
-            Pending {
-                tx,
-                dealer: dealer.clone(),
-                target: target.clone(),
-                timeout,
-            },
-        );
-        inner.watch_deadline(deadline, id);
-        let env = Envelope { header: h, payload };
-        // From here the handle owns the entry: whether the send below fails, times out or
-        // is cancelled by the caller dropping this future, its Drop removes it.
-        let handle = PendingReply {
-            id,
-            rx,
-            deadline,
-            timeout,
-            target: target.clone(),
-            inner: Arc::downgrade(inner),
-            _t: PhantomData,
-        };
-        // Waiting for room in the queue counts against the call's deadline too.
-        match tokio::time::timeout_at(deadline, dealer.send(env.to_message())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(CallError::Timeout {
-                    target: target.to_string(),
-                    timeout,
-                })
-            }
-        }
-        debug!(target = %target, peer = %peer_id, %id, "request sent");
-        Ok(handle)
     }
 
     /// One-way notification to exactly one instance of `target`. Returns once queued;
@@ -823,25 +446,10 @@ impl Node {
         msg: &T,
         opts: CallOptions,
     ) -> Result<(), CallError> {
-        let inner = &self.inner;
-        if inner.cancel.is_cancelled() {
-            return Err(CallError::Shutdown);
-        }
-        let timeout = opts.timeout.unwrap_or(inner.default_timeout);
-        let payload = codec::encode_payload(msg)?;
-        let (_, dealer) = inner.pick(target, opts.version)?;
-        let mut h = Header::new(Kind::Notification, inner.id, target);
-        h.method_version = opts.version;
-        h.headers = opts.headers;
-        h.deadline_ms = opts.timeout.map(|t| t.as_millis() as u64);
-        let env = Envelope { header: h, payload };
-        tokio::time::timeout_at(far_instant_after(timeout), dealer.send(env.to_message()))
+        self.core
+            .call(call(Style::Notification, target, msg, opts))
             .await
-            .map_err(|_| CallError::Timeout {
-                target: target.to_string(),
-                timeout,
-            })??;
-        Ok(())
+            .map(|_| ())
     }
 
     /// Publishes an event on `topic` to every subscribed peer. Each topic has its own
@@ -851,47 +459,13 @@ impl Node {
         topic: &str,
         event: &T,
     ) -> Result<PublishReport, CallError> {
-        let inner = &self.inner;
         let payload = codec::encode_payload(event)?;
-        let mut h = Header::new(Kind::Event, inner.id, topic);
-        h.seq = {
-            let mut seqs = inner.topic_seq.lock();
-            // Look up before inserting: no key allocated on every publish.
-            match seqs.get_mut(topic) {
-                Some(s) => {
-                    *s += 1;
-                    *s
-                }
-                None => {
-                    seqs.insert(topic.to_string(), 1);
-                    1
-                }
-            }
-        };
-        let env = Envelope { header: h, payload };
-        Ok(inner
-            .publisher
-            .publish(Message::from_frames(env.to_pub_frames()))?)
+        Ok(self.core.pubsub.publish(topic, payload)?)
     }
 
     /// Subscribes to events whose topic starts with `prefix`, from every peer.
     pub fn subscribe<T: DeserializeOwned>(&self, prefix: &str) -> Subscription<T> {
-        let (tx, rx) = mpsc::channel(4096);
-        let id = self.inner.next_sub.fetch_add(1, Relaxed);
-        self.inner.subs.write().push(LocalSub {
-            id,
-            prefix: prefix.to_string(),
-            tx,
-        });
-        self.inner.subscriber.subscribe(prefix.to_string());
-        Subscription {
-            id,
-            prefix: prefix.to_string(),
-            rx,
-            last: HashMap::new(),
-            inner: Arc::downgrade(&self.inner),
-            _t: PhantomData,
-        }
+        self.core.pubsub.subscribe(prefix)
     }
 
     /// Publish/async responses: publishes `req` on `topic` and collects the replies of
@@ -907,113 +481,63 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let inner = &self.inner;
-        if inner.cancel.is_cancelled() {
-            return Err(CallError::Shutdown);
-        }
-        let payload = codec::encode_payload(req)?;
-        let listening: HashSet<Id> = self.subscribers_of(topic).into_iter().collect();
-        let expected: Vec<(Id, String)> = {
-            let peers = inner.peers.lock();
-            let mut v: Vec<(Id, String)> = peers
-                .by_id
-                .values()
-                .filter(|p| {
-                    p.info
-                        .gathers
-                        .get(topic)
-                        .is_some_and(|v| opts.version.is_none_or(|w| v.serves(w)))
-                        && listening.contains(&p.info.id)
-                })
-                .map(|p| (p.info.id, p.info.name.clone()))
-                .collect();
-            v.sort();
-            v
+        let call_opts = CallOptions {
+            timeout: Some(opts.within),
+            version: opts.version,
+            ..CallOptions::default()
         };
-        if expected.is_empty() {
-            return Err(CallError::NoResponder(topic.to_string()));
+        match self.core.call(call(Style::Gather, topic, req, call_opts)).await? {
+            Started::Gather(opened) => Ok(Gather::new(opened, opts.within, opts.quorum)),
+            _ => unreachable!("a gather collects replies"),
         }
-        let mut h = Header::new(Kind::GatherRequest, inner.id, topic);
-        h.deadline_ms = Some(opts.within.as_millis() as u64);
-        h.method_version = opts.version;
-        let id = h.id;
-        let (tx, rx) = mpsc::channel(expected.len() * 2 + 16);
-        inner.gathers.lock().insert(id, tx);
-        let env = Envelope { header: h, payload };
-        if let Err(e) = inner
-            .publisher
-            .publish(Message::from_frames(env.to_pub_frames()))
-        {
-            inner.gathers.lock().remove(&id);
-            return Err(e.into());
-        }
-        Ok(Gather {
-            id,
-            rx,
-            started: Instant::now(),
-            deadline: Box::pin(tokio::time::sleep_until(far_instant_after(opts.within))),
-            quorum: opts.quorum,
-            expected,
-            answered: Vec::new(),
-            finished: None,
-            inner: Arc::downgrade(inner),
-            _t: PhantomData,
-        })
     }
 
     /// The node's counters.
     pub fn stats(&self) -> NodeStats {
-        let c = &self.inner.counters;
+        let c = &self.core;
         NodeStats {
-            malformed: c.malformed.load(Relaxed),
-            unexpected: c.unexpected.load(Relaxed),
-            other_cluster: c.other_cluster.load(Relaxed),
-            other_version: c.other_version.load(Relaxed),
-            events_dropped: c.events_dropped.load(Relaxed),
+            malformed: c.inbound.malformed(),
+            unexpected: c.inbound.unexpected(),
+            other_cluster: c.membership.other_cluster(),
+            other_version: c.membership.other_version(),
+            events_dropped: c.pubsub.dropped(),
         }
     }
 
     /// Calls waiting for a reply now (for tests and metrics).
     pub fn pending_calls(&self) -> usize {
-        self.inner.pending.lock().len()
+        self.core.calls.len()
     }
 
     /// Stops taking work (new requests get a `shutting_down` error reply), lets handlers
     /// in flight finish for up to the drain timeout, fails calls still waiting for a
     /// reply, closes every socket and returns once every task has ended.
     pub async fn shutdown(self) {
-        let inner = &self.inner;
-        inner.shutting_down.store(true, Relaxed);
-        // Say goodbye first, so peers stop sending us work while we drain.
-        inner.leave.cancel();
-        inner.handler_tasks.close();
-        if tokio::time::timeout(inner.drain_timeout, inner.handler_tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(node = %inner.name, "handlers still running after the drain timeout");
-        }
-        inner.cancel.cancel();
-        for (_, p) in inner.pending.lock().drain() {
-            let _ = p.tx.send(Err(CallError::Shutdown));
-        }
-        inner.gathers.lock().clear();
-        let dealers: Vec<Arc<Dealer>> = inner.peers.lock().dealers.values().cloned().collect();
-        for d in dealers {
-            d.shutdown().await;
-        }
-        inner.router.shutdown().await;
-        inner.publisher.shutdown().await;
-        inner.subscriber.shutdown().await;
-        inner.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), inner.tasks.wait()).await;
+        self.core.shutdown().await;
+    }
+}
+
+/// A call for the pipeline: the payload encoded, the options unpacked.
+fn call<'a, T: Serialize + ?Sized>(
+    style: Style,
+    target: &'a str,
+    req: &T,
+    opts: CallOptions,
+) -> Call<'a> {
+    Call {
+        style,
+        target,
+        payload: codec::encode_payload(req),
+        timeout: opts.timeout,
+        version: opts.version,
+        headers: opts.headers,
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
         // Without `shutdown`, at least stop the loops; the sockets close as they drop.
-        self.inner.leave.cancel();
-        self.inner.cancel.cancel();
+        self.core.life.leave.cancel();
+        self.core.life.cancel.cancel();
     }
 }

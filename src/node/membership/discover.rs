@@ -2,8 +2,20 @@
 //! DEALER connections (and forget what disappears). What a peer serves is learned from
 //! its HELLO once connected, never from discovery. No public items.
 
-use super::*;
-use crate::discovery::{Sighting, VERSION_MAJOR_TXT};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Membership;
+use crate::codec::Id;
+use crate::discovery::{DnsSeed, Mdns, Sighting, VERSION_MAJOR_TXT};
+use crate::node::calls::far_instant_after;
+use crate::transport::Endpoint;
 
 /// How often endpoints that discovery still vouches for are dialled again if dispatch
 /// forgot them (a partition longer than `forget_after`, say). Dialling a known endpoint
@@ -52,27 +64,9 @@ impl Retired {
     }
 }
 
-impl Inner {
-    /// The node id at a ROUTER endpoint, and whether it is connected.
-    fn peer_at(&self, endpoint: &str) -> Option<(Id, bool)> {
-        self.peers
-            .lock()
-            .by_id
-            .values()
-            .find(|p| p.info.router_endpoint == endpoint)
-            .map(|p| (p.info.id, p.info.connected))
-    }
-
-    fn forget_later(self: &Arc<Self>, endpoint: String, why: &'static str) {
-        let inner = self.clone();
-        self.tasks
-            .spawn(async move { inner.forget(&endpoint, why, None).await });
-    }
-}
-
 /// What to do with an endpoint whose mDNS instance went away (goodbye or expiry).
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum OnDown {
+enum OnDown {
     /// Nothing: another instance is announced there now, or another node answers there.
     Keep,
     /// Forget it now: nobody reachable is there.
@@ -85,10 +79,10 @@ pub(super) enum OnDown {
 /// The decision for an endpoint `ep` whose instance, announced by node `gone` (from its
 /// TXT), went away. `others` are the endpoints of the instances still announced; `at` is
 /// the peer at `ep` now (id, connected).
-pub(super) fn on_down<'a>(
-    ep: &str,
+fn on_down<'a>(
+    ep: &Endpoint,
     gone: Option<Id>,
-    mut others: impl Iterator<Item = &'a String>,
+    mut others: impl Iterator<Item = &'a Endpoint>,
     at: Option<(Id, bool)>,
 ) -> OnDown {
     if others.any(|e| e == ep) {
@@ -106,53 +100,47 @@ pub(super) fn on_down<'a>(
 
 /// An instance went away (goodbye, expiry, or not reported again after a refresh).
 fn instance_gone(
-    inner: &Arc<Inner>,
-    dialled: &mut HashMap<String, (String, Option<Id>)>,
+    m: &Arc<Membership>,
+    dialled: &mut HashMap<String, (Endpoint, Option<Id>)>,
     instance: &str,
 ) {
     let Some((ep, gone)) = dialled.remove(instance) else {
         return;
     };
-    if inner.static_endpoints.contains(&ep) {
+    if m.static_endpoints.contains(&ep) {
         return;
     }
-    let decision = on_down(
-        &ep,
-        gone,
-        dialled.values().map(|(e, _)| e),
-        inner.peer_at(&ep),
-    );
-    debug!(node = %inner.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
+    let at = m.state.lock().table.peer_at(&ep);
+    let decision = on_down(&ep, gone, dialled.values().map(|(e, _)| e), at);
+    debug!(node = %m.local.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
     match decision {
         OnDown::Keep => {}
-        OnDown::Forget => inner.forget_later(ep, "gone from mDNS"),
+        OnDown::Forget => m.forget_later(ep, "gone from mDNS"),
         OnDown::WhenDisconnected => {
-            // Only while a dealer is there: a mark left behind would make a later
-            // connection to this endpoint be forgotten on its first blip.
-            let peers = inner.peers.lock();
-            if peers.dealers.contains_key(&ep) {
-                inner.unannounced.lock().insert(ep.clone());
-            }
-            // It may have dropped between the look and the mark.
-            let dropped = peers
-                .by_id
-                .values()
-                .any(|p| p.info.router_endpoint == ep && !p.info.connected);
-            drop(peers);
+            let dropped = {
+                let mut st = m.state.lock();
+                // Only while a dealer is there: a mark left behind would make a later
+                // connection to this endpoint be forgotten on its first blip.
+                if st.table.link(&ep).is_some() {
+                    st.unannounced.insert(ep.clone());
+                }
+                // It may have dropped between the look and the mark.
+                st.table.down_at(&ep)
+            };
             if dropped {
-                inner.forget_later(ep, "gone from mDNS");
+                m.forget_later(ep, "gone from mDNS");
             }
         }
     }
 }
 
 /// Follows mDNS until the node leaves, then says goodbye.
-pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
-    let Some(leave) = inner.upgrade().map(|i| i.leave.clone()) else {
+pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
+    let Some(leave) = membership.upgrade().map(|m| m.life.leave.clone()) else {
         return;
     };
     // Instance → the endpoint we dial for it and the node id it announced.
-    let mut dialled: HashMap<String, (String, Option<Id>)> = HashMap::new();
+    let mut dialled: HashMap<String, (Endpoint, Option<Id>)> = HashMap::new();
     let mut redial =
         tokio::time::interval_at(tokio::time::Instant::now() + REDIAL_EVERY, REDIAL_EVERY);
     redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,12 +156,12 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
             biased;
             _ = leave.cancelled() => break,
             _ = redial.tick() => {
-                let Some(inner) = inner.upgrade() else { break };
+                let Some(m) = membership.upgrade() else { break };
                 for (ep, id) in dialled.values() {
-                    if id.is_some_and(|id| inner.retired.lock().contains(&id)) {
+                    if id.is_some_and(|id| m.state.lock().retired.contains(&id)) {
                         continue;
                     }
-                    if let Err(e) = inner.ensure_dealer(ep) {
+                    if let Err(e) = m.dial(ep) {
                         debug!(endpoint = %ep, error = %e, "mDNS: not dialling again");
                     }
                 }
@@ -193,10 +181,10 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                     .filter(|i| !confirmed.contains(*i))
                     .cloned()
                     .collect();
-                let Some(inner) = inner.upgrade() else { break };
+                let Some(m) = membership.upgrade() else { break };
                 for instance in gone {
-                    debug!(node = %inner.name, %instance, "mDNS: not reported again after a refresh");
-                    instance_gone(&inner, &mut dialled, &instance);
+                    debug!(node = %m.local.name, %instance, "mDNS: not reported again after a refresh");
+                    instance_gone(&m, &mut dialled, &instance);
                 }
                 continue;
             }
@@ -208,25 +196,25 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                 }
             },
         };
-        let Some(inner) = inner.upgrade() else { break };
+        let Some(m) = membership.upgrade() else { break };
         match sighting {
             Sighting::Up(seen) => {
-                if seen.cluster != inner.cluster {
-                    inner.counters.other_cluster.fetch_add(1, Relaxed);
+                if seen.cluster != m.local.cluster {
+                    m.other_cluster.fetch_add(1, Relaxed);
                     debug!(instance = %seen.instance, cluster = %seen.cluster, "mDNS: a node of another cluster, ignored");
                     continue;
                 }
-                if seen.node_id == Some(inner.id) {
+                if seen.node_id == Some(m.local.id) {
                     continue;
                 }
                 if seen.version != Some(VERSION_MAJOR_TXT) {
-                    inner.counters.other_version.fetch_add(1, Relaxed);
+                    m.other_version.fetch_add(1, Relaxed);
                     warn!(instance = %seen.instance, version = ?seen.version, "mDNS: a node speaking another protocol version, ignored");
                     continue;
                 }
                 if seen
                     .node_id
-                    .is_some_and(|id| inner.retired.lock().contains(&id))
+                    .is_some_and(|id| m.state.lock().retired.contains(&id))
                 {
                     debug!(instance = %seen.instance, "mDNS: a lingering record of a node that restarted, ignored");
                     continue;
@@ -238,18 +226,18 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
                 if let Some((_, confirmed)) = &mut confirming {
                     confirmed.insert(seen.instance.clone());
                 }
-                inner.unannounced.lock().remove(&ep);
+                m.state.lock().unannounced.remove(&ep);
                 let previous = dialled.insert(seen.instance.clone(), (ep.clone(), seen.node_id));
                 if let Some((old, _)) = previous {
                     if old != ep
-                        && !inner.static_endpoints.contains(&old)
+                        && !m.static_endpoints.contains(&old)
                         && !dialled.values().any(|(e, _)| *e == old)
                     {
-                        inner.forget_later(old, "moved");
+                        m.forget_later(old, "moved");
                     }
                 }
-                debug!(node = %inner.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
-                if let Err(e) = inner.ensure_dealer(&ep) {
+                debug!(node = %m.local.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
+                if let Err(e) = m.dial(&ep) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");
                 }
             }
@@ -257,7 +245,7 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
             Sighting::Refreshed => {
                 confirming = Some((tokio::time::Instant::now() + CONFIRM_WITHIN, HashSet::new()));
             }
-            Sighting::Down { instance } => instance_gone(&inner, &mut dialled, &instance),
+            Sighting::Down { instance } => instance_gone(&m, &mut dialled, &instance),
         }
     }
     mdns.stop().await;
@@ -266,15 +254,15 @@ pub(super) async fn mdns_loop(inner: Weak<Inner>, mut mdns: Mdns) {
 /// Resolves the DNS seeds every `every` until the node leaves: every address is dialled
 /// (again, if dispatch forgot it), vanished ones forgotten.
 pub(super) async fn dns_loop(
-    inner: Weak<Inner>,
+    membership: Weak<Membership>,
     seeds: Vec<DnsSeed>,
     every: Duration,
     leave: CancellationToken,
 ) {
-    let mut current: HashSet<String> = HashSet::new();
+    let mut current: HashSet<Endpoint> = HashSet::new();
     let mut last_error: HashMap<String, String> = HashMap::new();
     loop {
-        let mut found: HashSet<String> = HashSet::new();
+        let mut found: HashSet<Endpoint> = HashSet::new();
         let mut failed = false;
         for seed in &seeds {
             let res = tokio::select! {
@@ -298,13 +286,13 @@ pub(super) async fn dns_loop(
                 }
             }
         }
-        let Some(strong) = inner.upgrade() else {
+        let Some(strong) = membership.upgrade() else {
             return;
         };
         // All of them, not only the new ones: an address dispatch forgot (unreachable for
         // a while) is dialled again while DNS still lists it. Known ones are a no-op.
         for ep in &found {
-            if let Err(e) = strong.ensure_dealer(ep) {
+            if let Err(e) = strong.dial(ep) {
                 debug!(endpoint = %ep, error = %e, "DNS: not dialling");
             }
         }
@@ -330,12 +318,17 @@ pub(super) async fn dns_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::{Node, Presence, PresenceEvent};
+
+    fn ep(s: &str) -> Endpoint {
+        Endpoint::parse(s).unwrap()
+    }
 
     #[test]
     fn an_expiring_instance_never_drops_the_node_that_replaced_it() {
         let (old, new) = (Id::new(), Id::new());
-        let ep = "tcp://10.0.0.2:7001";
-        let none: Vec<String> = Vec::new();
+        let ep = &ep("tcp://10.0.0.2:7001");
+        let none: Vec<Endpoint> = Vec::new();
         // The restarted node answers at the same endpoint: keep it.
         assert_eq!(
             on_down(ep, Some(old), none.iter(), Some((new, true))),
@@ -346,7 +339,7 @@ mod tests {
             OnDown::Keep
         );
         // Another instance announces the endpoint now: keep it.
-        let others = [ep.to_string()];
+        let others = [ep.clone()];
         assert_eq!(on_down(ep, Some(old), others.iter(), None), OnDown::Keep);
         // The same node, still connected (its goodbye precedes its close): later.
         assert_eq!(
@@ -405,7 +398,7 @@ mod tests {
                 .any(|p| p.router_endpoint == ep && p.connected)
         };
         joins(&mut presence, 1).await;
-        a.inner.forget(&ep, "test", None).await;
+        a.core.membership.forget(&super::ep(&ep), "test", None).await;
         a.add_peer(&ep).unwrap();
         joins(&mut presence, 1).await;
         // Several `forget_after`s: a stray loop would have struck by now.
@@ -427,26 +420,24 @@ mod tests {
         client.add_peer(&a.endpoint()).unwrap();
         client.add_peer(&b.endpoint()).unwrap();
         joins(&mut presence, 2).await;
+        let m = &client.core.membership;
+        let (a_ep, b_ep) = (ep(&a.endpoint()), ep(&b.endpoint()));
+        let retired = |id: Id| m.state.lock().retired.contains(&id);
         {
-            let mut peers = client.inner.peers.lock();
-            peers.set_down(&a.endpoint());
-            peers.set_down(&b.endpoint());
+            let mut st = m.state.lock();
+            st.table.set_down(&a_ep);
+            st.table.set_down(&b_ep);
         }
-        client.inner.learn(b.inner.hello(), None);
-        assert!(!client.inner.retired.lock().contains(&a.id()));
-        assert!(client
-            .inner
-            .peers
-            .lock()
-            .dealers
-            .contains_key(&a.endpoint()));
+        m.learn(b.core.membership.hello(), None);
+        assert!(!retired(a.id()));
+        assert!(m.state.lock().table.link(&a_ep).is_some());
         // Once a's endpoint refuses connections (its process ended), it is.
-        client.inner.peers.lock().set_refused(&a.endpoint());
-        client.inner.learn(b.inner.hello(), None);
-        assert!(client.inner.retired.lock().contains(&a.id()));
+        m.state.lock().table.set_refused(&a_ep);
+        m.learn(b.core.membership.hello(), None);
+        assert!(retired(a.id()));
         // And a HELLO from a retired id (it was alive after all) brings it back.
-        client.inner.learn(a.inner.hello(), None);
-        assert!(!client.inner.retired.lock().contains(&a.id()));
+        m.learn(a.core.membership.hello(), None);
+        assert!(!retired(a.id()));
         for n in [client, a, b] {
             n.shutdown().await;
         }

@@ -1,5 +1,9 @@
-//! Handler registry: typed handlers erased to `bytes → bytes` functions, and the
-//! context they receive.
+//! The handler registry and the catalog it announces: typed handlers erased to
+//! `bytes → bytes` functions, and the context they receive.
+//!
+//! This module owns which handler serves which target at which version, and the catalog
+//! revision peers use to order HELLOs. It never runs a handler (that is `respond`) and
+//! never sends anything (registering a handler makes the membership announce it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -10,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -52,19 +57,18 @@ impl HandlerError {
     }
 }
 
-pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, ErrorBody>> + Send>>;
-pub(crate) type ErasedHandler = Arc<dyn Fn(Bytes, Context) -> HandlerFuture + Send + Sync>;
+pub(super) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, ErrorBody>> + Send>>;
+pub(super) type ErasedHandler = Arc<dyn Fn(Bytes, Context) -> HandlerFuture + Send + Sync>;
 
 /// A registered handler and the version it serves.
-#[derive(Clone)]
-pub(crate) struct Entry {
-    pub version: Version,
-    pub handler: ErasedHandler,
+struct Entry {
+    version: Version,
+    handler: ErasedHandler,
 }
 
 /// Wraps a typed handler: decode the request, run, encode the response. Panics in the
 /// handler become a `handler_panicked` error body.
-pub(crate) fn erase<Req, Resp, F, Fut>(f: F) -> ErasedHandler
+pub(super) fn erase<Req, Resp, F, Fut>(f: F) -> ErasedHandler
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -115,54 +119,81 @@ where
 
 /// Handlers by target, for requests/notifications and for gathers.
 #[derive(Default)]
-pub(crate) struct Registry {
-    pub methods: HashMap<String, Entry>,
-    pub gathers: HashMap<String, Entry>,
+struct Tables {
+    methods: HashMap<String, Entry>,
+    gathers: HashMap<String, Entry>,
     /// Bumped on every change (see [`codec::Catalog::revision`]).
-    pub revision: u64,
+    revision: u64,
+}
+
+/// The registry. See the [module documentation](self).
+#[derive(Default)]
+pub(super) struct Registry {
+    tables: RwLock<Tables>,
+}
+
+/// Which table a target is looked up in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Table {
+    /// Requests and notifications (`service.method`).
+    Methods,
+    /// Gather requests (a topic).
+    Gathers,
 }
 
 impl Registry {
-    pub fn catalog(&self) -> codec::Catalog {
-        codec::Catalog {
-            methods: self
-                .methods
-                .iter()
-                .map(|(k, e)| (k.clone(), e.version))
-                .collect(),
-            gathers: self
-                .gathers
-                .iter()
-                .map(|(k, e)| (k.clone(), e.version))
-                .collect(),
-            revision: self.revision,
-        }
+    /// Registers (or replaces) the handler of `target` in `table`.
+    pub(super) fn insert(&self, table: Table, target: &str, version: Version, handler: ErasedHandler) {
+        let mut t = self.tables.write();
+        let entry = Entry { version, handler };
+        match table {
+            Table::Methods => t.methods.insert(target.to_string(), entry),
+            Table::Gathers => t.gathers.insert(target.to_string(), entry),
+        };
+        t.revision += 1;
     }
-}
 
-/// Finds the handler for `target` that serves `wanted`, or the error body explaining why
-/// there is none.
-pub(crate) fn lookup(
-    table: &HashMap<String, Entry>,
-    target: &str,
-    wanted: Option<Version>,
-) -> Result<ErasedHandler, ErrorBody> {
-    let Some(e) = table.get(target) else {
-        return Err(ErrorBody {
-            code: codes::NO_HANDLER.into(),
-            message: format!("no handler for {target} on this node"),
-        });
-    };
-    if let Some(w) = wanted {
-        if !e.version.serves(w) {
-            return Err(ErrorBody {
-                code: codes::INCOMPATIBLE_VERSION.into(),
-                message: format!(
-                    "{target} is served at version {}, caller wants {w}",
-                    e.version
-                ),
-            });
+    /// What this node serves, as announced in HELLO.
+    pub(super) fn catalog(&self) -> codec::Catalog {
+        let t = self.tables.read();
+        let list = |m: &HashMap<String, Entry>| m.iter().map(|(k, e)| (k.clone(), e.version)).collect();
+        codec::Catalog {
+            methods: list(&t.methods),
+            gathers: list(&t.gathers),
+            revision: t.revision,
         }
     }
-    Ok(e.handler.clone())
+
+    /// The handler for `target` that serves `wanted`, or the error body explaining why
+    /// there is none.
+    pub(super) fn lookup(
+        &self,
+        table: Table,
+        target: &str,
+        wanted: Option<Version>,
+    ) -> Result<ErasedHandler, ErrorBody> {
+        let t = self.tables.read();
+        let entries = match table {
+            Table::Methods => &t.methods,
+            Table::Gathers => &t.gathers,
+        };
+        let Some(e) = entries.get(target) else {
+            return Err(ErrorBody {
+                code: codes::NO_HANDLER.into(),
+                message: format!("no handler for {target} on this node"),
+            });
+        };
+        if let Some(w) = wanted {
+            if !e.version.serves(w) {
+                return Err(ErrorBody {
+                    code: codes::INCOMPATIBLE_VERSION.into(),
+                    message: format!(
+                        "{target} is served at version {}, caller wants {w}",
+                        e.version
+                    ),
+                });
+            }
+        }
+        Ok(e.handler.clone())
+    }
 }

@@ -1,0 +1,284 @@
+//! [`NodeBuilder`]: a node's settings, and `start`, which binds its sockets, builds its
+//! parts, wires them together and starts their loops. It owns no state once the node
+//! runs.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::calls::Calls;
+use super::gather::Gathers;
+use super::inbound::{self, CoreCell, Inbound};
+use super::membership::{Local, Membership, Setup};
+use super::pipeline::RoundRobin;
+use super::pubsub::PubSub;
+use super::registry::Registry;
+use super::respond::Responder;
+use super::{Core, Lifecycle, Node, NodeError};
+use crate::codec::Id;
+use crate::discovery::{Announcement, DnsSeed, Mdns, MdnsConfig};
+use crate::transport::{Endpoint, Publisher, Router, SocketOptions, Subscriber};
+
+/// Builds a [`Node`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct NodeBuilder {
+    name: String,
+    cluster: String,
+    host: Option<IpAddr>,
+    router_port: u16,
+    pub_port: u16,
+    peers: Vec<String>,
+    mdns: Option<MdnsConfig>,
+    dns: Vec<DnsSeed>,
+    dns_every: Duration,
+    default_timeout: Duration,
+    drain_timeout: Duration,
+    forget_after: Duration,
+    max_in_flight: usize,
+    socket: SocketOptions,
+}
+
+impl NodeBuilder {
+    pub(super) fn new(name: String) -> Self {
+        NodeBuilder {
+            name,
+            cluster: "default".into(),
+            host: None,
+            router_port: 0,
+            pub_port: 0,
+            peers: Vec::new(),
+            mdns: None,
+            dns: Vec::new(),
+            dns_every: Duration::from_secs(5),
+            default_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+            forget_after: Duration::from_secs(10),
+            max_in_flight: 10_000,
+            socket: SocketOptions::default(),
+        }
+    }
+
+    /// The cluster this node belongs to (default `default`). Nodes of other clusters
+    /// are ignored.
+    pub fn cluster(mut self, cluster: impl Into<String>) -> Self {
+        self.cluster = cluster.into();
+        self
+    }
+
+    /// Address to listen on. Default: 127.0.0.1 (nothing leaves the host unless asked),
+    /// or 0.0.0.0 when mDNS is on for interfaces other than loopback.
+    pub fn listen(mut self, host: IpAddr) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    /// Finds peers (and is found) by mDNS on the interfaces `cfg` selects. Off unless
+    /// set: a library should not multicast on every interface without being asked (the
+    /// `peerwire` command turns it on by default).
+    pub fn mdns(mut self, cfg: MdnsConfig) -> Self {
+        self.mdns = Some(cfg);
+        self
+    }
+
+    /// A DNS name whose every address is a peer (`NAME:PORT`), resolved at start and
+    /// then every [`dns_every`](Self::dns_every). Repeatable.
+    pub fn dns(mut self, seed: DnsSeed) -> Self {
+        self.dns.push(seed);
+        self
+    }
+
+    /// How often DNS seeds are resolved again (default 5 s). Addresses that disappear
+    /// from the answer are forgotten.
+    pub fn dns_every(mut self, every: Duration) -> Self {
+        self.dns_every = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Port of the ROUTER (default 0: any free port).
+    pub fn router_port(mut self, port: u16) -> Self {
+        self.router_port = port;
+        self
+    }
+
+    /// Port of the PUB (default 0: any free port).
+    pub fn pub_port(mut self, port: u16) -> Self {
+        self.pub_port = port;
+        self
+    }
+
+    /// A peer's ROUTER endpoint (`tcp://host:port`) to connect to at start. Repeatable.
+    pub fn peer(mut self, endpoint: impl Into<String>) -> Self {
+        self.peers.push(endpoint.into());
+        self
+    }
+
+    /// Deadline of calls that set none (default 5 s).
+    pub fn default_timeout(mut self, t: Duration) -> Self {
+        self.default_timeout = t;
+        self
+    }
+
+    /// How long [`Node::shutdown`] lets in-flight handlers finish (default 5 s).
+    pub fn drain_timeout(mut self, t: Duration) -> Self {
+        self.drain_timeout = t;
+        self
+    }
+
+    /// How long a peer learned from another node (not a static peer) may stay
+    /// unreachable before it is forgotten (default 10 s). Static peers are kept and
+    /// retried for the node's whole life.
+    pub fn forget_after(mut self, t: Duration) -> Self {
+        self.forget_after = t;
+        self
+    }
+
+    /// Most handlers running at once (default 10 000). Past it the node stops reading
+    /// new requests until one finishes, so TCP pushes back on the callers.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Transport options for every socket of the node.
+    pub fn socket_options(mut self, opts: SocketOptions) -> Self {
+        self.socket = opts;
+        self
+    }
+
+    /// Binds the sockets, connects to the static peers and starts the node.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        if self.cluster.is_empty() || self.cluster.len() > crate::discovery::MAX_CLUSTER_LEN {
+            return Err(NodeError::Config(format!(
+                "the cluster name must be 1 to {} bytes, not {}",
+                crate::discovery::MAX_CLUSTER_LEN,
+                self.cluster.len()
+            )));
+        }
+        let static_peers = self
+            .peers
+            .iter()
+            .map(|p| Endpoint::parse(p))
+            .collect::<Result<Vec<Endpoint>, _>>()?;
+        let id = Id::new();
+        let host = self.host.unwrap_or(match &self.mdns {
+            Some(m) if m.reaches_other_hosts() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        });
+        // Requests are dispatched inline by the sockets' connection tasks (no task hop);
+        // the node is not built yet, so the dispatchers find it through this cell, and
+        // decline (queue for the inbound loops) until it is there.
+        let cell: CoreCell = Arc::new(OnceLock::new());
+        let router = Router::bind_with_handler(
+            SocketAddr::new(host, self.router_port),
+            self.socket.clone(),
+            inbound::router_handler(cell.clone()),
+        )
+        .await?;
+        let publisher =
+            Publisher::bind(SocketAddr::new(host, self.pub_port), self.socket.clone()).await?;
+        // The SUB announces our node id, so a publisher can tell which peers subscribe.
+        let subscriber = Subscriber::with_handler(
+            SocketOptions {
+                identity: Some(Bytes::copy_from_slice(id.0.as_bytes())),
+                ..self.socket.clone()
+            },
+            inbound::subscriber_handler(cell.clone()),
+        );
+        let (router, publisher, subscriber) =
+            (Arc::new(router), Arc::new(publisher), Arc::new(subscriber));
+        let life = Lifecycle {
+            cancel: tokio_util::sync::CancellationToken::new(),
+            leave: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        };
+        let calls = Arc::new(Calls::default());
+        let registry = Arc::new(Registry::default());
+        let local = Local {
+            id,
+            name: self.name,
+            cluster: self.cluster,
+            host,
+            router_port: router.local_addr().port(),
+            pub_port: publisher.local_addr().port(),
+        };
+        let membership = Arc::new(Membership::new(Setup {
+            local,
+            registry: registry.clone(),
+            calls: calls.clone(),
+            subscriber: subscriber.clone(),
+            socket: self.socket,
+            dealer_sink: inbound::dealer_sink(cell.clone()),
+            life: life.clone(),
+            forget_after: self.forget_after,
+            static_endpoints: static_peers.iter().cloned().collect::<HashSet<_>>(),
+        }));
+        let core = Arc::new(Core {
+            life: life.clone(),
+            default_timeout: self.default_timeout,
+            drain_timeout: self.drain_timeout,
+            balance: Box::new(RoundRobin::default()),
+            pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
+            router,
+            publisher,
+            subscriber,
+            calls: calls.clone(),
+            registry,
+            membership: membership.clone(),
+            gathers: Arc::new(Gathers::default()),
+            responder: Responder::new(id, self.default_timeout, self.max_in_flight),
+            inbound: Inbound::default(),
+        });
+        let weak = Arc::downgrade(&core);
+        let _ = cell.set(weak.clone());
+        let cancel = &life.cancel;
+        life.tasks
+            .spawn(inbound::declined_loop(weak.clone(), cancel.clone(), true));
+        life.tasks
+            .spawn(inbound::declined_loop(weak, cancel.clone(), false));
+        life.tasks
+            .spawn(Calls::deadline_loop(Arc::downgrade(&calls), cancel.clone()));
+        let node = Node { core };
+        // Discovery first: if it is refused, nothing has been dialled yet. Whatever did
+        // start is shut down before the error is returned.
+        let mdns = match &self.mdns {
+            Some(cfg) => {
+                let l = membership.local();
+                let me = Announcement {
+                    node_id: l.id,
+                    name: l.name.clone(),
+                    cluster: l.cluster.clone(),
+                    router_port: l.router_port,
+                    pub_port: l.pub_port,
+                };
+                match Mdns::start(cfg, &me) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        node.shutdown().await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        for p in &static_peers {
+            if let Err(e) = membership.dial(p) {
+                if let Some(m) = mdns {
+                    m.stop().await;
+                }
+                node.shutdown().await;
+                return Err(e.into());
+            }
+        }
+        if let Some(mdns) = mdns {
+            membership.follow_mdns(mdns);
+        }
+        if !self.dns.is_empty() {
+            membership.follow_dns(self.dns, self.dns_every);
+        }
+        Ok(node)
+    }
+}

@@ -1,0 +1,319 @@
+//! Call correlation: the calls waiting for a reply, their deadlines, and the connection
+//! each went out on, all under one lock.
+//!
+//! This module owns the table of pending calls and the one task that fails calls whose
+//! deadline passed. It answers four questions, each without a scan: a reply arrived for
+//! this correlation id (complete it); a connection dropped (fail every call sent on it,
+//! through the index by connection); a deadline passed (fail it with `Timeout`); a caller
+//! gave up (forget it). It never sends anything, never decodes a payload, and knows
+//! nothing of peers beyond the [`ConnId`] the membership gave their connection.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::CallError;
+use crate::codec::{Envelope, Id};
+
+/// Identifies one DEALER (one peer endpoint) for as long as the node knows it. Given by
+/// the membership when it creates the DEALER; never reused within a node's life.
+pub(super) type ConnId = u64;
+
+/// What a waiting caller receives: the reply envelope, or why there will be none.
+pub(super) type ReplyResult = Result<Envelope, CallError>;
+
+/// Past this many heap entries, entries of answered calls are compacted away when they
+/// outnumber the live ones four to one.
+const COMPACT_ABOVE: usize = 4096;
+
+/// `now + d`, or a year from now if that overflows (a `Duration::MAX` timeout).
+pub(super) fn far_instant_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+}
+
+struct Pending {
+    tx: oneshot::Sender<ReplyResult>,
+    conn: ConnId,
+    target: Arc<str>,
+    timeout: Duration,
+}
+
+impl Pending {
+    fn timed_out(self) {
+        let _ = self.tx.send(Err(CallError::Timeout {
+            target: self.target.to_string(),
+            timeout: self.timeout,
+        }));
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<Id, Pending, IdHash>,
+    /// The ids in `by_id` sent on each connection.
+    by_conn: HashMap<ConnId, HashSet<Id, IdHash>>,
+    /// Deadlines, earliest first. Entries of calls already answered stay until they come
+    /// up (or are compacted away), so answering a call never searches the heap.
+    deadlines: BinaryHeap<Reverse<(Instant, Id)>>,
+}
+
+impl Table {
+    fn remove(&mut self, id: &Id) -> Option<Pending> {
+        let p = self.by_id.remove(id)?;
+        if let Some(ids) = self.by_conn.get_mut(&p.conn) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_conn.remove(&p.conn);
+            }
+        }
+        Some(p)
+    }
+}
+
+/// The pending-call table. See the [module documentation](self).
+#[derive(Default)]
+pub(super) struct Calls {
+    table: Mutex<Table>,
+    /// Signalled when a deadline earlier than every other is added.
+    earlier: Notify,
+}
+
+impl Calls {
+    /// Records a call sent (or about to be sent) on `conn`, failed with `Timeout` at
+    /// `deadline` unless answered first. The returned guard forgets it when dropped.
+    pub(super) fn register(
+        self: &Arc<Self>,
+        id: Id,
+        conn: ConnId,
+        target: Arc<str>,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> (oneshot::Receiver<ReplyResult>, CallGuard) {
+        let (tx, rx) = oneshot::channel();
+        let earliest = {
+            let mut t = self.table.lock();
+            t.by_id.insert(
+                id,
+                Pending {
+                    tx,
+                    conn,
+                    target,
+                    timeout,
+                },
+            );
+            t.by_conn.entry(conn).or_default().insert(id);
+            let earliest = t
+                .deadlines
+                .peek()
+                .is_none_or(|Reverse((at, _))| deadline < *at);
+            t.deadlines.push(Reverse((deadline, id)));
+            if t.deadlines.len() > COMPACT_ABOVE && t.deadlines.len() > 4 * t.by_id.len() {
+                let Table {
+                    by_id, deadlines, ..
+                } = &mut *t;
+                deadlines.retain(|Reverse((_, id))| by_id.contains_key(id));
+            }
+            earliest
+        };
+        if earliest {
+            self.earlier.notify_one();
+        }
+        let guard = CallGuard {
+            id,
+            calls: Arc::downgrade(self),
+        };
+        (rx, guard)
+    }
+
+    /// A reply (or error reply) for `correlation` arrived: hands it to its caller.
+    /// Returns whether a caller was waiting (late and unknown replies are not).
+    pub(super) fn complete(&self, correlation: &Id, reply: Envelope) -> bool {
+        let p = self.table.lock().remove(correlation);
+        match p {
+            Some(p) => {
+                let _ = p.tx.send(Ok(reply));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a call whose caller gave up.
+    fn forget(&self, id: &Id) {
+        self.table.lock().remove(id);
+    }
+
+    /// Fails every call sent on `conn` with `err()`. Returns how many there were.
+    pub(super) fn fail_connection(&self, conn: ConnId, err: impl Fn() -> CallError) -> usize {
+        let failed: Vec<Pending> = {
+            let mut t = self.table.lock();
+            let ids = t.by_conn.remove(&conn).unwrap_or_default();
+            ids.iter().filter_map(|id| t.by_id.remove(id)).collect()
+        };
+        let n = failed.len();
+        for p in failed {
+            let _ = p.tx.send(Err(err()));
+        }
+        n
+    }
+
+    /// Fails every call with `err()` (the node is stopping).
+    pub(super) fn fail_all(&self, err: impl Fn() -> CallError) {
+        let failed: Vec<Pending> = {
+            let mut t = self.table.lock();
+            t.by_conn.clear();
+            t.deadlines.clear();
+            t.by_id.drain().map(|(_, p)| p).collect()
+        };
+        for p in failed {
+            let _ = p.tx.send(Err(err()));
+        }
+    }
+
+    /// Calls waiting for a reply now.
+    pub(super) fn len(&self) -> usize {
+        self.table.lock().by_id.len()
+    }
+
+    /// Fails the calls whose deadline is at or before `now`; returns the next deadline.
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        let next = {
+            let mut t = self.table.lock();
+            while let Some(Reverse((at, id))) = t.deadlines.peek().copied() {
+                if at > now {
+                    break;
+                }
+                t.deadlines.pop();
+                if let Some(p) = t.remove(&id) {
+                    expired.push(p);
+                }
+            }
+            t.deadlines.peek().map(|Reverse((at, _))| *at)
+        };
+        for p in expired {
+            p.timed_out();
+        }
+        next
+    }
+
+    /// Fails calls whose deadline passed, with `Timeout`, until `cancel` fires: one timer
+    /// for the whole node rather than one per call.
+    pub(super) async fn deadline_loop(calls: Weak<Calls>, cancel: CancellationToken) {
+        loop {
+            let Some(strong) = calls.upgrade() else {
+                return;
+            };
+            let earlier = strong.earlier.notified();
+            let next = strong.expire(Instant::now());
+            let wake = next.unwrap_or_else(|| far_instant_after(Duration::MAX));
+            // Holding `strong` while waiting is fine: the node's drop cancels the token.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = earlier => {}
+            }
+        }
+    }
+}
+
+/// Removes its call from the table when dropped: held by the caller's handle, so that a
+/// caller that gives up (drops the handle, or the future sending the request) leaves
+/// nothing behind.
+pub(super) struct CallGuard {
+    id: Id,
+    calls: Weak<Calls>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let Some(calls) = self.calls.upgrade() {
+            calls.forget(&self.id);
+        }
+    }
+}
+
+/// Hashes our own message ids by their random low half. Only ids this node generated
+/// are ever inserted, so a peer cannot choose colliding keys; SipHash would only cost time.
+#[derive(Default, Clone, Copy)]
+pub(super) struct IdHash;
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // A UUIDv7's last 8 bytes are random.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Header, Kind};
+    use bytes::Bytes;
+
+    fn reply(to: Id) -> Envelope {
+        let mut h = Header::new(Kind::Reply, Id::new(), "");
+        h.correlation_id = to;
+        Envelope {
+            header: h,
+            payload: Bytes::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_fails_only_its_calls() {
+        let calls = Arc::new(Calls::default());
+        let later = far_instant_after(Duration::from_secs(60));
+        let (a, b) = (Id::new(), Id::new());
+        let (rx_a, _ga) = calls.register(a, 1, "x.a".into(), Duration::from_secs(60), later);
+        let (mut rx_b, _gb) = calls.register(b, 2, "x.b".into(), Duration::from_secs(60), later);
+        assert_eq!(calls.fail_connection(1, || CallError::Disconnected("1".into())), 1);
+        assert!(matches!(rx_a.await, Ok(Err(CallError::Disconnected(_)))));
+        assert!(rx_b.try_recv().is_err(), "a call on another connection was failed");
+        assert!(calls.complete(&b, reply(b)));
+        assert!(matches!(rx_b.await, Ok(Ok(_))));
+        assert_eq!(calls.len(), 0);
+        assert!(calls.table.lock().by_conn.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_fail_calls_and_guards_forget_them() {
+        let calls = Arc::new(Calls::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(Calls::deadline_loop(Arc::downgrade(&calls), cancel.clone()));
+        let t = Duration::from_millis(50);
+        let (rx, _g) = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        assert!(matches!(rx.await, Ok(Err(CallError::Timeout { .. }))));
+        let (_rx, g) = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        assert_eq!(calls.len(), 1);
+        drop(g);
+        assert_eq!(calls.len(), 0);
+        assert!(calls.table.lock().by_conn.is_empty());
+        cancel.cancel();
+    }
+}

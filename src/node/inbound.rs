@@ -1,0 +1,342 @@
+//! Inbound routing: every message the node receives, on its ROUTER, its SUB or any of
+//! its DEALERs, is decoded here, in one place ([`Core::receive`]), and routed by the
+//! socket it came on and its kind to the part that owns it. This is where a check that
+//! applies to every envelope goes.
+//!
+//! ```text
+//! ROUTER  REQUEST, NOTIFICATION   → registry (which handler) → respond
+//!         HELLO                   → membership (learn, HELLO-ACK)
+//!         GATHER-REPLY, ERROR     → gathers (once the sender is checked)
+//! DEALER  REPLY, ERROR-REPLY      → calls (complete by correlation id)
+//!         HELLO-ACK               → membership
+//! SUB     EVENT                   → pubsub (local subscriptions)
+//!         GATHER-REQUEST          → registry → respond (reply on our DEALER)
+//! ```
+//!
+//! It also owns the inline dispatchers the sockets call from their connection tasks (no
+//! task hop per message), the loops that dispatch what those declined, and the counters
+//! of what it rejected. It never runs a handler itself, never keeps a table of its own
+//! and never sends anything but what the parts it calls send.
+
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
+use std::sync::{Arc, OnceLock, Weak};
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::calls::ConnId;
+use super::frames::{self, Framing};
+use super::membership::DealerSink;
+use super::registry::Table;
+use super::respond::ReplyPath;
+use super::Core;
+use crate::codec::{self, codes, Envelope, Kind};
+use crate::transport::{Endpoint, Message, MessageHandler};
+
+/// Where the node finds itself from a socket's inline dispatcher: set once the node is
+/// built (the sockets are made first); until then messages are declined.
+pub(super) type CoreCell = Arc<OnceLock<Weak<Core>>>;
+
+/// Counters of what inbound routing rejected, and the count of declined messages.
+#[derive(Default)]
+pub(super) struct Inbound {
+    /// Messages declined by the inline dispatchers and not yet dispatched by the loops.
+    /// While any are outstanding, the inline dispatchers decline too, so that no
+    /// connection's later message overtakes an earlier one.
+    declined: AtomicU64,
+    malformed: AtomicU64,
+    unexpected: AtomicU64,
+}
+
+impl Inbound {
+    /// Envelopes (or HELLO payloads) that could not be decoded.
+    pub(super) fn malformed(&self) -> u64 {
+        self.malformed.load(Relaxed)
+    }
+
+    /// Envelopes of a kind not expected on the socket they came on.
+    pub(super) fn unexpected(&self) -> u64 {
+        self.unexpected.load(Relaxed)
+    }
+
+    fn count_malformed(&self) {
+        self.malformed.fetch_add(1, Relaxed);
+    }
+
+    fn count_unexpected(&self) {
+        self.unexpected.fetch_add(1, Relaxed);
+    }
+
+    /// One declined message has been dispatched by a loop.
+    fn undecline(&self) {
+        // Saturating: messages declined before the node was ready were not counted.
+        let _ = self
+            .declined
+            .fetch_update(AcqRel, Acquire, |n| Some(n.saturating_sub(1)));
+    }
+}
+
+/// Which socket a message came in on, with what routing it needs.
+pub(super) enum Via<'a> {
+    /// The ROUTER, from the connection with this identity; a handler slot is held.
+    Router(Bytes, OwnedSemaphorePermit),
+    /// The SUB; a handler slot is held.
+    Sub(OwnedSemaphorePermit),
+    /// Our DEALER to `endpoint`.
+    Dealer(ConnId, &'a Endpoint),
+}
+
+impl Via<'_> {
+    fn socket(&self) -> &'static str {
+        match self {
+            Via::Router(..) => "ROUTER",
+            Via::Sub(_) => "SUB",
+            Via::Dealer(..) => "DEALER",
+        }
+    }
+}
+
+impl Core {
+    /// Decodes a received message and routes it by socket and kind. The one place every
+    /// envelope the node receives is decoded.
+    pub(super) fn receive(self: &Arc<Self>, via: Via<'_>, msg: &Message) {
+        let framing = match via {
+            Via::Sub(_) => Framing::Published,
+            _ => Framing::Direct,
+        };
+        let env = match frames::decode(framing, msg) {
+            Ok(env) => env,
+            Err(e) => {
+                self.inbound.count_malformed();
+                match via {
+                    Via::Dealer(_, endpoint) => {
+                        warn!(error = %e, %endpoint, socket = "DEALER", "malformed envelope, dropped")
+                    }
+                    _ => warn!(error = %e, socket = via.socket(), "malformed envelope, dropped"),
+                }
+                return;
+            }
+        };
+        match via {
+            Via::Router(identity, slot) => self.on_router(identity, env, slot),
+            Via::Sub(slot) => self.on_published(env, slot),
+            Via::Dealer(_, endpoint) => self.on_dealer(endpoint, env),
+        }
+    }
+
+    fn on_router(self: &Arc<Self>, identity: Bytes, env: Envelope, slot: OwnedSemaphorePermit) {
+        let h = &env.header;
+        let reply_to = |identity| ReplyPath::Router(Arc::downgrade(&self.router), identity);
+        if h.version != codec::VERSION_MAJOR {
+            let msg = format!(
+                "envelope version {} is not supported (this node speaks {})",
+                h.version,
+                codec::VERSION_MAJOR
+            );
+            warn!(node = %self.membership.local().name, version = h.version, "unsupported envelope version");
+            self.responder
+                .reply_error(&reply_to(identity), h, codes::UNSUPPORTED_VERSION, msg);
+            return;
+        }
+        match h.kind {
+            Kind::Request | Kind::Notification => {
+                let is_request = h.kind == Kind::Request;
+                let path = reply_to(identity);
+                if self.responder.is_draining() {
+                    if is_request {
+                        let msg = "node is shutting down".into();
+                        self.responder
+                            .reply_error(&path, h, codes::SHUTTING_DOWN, msg);
+                    }
+                    return;
+                }
+                match self
+                    .registry
+                    .lookup(Table::Methods, &h.target, h.method_version)
+                {
+                    Ok(handler) => self.responder.respond(handler, env, path, slot),
+                    Err(body) if is_request => {
+                        self.responder
+                            .reply_error(&path, h, &body.code, body.message)
+                    }
+                    Err(body) => {
+                        warn!(target = %h.target, reason = %body.message, "notification not handled")
+                    }
+                }
+            }
+            Kind::Hello => {
+                if let Err(e) =
+                    self.membership
+                        .on_hello(&self.router, &identity, h, &env.payload)
+                {
+                    self.inbound.count_malformed();
+                    warn!(error = %e, "malformed HELLO");
+                }
+            }
+            Kind::GatherReply | Kind::ErrorReply => {
+                // Only the node that introduced itself on this connection may answer as
+                // itself: a forged sender id could otherwise end a gather early.
+                if self.membership.introduced_as(&identity) != Some(h.sender) {
+                    self.inbound.count_unexpected();
+                    debug!(sender = %h.sender, "gather reply from a connection that is not its sender's, dropped");
+                    return;
+                }
+                self.gathers.deliver(env);
+            }
+            Kind::Unknown(k) => self.responder.reply_error(
+                &reply_to(identity),
+                h,
+                codes::UNSUPPORTED_KIND,
+                format!("envelope kind {k} is not supported"),
+            ),
+            _ => {
+                self.inbound.count_unexpected();
+                warn!(kind = ?h.kind, "unexpected envelope kind on the ROUTER, dropped");
+            }
+        }
+    }
+
+    fn on_dealer(self: &Arc<Self>, endpoint: &Endpoint, env: Envelope) {
+        match env.header.kind {
+            Kind::Reply | Kind::ErrorReply => {
+                let correlation = env.header.correlation_id;
+                self.calls.complete(&correlation, env);
+            }
+            Kind::HelloAck => {
+                if let Err(e) = self.membership.on_hello_ack(endpoint, &env.payload) {
+                    self.inbound.count_malformed();
+                    warn!(error = %e, "malformed HELLO-ACK");
+                }
+            }
+            other => {
+                self.inbound.count_unexpected();
+                warn!(kind = ?other, %endpoint, "unexpected envelope kind on a DEALER, dropped");
+            }
+        }
+    }
+
+    fn on_published(self: &Arc<Self>, env: Envelope, slot: OwnedSemaphorePermit) {
+        match env.header.kind {
+            Kind::Event => self.pubsub.deliver(env),
+            Kind::GatherRequest => {
+                let h = &env.header;
+                if h.sender == self.membership.local().id || self.responder.is_draining() {
+                    return;
+                }
+                // No handler here (we only subscribed to the prefix for events): stay
+                // silent. The gatherer does not expect us, and an error reply would count.
+                let Ok(handler) = self
+                    .registry
+                    .lookup(Table::Gathers, &h.target, h.method_version)
+                else {
+                    return;
+                };
+                let Some(dealer) = self.membership.dealer_of(&h.sender) else {
+                    debug!(sender = %h.sender, "gather request from an unknown node ignored");
+                    return;
+                };
+                self.responder
+                    .respond(handler, env, ReplyPath::Dealer(dealer), slot);
+            }
+            other => {
+                self.inbound.count_unexpected();
+                warn!(kind = ?other, "unexpected envelope kind on the SUB, dropped");
+            }
+        }
+    }
+
+    /// A handler slot for a message offered to an inline dispatcher, or `None` to
+    /// decline it (counted, so the loops can keep each connection's order): when the
+    /// node is stopping, while earlier declined messages wait, or when no slot is free
+    /// (backpressure).
+    fn inline_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = if self.life.cancel.is_cancelled() || self.inbound.declined.load(Acquire) > 0
+        {
+            None
+        } else {
+            self.responder.try_slot()
+        };
+        if slot.is_none() {
+            self.inbound.declined.fetch_add(1, AcqRel);
+        }
+        slot
+    }
+}
+
+/// An inline dispatcher for the ROUTER (`router`) or the SUB: runs on the connection
+/// task that received the message, and declines (the message then waits for its loop)
+/// when the node is not ready or [`Core::inline_slot`] says so.
+fn inline_handler(cell: CoreCell, router: bool) -> MessageHandler {
+    Arc::new(move |identity: &Bytes, msg: Message| {
+        let Some(core) = cell.get().and_then(Weak::upgrade) else {
+            return Err(msg);
+        };
+        let Some(slot) = core.inline_slot() else {
+            return Err(msg);
+        };
+        let via = if router {
+            Via::Router(identity.clone(), slot)
+        } else {
+            Via::Sub(slot)
+        };
+        core.receive(via, &msg);
+        Ok(())
+    })
+}
+
+/// The ROUTER's inline dispatcher: requests, notifications, HELLOs, gather replies.
+pub(super) fn router_handler(cell: CoreCell) -> MessageHandler {
+    inline_handler(cell, true)
+}
+
+/// The SUB's inline dispatcher: events and gather requests.
+pub(super) fn subscriber_handler(cell: CoreCell) -> MessageHandler {
+    inline_handler(cell, false)
+}
+
+/// Where every DEALER's messages go: replies and HELLO-ACKs, never declined (they need
+/// no handler slot).
+pub(super) fn dealer_sink(cell: CoreCell) -> DealerSink {
+    Arc::new(move |conn: ConnId, endpoint: &Endpoint, msg: Message| {
+        if let Some(core) = cell.get().and_then(Weak::upgrade) {
+            core.receive(Via::Dealer(conn, endpoint), &msg);
+        }
+    })
+}
+
+/// Dispatches what the ROUTER's (`router`) or the SUB's inline dispatcher declined,
+/// waiting for handler slots, until `cancel` fires.
+pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, router: bool) {
+    loop {
+        let Some(strong) = core.upgrade() else {
+            return;
+        };
+        let next = async {
+            if router {
+                strong.router.recv().await.map(|(id, m)| (Some(id), m))
+            } else {
+                strong.subscriber.recv().await.map(|m| (None, m))
+            }
+        };
+        let got = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = next => r,
+        };
+        let Ok((identity, msg)) = got else { return };
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = strong.responder.slot() => match s { Some(s) => s, None => return },
+        };
+        let via = match identity {
+            Some(id) => Via::Router(id, slot),
+            None => Via::Sub(slot),
+        };
+        strong.receive(via, &msg);
+        strong.inbound.undecline();
+    }
+}

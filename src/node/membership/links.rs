@@ -1,0 +1,227 @@
+//! Links: our DEALER to each peer endpoint, the loop that watches its connection, and
+//! forgetting an endpoint (unreachable too long, restarted elsewhere, gone from
+//! discovery, leading back to ourselves or to another cluster).
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::table::Link;
+use super::{Membership, PresenceEvent};
+use crate::codec::{Id, Kind};
+use crate::node::calls::far_instant_after;
+use crate::node::CallError;
+use crate::transport::{Dealer, Endpoint, Message, MessageHandler, SocketEvent, TransportError};
+
+impl Membership {
+    /// The link to a peer ROUTER endpoint, created (DEALER and loop) if new.
+    pub(super) fn ensure_link(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Link, TransportError> {
+        let mut st = self.state.lock();
+        if st.self_endpoints.contains(endpoint) {
+            return Err(TransportError::InvalidEndpoint(format!(
+                "{endpoint} is this node itself"
+            )));
+        }
+        if let Some(l) = st.table.link(endpoint) {
+            return Ok(l.clone());
+        }
+        let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Replies are dispatched inline by the DEALER's connection task: a reply wakes its
+        // caller directly, with no task in between.
+        let sink = self.dealer_sink.clone();
+        let ep = endpoint.clone();
+        let on_message: MessageHandler = Arc::new(move |_: &Bytes, msg: Message| {
+            sink(conn, &ep, msg);
+            Ok(())
+        });
+        let (dealer, events) =
+            Dealer::connect_with_handler(endpoint, self.socket.clone(), on_message)?;
+        // Its loop ends with the node, or when this endpoint is forgotten: a loop that
+        // outlived its dealer would act on whatever dealer the endpoint has later.
+        let link = Link {
+            dealer: Arc::new(dealer),
+            conn,
+            stop: self.life.cancel.child_token(),
+        };
+        st.table.add_link(endpoint.clone(), link.clone());
+        drop(st);
+        self.life.tasks.spawn(dealer_loop(
+            Arc::downgrade(self),
+            endpoint.clone(),
+            link.clone(),
+            events,
+        ));
+        Ok(link)
+    }
+
+    /// Dials `endpoint` (a static peer, or one discovery found).
+    pub(super) fn dial(self: &Arc<Self>, endpoint: &Endpoint) -> Result<(), TransportError> {
+        self.ensure_link(endpoint).map(|_| ())
+    }
+
+    /// Forgets `endpoint` in a task of its own (closing its DEALER waits).
+    pub(super) fn forget_later(self: &Arc<Self>, endpoint: Endpoint, why: &'static str) {
+        let me = self.clone();
+        self.life
+            .tasks
+            .spawn(async move { me.forget(&endpoint, why, None).await });
+    }
+
+    /// Forgets the endpoints of earlier lives of restarted nodes, and retires their ids:
+    /// their mDNS records linger in caches for minutes and must not be dialled again.
+    pub(super) fn supersede(self: &Arc<Self>, old: Vec<(Endpoint, Id)>) {
+        for (ep, old_id) in old {
+            if self.static_endpoints.contains(&ep) {
+                continue;
+            }
+            self.state.lock().retired.add(old_id);
+            debug!(node = %self.local.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
+            self.forget_later(ep, "restarted elsewhere");
+        }
+    }
+
+    /// Drops everything known about a peer endpoint.
+    /// Known gap: a HELLO learned while this runs (between its two lock sections) can
+    /// leave that peer in the table without its SUB connection; its next HELLO (on
+    /// reconnect) repairs it.
+    /// With `only`, nothing happens unless that DEALER is still the endpoint's: a decision
+    /// about one connection must not remove a newer one.
+    pub(super) async fn forget(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+        why: &str,
+        only: Option<&Arc<Dealer>>,
+    ) {
+        let (link, pubs) = {
+            let mut st = self.state.lock();
+            if let Some(expected) = only {
+                if !st
+                    .table
+                    .link(endpoint)
+                    .is_some_and(|l| Arc::ptr_eq(&l.dealer, expected))
+                {
+                    return;
+                }
+            }
+            let link = st.table.remove_link(endpoint);
+            if let Some(l) = &link {
+                l.stop.cancel();
+            }
+            st.unannounced.remove(endpoint);
+            let (pubs, left) = st.table.remove_at(endpoint, None);
+            for peer in left {
+                let _ = self.presence.send(PresenceEvent::Left {
+                    peer,
+                    reason: why.to_string(),
+                });
+            }
+            (link, pubs)
+        };
+        self.drop_subscriptions(pubs);
+        self.changed.notify_waiters();
+        if let Some(l) = link {
+            l.dealer.shutdown().await;
+        }
+        debug!(node = %self.local.name, %endpoint, why, "forgot a peer");
+    }
+
+    /// What a DEALER's connection event means for the peer behind it.
+    fn on_link_event(self: &Arc<Self>, endpoint: &Endpoint, link: &Link, e: SocketEvent) {
+        match e {
+            SocketEvent::Connected { .. } => {
+                // (Re)introduce ourselves: the peer may be new, or restarted.
+                // The peer counts as connected again only once its HELLO-ACK says who it
+                // is now: the endpoint may have been taken by a restarted or other node.
+                let _ = link.dealer.try_send(self.hello_message(Kind::Hello, Id::NIL));
+            }
+            SocketEvent::Disconnected { reason, .. } => {
+                {
+                    let mut st = self.state.lock();
+                    for peer in st.table.set_down(endpoint) {
+                        let _ = self.presence.send(PresenceEvent::Left {
+                            peer,
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
+                self.changed.notify_waiters();
+                let failed = self.calls.fail_connection(link.conn, || {
+                    CallError::Disconnected(endpoint.to_string())
+                });
+                if failed > 0 {
+                    debug!(%endpoint, %reason, calls = failed, "failing calls to a lost peer");
+                }
+            }
+            SocketEvent::ConnectFailed { refused: true, .. } => {
+                // The process behind it has ended. If the same node already came back
+                // elsewhere on that host, this endpoint is its earlier life.
+                let old = {
+                    let mut st = self.state.lock();
+                    st.table.set_refused(endpoint);
+                    st.table.restarts()
+                };
+                self.supersede(old);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Watches one link's connection events until the node stops or the endpoint is
+/// forgotten; forgets a peer learned by gossip (not a static one) that stays
+/// unreachable for `forget_after`.
+async fn dealer_loop(
+    membership: Weak<Membership>,
+    endpoint: Endpoint,
+    link: Link,
+    mut events: broadcast::Receiver<SocketEvent>,
+) {
+    let forgettable = membership
+        .upgrade()
+        .map(|m| (!m.static_endpoints.contains(&endpoint)).then_some(m.forget_after))
+        .unwrap_or(None);
+    let far = far_instant_after(std::time::Duration::MAX);
+    let mut forget_at = forgettable.map(far_instant_after).unwrap_or(far);
+    let cancel: CancellationToken = link.stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(forget_at) => {
+                let Some(strong) = membership.upgrade() else { return };
+                strong.forget(&endpoint, "unreachable", Some(&link.dealer)).await;
+                return;
+            }
+            e = events.recv() => match e {
+                Ok(e) => {
+                    let Some(strong) = membership.upgrade() else { return };
+                    let down = matches!(e, SocketEvent::Disconnected { .. });
+                    if matches!(e, SocketEvent::Connected { .. }) {
+                        forget_at = far;
+                    }
+                    // The table first (marks the peer down), then the decision, which
+                    // reads what discovery said meanwhile.
+                    strong.on_link_event(&endpoint, &link, e);
+                    if down {
+                        if let Some(t) = forgettable {
+                            // Gone from mDNS already: nothing vouches for it any more.
+                            let unannounced = strong.state.lock().unannounced.contains(&endpoint);
+                            forget_at = if unannounced {
+                                tokio::time::Instant::now()
+                            } else {
+                                far_instant_after(t)
+                            };
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(%endpoint, missed = n, "connection events lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! Membership: who the node's peers are, how it reaches them, and what they serve.
+//!
+//! This module owns the peer table, the DEALER to each peer's ROUTER (and the loop that
+//! watches its connection), our SUB's connections to the peers' PUBs, the HELLO exchange
+//! (introducing ourselves, learning peers from theirs, following their gossip), forgetting
+//! peers that stay unreachable or restarted elsewhere, presence events, and the discovery
+//! loops that turn mDNS sightings and DNS answers into DEALERs. What a peer serves is
+//! learned from its HELLO once connected, never from discovery.
+//!
+//! It never decodes an envelope header (inbound routing hands it HELLOs), never sends a
+//! call (the pipeline asks it for an instance and sends), and never touches a pending
+//! call except to fail the calls of a connection that dropped.
+//!
+//! Its state is under one lock (`state`), plus `router_ids` (who introduced itself on
+//! which ROUTER connection), which is never taken while `state` is held. Presence events
+//! are sent while `state` is held, so that [`Membership::presence`] can take a snapshot
+//! and subscribe without missing or repeating an event.
+
+mod discover;
+mod links;
+mod presence;
+mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use tokio::sync::{broadcast, Notify};
+use tracing::{debug, warn};
+
+pub use presence::{PeerInfo, Presence, PresenceEvent};
+
+use super::calls::{far_instant_after, Calls, ConnId};
+use super::frames;
+use super::pipeline::{Balance, Candidate};
+use super::registry::Registry;
+use super::Lifecycle;
+use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};
+use crate::discovery::{DnsSeed, Mdns};
+use crate::transport::{Dealer, Endpoint, Message, Router, SocketOptions, Subscriber};
+use discover::Retired;
+use table::PeerTable;
+
+/// Most endpoints followed from one HELLO's gossip list.
+const MAX_GOSSIP: usize = 64;
+/// Most peer endpoints a node dials.
+pub(super) const MAX_PEERS: usize = 1024;
+/// Presence events buffered for a slow reader before it sees `Lagged`.
+const PRESENCE_BUFFER: usize = 256;
+
+/// Who this node is, as it introduces itself.
+pub(super) struct Local {
+    pub(super) id: Id,
+    pub(super) name: String,
+    pub(super) cluster: String,
+    pub(super) host: IpAddr,
+    pub(super) router_port: u16,
+    pub(super) pub_port: u16,
+}
+
+/// Where the messages a DEALER receives go (inbound routing): called inline by the
+/// DEALER's connection task with the link's connection id and endpoint.
+pub(super) type DealerSink = Arc<dyn Fn(ConnId, &Endpoint, Message) + Send + Sync>;
+
+/// One instance chosen for a call.
+pub(super) struct Instance {
+    /// The peer's node id.
+    pub(super) id: Id,
+    /// Our DEALER to it.
+    pub(super) dealer: Arc<Dealer>,
+    /// That DEALER's connection id (its calls fail if it drops).
+    pub(super) conn: ConnId,
+}
+
+#[derive(Default)]
+struct State {
+    table: PeerTable,
+    /// PUB endpoints our SUB is connected to.
+    sub_endpoints: HashSet<Endpoint>,
+    /// Endpoints found to lead back to this node (through gossip): never dialled again.
+    self_endpoints: HashSet<Endpoint>,
+    /// Node ids that restarted elsewhere: their lingering mDNS records are not dialled.
+    retired: Retired,
+    /// Endpoints whose mDNS instance went away while still connected: forgotten as soon
+    /// as their connection drops, rather than after `forget_after`.
+    unannounced: HashSet<Endpoint>,
+}
+
+/// What the node knows of its peers. See the [module documentation](self).
+pub(super) struct Membership {
+    local: Local,
+    registry: Arc<Registry>,
+    calls: Arc<Calls>,
+    subscriber: Arc<Subscriber>,
+    socket: SocketOptions,
+    dealer_sink: DealerSink,
+    life: Lifecycle,
+    forget_after: Duration,
+    /// Endpoints given at start: never forgotten.
+    static_endpoints: HashSet<Endpoint>,
+    state: Mutex<State>,
+    /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
+    router_ids: Mutex<HashMap<Bytes, Id>>,
+    presence: broadcast::Sender<PresenceEvent>,
+    /// Signalled whenever the peer table changes.
+    changed: Notify,
+    next_conn: AtomicU64,
+    other_cluster: AtomicU64,
+    other_version: AtomicU64,
+}
+
+/// What the membership was given to build it.
+pub(super) struct Setup {
+    pub(super) local: Local,
+    pub(super) registry: Arc<Registry>,
+    pub(super) calls: Arc<Calls>,
+    pub(super) subscriber: Arc<Subscriber>,
+    pub(super) socket: SocketOptions,
+    pub(super) dealer_sink: DealerSink,
+    pub(super) life: Lifecycle,
+    pub(super) forget_after: Duration,
+    pub(super) static_endpoints: HashSet<Endpoint>,
+}
+
+impl Membership {
+    pub(super) fn new(s: Setup) -> Self {
+        Membership {
+            local: s.local,
+            registry: s.registry,
+            calls: s.calls,
+            subscriber: s.subscriber,
+            socket: s.socket,
+            dealer_sink: s.dealer_sink,
+            life: s.life,
+            forget_after: s.forget_after,
+            static_endpoints: s.static_endpoints,
+            state: Mutex::new(State::default()),
+            router_ids: Mutex::new(HashMap::new()),
+            presence: broadcast::channel(PRESENCE_BUFFER).0,
+            changed: Notify::new(),
+            next_conn: AtomicU64::new(1),
+            other_cluster: AtomicU64::new(0),
+            other_version: AtomicU64::new(0),
+        }
+    }
+
+    /// Who this node is.
+    pub(super) fn local(&self) -> &Local {
+        &self.local
+    }
+
+    /// Starts following mDNS (until the node leaves, when it says goodbye).
+    pub(super) fn follow_mdns(self: &Arc<Self>, mdns: Mdns) {
+        self.life
+            .tasks
+            .spawn(discover::mdns_loop(Arc::downgrade(self), mdns));
+    }
+
+    /// Starts resolving DNS seeds every `every` (until the node leaves).
+    pub(super) fn follow_dns(self: &Arc<Self>, seeds: Vec<DnsSeed>, every: Duration) {
+        self.life.tasks.spawn(discover::dns_loop(
+            Arc::downgrade(self),
+            seeds,
+            every,
+            self.life.leave.clone(),
+        ));
+    }
+
+    /// Our HELLO: who we are, what we serve, whom we are connected to.
+    pub(super) fn hello(&self) -> Hello {
+        Hello {
+            node_id: self.local.id,
+            name: self.local.name.clone(),
+            cluster: self.local.cluster.clone(),
+            host: self.local.host.to_string(),
+            router_port: self.local.router_port,
+            pub_port: self.local.pub_port,
+            catalog: self.registry.catalog(),
+            peers: self.state.lock().table.connected_endpoints(),
+        }
+    }
+
+    fn hello_message(&self, kind: Kind, correlation: Id) -> Message {
+        let mut h = Header::new(kind, self.local.id, "");
+        h.correlation_id = correlation;
+        let payload = codec::encode_payload(&self.hello()).expect("a HELLO always encodes");
+        frames::message(&h, payload)
+    }
+
+    /// Sends a fresh HELLO to every peer (our catalog or our peers changed).
+    pub(super) fn announce(&self) {
+        let msg = self.hello_message(Kind::Hello, Id::NIL);
+        for d in self.state.lock().table.dealers() {
+            let _ = d.try_send(msg.clone());
+        }
+    }
+
+    /// A HELLO that arrived on our ROUTER from the connection `identity`: answered with
+    /// a HELLO-ACK, and its sender learned.
+    pub(super) fn on_hello(
+        self: &Arc<Self>,
+        router: &Router,
+        identity: &Bytes,
+        header: &Header,
+        payload: &[u8],
+    ) -> Result<(), CodecError> {
+        let hello: Hello = codec::decode_payload(payload)?;
+        let source = router.peer_addr(identity).map(|a| a.ip());
+        {
+            let mut ids = self.router_ids.lock();
+            if ids.len() >= 4 * MAX_PEERS {
+                ids.clear(); // bounded; live peers re-introduce themselves
+            }
+            ids.insert(identity.clone(), hello.node_id);
+        }
+        let _ = router.try_send(identity, self.hello_message(Kind::HelloAck, header.id));
+        self.learn(hello, source);
+        Ok(())
+    }
+
+    /// The node that introduced itself on the ROUTER connection `identity`, if any.
+    pub(super) fn introduced_as(&self, identity: &Bytes) -> Option<Id> {
+        self.router_ids.lock().get(identity).copied()
+    }
+
+    /// A HELLO-ACK that arrived on our DEALER to `endpoint`.
+    pub(super) fn on_hello_ack(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+        payload: &[u8],
+    ) -> Result<(), CodecError> {
+        let hello: Hello = codec::decode_payload(payload)?;
+        if hello.node_id == self.local.id {
+            // Gossip led us to ourselves: never dial this endpoint again.
+            self.state.lock().self_endpoints.insert(endpoint.clone());
+            self.forget_later(endpoint.clone(), "is this node");
+        } else if hello.cluster != self.local.cluster {
+            // Gossip led us to another cluster's node: stop dialling it (a static peer
+            // stays, the operator named it).
+            self.other_cluster.fetch_add(1, Relaxed);
+            if !self.static_endpoints.contains(endpoint) {
+                self.forget_later(endpoint.clone(), "another cluster");
+            }
+        } else {
+            // Where our connection actually went (a host name resolved), for a peer that
+            // listens on an unspecified address.
+            let ip = self
+                .state
+                .lock()
+                .table
+                .link(endpoint)
+                .and_then(|l| l.dealer.peer_addr())
+                .map(|a| a.ip())
+                .or_else(|| endpoint.ip());
+            self.learn(hello, ip);
+        }
+        Ok(())
+    }
+
+    /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
+    /// DEALER), connecting to it if it is new, and follows its gossip.
+    pub(super) fn learn(self: &Arc<Self>, mut hello: Hello, source_ip: Option<IpAddr>) {
+        if hello.cluster != self.local.cluster {
+            self.other_cluster.fetch_add(1, Relaxed);
+            debug!(peer = %hello.name, cluster = %hello.cluster, "ignoring a node of another cluster");
+            return;
+        }
+        if hello.node_id == self.local.id {
+            return;
+        }
+        // An unspecified listen address (0.0.0.0) means "wherever you reached me from".
+        let host: IpAddr = match hello.host.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ip,
+            _ => source_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        };
+        let router_ep = Endpoint::from_addr((host, hello.router_port).into());
+        let pub_ep = Endpoint::from_addr((host, hello.pub_port).into());
+        {
+            let mut st = self.state.lock();
+            // Whoever speaks is alive: an id retired by mistake is dialled again.
+            st.retired.remove(&hello.node_id);
+            if st.table.claimed_elsewhere(&hello.node_id, &router_ep) {
+                warn!(id = %hello.node_id, endpoint = %router_ep, "HELLO claims the id of a peer connected elsewhere; ignored");
+                return;
+            }
+        }
+        let link = match self.ensure_link(&router_ep) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(endpoint = %router_ep, error = %e, "cannot connect to a peer");
+                return;
+            }
+        };
+        let subscribe = self.state.lock().sub_endpoints.insert(pub_ep.clone());
+        if subscribe {
+            if let Err(e) = self.subscriber.connect(&pub_ep) {
+                warn!(endpoint = %pub_ep, error = %e, "cannot subscribe to a peer");
+            }
+        }
+        let gossip = std::mem::take(&mut hello.peers);
+        let (announce, stale_pubs, superseded) = {
+            let mut st = self.state.lock();
+            let before = st.table.info(&hello.node_id).cloned();
+            let was_up = before.as_ref().is_some_and(|p| p.connected);
+            let up = st.table.upsert(
+                hello.node_id,
+                hello.name,
+                router_ep,
+                pub_ep,
+                hello.catalog,
+                link,
+            );
+            for peer in up.replaced {
+                let _ = self.presence.send(PresenceEvent::Left {
+                    peer,
+                    reason: "replaced by another node at its endpoint".into(),
+                });
+            }
+            let info = st.table.info(&hello.node_id).cloned().expect("just upserted");
+            if up.new {
+                debug!(node = %self.local.name, peer = %info.name, id = %info.id, "peer joined");
+            }
+            // A peer of the same name on the same host, under another id, whose endpoint
+            // now refuses connections, is this one before a restart (on another port,
+            // say): stop dialling it now rather than after `forget_after`. (Not merely
+            // unreachable: replicas of one name that both lost their connections in a
+            // network blip are not restarts of each other.)
+            let superseded = st.table.restarts();
+            if info.connected && !was_up {
+                let _ = self.presence.send(PresenceEvent::Joined(info.clone()));
+            } else if was_up && before.as_ref() != Some(&info) {
+                let _ = self.presence.send(PresenceEvent::Updated(info.clone()));
+            }
+            // Announce when a peer becomes reachable, not only when it is first heard of:
+            // that is when the others can be told of it.
+            let announce = up.new || (!was_up && info.connected);
+            (announce, up.stale_pubs, superseded)
+        };
+        // The peer restarted (new PUB port) or was replaced: stop dialling the old one.
+        self.drop_subscriptions(stale_pubs);
+        self.supersede(superseded);
+        self.changed.notify_waiters();
+        self.follow_gossip(gossip);
+        if announce {
+            self.announce();
+        }
+    }
+
+    /// Connects to the peers a HELLO names. Bounded: a HELLO cannot make us open more
+    /// than MAX_GOSSIP connections, nor grow the table past MAX_PEERS.
+    fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
+        let own = Endpoint::from_addr((self.local.host, self.local.router_port).into());
+        for ep in gossip.into_iter().take(MAX_GOSSIP) {
+            let Ok(ep) = Endpoint::parse(&ep) else {
+                debug!(endpoint = %ep.escape_debug(), "not following gossip: not an endpoint");
+                continue;
+            };
+            {
+                let st = self.state.lock();
+                if st.table.link_count() >= MAX_PEERS {
+                    warn!(node = %self.local.name, "peer limit reached; gossip not followed");
+                    break;
+                }
+                if ep == own || st.table.link(&ep).is_some() {
+                    continue;
+                }
+            }
+            if let Err(e) = self.ensure_link(&ep) {
+                debug!(endpoint = %ep, error = %e, "not following gossip");
+            }
+        }
+    }
+
+    /// Disconnects our SUB from PUB endpoints no peer uses any more.
+    fn drop_subscriptions(&self, pubs: Vec<Endpoint>) {
+        for p in pubs {
+            self.subscriber.disconnect(&p);
+            self.state.lock().sub_endpoints.remove(&p);
+        }
+    }
+
+    /// Chooses an instance of `target` for a call: `balance` picks among the connected
+    /// peers serving it at a version compatible with `wanted`. `Err` carries a version
+    /// some peer serves it at that cannot serve `wanted`, if any.
+    pub(super) fn pick(
+        &self,
+        target: &str,
+        wanted: Option<Version>,
+        balance: &dyn Balance,
+    ) -> Result<Instance, Option<Version>> {
+        let mut candidates: SmallVec<[Candidate; 8]> = SmallVec::new();
+        let st = self.state.lock();
+        let incompatible = st.table.candidates(target, wanted, &mut candidates);
+        if candidates.is_empty() {
+            return Err(incompatible);
+        }
+        let chosen = candidates[balance.choose(target, &candidates).min(candidates.len() - 1)];
+        let dealer = st
+            .table
+            .dealer_of(&chosen.id)
+            .expect("a candidate is in the table");
+        Ok(Instance {
+            id: chosen.id,
+            dealer,
+            conn: chosen.conn,
+        })
+    }
+
+    /// Peers answering gathers on `topic` at a version compatible with `wanted` and
+    /// subscribed to us (`listening`), as (id, name), sorted.
+    pub(super) fn gather_responders(
+        &self,
+        topic: &str,
+        wanted: Option<Version>,
+        listening: &HashSet<Id>,
+    ) -> Vec<(Id, String)> {
+        self.state
+            .lock()
+            .table
+            .gather_responders(topic, wanted, listening)
+    }
+
+    /// Our DEALER to peer `id`.
+    pub(super) fn dealer_of(&self, id: &Id) -> Option<Arc<Dealer>> {
+        self.state.lock().table.dealer_of(id)
+    }
+
+    /// The peers known now, sorted by name then id.
+    pub(super) fn peers(&self) -> Vec<PeerInfo> {
+        self.state.lock().table.infos(false)
+    }
+
+    /// Joined / updated / left events, starting with the peers reachable now.
+    pub(super) fn presence(&self) -> Presence {
+        // Under the state lock, where events are sent: nothing missed, nothing twice.
+        let st = self.state.lock();
+        let rx = self.presence.subscribe();
+        Presence::new(st.table.infos(true), rx)
+    }
+
+    /// Waits until `enough` holds of the peer table, or `within` passes.
+    async fn wait_until(&self, within: Duration, enough: impl Fn(&PeerTable) -> bool) -> bool {
+        let deadline = far_instant_after(within);
+        loop {
+            let notified = self.changed.notified();
+            if enough(&self.state.lock().table) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits until at least `n` connected peers serve `target`, or `within` passes.
+    pub(super) async fn wait_for_service(&self, target: &str, n: usize, within: Duration) -> bool {
+        self.wait_until(within, |t| t.serving(target, None) >= n)
+            .await
+    }
+
+    /// Waits until at least `n` peers are known, or `within` passes.
+    pub(super) async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
+        self.wait_until(within, |t| t.len() >= n).await
+    }
+
+    /// HELLOs and mDNS sightings of nodes of another cluster (ignored).
+    pub(super) fn other_cluster(&self) -> u64 {
+        self.other_cluster.load(Relaxed)
+    }
+
+    /// mDNS sightings of nodes announcing another protocol major version (ignored).
+    pub(super) fn other_version(&self) -> u64 {
+        self.other_version.load(Relaxed)
+    }
+
+    /// Closes every DEALER (the node is stopping), waiting for each.
+    pub(super) async fn close(&self) {
+        let dealers: Vec<Arc<Dealer>> = self.state.lock().table.dealers().cloned().collect();
+        for d in dealers {
+            d.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Responding: running a handler for a request, a notification or a gather request,
+//! building its reply and sending it back the way the request came.
+//!
+//! This module owns the handler slots (at most `max_in_flight` handlers at once), the
+//! tasks of handlers that await, and the draining flag of a node that is shutting down.
+//! Reply building is written once here: a request is answered with REPLY or ERROR-REPLY
+//! on the ROUTER connection it came from, a gather request with GATHER-REPLY or
+//! ERROR-REPLY on our DEALER to its sender, a notification with nothing. It never decodes
+//! envelopes (inbound routing does) and never chooses a handler (the registry does).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::registry::{Context, ErasedHandler};
+use super::frames;
+use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
+use crate::transport::{Dealer, Message, Router, SendError};
+
+/// Where a reply goes: back on the ROUTER connection a request came from, or on our
+/// DEALER to the node that published a gather request.
+pub(super) enum ReplyPath {
+    /// The ROUTER connection with this identity. Weak: a handler still running must not
+    /// keep a dropped node's socket open.
+    Router(Weak<Router>, Bytes),
+    /// Our DEALER to the gatherer.
+    Dealer(Arc<Dealer>),
+}
+
+impl ReplyPath {
+    fn try_send(&self, msg: Message) -> Result<(), SendError> {
+        match self {
+            ReplyPath::Router(router, identity) => match router.upgrade() {
+                Some(r) => r.try_send(identity, msg),
+                None => Ok(()),
+            },
+            ReplyPath::Dealer(d) => d.try_send(msg),
+        }
+    }
+
+    async fn send(&self, msg: Message) -> Result<(), SendError> {
+        match self {
+            ReplyPath::Router(router, identity) => match router.upgrade() {
+                Some(r) => r.send(identity, msg).await,
+                None => Ok(()),
+            },
+            ReplyPath::Dealer(d) => d.send(msg).await,
+        }
+    }
+}
+
+/// The kinds of a successful and a failed answer to `request`, or `None` for a
+/// notification (never answered).
+fn answer_kinds(request: Kind) -> Option<(Kind, Kind)> {
+    match request {
+        Kind::Request => Some((Kind::Reply, Kind::ErrorReply)),
+        Kind::GatherRequest => Some((Kind::GatherReply, Kind::ErrorReply)),
+        _ => None,
+    }
+}
+
+/// The answer envelope to a message with id `to`. Answers carry no target: the
+/// correlation id says what they answer.
+fn answer(sender: Id, to: Id, kind: Kind, payload: Bytes) -> Message {
+    let mut h = Header::new(kind, sender, String::new());
+    h.correlation_id = to;
+    frames::message(&h, payload)
+}
+
+fn error_payload(body: &ErrorBody) -> Bytes {
+    codec::encode_payload(body).expect("an error body always encodes")
+}
+
+/// What a reply needs of the message it answers once the handler has consumed it.
+struct Answering {
+    id: Id,
+    kinds: Option<(Kind, Kind)>,
+    /// Kept for notifications only, whose failures are logged with it.
+    target: Option<String>,
+}
+
+impl Answering {
+    fn of(h: &Header) -> Answering {
+        let kinds = answer_kinds(h.kind);
+        Answering {
+            id: h.id,
+            kinds,
+            target: kinds.is_none().then(|| h.target.clone()),
+        }
+    }
+
+    /// The reply for a handler's outcome, or `None` when there is nothing to send.
+    fn reply(&self, sender: Id, out: Result<Bytes, ErrorBody>) -> Option<Message> {
+        let Some((ok, err)) = self.kinds else {
+            if let Err(e) = out {
+                warn!(target = self.target.as_deref().unwrap_or(""), code = %e.code, message = %e.message, "notification handler failed");
+            }
+            return None;
+        };
+        Some(match out {
+            Ok(p) => answer(sender, self.id, ok, p),
+            Err(body) => answer(sender, self.id, err, error_payload(&body)),
+        })
+    }
+}
+
+/// Runs handlers and sends their replies. See the [module documentation](self).
+pub(super) struct Responder {
+    node_id: Id,
+    /// The longest a reply waits for room in its connection's queue.
+    default_timeout: Duration,
+    /// Bounds handlers running at once; when none is free the inbound loops stop reading
+    /// and TCP pushes back on the senders.
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+    draining: AtomicBool,
+}
+
+impl Responder {
+    pub(super) fn new(node_id: Id, default_timeout: Duration, max_in_flight: usize) -> Self {
+        Responder {
+            node_id,
+            default_timeout,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// A handler slot if one is free now.
+    pub(super) fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a handler slot.
+    pub(super) async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Whether the node has stopped taking work (it is shutting down).
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Stops taking work: requests arriving from now on are answered `shutting_down`.
+    pub(super) fn stop_taking_work(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Stops taking work and waits up to `within` for the handlers in flight. Returns
+    /// whether they all finished.
+    pub(super) async fn drain(&self, within: Duration) -> bool {
+        self.stop_taking_work();
+        self.tasks.close();
+        tokio::time::timeout(within, self.tasks.wait()).await.is_ok()
+    }
+
+    /// How long a reply may wait for room: the caller's deadline, but never longer than
+    /// our default, since the deadline is the peer's number.
+    fn reply_window(&self, request: &Header) -> Duration {
+        request
+            .deadline()
+            .unwrap_or(self.default_timeout)
+            .min(self.default_timeout)
+    }
+
+    /// Answers `to` with an error reply at once (no handler runs).
+    pub(super) fn reply_error(&self, path: &ReplyPath, to: &Header, code: &str, message: String) {
+        let body = ErrorBody {
+            code: code.to_string(),
+            message,
+        };
+        let reply = answer(self.node_id, to.id, Kind::ErrorReply, error_payload(&body));
+        if let Err(e) = path.try_send(reply) {
+            debug!(error = %e, "could not send an error reply");
+        }
+    }
+
+    /// Runs `handler` on `env` (a request, notification or gather request) holding `slot`,
+    /// and sends its reply on `path`. The handler is polled once here: one that does not
+    /// await (most do not) is answered without a task hop; one that does goes on in a
+    /// task of its own under the caller's deadline.
+    pub(super) fn respond(
+        &self,
+        handler: ErasedHandler,
+        env: Envelope,
+        path: ReplyPath,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let answering = Answering::of(&env.header);
+        let within = self.reply_window(&env.header);
+        let sender = self.node_id;
+        match start(handler, env) {
+            Ok(out) => {
+                let Some(reply) = answering.reply(sender, out) else {
+                    return;
+                };
+                match path.try_send(reply.clone()) {
+                    Ok(()) => {}
+                    Err(SendError::QueueFull { .. }) => {
+                        // The caller's queue is full: wait for room in a task that keeps
+                        // the handler slot, so a caller that never reads its replies runs
+                        // out of slots (and is read no more) instead of growing tasks.
+                        self.tasks.spawn(async move {
+                            let _slot = slot;
+                            send_reply(&path, reply, within).await;
+                        });
+                    }
+                    Err(e) => debug!(error = %e, "reply not sent: caller gone"),
+                }
+            }
+            Err(run) => {
+                self.tasks.spawn(async move {
+                    let _slot = slot;
+                    let Some(out) = run.await else { return };
+                    if let Some(reply) = answering.reply(sender, out) {
+                        send_reply(&path, reply, within).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+
+/// Sends a reply, waiting at most `within` for room (a caller that stops reading its
+/// replies must not pin a task).
+async fn send_reply(path: &ReplyPath, reply: Message, within: Duration) {
+    match tokio::time::timeout(within, path.send(reply)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
+        Err(_) => warn!("reply not sent: the caller's queue stayed full"),
+    }
+}
+
+type Finishing = Pin<Box<dyn Future<Output = Option<Result<Bytes, ErrorBody>>> + Send>>;
+
+/// Starts a handler by polling it once: a handler that does not await finishes here
+/// (`Ok`). Otherwise (`Err`) the returned future finishes it under the caller's
+/// deadline, yielding `None` if the deadline passed: the caller has already given up
+/// (its timer started before ours), so no reply is sent at all rather than one that can
+/// only arrive too late.
+fn start(handler: ErasedHandler, env: Envelope) -> Result<Result<Bytes, ErrorBody>, Finishing> {
+    let h = env.header;
+    let deadline = h.deadline();
+    let ctx = Context {
+        message_id: h.id,
+        sender: h.sender,
+        target: h.target,
+        deadline,
+        headers: h.headers,
+        shard_key: h.shard_key,
+    };
+    let message_id = ctx.message_id;
+    let mut fut = handler(env.payload, ctx);
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+        return Ok(out);
+    }
+    // The task polls it again with a real waker.
+    Err(Box::pin(async move {
+        match deadline {
+            Some(d) => match tokio::time::timeout(d, fut).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    warn!(id = %message_id, deadline = ?d, "handler cut off at the caller's deadline; no reply sent");
+                    None
+                }
+            },
+            None => Some(fut.await),
+        }
+    }))
+}
