@@ -11,7 +11,7 @@ use super::conn::{
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{parse_endpoint, Message, SocketOptions, SocketType};
+use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct DealerRole {
     shared: Arc<Shared>,
@@ -55,23 +55,26 @@ impl Role for DealerRole {
 /// message whose `send` returned `Ok` is written unless the connection itself dies.
 pub struct Dealer {
     role: Arc<DealerRole>,
-    endpoint: String,
+    endpoint: Endpoint,
 }
 
 impl Dealer {
-    /// Starts connecting to `endpoint` (`tcp://host:port`). Returns at once; the
+    /// Starts connecting to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]). Returns at once; the
     /// connection is made (and remade) in the background.
-    pub fn connect(endpoint: &str, opts: SocketOptions) -> Result<Dealer, TransportError> {
+    pub fn connect(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Dealer, TransportError> {
         Self::connect_with_events(endpoint, opts).map(|(d, _)| d)
     }
 
     /// Like [`Dealer::connect`], also returning an event receiver subscribed before the
     /// first connection attempt, so not even the first `Connected` can be missed.
     pub fn connect_with_events(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint, opts, None)
+        Self::start(endpoint.into_endpoint()?, opts, None)
     }
 
     /// Like [`Dealer::connect_with_events`], but every received message is passed to
@@ -80,19 +83,18 @@ impl Dealer {
     /// message. This saves a task hop per message for a caller that only dispatches
     /// replies (the node does).
     pub fn connect_with_handler(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: MessageHandler,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint, opts, Some(handler))
+        Self::start(endpoint.into_endpoint()?, opts, Some(handler))
     }
 
     fn start(
-        endpoint: &str,
+        endpoint: Endpoint,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        parse_endpoint(endpoint)?;
         if let Some(id) = &opts.identity {
             // What every ROUTER would refuse anyway (ZMTP: 1..=255 bytes; a leading zero
             // byte is reserved for generated identities).
@@ -113,16 +115,13 @@ impl Dealer {
         });
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
-        spawn_connector(endpoint.to_string(), shared, role.clone(), stop);
-        let dealer = Dealer {
-            role,
-            endpoint: endpoint.to_string(),
-        };
+        spawn_connector(endpoint.clone(), shared, role.clone(), stop);
+        let dealer = Dealer { role, endpoint };
         Ok((dealer, events))
     }
 
     /// The endpoint this socket connects to.
-    pub fn endpoint(&self) -> &str {
+    pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 

@@ -13,7 +13,7 @@ use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sin
 use super::error::{ProtocolViolation, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{bind, Message, SocketOptions, SocketType};
+use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Subscriber {
     addr: SocketAddr,
@@ -88,9 +88,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
-    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Publisher, TransportError> {
-        let listener = bind(endpoint).await?;
+    /// Binds to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]; port 0 picks a free
+    /// one).
+    pub async fn bind(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Publisher, TransportError> {
+        let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
         let shared = Shared::new(opts, SocketType::Pub);
         let role = Arc::new(PubRole {

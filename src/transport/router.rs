@@ -16,7 +16,7 @@ use super::conn::{
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{bind, Message, SocketOptions, SocketType};
+use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Route {
     out: Arc<Queue<OutItem>>,
@@ -118,8 +118,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
-    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Router, TransportError> {
+    /// Binds to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]; port 0 picks a free
+    /// one).
+    pub async fn bind(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Router, TransportError> {
         Self::start(endpoint, opts, None).await
     }
 
@@ -128,7 +132,7 @@ impl Router {
     /// blocking). Messages it declines (returns) are queued for [`Router::recv`]. This
     /// saves a task hop per message for a caller that dispatches (the node does).
     pub async fn bind_with_handler(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: MessageHandler,
     ) -> Result<Router, TransportError> {
@@ -136,11 +140,11 @@ impl Router {
     }
 
     async fn start(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
     ) -> Result<Router, TransportError> {
-        let listener = bind(endpoint).await?;
+        let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Router);

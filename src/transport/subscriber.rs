@@ -14,7 +14,7 @@ use super::conn::{
 use super::error::{ProtocolViolation, RecvError, TransportError};
 use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{parse_endpoint, Message, SocketOptions, SocketType};
+use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 #[derive(Default)]
 struct Topics {
@@ -25,7 +25,7 @@ struct Topics {
     /// the subscription.
     live: Vec<(std::net::SocketAddr, Arc<Queue<OutItem>>)>,
     /// The connector of each endpoint, to stop it on `disconnect`.
-    connectors: std::collections::HashMap<String, tokio_util::sync::CancellationToken>,
+    connectors: std::collections::HashMap<Endpoint, tokio_util::sync::CancellationToken>,
 }
 
 struct SubRole {
@@ -96,40 +96,37 @@ impl Subscriber {
         }
     }
 
-    /// Starts connecting to a publisher at `endpoint`; kept up (and resubscribed) in
-    /// the background until the socket closes.
+    /// Starts connecting to a publisher at `endpoint` (see [`IntoEndpoint`]); kept up
+    /// (and resubscribed) in the background until the socket closes.
     /// Connecting twice to the same endpoint does nothing the second time.
-    pub fn connect(&self, endpoint: &str) -> Result<(), TransportError> {
-        parse_endpoint(endpoint)?;
+    pub fn connect(&self, endpoint: impl IntoEndpoint) -> Result<(), TransportError> {
+        let endpoint = endpoint.into_endpoint()?;
         let stop = {
             let mut t = self.role.topics.lock();
-            if t.connectors.contains_key(endpoint) {
+            if t.connectors.contains_key(&endpoint) {
                 return Ok(());
             }
             let stop = self.role.shared.cancel.child_token();
-            t.connectors.insert(endpoint.to_string(), stop.clone());
+            t.connectors.insert(endpoint.clone(), stop.clone());
             stop
         };
-        spawn_connector(
-            endpoint.to_string(),
-            self.role.shared.clone(),
-            self.role.clone(),
-            stop,
-        );
+        spawn_connector(endpoint, self.role.shared.clone(), self.role.clone(), stop);
         Ok(())
     }
 
     /// Stops connecting to `endpoint` and closes its connection if one is up.
-    /// Returns whether it was connected (or connecting).
-    pub fn disconnect(&self, endpoint: &str) -> bool {
+    /// Returns whether it was connected (or connecting); `false` for an endpoint that
+    /// does not parse.
+    pub fn disconnect(&self, endpoint: impl IntoEndpoint) -> bool {
+        let Ok(endpoint) = endpoint.into_endpoint() else {
+            return false;
+        };
         let mut t = self.role.topics.lock();
-        let Some(stop) = t.connectors.remove(endpoint) else {
+        let Some(stop) = t.connectors.remove(&endpoint) else {
             return false;
         };
         stop.cancel();
-        let addr = parse_endpoint(endpoint)
-            .ok()
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        let addr = endpoint.socket_addr();
         for (a, q) in &t.live {
             if Some(*a) == addr {
                 q.interrupt();
