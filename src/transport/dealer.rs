@@ -9,8 +9,9 @@ use super::conn::{
     spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
+use super::events::SocketEvent;
 use super::queue::Queue;
+use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct DealerRole {
@@ -54,6 +55,8 @@ impl Role for DealerRole {
 /// [`SendError::QueueFull`]. While connected, `send` waits for room instead, so a
 /// message whose `send` returned `Ok` is written unless the connection itself dies.
 pub struct Dealer {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<DealerRole>,
     endpoint: Endpoint,
 }
@@ -105,6 +108,7 @@ impl Dealer {
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Dealer);
+        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
         let role = Arc::new(DealerRole {
             shared: shared.clone(),
             handler,
@@ -116,7 +120,11 @@ impl Dealer {
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
         spawn_connector(endpoint.clone(), shared, role.clone(), stop);
-        let dealer = Dealer { role, endpoint };
+        let dealer = Dealer {
+            role,
+            core,
+            endpoint,
+        };
         Ok((dealer, events))
     }
 
@@ -188,33 +196,11 @@ impl Dealer {
         let u = self.role.out.usage();
         (u.count, u.bytes)
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Dealer,
     /// Flushes queued messages for up to the linger time, closes the connection and
     /// waits for the socket's task.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Dealer {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);

@@ -51,6 +51,7 @@ mod options;
 mod publisher;
 pub(crate) mod queue;
 mod router;
+mod socket;
 mod subscriber;
 pub mod wire;
 

@@ -8,14 +8,13 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::sync::broadcast;
 
 use super::conn::{
     spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
+use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Route {
@@ -113,6 +112,8 @@ pub struct PeerSummary {
 /// Dropping it closes every connection (without waiting); [`Router::close`] also waits
 /// for queued messages to be flushed, up to the linger time.
 pub struct Router {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<RouterRole>,
     local_addr: SocketAddr,
 }
@@ -148,6 +149,7 @@ impl Router {
         let local_addr = listener.local_addr()?;
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Router);
+        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
         let role = Arc::new(RouterRole {
             shared: shared.clone(),
             handler,
@@ -156,7 +158,11 @@ impl Router {
             next_id: AtomicU32::new(fastrand::u32(..)),
         });
         spawn_listener(listener, shared, role.clone());
-        Ok(Router { role, local_addr })
+        Ok(Router {
+            role,
+            core,
+            local_addr,
+        })
     }
 
     /// The address the listener is bound to.
@@ -249,33 +255,11 @@ impl Router {
             None => false,
         }
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Router,
     /// Stops accepting, flushes queued messages for up to the linger time, closes every
     /// connection and waits for their tasks.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);

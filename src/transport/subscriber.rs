@@ -6,14 +6,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::broadcast;
 
 use super::conn::{
     spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
+use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 #[derive(Default)]
@@ -65,6 +64,8 @@ impl Role for SubRole {
 
 /// A SUB socket. See the [module documentation](super).
 pub struct Subscriber {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<SubRole>,
 }
 
@@ -87,6 +88,7 @@ impl Subscriber {
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Sub);
         Subscriber {
+            core: SocketCore::new(shared.clone(), Some(inbound.clone())),
             role: Arc::new(SubRole {
                 shared,
                 topics: Mutex::new(Topics::default()),
@@ -189,32 +191,10 @@ impl Subscriber {
     pub fn connections(&self) -> usize {
         self.role.topics.lock().live.len()
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Subscriber,
     /// Closes every connection and waits for their tasks.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);
