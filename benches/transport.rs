@@ -173,7 +173,7 @@ async fn peerwire_throughput(n: usize, size: usize) -> (f64, usize) {
     let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
         .await
         .unwrap();
-    let dealer = Dealer::connect(&format!("tcp://{}", router.local_addr()), opts).unwrap();
+    let dealer = Dealer::connect(format!("tcp://{}", router.local_addr()), opts).unwrap();
     // Connect first so the measurement is of steady state.
     dealer.send("hi".into()).await.unwrap();
     router.recv().await.unwrap();

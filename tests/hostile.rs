@@ -33,7 +33,7 @@ async fn router(opts: SocketOptions) -> (Router, broadcast::Receiver<SocketEvent
 async fn still_serves(router: &Router, heap0: usize) {
     let grown = heap_bytes().saturating_sub(heap0);
     assert!(grown < HEAP_BOUND, "heap grew by {grown} bytes");
-    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let dealer = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
     dealer.send("ping".into()).await.unwrap();
     let (id, m) = within("well-behaved peer served", router.recv())
         .await

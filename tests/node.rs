@@ -611,7 +611,7 @@ async fn peer_killed_and_restarted_mid_stream() {
 async fn malformed_envelopes_are_dropped_or_answered() {
     init_tracing();
     let server = orders_server().await;
-    let raw = Dealer::connect(&server.endpoint(), test_opts()).unwrap();
+    let raw = Dealer::connect(server.endpoint(), test_opts()).unwrap();
     // Garbage: one frame, and a header that is not MessagePack. Dropped and counted.
     raw.send(Message::from("just one frame")).await.unwrap();
     raw.send(Message::from_frames(vec![

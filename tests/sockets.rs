@@ -22,7 +22,7 @@ async fn dealer_router_round_trip_multipart_empty_and_large() {
     let router = Router::bind("tcp://127.0.0.1:0", test_opts())
         .await
         .unwrap();
-    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let dealer = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
     let big = vec![0xA5u8; 1 << 20];
     for m in [msg(&[b"hello"]), msg(&[b"", b"a", b""]), msg(&[b"x", &big])] {
         dealer.send(m.clone()).await.unwrap();
@@ -46,8 +46,8 @@ async fn router_routes_by_identity_and_refuses_a_duplicate() {
         identity: Some(Bytes::from_static(id.as_bytes())),
         ..test_opts()
     };
-    let a = Dealer::connect(&ep(router.local_addr()), with_id("alpha")).unwrap();
-    let b = Dealer::connect(&ep(router.local_addr()), with_id("beta")).unwrap();
+    let a = Dealer::connect(ep(router.local_addr()), with_id("alpha")).unwrap();
+    let b = Dealer::connect(ep(router.local_addr()), with_id("beta")).unwrap();
     a.send("from a".into()).await.unwrap();
     b.send("from b".into()).await.unwrap();
     for _ in 0..2 {
@@ -71,7 +71,7 @@ async fn router_routes_by_identity_and_refuses_a_duplicate() {
     );
 
     // A second "alpha" is refused; the first keeps its place.
-    let imposter = Dealer::connect(&ep(router.local_addr()), with_id("alpha")).unwrap();
+    let imposter = Dealer::connect(ep(router.local_addr()), with_id("alpha")).unwrap();
     let e = wait_event(&mut events, "refusal of duplicate identity", |e| {
         matches!(
             e,
@@ -121,7 +121,7 @@ async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
         send_queue_messages: 5,
         ..test_opts()
     };
-    let dealer = Dealer::connect(&ep(addr), opts).unwrap();
+    let dealer = Dealer::connect(ep(addr), opts).unwrap();
     let mut events = dealer.events();
     dealer.send("first".into()).await.unwrap();
     let (_, m) = within("first", router.recv()).await.unwrap();
@@ -239,10 +239,10 @@ async fn pub_sub_prefix_filters_and_many_subscribers() {
     let mut events = publisher.events();
     let s1 = Subscriber::new(test_opts());
     s1.subscribe("weather.");
-    s1.connect(&ep(publisher.local_addr())).unwrap();
+    s1.connect(ep(publisher.local_addr())).unwrap();
     let s2 = Subscriber::new(test_opts());
     s2.subscribe("");
-    s2.connect(&ep(publisher.local_addr())).unwrap();
+    s2.connect(ep(publisher.local_addr())).unwrap();
     for _ in 0..2 {
         wait_event(&mut events, "subscriber connected", |e| {
             matches!(e, SocketEvent::Connected { .. })
@@ -292,7 +292,7 @@ async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
     let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let fast = Subscriber::new(test_opts());
     fast.subscribe("");
-    fast.connect(&ep(publisher.local_addr())).unwrap();
+    fast.connect(ep(publisher.local_addr())).unwrap();
     // The slow subscriber completes its handshake, subscribes, and never reads again.
     let mut slow = RawPeer::connect(publisher.local_addr()).await;
     slow.handshake("SUB").await;
@@ -348,7 +348,7 @@ async fn subscriber_reconnects_and_resubscribes() {
     let addr = publisher.local_addr();
     let sub = Subscriber::new(test_opts());
     sub.subscribe("t");
-    sub.connect(&ep(addr)).unwrap();
+    sub.connect(ep(addr)).unwrap();
     wait_until("subscribed", || {
         publisher
             .subscribers()
@@ -434,7 +434,7 @@ async fn dealer_detects_dead_router_and_reconnects() {
         .await
         .unwrap();
     let addr = router.local_addr();
-    let dealer = Dealer::connect(&ep(addr), test_opts()).unwrap();
+    let dealer = Dealer::connect(ep(addr), test_opts()).unwrap();
     let mut events = dealer.events();
     dealer.send("one".into()).await.unwrap();
     within("one", router.recv()).await.unwrap();
@@ -462,8 +462,8 @@ async fn listener_refuses_past_max_connections_and_serves_the_rest() {
     };
     let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let mut events = router.events();
-    let a = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
-    let b = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let a = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
+    let b = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
     for d in [&a, &b] {
         d.send("hi".into()).await.unwrap();
         within("hi", router.recv()).await.unwrap();
@@ -486,7 +486,7 @@ async fn close_flushes_queued_messages() {
     let router = Router::bind("tcp://127.0.0.1:0", test_opts())
         .await
         .unwrap();
-    let dealer = Dealer::connect(&ep(router.local_addr()), test_opts()).unwrap();
+    let dealer = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
     dealer.send("hello".into()).await.unwrap();
     within("hello", router.recv()).await.unwrap();
     for i in 0..1000u32 {

@@ -31,7 +31,7 @@ use super::wire::{
     check_greeting_prefix, encode_frame_header, encode_greeting, parse_greeting, Command, Decoded,
     Decoder, FLAG_MORE, GREETING_LEN,
 };
-use super::{Message, SocketType};
+use super::{Endpoint, Message, SocketType};
 
 /// Frames at least this large are written straight from the caller's buffer (vectored
 /// write) instead of being copied into the connection's staging buffer.
@@ -315,7 +315,7 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
 /// `stop` ends this connector (it is the socket's token, or a child of it for a SUB's
 /// per-endpoint connectors).
 pub(crate) fn spawn_connector(
-    endpoint: String,
+    endpoint: Endpoint,
     shared: Arc<Shared>,
     role: Arc<dyn Role>,
     stop: CancellationToken,
@@ -324,12 +324,9 @@ pub(crate) fn spawn_connector(
     tracker.spawn(async move {
         let opts = &shared.opts;
         let mut delay = opts.reconnect_initial;
-        let host = super::parse_endpoint(&endpoint)
-            .unwrap_or(&endpoint)
-            .to_string();
         loop {
             let attempt = async {
-                let stream = TcpStream::connect(host.as_str()).await?;
+                let stream = TcpStream::connect((endpoint.host(), endpoint.port())).await?;
                 let addr = stream.peer_addr()?;
                 Ok::<_, std::io::Error>((stream, addr))
             };
@@ -347,13 +344,13 @@ pub(crate) fn spawn_connector(
                 Ok(Err(e)) => {
                     debug!(%endpoint, error = %e, "connect failed");
                     shared.emit(SocketEvent::ConnectFailed {
-                        endpoint: endpoint.clone(),
+                        endpoint: endpoint.to_string(),
                         error: e.to_string(),
                         refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
                     });
                 }
                 Err(_) => shared.emit(SocketEvent::ConnectFailed {
-                    endpoint: endpoint.clone(),
+                    endpoint: endpoint.to_string(),
                     error: "connect timed out".into(),
                     refused: false,
                 }),

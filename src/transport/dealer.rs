@@ -9,9 +9,10 @@ use super::conn::{
     spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
+use super::events::SocketEvent;
 use super::queue::Queue;
-use super::{parse_endpoint, Message, SocketOptions, SocketType};
+use super::socket::{socket_handle_methods, SocketCore};
+use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct DealerRole {
     shared: Arc<Shared>,
@@ -54,24 +55,29 @@ impl Role for DealerRole {
 /// [`SendError::QueueFull`]. While connected, `send` waits for room instead, so a
 /// message whose `send` returned `Ok` is written unless the connection itself dies.
 pub struct Dealer {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<DealerRole>,
-    endpoint: String,
+    endpoint: Endpoint,
 }
 
 impl Dealer {
-    /// Starts connecting to `endpoint` (`tcp://host:port`). Returns at once; the
+    /// Starts connecting to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]). Returns at once; the
     /// connection is made (and remade) in the background.
-    pub fn connect(endpoint: &str, opts: SocketOptions) -> Result<Dealer, TransportError> {
+    pub fn connect(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Dealer, TransportError> {
         Self::connect_with_events(endpoint, opts).map(|(d, _)| d)
     }
 
     /// Like [`Dealer::connect`], also returning an event receiver subscribed before the
     /// first connection attempt, so not even the first `Connected` can be missed.
     pub fn connect_with_events(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint, opts, None)
+        Self::start(endpoint.into_endpoint()?, opts, None)
     }
 
     /// Like [`Dealer::connect_with_events`], but every received message is passed to
@@ -80,19 +86,18 @@ impl Dealer {
     /// message. This saves a task hop per message for a caller that only dispatches
     /// replies (the node does).
     pub fn connect_with_handler(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: MessageHandler,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint, opts, Some(handler))
+        Self::start(endpoint.into_endpoint()?, opts, Some(handler))
     }
 
     fn start(
-        endpoint: &str,
+        endpoint: Endpoint,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        parse_endpoint(endpoint)?;
         if let Some(id) = &opts.identity {
             // What every ROUTER would refuse anyway (ZMTP: 1..=255 bytes; a leading zero
             // byte is reserved for generated identities).
@@ -103,6 +108,7 @@ impl Dealer {
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Dealer);
+        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
         let role = Arc::new(DealerRole {
             shared: shared.clone(),
             handler,
@@ -113,16 +119,17 @@ impl Dealer {
         });
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
-        spawn_connector(endpoint.to_string(), shared, role.clone(), stop);
+        spawn_connector(endpoint.clone(), shared, role.clone(), stop);
         let dealer = Dealer {
             role,
-            endpoint: endpoint.to_string(),
+            core,
+            endpoint,
         };
         Ok((dealer, events))
     }
 
     /// The endpoint this socket connects to.
-    pub fn endpoint(&self) -> &str {
+    pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
@@ -189,33 +196,11 @@ impl Dealer {
         let u = self.role.out.usage();
         (u.count, u.bytes)
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Dealer,
     /// Flushes queued messages for up to the linger time, closes the connection and
     /// waits for the socket's task.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Dealer {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);

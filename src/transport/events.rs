@@ -46,7 +46,7 @@ pub enum SocketEvent {
     },
     /// A connecting socket could not reach its endpoint; it will try again.
     ConnectFailed {
-        /// The endpoint as given.
+        /// The endpoint, as `tcp://host:port`.
         endpoint: String,
         /// The error.
         error: String,

@@ -18,13 +18,14 @@
 //! A DEALER and a ROUTER on loopback:
 //!
 //! ```
-//! use peerwire::transport::{Dealer, Message, Router, SocketOptions};
+//! use peerwire::transport::{Dealer, Endpoint, Message, Router, SocketOptions};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let router = Router::bind("tcp://127.0.0.1:0", SocketOptions::default()).await?;
-//! let endpoint = format!("tcp://{}", router.local_addr());
+//! let endpoint = Endpoint::from(router.local_addr());
 //! let dealer = Dealer::connect(&endpoint, SocketOptions::default())?;
+//! assert_eq!(dealer.endpoint(), &endpoint);
 //!
 //! dealer.send(Message::from("ping")).await?;
 //! let (identity, msg) = router.recv().await?;
@@ -34,18 +35,23 @@
 //! # }
 //! ```
 //!
+//! Endpoints are given as anything [`IntoEndpoint`]: a `tcp://host:port` string, an
+//! [`Endpoint`] or a `SocketAddr`.
+//!
 //! Each connection is driven by one task that owns its `TcpStream`; sockets talk to those
 //! tasks only through bounded queues (`queue`). See PROTOCOL.md for the wire format and
 //! ARCHITECTURE.md for the task layout.
 
 mod conn;
 mod dealer;
+mod endpoint;
 pub mod error;
 mod events;
 mod options;
 mod publisher;
 pub(crate) mod queue;
 mod router;
+mod socket;
 mod subscriber;
 pub mod wire;
 
@@ -58,6 +64,7 @@ const INLINE_FRAMES: usize = 3;
 
 pub use conn::MessageHandler;
 pub use dealer::Dealer;
+pub use endpoint::{Endpoint, IntoEndpoint};
 pub use error::{CloseReason, ProtocolViolation, RecvError, SendError, TransportError};
 pub use events::{SocketEvent, Stats, StatsSnapshot};
 pub use options::SocketOptions;
@@ -220,43 +227,12 @@ impl SocketType {
     }
 }
 
-/// Strips `tcp://` from an endpoint; errors on other schemes or a missing port.
-pub(crate) fn parse_endpoint(endpoint: &str) -> Result<&str, TransportError> {
-    let rest = match endpoint.split_once("://") {
-        Some(("tcp", rest)) => rest,
-        Some(_) => return Err(TransportError::InvalidEndpoint(endpoint.into())),
-        None => endpoint,
-    };
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(rest),
-        _ => Err(TransportError::InvalidEndpoint(endpoint.into())),
-    }
-}
-
 /// Binds a TCP listener for `endpoint`.
-pub(crate) async fn bind(endpoint: &str) -> Result<tokio::net::TcpListener, TransportError> {
-    let addr = parse_endpoint(endpoint)?;
-    tokio::net::TcpListener::bind(addr)
+pub(crate) async fn bind(endpoint: &Endpoint) -> Result<tokio::net::TcpListener, TransportError> {
+    tokio::net::TcpListener::bind((endpoint.host(), endpoint.port()))
         .await
         .map_err(|source| TransportError::Bind {
-            addr: addr.to_string(),
+            addr: endpoint.to_string(),
             source,
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints() {
-        assert_eq!(
-            parse_endpoint("tcp://127.0.0.1:5555").unwrap(),
-            "127.0.0.1:5555"
-        );
-        assert_eq!(parse_endpoint("localhost:1").unwrap(), "localhost:1");
-        assert!(parse_endpoint("ipc:///tmp/x").is_err());
-        assert!(parse_endpoint("tcp://host").is_err());
-        assert!(parse_endpoint("tcp://:80").is_err());
-    }
 }

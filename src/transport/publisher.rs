@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio::sync::broadcast;
 
 use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions};
 use super::error::{ProtocolViolation, SendError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{bind, Message, SocketOptions, SocketType};
+use super::socket::{socket_handle_methods, SocketCore};
+use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Subscriber {
     addr: SocketAddr,
@@ -83,22 +82,33 @@ pub struct SubscriberInfo {
 
 /// A PUB socket. See the [module documentation](super).
 pub struct Publisher {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<PubRole>,
     local_addr: SocketAddr,
 }
 
 impl Publisher {
-    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
-    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Publisher, TransportError> {
-        let listener = bind(endpoint).await?;
+    /// Binds to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]; port 0 picks a free
+    /// one).
+    pub async fn bind(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Publisher, TransportError> {
+        let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
         let shared = Shared::new(opts, SocketType::Pub);
+        let core = SocketCore::new(shared.clone(), None);
         let role = Arc::new(PubRole {
             shared: shared.clone(),
             subscribers: RwLock::new(Vec::new()),
         });
         spawn_listener(listener, shared, role.clone());
-        Ok(Publisher { role, local_addr })
+        Ok(Publisher {
+            role,
+            core,
+            local_addr,
+        })
     }
 
     /// The address the listener is bound to.
@@ -160,30 +170,10 @@ impl Publisher {
             })
             .collect()
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Publisher,
     /// Flushes queued messages for up to the linger time and closes every connection.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-    }
-}
+    close
+);

@@ -8,15 +8,14 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::sync::broadcast;
 
 use super::conn::{
     spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{bind, Message, SocketOptions, SocketType};
+use super::socket::{socket_handle_methods, SocketCore};
+use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Route {
     out: Arc<Queue<OutItem>>,
@@ -113,13 +112,19 @@ pub struct PeerSummary {
 /// Dropping it closes every connection (without waiting); [`Router::close`] also waits
 /// for queued messages to be flushed, up to the linger time.
 pub struct Router {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<RouterRole>,
     local_addr: SocketAddr,
 }
 
 impl Router {
-    /// Binds to `endpoint` (`tcp://host:port`; port 0 picks a free one).
-    pub async fn bind(endpoint: &str, opts: SocketOptions) -> Result<Router, TransportError> {
+    /// Binds to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]; port 0 picks a free
+    /// one).
+    pub async fn bind(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+    ) -> Result<Router, TransportError> {
         Self::start(endpoint, opts, None).await
     }
 
@@ -128,7 +133,7 @@ impl Router {
     /// blocking). Messages it declines (returns) are queued for [`Router::recv`]. This
     /// saves a task hop per message for a caller that dispatches (the node does).
     pub async fn bind_with_handler(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: MessageHandler,
     ) -> Result<Router, TransportError> {
@@ -136,14 +141,15 @@ impl Router {
     }
 
     async fn start(
-        endpoint: &str,
+        endpoint: impl IntoEndpoint,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
     ) -> Result<Router, TransportError> {
-        let listener = bind(endpoint).await?;
+        let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Router);
+        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
         let role = Arc::new(RouterRole {
             shared: shared.clone(),
             handler,
@@ -152,7 +158,11 @@ impl Router {
             next_id: AtomicU32::new(fastrand::u32(..)),
         });
         spawn_listener(listener, shared, role.clone());
-        Ok(Router { role, local_addr })
+        Ok(Router {
+            role,
+            core,
+            local_addr,
+        })
     }
 
     /// The address the listener is bound to.
@@ -245,33 +255,11 @@ impl Router {
             None => false,
         }
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Router,
     /// Stops accepting, flushes queued messages for up to the linger time, closes every
     /// connection and waits for their tasks.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);

@@ -6,15 +6,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::broadcast;
 
 use super::conn::{
     spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, TransportError};
-use super::events::{SocketEvent, StatsSnapshot};
 use super::queue::Queue;
-use super::{parse_endpoint, Message, SocketOptions, SocketType};
+use super::socket::{socket_handle_methods, SocketCore};
+use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
 #[derive(Default)]
 struct Topics {
@@ -25,7 +24,7 @@ struct Topics {
     /// the subscription.
     live: Vec<(std::net::SocketAddr, Arc<Queue<OutItem>>)>,
     /// The connector of each endpoint, to stop it on `disconnect`.
-    connectors: std::collections::HashMap<String, tokio_util::sync::CancellationToken>,
+    connectors: std::collections::HashMap<Endpoint, tokio_util::sync::CancellationToken>,
 }
 
 struct SubRole {
@@ -65,6 +64,8 @@ impl Role for SubRole {
 
 /// A SUB socket. See the [module documentation](super).
 pub struct Subscriber {
+    /// First, so that it closes the socket before anything else of the handle goes.
+    core: SocketCore,
     role: Arc<SubRole>,
 }
 
@@ -87,6 +88,7 @@ impl Subscriber {
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Sub);
         Subscriber {
+            core: SocketCore::new(shared.clone(), Some(inbound.clone())),
             role: Arc::new(SubRole {
                 shared,
                 topics: Mutex::new(Topics::default()),
@@ -96,40 +98,37 @@ impl Subscriber {
         }
     }
 
-    /// Starts connecting to a publisher at `endpoint`; kept up (and resubscribed) in
-    /// the background until the socket closes.
+    /// Starts connecting to a publisher at `endpoint` (see [`IntoEndpoint`]); kept up
+    /// (and resubscribed) in the background until the socket closes.
     /// Connecting twice to the same endpoint does nothing the second time.
-    pub fn connect(&self, endpoint: &str) -> Result<(), TransportError> {
-        parse_endpoint(endpoint)?;
+    pub fn connect(&self, endpoint: impl IntoEndpoint) -> Result<(), TransportError> {
+        let endpoint = endpoint.into_endpoint()?;
         let stop = {
             let mut t = self.role.topics.lock();
-            if t.connectors.contains_key(endpoint) {
+            if t.connectors.contains_key(&endpoint) {
                 return Ok(());
             }
             let stop = self.role.shared.cancel.child_token();
-            t.connectors.insert(endpoint.to_string(), stop.clone());
+            t.connectors.insert(endpoint.clone(), stop.clone());
             stop
         };
-        spawn_connector(
-            endpoint.to_string(),
-            self.role.shared.clone(),
-            self.role.clone(),
-            stop,
-        );
+        spawn_connector(endpoint, self.role.shared.clone(), self.role.clone(), stop);
         Ok(())
     }
 
     /// Stops connecting to `endpoint` and closes its connection if one is up.
-    /// Returns whether it was connected (or connecting).
-    pub fn disconnect(&self, endpoint: &str) -> bool {
+    /// Returns whether it was connected (or connecting); `false` for an endpoint that
+    /// does not parse.
+    pub fn disconnect(&self, endpoint: impl IntoEndpoint) -> bool {
+        let Ok(endpoint) = endpoint.into_endpoint() else {
+            return false;
+        };
         let mut t = self.role.topics.lock();
-        let Some(stop) = t.connectors.remove(endpoint) else {
+        let Some(stop) = t.connectors.remove(&endpoint) else {
             return false;
         };
         stop.cancel();
-        let addr = parse_endpoint(endpoint)
-            .ok()
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        let addr = endpoint.socket_addr();
         for (a, q) in &t.live {
             if Some(*a) == addr {
                 q.interrupt();
@@ -192,32 +191,10 @@ impl Subscriber {
     pub fn connections(&self) -> usize {
         self.role.topics.lock().live.len()
     }
+}
 
-    /// Subscribes to connection events.
-    pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
-        self.role.shared.events.subscribe()
-    }
-
-    /// The socket's counters.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.role.shared.stats.snapshot()
-    }
-
+socket_handle_methods!(
+    Subscriber,
     /// Closes every connection and waits for their tasks.
-    pub async fn close(self) {
-        self.shutdown().await;
-    }
-
-    /// What [`Self::close`] does, for owners that share the socket (the node).
-    pub(crate) async fn shutdown(&self) {
-        self.role.shared.shutdown().await;
-        self.role.inbound.close();
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        self.role.shared.close_all();
-        self.role.inbound.close();
-    }
-}
+    close
+);

@@ -29,7 +29,7 @@ pub fn greeting_and_ready(socket_type: &str) -> BytesMut {
 pub async fn pub_serves(publisher: &peerwire::transport::Publisher, topic: &str) {
     let sub = peerwire::transport::Subscriber::new(test_opts());
     sub.subscribe(topic.to_string());
-    sub.connect(&ep(publisher.local_addr())).unwrap();
+    sub.connect(ep(publisher.local_addr())).unwrap();
     wait_until("subscribed", || {
         publisher
             .subscribers()
