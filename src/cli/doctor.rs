@@ -152,7 +152,7 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
             continue;
         }
         match &s.router {
-            Some(ep) => targets.push((who, ep.clone())),
+            Some(ep) => targets.push((who, ep.to_string())),
             None => {
                 outln!("  {who}: no usable address among {:?}", s.addresses);
                 problems.push(format!("{who} announced no address we can use"));
@@ -170,7 +170,7 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
             }
             Ok(eps) => {
                 for ep in eps {
-                    targets.push((format!("DNS {d}"), ep));
+                    targets.push((format!("DNS {d}"), ep.to_string()));
                 }
             }
             Err(e) => {

@@ -332,6 +332,8 @@ fn presence_line(e: &PresenceEvent) -> String {
         PresenceEvent::Lagged(n) => {
             format!("! missed {n} event(s); run `peerwire peers` for the table")
         }
+        // An event this build does not describe yet.
+        other => format!("? {other:?}"),
     }
 }
 
@@ -352,6 +354,7 @@ fn presence_json(e: &PresenceEvent) -> Value {
             serde_json::json!({"event": "left", "t": t, "peer": peer_json(peer), "reason": reason})
         }
         PresenceEvent::Lagged(n) => serde_json::json!({"event": "lagged", "t": t, "missed": n}),
+        other => serde_json::json!({"event": "other", "t": t, "debug": format!("{other:?}")}),
     }
 }
 

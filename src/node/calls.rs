@@ -292,9 +292,15 @@ mod tests {
         let (a, b) = (Id::new(), Id::new());
         let (rx_a, _ga) = calls.register(a, 1, "x.a".into(), Duration::from_secs(60), later);
         let (mut rx_b, _gb) = calls.register(b, 2, "x.b".into(), Duration::from_secs(60), later);
-        assert_eq!(calls.fail_connection(1, || CallError::Disconnected("1".into())), 1);
+        assert_eq!(
+            calls.fail_connection(1, || CallError::Disconnected("1".into())),
+            1
+        );
         assert!(matches!(rx_a.await, Ok(Err(CallError::Disconnected(_)))));
-        assert!(rx_b.try_recv().is_err(), "a call on another connection was failed");
+        assert!(
+            rx_b.try_recv().is_err(),
+            "a call on another connection was failed"
+        );
         assert!(calls.complete(&b, reply(b)));
         assert!(matches!(rx_b.await, Ok(Ok(_))));
         assert_eq!(calls.len(), 0);

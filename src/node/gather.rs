@@ -247,4 +247,3 @@ impl<T: DeserializeOwned> Gather<T> {
         }
     }
 }
-

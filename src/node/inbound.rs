@@ -29,7 +29,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::calls::ConnId;
 use super::frames::{self, Framing};
 use super::membership::DealerSink;
 use super::registry::Table;
@@ -88,7 +87,7 @@ pub(super) enum Via<'a> {
     /// The SUB; a handler slot is held.
     Sub(OwnedSemaphorePermit),
     /// Our DEALER to `endpoint`.
-    Dealer(ConnId, &'a Endpoint),
+    Dealer(&'a Endpoint),
 }
 
 impl Via<'_> {
@@ -96,7 +95,7 @@ impl Via<'_> {
         match self {
             Via::Router(..) => "ROUTER",
             Via::Sub(_) => "SUB",
-            Via::Dealer(..) => "DEALER",
+            Via::Dealer(_) => "DEALER",
         }
     }
 }
@@ -114,7 +113,7 @@ impl Core {
             Err(e) => {
                 self.inbound.count_malformed();
                 match via {
-                    Via::Dealer(_, endpoint) => {
+                    Via::Dealer(endpoint) => {
                         warn!(error = %e, %endpoint, socket = "DEALER", "malformed envelope, dropped")
                     }
                     _ => warn!(error = %e, socket = via.socket(), "malformed envelope, dropped"),
@@ -125,7 +124,7 @@ impl Core {
         match via {
             Via::Router(identity, slot) => self.on_router(identity, env, slot),
             Via::Sub(slot) => self.on_published(env, slot),
-            Via::Dealer(_, endpoint) => self.on_dealer(endpoint, env),
+            Via::Dealer(endpoint) => self.on_dealer(endpoint, env),
         }
     }
 
@@ -170,9 +169,9 @@ impl Core {
                 }
             }
             Kind::Hello => {
-                if let Err(e) =
-                    self.membership
-                        .on_hello(&self.router, &identity, h, &env.payload)
+                if let Err(e) = self
+                    .membership
+                    .on_hello(&self.router, &identity, h, &env.payload)
                 {
                     self.inbound.count_malformed();
                     warn!(error = %e, "malformed HELLO");
@@ -255,8 +254,7 @@ impl Core {
     /// node is stopping, while earlier declined messages wait, or when no slot is free
     /// (backpressure).
     fn inline_slot(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = if self.life.cancel.is_cancelled() || self.inbound.declined.load(Acquire) > 0
-        {
+        let slot = if self.life.cancel.is_cancelled() || self.inbound.declined.load(Acquire) > 0 {
             None
         } else {
             self.responder.try_slot()
@@ -302,9 +300,9 @@ pub(super) fn subscriber_handler(cell: CoreCell) -> MessageHandler {
 /// Where every DEALER's messages go: replies and HELLO-ACKs, never declined (they need
 /// no handler slot).
 pub(super) fn dealer_sink(cell: CoreCell) -> DealerSink {
-    Arc::new(move |conn: ConnId, endpoint: &Endpoint, msg: Message| {
+    Arc::new(move |endpoint: &Endpoint, msg: Message| {
         if let Some(core) = cell.get().and_then(Weak::upgrade) {
-            core.receive(Via::Dealer(conn, endpoint), &msg);
+            core.receive(Via::Dealer(endpoint), &msg);
         }
     })
 }

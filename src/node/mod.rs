@@ -422,7 +422,11 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        match self.core.call(call(Style::Request, target, req, opts)).await? {
+        match self
+            .core
+            .call(call(Style::Request, target, req, opts))
+            .await?
+        {
             Started::Reply(awaiting) => Ok(PendingReply::new(awaiting)),
             _ => unreachable!("a request awaits a reply"),
         }
@@ -486,7 +490,11 @@ impl Node {
             version: opts.version,
             ..CallOptions::default()
         };
-        match self.core.call(call(Style::Gather, topic, req, call_opts)).await? {
+        match self
+            .core
+            .call(call(Style::Gather, topic, req, call_opts))
+            .await?
+        {
             Started::Gather(opened) => Ok(Gather::new(opened, opts.within, opts.quorum)),
             _ => unreachable!("a gather collects replies"),
         }

@@ -56,7 +56,11 @@ impl PubSub {
     }
 
     /// Publishes an event, numbered in its topic's sequence.
-    pub(super) fn publish(&self, topic: &str, payload: bytes::Bytes) -> Result<PublishReport, SendError> {
+    pub(super) fn publish(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+    ) -> Result<PublishReport, SendError> {
         let mut h = Header::new(Kind::Event, self.node_id, topic);
         h.seq = {
             let mut seqs = self.topic_seq.lock();
@@ -73,6 +77,16 @@ impl PubSub {
             }
         };
         self.publisher.publish(frames::pub_message(&h, payload))
+    }
+
+    /// Publishes a gather request (its header made by the call pipeline). Subscribers
+    /// of its topic that serve it answer on our ROUTER.
+    pub(super) fn publish_gather(
+        &self,
+        h: &Header,
+        payload: bytes::Bytes,
+    ) -> Result<PublishReport, SendError> {
+        self.publisher.publish(frames::pub_message(h, payload))
     }
 
     /// Subscribes to events whose topic starts with `prefix`.
@@ -188,4 +202,3 @@ impl<T> Drop for Subscription<T> {
         }
     }
 }
-

@@ -143,7 +143,13 @@ pub(super) enum Table {
 
 impl Registry {
     /// Registers (or replaces) the handler of `target` in `table`.
-    pub(super) fn insert(&self, table: Table, target: &str, version: Version, handler: ErasedHandler) {
+    pub(super) fn insert(
+        &self,
+        table: Table,
+        target: &str,
+        version: Version,
+        handler: ErasedHandler,
+    ) {
         let mut t = self.tables.write();
         let entry = Entry { version, handler };
         match table {
@@ -156,7 +162,8 @@ impl Registry {
     /// What this node serves, as announced in HELLO.
     pub(super) fn catalog(&self) -> codec::Catalog {
         let t = self.tables.read();
-        let list = |m: &HashMap<String, Entry>| m.iter().map(|(k, e)| (k.clone(), e.version)).collect();
+        let list =
+            |m: &HashMap<String, Entry>| m.iter().map(|(k, e)| (k.clone(), e.version)).collect();
         codec::Catalog {
             methods: list(&t.methods),
             gathers: list(&t.gathers),

@@ -19,8 +19,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::registry::{Context, ErasedHandler};
 use super::frames;
+use super::registry::{Context, ErasedHandler};
 use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
 use crate::transport::{Dealer, Message, Router, SendError};
 
@@ -159,7 +159,9 @@ impl Responder {
     pub(super) async fn drain(&self, within: Duration) -> bool {
         self.stop_taking_work();
         self.tasks.close();
-        tokio::time::timeout(within, self.tasks.wait()).await.is_ok()
+        tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_ok()
     }
 
     /// How long a reply may wait for room: the caller's deadline, but never longer than
@@ -228,7 +230,6 @@ impl Responder {
         }
     }
 }
-
 
 /// Sends a reply, waiting at most `within` for room (a caller that stops reading its
 /// replies must not pin a task).

@@ -320,14 +320,14 @@ mod tests {
     use super::*;
     use crate::node::{Node, Presence, PresenceEvent};
 
-    fn ep(s: &str) -> Endpoint {
+    fn endpoint(s: &str) -> Endpoint {
         Endpoint::parse(s).unwrap()
     }
 
     #[test]
     fn an_expiring_instance_never_drops_the_node_that_replaced_it() {
         let (old, new) = (Id::new(), Id::new());
-        let ep = &ep("tcp://10.0.0.2:7001");
+        let ep = &endpoint("tcp://10.0.0.2:7001");
         let none: Vec<Endpoint> = Vec::new();
         // The restarted node answers at the same endpoint: keep it.
         assert_eq!(
@@ -398,7 +398,7 @@ mod tests {
                 .any(|p| p.router_endpoint == ep && p.connected)
         };
         joins(&mut presence, 1).await;
-        a.core.membership.forget(&super::ep(&ep), "test", None).await;
+        a.core.membership.forget(&endpoint(&ep), "test", None).await;
         a.add_peer(&ep).unwrap();
         joins(&mut presence, 1).await;
         // Several `forget_after`s: a stray loop would have struck by now.
@@ -421,7 +421,7 @@ mod tests {
         client.add_peer(&b.endpoint()).unwrap();
         joins(&mut presence, 2).await;
         let m = &client.core.membership;
-        let (a_ep, b_ep) = (ep(&a.endpoint()), ep(&b.endpoint()));
+        let (a_ep, b_ep) = (endpoint(&a.endpoint()), endpoint(&b.endpoint()));
         let retired = |id: Id| m.state.lock().retired.contains(&id);
         {
             let mut st = m.state.lock();

@@ -18,7 +18,10 @@ use crate::transport::{Dealer, Endpoint, Message, MessageHandler, SocketEvent, T
 
 impl Membership {
     /// The link to a peer ROUTER endpoint, created (DEALER and loop) if new.
-    pub(super) fn ensure_link(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Link, TransportError> {
+    pub(super) fn ensure_link(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+    ) -> Result<Link, TransportError> {
         let mut st = self.state.lock();
         if st.self_endpoints.contains(endpoint) {
             return Err(TransportError::InvalidEndpoint(format!(
@@ -28,13 +31,15 @@ impl Membership {
         if let Some(l) = st.table.link(endpoint) {
             return Ok(l.clone());
         }
-        let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Replies are dispatched inline by the DEALER's connection task: a reply wakes its
         // caller directly, with no task in between.
         let sink = self.dealer_sink.clone();
         let ep = endpoint.clone();
         let on_message: MessageHandler = Arc::new(move |_: &Bytes, msg: Message| {
-            sink(conn, &ep, msg);
+            sink(&ep, msg);
             Ok(())
         });
         let (dealer, events) =
@@ -58,7 +63,10 @@ impl Membership {
     }
 
     /// Dials `endpoint` (a static peer, or one discovery found).
-    pub(super) fn dial(self: &Arc<Self>, endpoint: &Endpoint) -> Result<(), TransportError> {
+    pub(in crate::node) fn dial(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+    ) -> Result<(), TransportError> {
         self.ensure_link(endpoint).map(|_| ())
     }
 
@@ -135,7 +143,9 @@ impl Membership {
                 // (Re)introduce ourselves: the peer may be new, or restarted.
                 // The peer counts as connected again only once its HELLO-ACK says who it
                 // is now: the endpoint may have been taken by a restarted or other node.
-                let _ = link.dealer.try_send(self.hello_message(Kind::Hello, Id::NIL));
+                let _ = link
+                    .dealer
+                    .try_send(self.hello_message(Kind::Hello, Id::NIL));
             }
             SocketEvent::Disconnected { reason, .. } => {
                 {
@@ -148,9 +158,9 @@ impl Membership {
                     }
                 }
                 self.changed.notify_waiters();
-                let failed = self.calls.fail_connection(link.conn, || {
-                    CallError::Disconnected(endpoint.to_string())
-                });
+                let failed = self
+                    .calls
+                    .fail_connection(link.conn, || CallError::Disconnected(endpoint.to_string()));
                 if failed > 0 {
                     debug!(%endpoint, %reason, calls = failed, "failing calls to a lost peer");
                 }

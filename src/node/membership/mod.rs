@@ -64,8 +64,8 @@ pub(super) struct Local {
 }
 
 /// Where the messages a DEALER receives go (inbound routing): called inline by the
-/// DEALER's connection task with the link's connection id and endpoint.
-pub(super) type DealerSink = Arc<dyn Fn(ConnId, &Endpoint, Message) + Send + Sync>;
+/// DEALER's connection task with the endpoint it is connected to.
+pub(super) type DealerSink = Arc<dyn Fn(&Endpoint, Message) + Send + Sync>;
 
 /// One instance chosen for a call.
 pub(super) struct Instance {
@@ -321,7 +321,11 @@ impl Membership {
                     reason: "replaced by another node at its endpoint".into(),
                 });
             }
-            let info = st.table.info(&hello.node_id).cloned().expect("just upserted");
+            let info = st
+                .table
+                .info(&hello.node_id)
+                .cloned()
+                .expect("just upserted");
             if up.new {
                 debug!(node = %self.local.name, peer = %info.name, id = %info.id, "peer joined");
             }
@@ -399,7 +403,9 @@ impl Membership {
         if candidates.is_empty() {
             return Err(incompatible);
         }
-        let chosen = candidates[balance.choose(target, &candidates).min(candidates.len() - 1)];
+        let chosen = candidates[balance
+            .choose(target, &candidates)
+            .min(candidates.len() - 1)];
         let dealer = st
             .table
             .dealer_of(&chosen.id)

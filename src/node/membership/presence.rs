@@ -71,9 +71,7 @@ impl Presence {
         }
         match self.rx.recv().await {
             Ok(e) => Some(e),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                Some(PresenceEvent::Lagged(n))
-            }
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(PresenceEvent::Lagged(n)),
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
