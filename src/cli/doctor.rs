@@ -102,6 +102,8 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
                         Sighting::Down { instance } => {
                             seen.remove(&instance);
                         }
+                        // A sighting this build does not know: nothing to report.
+                        _ => {}
                     }
                 }
                 let m = mdns.metrics().await;

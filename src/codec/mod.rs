@@ -348,6 +348,7 @@ pub struct Hello {
 
 /// Why an envelope could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
     /// Wrong number of frames for the socket it came on.
     #[error("envelope has {got} frames, expected {expected}")]

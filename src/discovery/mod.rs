@@ -34,6 +34,7 @@ pub const SERVICE_TYPE: &str = "_peerwire._tcp.local.";
 
 /// Errors of the discovery sources.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DiscoveryError {
     /// The mDNS daemon could not start or refused a command.
     #[error("mDNS: {0}")]
@@ -71,6 +72,7 @@ impl std::fmt::Display for Interfaces {
 
 /// mDNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MdnsConfig {
     /// Interfaces to use.
     pub interfaces: Interfaces,
@@ -232,6 +234,7 @@ pub struct Announcement {
 
 /// What mDNS saw of another node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Sighting {
     /// An instance was resolved (or changed).
     Up(Seen),
@@ -250,6 +253,7 @@ pub enum Sighting {
 
 /// A resolved peerwire instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Seen {
     /// mDNS instance name (`name-xxxxxxxx`).
     pub instance: String,

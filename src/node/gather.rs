@@ -86,6 +86,7 @@ impl Drop for GatherGuard {
 
 /// Options of a gather.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GatherOptions {
     /// How long to collect replies.
     pub within: Duration,
@@ -114,6 +115,7 @@ impl GatherOptions {
 
 /// One responder's answer to a gather.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GatherReply<T> {
     /// Who answered.
     pub from: Id,
@@ -127,6 +129,7 @@ pub struct GatherReply<T> {
 
 /// Why a gather stopped collecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GatherEnd {
     /// Every expected responder answered.
     AllAnswered,
@@ -138,6 +141,7 @@ pub enum GatherEnd {
 
 /// What a gather collected.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GatherOutcome<T> {
     /// Every reply, in arrival order.
     pub replies: Vec<GatherReply<T>>,

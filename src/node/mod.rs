@@ -7,8 +7,7 @@
 //! registry of typed handlers, and the tables of calls waiting for replies.
 //!
 //! ```
-//! use peerwire::codec::Version;
-//! use peerwire::node::{HandlerError, Node};
+//! use peerwire::{HandlerError, Node, Version};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct CreateOrder { item: String, qty: u32 }

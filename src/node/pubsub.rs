@@ -141,6 +141,7 @@ impl PubSub {
 
 /// One event received by a [`Subscription`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Event<T> {
     /// Its topic.
     pub topic: String,

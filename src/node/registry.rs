@@ -22,6 +22,7 @@ use crate::codec::{self, codes, ErrorBody, Id, Version};
 
 /// What a handler learns about the message it handles.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Context {
     /// The message id.
     pub message_id: Id,
@@ -40,6 +41,7 @@ pub struct Context {
 /// An error a handler returns; it travels back to the caller as a remote error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
+#[non_exhaustive]
 pub struct HandlerError {
     /// A stable machine-readable code, chosen by the service.
     pub code: String,
