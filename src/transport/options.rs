@@ -178,7 +178,8 @@ impl SocketOptions {
         self
     }
 
-    /// Sets [`heartbeat_interval`](Self::heartbeat_interval) (default 500 ms; `None` disables heartbeats).
+    /// Sets [`heartbeat_interval`](Self::heartbeat_interval) (default 500 ms; `None`
+    /// disables heartbeats).
     #[must_use]
     pub fn with_heartbeat_interval(mut self, v: Option<Duration>) -> Self {
         self.heartbeat_interval = v;
