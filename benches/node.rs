@@ -16,10 +16,7 @@ mod common;
 use common::{cells, hist, runtime, ROUNDS};
 
 fn opts() -> SocketOptions {
-    SocketOptions {
-        heartbeat_interval: None,
-        ..SocketOptions::default()
-    }
+    SocketOptions::default().with_heartbeat_interval(None)
 }
 
 async fn transport_pingpong(n: usize, warm: usize, h: &mut Histogram<u64>) {

@@ -93,10 +93,7 @@ async fn raw_tcp(plan: &Plan, h: &mut Histogram<u64>) {
 }
 
 async fn peerwire_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
-    let opts = SocketOptions {
-        heartbeat_interval: None,
-        ..SocketOptions::default()
-    };
+    let opts = SocketOptions::default().with_heartbeat_interval(None);
     let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
         .await
         .unwrap();
@@ -166,10 +163,7 @@ fn human(n: usize) -> String {
 /// One-way throughput: `n` messages DEALER→ROUTER; returns messages per second and how
 /// many arrived.
 async fn peerwire_throughput(n: usize, size: usize) -> (f64, usize) {
-    let opts = SocketOptions {
-        heartbeat_interval: None,
-        ..SocketOptions::default()
-    };
+    let opts = SocketOptions::default().with_heartbeat_interval(None);
     let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
         .await
         .unwrap();

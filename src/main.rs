@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use peerwire::transport::{
-    error::display_identity, Dealer, Router, SocketEvent, SocketOptions, Subscriber,
+    display_identity, Dealer, Router, SocketEvent, SocketOptions, Subscriber,
 };
 
 #[derive(Parser)]
@@ -257,11 +257,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
 }
 
 async fn probe(endpoint: &str, as_type: ProbeAs, bound: Duration) -> Result<()> {
-    let opts = SocketOptions {
-        reconnect_initial: Duration::from_millis(100),
-        reconnect_max: Duration::from_millis(500),
-        ..SocketOptions::default()
-    };
+    let opts = SocketOptions::default()
+        .with_reconnect_initial(Duration::from_millis(100))
+        .with_reconnect_max(Duration::from_millis(500));
     // Keep the socket alive while waiting; its events say how the handshake went.
     let (mut events, _dealer, _sub);
     match as_type {

@@ -169,11 +169,9 @@ async fn terabyte_frame_header_before_and_after_handshake() {
 #[tokio::test]
 async fn frames_over_the_limit() {
     init_tracing();
-    let opts = SocketOptions {
-        max_frame_size: 64 * 1024,
-        max_message_size: 100 * 1024,
-        ..test_opts()
-    };
+    let opts = test_opts()
+        .with_max_frame_size(64 * 1024)
+        .with_max_message_size(100 * 1024);
     let (router, mut events) = router(opts).await;
     let heap0 = heap_bytes();
     let mut p = RawPeer::connect(router.local_addr()).await;
@@ -381,10 +379,7 @@ async fn ping_flood_from_a_peer_that_never_reads() {
 async fn subscription_flood_is_refused() {
     use peerwire::transport::Publisher;
     init_tracing();
-    let opts = SocketOptions {
-        max_subscriptions: 100,
-        ..test_opts()
-    };
+    let opts = test_opts().with_max_subscriptions(100);
     let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let mut events = publisher.events();
     let mut p = RawPeer::connect(publisher.local_addr()).await;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use peerwire::transport::wire::Command;
 use peerwire::transport::{
     CloseReason, Dealer, Message, ProtocolViolation, Publisher, Router, SendError, SocketEvent,
-    SocketOptions, Subscriber,
+    Subscriber,
 };
 use support::*;
 
@@ -42,10 +42,8 @@ async fn router_routes_by_identity_and_refuses_a_duplicate() {
         .await
         .unwrap();
     let mut events = router.events();
-    let with_id = |id: &'static str| SocketOptions {
-        identity: Some(Bytes::from_static(id.as_bytes())),
-        ..test_opts()
-    };
+    let with_id =
+        |id: &'static str| test_opts().with_identity(Some(Bytes::from_static(id.as_bytes())));
     let a = Dealer::connect(ep(router.local_addr()), with_id("alpha")).unwrap();
     let b = Dealer::connect(ep(router.local_addr()), with_id("beta")).unwrap();
     a.send("from a".into()).await.unwrap();
@@ -117,10 +115,7 @@ async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
         .await
         .unwrap();
     let addr = router.local_addr();
-    let opts = SocketOptions {
-        send_queue_messages: 5,
-        ..test_opts()
-    };
+    let opts = test_opts().with_send_queue_messages(5);
     let dealer = Dealer::connect(ep(addr), opts).unwrap();
     let mut events = dealer.events();
     dealer.send("first".into()).await.unwrap();
@@ -166,10 +161,7 @@ async fn dealer_queues_while_disconnected_and_delivers_after_restart() {
 
 #[tokio::test]
 async fn dealer_queue_is_bounded_in_bytes() {
-    let opts = SocketOptions {
-        send_queue_bytes: 10_000,
-        ..test_opts()
-    };
+    let opts = test_opts().with_send_queue_bytes(10_000);
     // Nothing listens on the discard port: the DEALER stays disconnected.
     let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
     // Accepted while under 10 000 bytes (the bound is soft by one message).
@@ -194,10 +186,7 @@ async fn dealer_queue_is_bounded_in_bytes() {
 #[test]
 fn dealer_refuses_identities_no_router_would_accept() {
     for bad in [&b""[..], &[0u8, 1][..], &[b'x'; 256][..]] {
-        let opts = SocketOptions {
-            identity: Some(Bytes::copy_from_slice(bad)),
-            ..test_opts()
-        };
+        let opts = test_opts().with_identity(Some(Bytes::copy_from_slice(bad)));
         assert!(matches!(
             Dealer::connect("tcp://127.0.0.1:9", opts),
             Err(peerwire::transport::TransportError::InvalidIdentity)
@@ -207,11 +196,9 @@ fn dealer_refuses_identities_no_router_would_accept() {
 
 #[tokio::test]
 async fn send_rejects_messages_over_the_limits() {
-    let opts = SocketOptions {
-        max_message_size: 100,
-        max_frames_per_message: 2,
-        ..test_opts()
-    };
+    let opts = test_opts()
+        .with_max_message_size(100)
+        .with_max_frames_per_message(2);
     let dealer = Dealer::connect("tcp://127.0.0.1:9", opts).unwrap();
     assert!(matches!(
         dealer.try_send(vec![0u8; 101].into()),
@@ -285,10 +272,7 @@ async fn pub_sub_prefix_filters_and_many_subscribers() {
 #[tokio::test]
 async fn slow_subscriber_loses_counted_messages_and_never_stalls_others() {
     init_tracing();
-    let opts = SocketOptions {
-        send_queue_messages: 200,
-        ..test_opts()
-    };
+    let opts = test_opts().with_send_queue_messages(200);
     let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let fast = Subscriber::new(test_opts());
     fast.subscribe("");
@@ -381,11 +365,9 @@ async fn subscriber_reconnects_and_resubscribes() {
 #[tokio::test]
 async fn silent_peer_is_dropped_by_heartbeat_and_pings_are_answered() {
     init_tracing();
-    let opts = SocketOptions {
-        heartbeat_interval: Some(Duration::from_millis(100)),
-        heartbeat_timeout: Duration::from_millis(400),
-        ..test_opts()
-    };
+    let opts = test_opts()
+        .with_heartbeat_interval(Some(Duration::from_millis(100)))
+        .with_heartbeat_timeout(Duration::from_millis(400));
     let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let mut events = router.events();
     let mut peer = RawPeer::connect(router.local_addr()).await;
@@ -456,10 +438,7 @@ async fn dealer_detects_dead_router_and_reconnects() {
 #[tokio::test]
 async fn listener_refuses_past_max_connections_and_serves_the_rest() {
     init_tracing();
-    let opts = SocketOptions {
-        max_connections: 2,
-        ..test_opts()
-    };
+    let opts = test_opts().with_max_connections(2);
     let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
     let mut events = router.events();
     let a = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();

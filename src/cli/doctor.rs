@@ -238,11 +238,9 @@ fn port_of(endpoint: &str) -> u16 {
 
 /// Connects to a ROUTER endpoint and completes the ZMTP handshake, or says why not.
 async fn reach(endpoint: &str, bound: Duration) -> Result<(), String> {
-    let opts = SocketOptions {
-        reconnect_initial: Duration::from_millis(100),
-        reconnect_max: Duration::from_millis(500),
-        ..SocketOptions::default()
-    };
+    let opts = SocketOptions::default()
+        .with_reconnect_initial(Duration::from_millis(100))
+        .with_reconnect_max(Duration::from_millis(500));
     let (dealer, mut events) =
         Dealer::connect_with_events(endpoint, opts).map_err(|e| e.to_string())?;
     let mut last = None;

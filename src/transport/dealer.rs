@@ -62,8 +62,8 @@ pub struct Dealer {
 }
 
 impl Dealer {
-    /// Starts connecting to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]). Returns at once; the
-    /// connection is made (and remade) in the background.
+    /// Starts connecting to `endpoint` (`tcp://host:port`, see [`IntoEndpoint`]). Returns
+    /// at once; the connection is made (and remade) in the background.
     pub fn connect(
         endpoint: impl IntoEndpoint,
         opts: SocketOptions,

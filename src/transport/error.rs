@@ -5,6 +5,7 @@ use std::fmt;
 /// Why a connection was refused or closed for breaking the protocol or a limit.
 /// Each one is logged and counted; it closes that one connection and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolViolation {
     /// The greeting does not start with the ZMTP signature.
     #[error("bad greeting signature (not a ZMTP 3 peer)")]
@@ -119,6 +120,7 @@ impl ProtocolViolation {
 
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// The peer broke the protocol or a limit.
     Violation(ProtocolViolation),
@@ -165,6 +167,7 @@ impl From<std::io::Error> for CloseReason {
 
 /// Errors creating a socket.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The endpoint string is not `tcp://host:port` or `host:port`.
     #[error("invalid endpoint {0:?}: expected tcp://host:port")]
@@ -187,6 +190,7 @@ pub enum TransportError {
 
 /// Why a message could not be queued for sending.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// The outgoing queue is at its message or byte bound.
     #[error("send queue full ({messages} messages, {bytes} bytes queued){}", if *.connected { "" } else { " while disconnected" })]
@@ -224,6 +228,7 @@ pub enum SendError {
 
 /// Why a receive failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecvError {
     /// The socket was closed and every received message has been taken.
     #[error("socket closed")]

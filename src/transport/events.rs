@@ -11,6 +11,7 @@ use super::error::{CloseReason, ProtocolViolation};
 
 /// Something that happened to one connection of a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SocketEvent {
     /// A handshake completed.
     Connected {
@@ -56,9 +57,10 @@ pub enum SocketEvent {
     },
 }
 
-/// Counters of one socket. Read them with [`Stats::snapshot`].
+/// Counters of one socket, updated by its tasks. Read outside the transport only as a
+/// [`StatsSnapshot`] (each socket's `stats()`).
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub(crate) accepted: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) handshakes: AtomicU64,
@@ -98,7 +100,7 @@ pub struct StatsSnapshot {
 
 impl Stats {
     /// A copy of the counters.
-    pub fn snapshot(&self) -> StatsSnapshot {
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             accepted: self.accepted.load(Relaxed),
             refused: self.refused.load(Relaxed),

@@ -45,7 +45,7 @@
 mod conn;
 mod dealer;
 mod endpoint;
-pub mod error;
+mod error;
 mod events;
 mod options;
 mod publisher;
@@ -53,6 +53,7 @@ pub(crate) mod queue;
 mod router;
 mod socket;
 mod subscriber;
+#[doc(hidden)]
 pub mod wire;
 
 use bytes::Bytes;
@@ -65,8 +66,10 @@ const INLINE_FRAMES: usize = 3;
 pub use conn::MessageHandler;
 pub use dealer::Dealer;
 pub use endpoint::{Endpoint, IntoEndpoint};
-pub use error::{CloseReason, ProtocolViolation, RecvError, SendError, TransportError};
-pub use events::{SocketEvent, Stats, StatsSnapshot};
+pub use error::{
+    display_identity, CloseReason, ProtocolViolation, RecvError, SendError, TransportError,
+};
+pub use events::{SocketEvent, StatsSnapshot};
 pub use options::SocketOptions;
 pub use publisher::{PublishReport, Publisher, SubscriberInfo};
 pub use router::{PeerSummary, Router};

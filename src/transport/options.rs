@@ -23,7 +23,21 @@ use super::wire::DecodeLimits;
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
 /// | `linger` | 1 s |
 /// | `max_subscriptions` / `max_subscription_bytes` | 10 000 / 1 MiB per subscriber |
+///
+/// Build one from the defaults with the `with_*` setters (new options may be added, so
+/// outside this crate it cannot be written as a struct literal):
+///
+/// ```
+/// use std::time::Duration;
+/// use peerwire::transport::SocketOptions;
+///
+/// let opts = SocketOptions::default()
+///     .with_heartbeat_interval(None)
+///     .with_linger(Duration::from_millis(200));
+/// assert_eq!(opts.heartbeat_interval, None);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SocketOptions {
     /// Largest single frame accepted from a peer; a larger header closes the connection.
     pub max_frame_size: usize,
@@ -94,6 +108,133 @@ impl Default for SocketOptions {
 }
 
 impl SocketOptions {
+    /// Sets [`max_frame_size`](Self::max_frame_size) (default 16 MiB).
+    #[must_use]
+    pub fn with_max_frame_size(mut self, v: usize) -> Self {
+        self.max_frame_size = v;
+        self
+    }
+
+    /// Sets [`max_message_size`](Self::max_message_size) (default 16 MiB).
+    #[must_use]
+    pub fn with_max_message_size(mut self, v: usize) -> Self {
+        self.max_message_size = v;
+        self
+    }
+
+    /// Sets [`max_frames_per_message`](Self::max_frames_per_message) (default 64).
+    #[must_use]
+    pub fn with_max_frames_per_message(mut self, v: usize) -> Self {
+        self.max_frames_per_message = v;
+        self
+    }
+
+    /// Sets [`greeting_timeout`](Self::greeting_timeout) (default 5 s).
+    #[must_use]
+    pub fn with_greeting_timeout(mut self, v: Duration) -> Self {
+        self.greeting_timeout = v;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout) (default 10 s).
+    #[must_use]
+    pub fn with_handshake_timeout(mut self, v: Duration) -> Self {
+        self.handshake_timeout = v;
+        self
+    }
+
+    /// Sets [`max_connections`](Self::max_connections) (default 1024).
+    #[must_use]
+    pub fn with_max_connections(mut self, v: usize) -> Self {
+        self.max_connections = v;
+        self
+    }
+
+    /// Sets [`send_queue_messages`](Self::send_queue_messages) (default 100 000).
+    #[must_use]
+    pub fn with_send_queue_messages(mut self, v: usize) -> Self {
+        self.send_queue_messages = v;
+        self
+    }
+
+    /// Sets [`send_queue_bytes`](Self::send_queue_bytes) (default 64 MiB).
+    #[must_use]
+    pub fn with_send_queue_bytes(mut self, v: usize) -> Self {
+        self.send_queue_bytes = v;
+        self
+    }
+
+    /// Sets [`recv_queue_messages`](Self::recv_queue_messages) (default 100 000).
+    #[must_use]
+    pub fn with_recv_queue_messages(mut self, v: usize) -> Self {
+        self.recv_queue_messages = v;
+        self
+    }
+
+    /// Sets [`recv_queue_bytes`](Self::recv_queue_bytes) (default 64 MiB).
+    #[must_use]
+    pub fn with_recv_queue_bytes(mut self, v: usize) -> Self {
+        self.recv_queue_bytes = v;
+        self
+    }
+
+    /// Sets [`heartbeat_interval`](Self::heartbeat_interval) (default 500 ms; `None`
+    /// disables heartbeats).
+    #[must_use]
+    pub fn with_heartbeat_interval(mut self, v: Option<Duration>) -> Self {
+        self.heartbeat_interval = v;
+        self
+    }
+
+    /// Sets [`heartbeat_timeout`](Self::heartbeat_timeout) (default 2 s).
+    #[must_use]
+    pub fn with_heartbeat_timeout(mut self, v: Duration) -> Self {
+        self.heartbeat_timeout = v;
+        self
+    }
+
+    /// Sets [`reconnect_initial`](Self::reconnect_initial) (default 100 ms).
+    #[must_use]
+    pub fn with_reconnect_initial(mut self, v: Duration) -> Self {
+        self.reconnect_initial = v;
+        self
+    }
+
+    /// Sets [`reconnect_max`](Self::reconnect_max) (default 5 s).
+    #[must_use]
+    pub fn with_reconnect_max(mut self, v: Duration) -> Self {
+        self.reconnect_max = v;
+        self
+    }
+
+    /// Sets [`linger`](Self::linger) (default 1 s).
+    #[must_use]
+    pub fn with_linger(mut self, v: Duration) -> Self {
+        self.linger = v;
+        self
+    }
+
+    /// Sets [`identity`](Self::identity) (default `None`: a ROUTER assigns one).
+    #[must_use]
+    pub fn with_identity(mut self, v: Option<Bytes>) -> Self {
+        self.identity = v;
+        self
+    }
+
+    /// Sets [`max_subscriptions`](Self::max_subscriptions) (default 10 000).
+    #[must_use]
+    pub fn with_max_subscriptions(mut self, v: usize) -> Self {
+        self.max_subscriptions = v;
+        self
+    }
+
+    /// Sets [`max_subscription_bytes`](Self::max_subscription_bytes) (default 1 MiB).
+    #[must_use]
+    pub fn with_max_subscription_bytes(mut self, v: usize) -> Self {
+        self.max_subscription_bytes = v;
+        self
+    }
+
     pub(crate) fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
             max_frame_size: self.max_frame_size,

@@ -61,7 +61,7 @@ impl Drop for SocketCore {
 /// field. The doc comment written before `close` in the invocation documents `close`:
 /// what closing means differs by socket type.
 ///
-/// ```ignore
+/// ```text
 /// socket_handle_methods!(
 ///     Publisher,
 ///     /// Flushes queued messages for up to the linger time and closes every connection.

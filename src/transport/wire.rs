@@ -1,5 +1,7 @@
 //! ZMTP 3.1 wire codec: greeting, frames, commands and READY metadata.
 //!
+//! Exposed only for fuzzing and the protocol tests; not part of the stable API.
+//!
 //! This module owns the byte layout of ZMTP and nothing else. It performs no I/O, knows
 //! nothing of tokio, and never allocates more than the limits it was given allow: every
 //! length read from the network is checked against [`SocketOptions`](super::SocketOptions) before a

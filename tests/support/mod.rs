@@ -105,17 +105,15 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Options with short timeouts so failure paths finish quickly.
 pub fn test_opts() -> SocketOptions {
-    SocketOptions {
-        greeting_timeout: Duration::from_millis(500),
-        handshake_timeout: Duration::from_secs(2),
-        reconnect_initial: Duration::from_millis(20),
-        reconnect_max: Duration::from_millis(200),
-        linger: Duration::from_millis(200),
+    SocketOptions::default()
+        .with_greeting_timeout(Duration::from_millis(500))
+        .with_handshake_timeout(Duration::from_secs(2))
+        .with_reconnect_initial(Duration::from_millis(20))
+        .with_reconnect_max(Duration::from_millis(200))
+        .with_linger(Duration::from_millis(200))
         // Generous: a test runtime starved by a flood (or by parallel test runs) must not
         // drop a well-behaved peer for silence. Tests of heartbeats set their own.
-        heartbeat_timeout: Duration::from_secs(10),
-        ..SocketOptions::default()
-    }
+        .with_heartbeat_timeout(Duration::from_secs(10))
 }
 
 /// `tcp://` endpoint for an address.

@@ -1,0 +1,342 @@
+//! One connection's shared vocabulary, and [`serve`], which runs a connection from
+//! handshake to close.
+//!
+//! A connection is driven by exactly one task, which owns the `TcpStream`. The socket
+//! types (ROUTER, DEALER, PUB, SUB) differ only in what they do when a handshake
+//! completes and ends ([`Role`]) and where received messages go ([`Sink`]); the byte
+//! handling is all in this module's children, one per phase:
+//!
+//! - `spawn`: the tasks that accept or dial TCP connections and hand each to [`serve`].
+//! - `handshake`: greeting and READY, up to a peer we know.
+//! - `writer`: encoding queued items into frames and writing them, releasing the
+//!   queue's bounds only once bytes are on the socket.
+//! - `run`: the loop after the handshake: read, decode, deliver, write, heartbeat.
+//!
+//! This file owns the types they share (what is sent and received, the socket's
+//! [`Shared`] state) and the events and counters of a connection's life. Nothing in
+//! this module or its children holds a lock across an `.await`.
+
+mod handshake;
+mod run;
+mod spawn;
+mod writer;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::{Mutex, RwLock};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::error::{display_identity, CloseReason, ProtocolViolation};
+use super::events::{SocketEvent, Stats};
+use super::options::SocketOptions;
+use super::queue::{Cost, Queue};
+use super::wire::Command;
+use super::{Message, SocketType};
+
+pub(crate) use spawn::{spawn_connector, spawn_listener};
+
+use handshake::{handshake, handshake_failed};
+use run::run;
+
+/// Least spare capacity kept in the read buffer before a read.
+const READ_MIN: usize = 8 * 1024;
+
+/// What a connection sends.
+#[derive(Debug)]
+pub(crate) enum OutItem {
+    /// A data message.
+    Msg(Message),
+    /// Subscribe to a prefix (SUB): encoded as a command or a message by peer version.
+    Subscribe(Bytes),
+    /// Cancel a subscription (SUB).
+    Cancel(Bytes),
+}
+
+impl Cost for OutItem {
+    fn cost(&self) -> (usize, usize) {
+        match self {
+            OutItem::Msg(m) => (1, m.byte_len()),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// A received message and the identity of the connection it came from.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub identity: Bytes,
+    pub msg: Message,
+}
+
+impl Cost for Inbound {
+    fn cost(&self) -> (usize, usize) {
+        (1, self.msg.byte_len())
+    }
+}
+
+/// Prefix filters a PUB keeps for one subscriber (a multiset, as in ZeroMQ: subscribing
+/// twice and cancelling once leaves the prefix subscribed).
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions {
+    prefixes: RwLock<Vec<Bytes>>,
+}
+
+impl Subscriptions {
+    /// Applies a SUBSCRIBE or CANCEL. Refuses to grow past `max` prefixes or
+    /// `max_bytes` of them, so a subscriber cannot exhaust memory or slow every publish.
+    pub fn apply(
+        &self,
+        subscribe: bool,
+        topic: &[u8],
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(), ProtocolViolation> {
+        let mut p = self.prefixes.write();
+        if subscribe {
+            let bytes: usize = p.iter().map(|t| t.len()).sum();
+            if p.len() >= max || bytes + topic.len() > max_bytes {
+                return Err(ProtocolViolation::TooManySubscriptions { max, max_bytes });
+            }
+            // Copied: a slice would keep the connection's whole read buffer alive.
+            p.push(Bytes::copy_from_slice(topic));
+        } else if let Some(i) = p.iter().position(|t| t[..] == *topic) {
+            p.swap_remove(i);
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, first_frame: &[u8]) -> bool {
+        self.prefixes
+            .read()
+            .iter()
+            .any(|p| first_frame.starts_with(p))
+    }
+
+    pub fn list(&self) -> Vec<Bytes> {
+        self.prefixes.read().clone()
+    }
+}
+
+/// A function that takes every received message with the identity of its connection,
+/// run inline by the connection task: it must be quick and must not block. Returning the
+/// message back (`Err`) declines it: a ROUTER then queues it for `recv` as usual (with
+/// the usual backpressure); a DEALER drops it and counts it.
+pub type MessageHandler = Arc<dyn Fn(&Bytes, Message) -> Result<(), Message> + Send + Sync>;
+
+/// Where a connection puts what it receives.
+pub(crate) enum Sink {
+    /// Messages go to the socket's incoming queue.
+    Deliver(Arc<Queue<Inbound>>),
+    /// Messages are handed to a function, inline (no queue, no task hop); those it
+    /// declines go to the queue if there is one.
+    Handler(MessageHandler, Option<Arc<Queue<Inbound>>>),
+    /// Messages and SUBSCRIBE/CANCEL commands update a PUB's filter for this peer.
+    Subscriptions(Arc<Subscriptions>),
+}
+
+/// What a socket type decided when a handshake completed.
+pub(crate) struct Attached {
+    pub out: Arc<Queue<OutItem>>,
+    pub sink: Sink,
+    /// The identity the connection is known by (announced or assigned).
+    pub identity: Bytes,
+}
+
+/// What the handshake learned of the peer.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerInfo {
+    pub addr: SocketAddr,
+    pub minor: u8,
+    pub socket_type: String,
+    pub identity: Bytes,
+}
+
+/// The per-socket-type part of a connection's life.
+pub(crate) trait Role: Send + Sync + 'static {
+    /// Registers a connection whose handshake completed, or refuses it.
+    fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation>;
+    /// Unregisters it when it ends.
+    fn detach(&self, peer: &PeerInfo, attached: &Attached);
+}
+
+/// State every socket shares with its tasks.
+pub(crate) struct Shared {
+    pub opts: SocketOptions,
+    pub socket_type: SocketType,
+    pub stats: Stats,
+    pub events: broadcast::Sender<SocketEvent>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+    /// Outgoing queues of the connections running now; interrupting one closes it.
+    live: Mutex<Vec<Arc<Queue<OutItem>>>>,
+    ticker_started: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(opts: SocketOptions, socket_type: SocketType) -> Arc<Shared> {
+        Arc::new(Shared {
+            opts,
+            socket_type,
+            stats: Stats::default(),
+            events: broadcast::channel(1024).0,
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            live: Mutex::new(Vec::new()),
+            ticker_started: AtomicBool::new(false),
+        })
+    }
+
+    fn emit(&self, e: SocketEvent) {
+        // No receiver is fine: events are for whoever listens.
+        let _ = self.events.send(e);
+    }
+
+    /// Stops the socket's listener or connector and closes every connection (each
+    /// flushes what is queued for at most `linger`). Does not wait.
+    pub fn close_all(&self) {
+        self.cancel.cancel();
+        for q in self.live.lock().iter() {
+            q.interrupt();
+        }
+    }
+
+    /// How often connections do their heartbeat work: half the heartbeat interval, or a
+    /// quarter of the timeout if shorter (250 ms with the defaults), so silence is noticed
+    /// at most one tick late.
+    pub fn tick_period(&self) -> Duration {
+        (self
+            .opts
+            .heartbeat_interval
+            .unwrap_or(Duration::from_secs(1))
+            / 2)
+        .min(self.opts.heartbeat_timeout / 4)
+        .max(Duration::from_millis(10))
+    }
+
+    /// Starts the socket's ticker on first use (so constructing a socket outside a
+    /// runtime never spawns): one task that ticks every live connection's queue.
+    fn ensure_ticker(self: &Arc<Self>) {
+        if self.ticker_started.swap(true, Relaxed) {
+            return;
+        }
+        let shared = Arc::downgrade(self);
+        let cancel = self.cancel.clone();
+        let period = self.tick_period();
+        self.tracker.spawn(async move {
+            let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let Some(shared) = shared.upgrade() else {
+                    break;
+                };
+                for q in shared.live.lock().iter() {
+                    q.tick();
+                }
+            }
+        });
+    }
+
+    fn register(self: &Arc<Self>, q: &Arc<Queue<OutItem>>) {
+        self.ensure_ticker();
+        self.live.lock().push(q.clone());
+        // close_all cancels before it walks the list: if it ran before the push, the
+        // token tells us.
+        if self.cancel.is_cancelled() {
+            q.interrupt();
+        }
+    }
+
+    fn unregister(&self, q: &Arc<Queue<OutItem>>) {
+        self.live.lock().retain(|x| !Arc::ptr_eq(x, q));
+    }
+
+    /// [`Shared::close_all`], then waits for every task, at most `linger` plus a margin.
+    pub async fn shutdown(&self) {
+        self.close_all();
+        self.tracker.close();
+        let bound = self.opts.linger + Duration::from_secs(1);
+        if timeout(bound, self.tracker.wait()).await.is_err() {
+            warn!(
+                socket = self.socket_type.as_str(),
+                "tasks still running after close"
+            );
+        }
+    }
+}
+
+/// Runs one connection from handshake to close, reporting events and counters.
+/// Returns whether the handshake completed.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+    role: &dyn Role,
+) -> bool {
+    let _ = stream.set_nodelay(true);
+    let hs = tokio::select! {
+        _ = shared.cancel.cancelled() => Err(CloseReason::Shutdown),
+        r = timeout(shared.opts.handshake_timeout, handshake(&mut stream, shared)) => {
+            r.unwrap_or(Err(ProtocolViolation::HandshakeTimeout.into()))
+        }
+    };
+    let (peer, rbuf) = match hs {
+        Ok(ok) => ok,
+        Err(reason) => {
+            handshake_failed(shared, addr, reason);
+            return false;
+        }
+    };
+    let attached = match role.attach(&PeerInfo {
+        addr,
+        ..peer.clone()
+    }) {
+        Ok(a) => a,
+        Err(v) => {
+            let mut out = BytesMut::new();
+            Command::Error(v.to_string()).encode(&mut out);
+            let _ = timeout(Duration::from_millis(200), stream.write_all(&out)).await;
+            handshake_failed(shared, addr, v.into());
+            return false;
+        }
+    };
+    shared.stats.handshakes.fetch_add(1, Relaxed);
+    debug!(%addr, identity = %display_identity(&attached.identity), peer_type = %peer.socket_type, "connected");
+    shared.emit(SocketEvent::Connected {
+        addr,
+        identity: attached.identity.clone(),
+        socket_type: peer.socket_type.clone(),
+        minor_version: peer.minor,
+    });
+    shared.register(&attached.out);
+    let reason = run(stream, rbuf, &peer, shared, &attached).await;
+    shared.unregister(&attached.out);
+    role.detach(&peer, &attached);
+    shared.stats.disconnects.fetch_add(1, Relaxed);
+    if let CloseReason::Violation(v) = &reason {
+        shared.stats.count_violation(v);
+        // `reason` reads "protocol violation: …", or says the peer went silent.
+        warn!(%addr, identity = %display_identity(&attached.identity), %reason, "connection closed");
+    } else {
+        debug!(%addr, %reason, "disconnected");
+    }
+    shared.emit(SocketEvent::Disconnected {
+        addr,
+        identity: attached.identity.clone(),
+        reason,
+    });
+    true
+}

@@ -1,0 +1,245 @@
+//! The connection loop after the handshake: decodes what arrives and puts it in the
+//! connection's [`Sink`], answers PINGs, writes what is queued (see `writer`), and
+//! watches the peer's silence on the socket's tick.
+//!
+//! It never blocks one peer on another: when the sink is full it stops reading this
+//! connection only, and TCP pushes back on that peer. Each pass of the loop allocates
+//! nothing per message beyond what decoding needs.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::transport::error::{CloseReason, ProtocolViolation};
+use crate::transport::wire::{Command, Decoded, Decoder};
+
+use super::writer::{linger, try_write_chunks, write_chunks, written, Writer};
+use super::{Attached, Inbound, PeerInfo, Shared, Sink, READ_MIN};
+
+/// Most capacity reserved ahead of bytes that actually arrived: a peer announcing a
+/// large frame makes us hold at most this much more than it has really sent.
+const READ_AHEAD_MAX: usize = 256 * 1024;
+
+/// The connection loop after the handshake. Returns why it ended.
+pub(super) async fn run(
+    mut stream: TcpStream,
+    mut rbuf: BytesMut,
+    peer: &PeerInfo,
+    shared: &Shared,
+    att: &Attached,
+) -> CloseReason {
+    let opts = &shared.opts;
+    let (mut rd, mut wr) = stream.split();
+    let mut dec = Decoder::new(opts.decode_limits());
+    let mut w = Writer::new(peer.minor);
+    let mut pending: Option<Inbound> = None;
+    let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
+    let mut peer_ttl: Option<Duration> = None;
+    let mut last_pong_end = 0u64;
+    // Liveness is checked on the socket's periodic tick (see `Shared::tick_period`)
+    // rather than by reading the clock on every read or polling a timer on every turn:
+    // reads only set `rx_seen`, and the tick turns that into `last_rx`. Silence is
+    // therefore detected between `limit` and `limit + 2 ticks` after the last byte.
+    let tick = shared.tick_period();
+    let mut rx_seen = false;
+    let mut last_rx = Instant::now();
+    let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
+
+    let reason = 'conn: loop {
+        // Decode whatever is buffered, unless the sink is full.
+        let mut received = 0u64;
+        while pending.is_none() {
+            match dec.decode(&mut rbuf) {
+                Ok(None) => break,
+                Ok(Some(Decoded::Message(msg))) => {
+                    received += 1;
+                    match &att.sink {
+                        Sink::Deliver(q) => {
+                            let item = Inbound {
+                                identity: att.identity.clone(),
+                                msg,
+                            };
+                            if let Err((item, _)) = q.try_push(item) {
+                                pending = Some(item);
+                            }
+                        }
+                        Sink::Handler(f, fallback) => {
+                            if let Err(msg) = f(&att.identity, msg) {
+                                match fallback {
+                                    Some(q) => {
+                                        let item = Inbound {
+                                            identity: att.identity.clone(),
+                                            msg,
+                                        };
+                                        if let Err((item, _)) = q.try_push(item) {
+                                            pending = Some(item);
+                                        }
+                                    }
+                                    None => {
+                                        shared.stats.dropped.fetch_add(1, Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                        Sink::Subscriptions(subs) => {
+                            // ZMTP 3.0 subscription form: a one-frame message starting
+                            // with 1 or 0. Other messages from a subscriber mean nothing
+                            // to a PUB and are ignored.
+                            let f = &msg.frames()[0];
+                            if let (1, Some(&kind @ (0 | 1))) = (msg.len(), f.first()) {
+                                if let Err(v) = subs.apply(
+                                    kind == 1,
+                                    &f[1..],
+                                    opts.max_subscriptions,
+                                    opts.max_subscription_bytes,
+                                ) {
+                                    break 'conn v.into();
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(Some(Decoded::Command(c))) => match c {
+                    Command::Ping { ttl_ds, context } => {
+                        if ttl_ds > 0 {
+                            peer_ttl = Some(Duration::from_millis(ttl_ds as u64 * 100));
+                        }
+                        // At most one unwritten PONG: a peer flooding PINGs while never
+                        // reading must not grow our write buffer. Any traffic from us
+                        // proves liveness, so skipping a PONG loses nothing.
+                        if w.written >= last_pong_end {
+                            w.command(&Command::Pong(context));
+                            w.flush_staging();
+                            last_pong_end = w.appended;
+                        }
+                    }
+                    Command::Pong(_) => {}
+                    Command::Error(r) => break 'conn ProtocolViolation::PeerError(r).into(),
+                    Command::Subscribe(ref t) | Command::Cancel(ref t) => {
+                        let sub = matches!(c, Command::Subscribe(_));
+                        if let Sink::Subscriptions(s) = &att.sink {
+                            if let Err(v) =
+                                s.apply(sub, t, opts.max_subscriptions, opts.max_subscription_bytes)
+                            {
+                                break 'conn v.into();
+                            }
+                        }
+                    }
+                    Command::Ready(_) => {
+                        break 'conn ProtocolViolation::Unexpected("second READY").into()
+                    }
+                    Command::Unknown(name) => {
+                        shared.stats.unknown_commands.fetch_add(1, Relaxed);
+                        debug!(addr = %peer.addr, command = %name, "unknown command ignored");
+                    }
+                },
+                Err(v) => break 'conn v.into(),
+            }
+        }
+        if received > 0 {
+            shared.stats.messages_in.fetch_add(received, Relaxed);
+        }
+        if w.chunks.is_empty() {
+            w.refill(&att.out);
+            // Try the write now: usually the socket has room and this saves a turn of
+            // the select below. WouldBlock just leaves the bytes for that turn.
+            while !w.chunks.is_empty() {
+                match try_write_chunks(&wr, &w.chunks) {
+                    Ok(n) => {
+                        let (c, b) = w.advance(n);
+                        written(shared, att, c, b);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => break 'conn e.into(),
+                }
+            }
+        }
+        if att.out.is_interrupted() {
+            linger(&mut wr, &mut w, att, opts.linger).await;
+            break CloseReason::Shutdown;
+        }
+        if att.out.take_tick() {
+            let now = Instant::now();
+            if rx_seen || pending.is_some() {
+                last_rx = now;
+                rx_seen = false;
+            }
+            let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(limit) = silence_limit {
+                if now.duration_since(last_rx) >= limit {
+                    break ProtocolViolation::HeartbeatTimeout.into();
+                }
+            }
+            if let Some(ivl) = heartbeat {
+                if now + tick / 2 >= next_ping {
+                    let ttl_ds =
+                        (opts.heartbeat_timeout.as_millis() / 100).min(u16::MAX as u128) as u16;
+                    w.command(&Command::Ping {
+                        ttl_ds,
+                        context: Bytes::new(),
+                    });
+                    w.flush_staging();
+                    next_ping = now + ivl;
+                }
+            }
+            // Written by the next turn's select (the write branch is enabled).
+        }
+        let want_items = w.chunks.is_empty();
+        let want = dec.wanted(rbuf.len());
+        rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
+
+        tokio::select! {
+            biased;
+            r = write_chunks(&mut wr, &w.chunks), if !w.chunks.is_empty() => match r {
+                Ok(n) => {
+                    let (c, b) = w.advance(n);
+                    written(shared, att, c, b);
+                }
+                Err(e) => break e.into(),
+            },
+            r = rd.read_buf(&mut rbuf), if pending.is_none() => match r {
+                Ok(0) => break CloseReason::PeerClosed,
+                Ok(_) => rx_seen = true,
+                Err(e) => break e.into(),
+            },
+            _ = wait_sink(&att.sink), if pending.is_some() => {
+                if let Sink::Deliver(q) | Sink::Handler(_, Some(q)) = &att.sink {
+                    if let Err((item, _)) = q.try_push(pending.take().expect("pending")) {
+                        pending = Some(item);
+                    } else {
+                        // We were not reading while blocked; that was not the peer's silence.
+                        rx_seen = true;
+                    }
+                }
+            },
+            // New items to write, a tick or an interrupt (handled at the top of the loop).
+            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx, want_items)) => {},
+        }
+    };
+    // Whatever was not completely written goes back to the queue: a DEALER sends it on
+    // its next connection; for other sockets the queue dies with the connection.
+    let unsent = w.inflight.drain(..).map(|(item, _)| item);
+    att.out
+        .requeue_front(unsent.collect::<Vec<_>>().into_iter());
+    if let Some(item) = pending {
+        // Received but not deliverable because we are closing: counted, not silent.
+        shared.stats.dropped.fetch_add(1, Relaxed);
+        drop(item);
+    }
+    reason
+}
+
+async fn wait_sink(sink: &Sink) {
+    match sink {
+        Sink::Deliver(q) | Sink::Handler(_, Some(q)) => q.writable().await,
+        Sink::Handler(_, None) | Sink::Subscriptions(_) => std::future::pending().await,
+    }
+}
