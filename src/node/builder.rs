@@ -182,10 +182,9 @@ impl NodeBuilder {
             Publisher::bind(SocketAddr::new(host, self.pub_port), self.socket.clone()).await?;
         // The SUB announces our node id, so a publisher can tell which peers subscribe.
         let subscriber = Subscriber::with_handler(
-            SocketOptions {
-                identity: Some(Bytes::copy_from_slice(id.0.as_bytes())),
-                ..self.socket.clone()
-            },
+            self.socket
+                .clone()
+                .with_identity(Some(Bytes::copy_from_slice(id.0.as_bytes()))),
             inbound::subscriber_handler(cell.clone()),
         );
         let (router, publisher, subscriber) =

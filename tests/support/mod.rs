@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: bounded waits, test options, a raw ZMTP
 //! peer for hostile input, and memory readings.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub mod orders;
 
 use std::future::Future;
 use std::net::SocketAddr;

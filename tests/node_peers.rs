@@ -1,0 +1,248 @@
+//! The node runtime over loopback: peers killed and restarted mid-stream, a cluster found
+//! from one seed, presence events, DNS seeds, replicas of one name.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use peerwire::node::{CallError, CallOptions, Node};
+use support::orders::*;
+use support::*;
+
+#[tokio::test]
+async fn peer_killed_and_restarted_mid_stream() {
+    init_tracing();
+    let server = start_node("echo-1", &[]).await;
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    server.handle("echo.echo", V1, move |x: u64, _| {
+        let counter = counter.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(x)
+        }
+    });
+    let endpoint = server.endpoint();
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let client = Arc::new(start_node("client", std::slice::from_ref(&endpoint)).await);
+    wait_service(&client, "echo.echo", 1).await;
+
+    // A stream of calls, each either succeeding or failing with a clear error; never hanging.
+    let c = client.clone();
+    let stream = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, 0);
+        for i in 0..400u64 {
+            match c
+                .request_with::<_, u64>(
+                    "echo.echo",
+                    &i,
+                    CallOptions::timeout(Duration::from_secs(2)),
+                )
+                .await
+            {
+                Ok(v) => {
+                    assert_eq!(v, i);
+                    ok += 1
+                }
+                Err(
+                    CallError::Disconnected(_)
+                    | CallError::NoResponder(_)
+                    | CallError::Timeout { .. },
+                ) => {
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        (ok, failed)
+    });
+    // Kill it once calls are flowing, restart it once the client has noticed.
+    wait_until("some calls done", || served.load(Ordering::SeqCst) >= 20).await;
+    drop(server); // killed: no drain, sockets closed at once
+    wait_until("client saw the loss", || {
+        client
+            .peers()
+            .iter()
+            .all(|p| p.name != "echo-1" || !p.connected)
+    })
+    .await;
+    let restarted = Node::builder("echo-2")
+        .router_port(port)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    restarted.handle("echo.echo", V1, |x: u64, _| async move { Ok(x) });
+    let (ok, failed) = within_for(Duration::from_secs(60), "call stream", stream)
+        .await
+        .unwrap();
+    assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}");
+    // After the restart, calls go to the new instance.
+    wait_until("new instance known", || {
+        client
+            .peers()
+            .iter()
+            .any(|p| p.name == "echo-2" && p.connected)
+    })
+    .await;
+    assert_eq!(
+        client.request::<_, u64>("echo.echo", &7u64).await.unwrap(),
+        7
+    );
+    assert!(
+        client.peers().iter().all(|p| p.name != "echo-1"),
+        "the dead node left the table"
+    );
+}
+
+#[tokio::test]
+async fn one_seed_leads_to_the_whole_cluster() {
+    init_tracing();
+    let seed = start_node("seed", &[]).await;
+    let b = start_node("b", &[seed.endpoint()]).await;
+    b.handle("b.hello", V1, |_: (), _| async { Ok("from b") });
+    let c = start_node("c", &[seed.endpoint()]).await;
+    // c was only given the seed; gossip brings it b (and b learns of c).
+    wait_service(&c, "b.hello", 1).await;
+    assert_eq!(
+        c.request::<_, String>("b.hello", &()).await.unwrap(),
+        "from b"
+    );
+    wait_until("b knows c", || b.peers().iter().any(|p| p.name == "c")).await;
+    // A node of another cluster is ignored.
+    let other = Node::builder("stranger")
+        .cluster("elsewhere")
+        .peer(seed.endpoint())
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    wait_until("stranger refused", || seed.stats().other_cluster > 0).await;
+    assert!(seed.peers().iter().all(|p| p.name != "stranger"));
+    drop(other);
+}
+
+#[tokio::test]
+async fn presence_streams_joins_updates_and_leaves() {
+    let a = start_node("a", &[]).await;
+    let watcher = start_node("watcher", &[a.endpoint()]).await;
+    let mut presence = watcher.presence();
+    use peerwire::node::{Presence, PresenceEvent};
+    async fn next(p: &mut Presence) -> PresenceEvent {
+        within("a presence event", p.next())
+            .await
+            .expect("stream open")
+    }
+    match next(&mut presence).await {
+        PresenceEvent::Joined(p) => assert_eq!(p.name, "a"),
+        other => panic!("{other:?}"),
+    }
+    // A new handler on `a` reaches the watcher as an update of its catalog.
+    a.handle("a.ping", V1, |_: (), _| async { Ok(()) });
+    match next(&mut presence).await {
+        PresenceEvent::Updated(p) => assert!(p.methods.contains_key("a.ping")),
+        other => panic!("{other:?}"),
+    }
+    // A second stream starts with a snapshot of who is there now.
+    let mut late = watcher.presence();
+    assert!(matches!(next(&mut late).await, PresenceEvent::Joined(p) if p.name == "a"));
+    a.shutdown().await;
+    match next(&mut presence).await {
+        PresenceEvent::Left { peer, reason } => {
+            assert_eq!(peer.name, "a");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    watcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dns_seed_finds_its_peers() {
+    let server = orders_server().await;
+    let port = server
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let client = Node::builder("client")
+        .socket_options(test_opts())
+        .dns(format!("localhost:{port}").parse().unwrap())
+        .dns_every(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    wait_service(&client, "orders.create", 1).await;
+    let created: OrderCreated = client
+        .request("orders.create", &order("dns", 1))
+        .await
+        .unwrap();
+    assert_eq!(created.item, "dns");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn mdns_with_no_usable_interface_is_a_clear_error() {
+    let err = Node::builder("x")
+        .mdns(peerwire::discovery::MdnsConfig::interfaces(["no-such-if0"]))
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("no usable interface"), "{err}");
+}
+
+/// No `Left` event for any peer within `bound`.
+async fn no_leave(p: &mut peerwire::node::Presence, bound: Duration) {
+    use peerwire::node::PresenceEvent;
+    let _ = tokio::time::timeout(bound, async {
+        while let Some(e) = p.next().await {
+            if let PresenceEvent::Left { peer, reason } = e {
+                panic!("{} left: {reason}", peer.name);
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replicas_with_one_name_are_all_kept() {
+    // Two live instances called "orders" on one host are replicas, not a restart. They
+    // introduce themselves to the client (on its ROUTER) before the client's own
+    // connections to them are up: that is when a replica could pass for a restart.
+    for _ in 0..5 {
+        let client = start_node("client", &[]).await;
+        let a = Node::builder("orders")
+            .socket_options(test_opts())
+            .peer(client.endpoint())
+            .start();
+        let b = Node::builder("orders")
+            .socket_options(test_opts())
+            .peer(client.endpoint())
+            .start();
+        let (a, b) = tokio::join!(a, b);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut p = client.presence();
+        wait_until("both replicas connected", || {
+            client
+                .peers()
+                .iter()
+                .filter(|p| p.name == "orders" && p.connected)
+                .count()
+                == 2
+        })
+        .await;
+        no_leave(&mut p, Duration::from_millis(200)).await;
+        assert_eq!(client.peers().len(), 2);
+        client.shutdown().await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
