@@ -290,3 +290,26 @@ impl<Resp: DeserializeOwned> PendingReply<Resp> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_goes_round_whatever_the_count() {
+        let rr = RoundRobin::default();
+        let c = |n: usize| -> Vec<Candidate> {
+            (0..n)
+                .map(|i| Candidate {
+                    id: Id::new(),
+                    conn: i as ConnId,
+                })
+                .collect()
+        };
+        let three = c(3);
+        let picks: Vec<usize> = (0..6).map(|_| rr.choose("x.y", &three)).collect();
+        assert_eq!(picks, [1, 2, 0, 1, 2, 0]);
+        // One instance: always it.
+        assert_eq!(rr.choose("x.y", &c(1)), 0);
+    }
+}
