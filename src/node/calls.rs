@@ -58,8 +58,11 @@ impl Pending {
 #[derive(Default)]
 struct Table {
     by_id: HashMap<Id, Pending, IdHash>,
-    /// The ids in `by_id` sent on each connection.
-    by_conn: HashMap<ConnId, HashSet<Id, IdHash>>,
+    /// The ids in `by_id` sent on each connection. A connection's set is kept while it
+    /// is empty (a connection making one call at a time would otherwise allocate a set
+    /// per call) and dropped when the connection is lost or forgotten, so there is at
+    /// most one per link.
+    by_conn: HashMap<ConnId, HashSet<Id, IdHash>, IdHash>,
     /// Deadlines, earliest first. Entries of calls already answered stay until they come
     /// up (or are compacted away), so answering a call never searches the heap.
     deadlines: BinaryHeap<Reverse<(Instant, Id)>>,
@@ -70,9 +73,6 @@ impl Table {
         let p = self.by_id.remove(id)?;
         if let Some(ids) = self.by_conn.get_mut(&p.conn) {
             ids.remove(id);
-            if ids.is_empty() {
-                self.by_conn.remove(&p.conn);
-            }
         }
         Some(p)
     }
@@ -151,7 +151,8 @@ impl Calls {
         self.table.lock().remove(id);
     }
 
-    /// Fails every call sent on `conn` with `err()`. Returns how many there were.
+    /// Fails every call sent on `conn` with `err()` (the connection was lost, or its
+    /// endpoint forgotten) and drops its index. Returns how many calls there were.
     pub(super) fn fail_connection(&self, conn: ConnId, err: impl Fn() -> CallError) -> usize {
         let failed: Vec<Pending> = {
             let mut t = self.table.lock();
@@ -241,8 +242,9 @@ impl Drop for CallGuard {
     }
 }
 
-/// Hashes our own message ids by their random low half. Only ids this node generated
-/// are ever inserted, so a peer cannot choose colliding keys; SipHash would only cost time.
+/// Hashes our own message ids by their random low half, and connection ids (a counter)
+/// as they are. Only keys this node generated are ever inserted, so a peer cannot choose
+/// colliding keys; SipHash would only cost time.
 #[derive(Default, Clone, Copy)]
 pub(super) struct IdHash;
 
@@ -259,6 +261,9 @@ pub(super) struct IdHasher(u64);
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
     fn write(&mut self, bytes: &[u8]) {
         // A UUIDv7's last 8 bytes are random.
@@ -304,6 +309,9 @@ mod tests {
         assert!(calls.complete(&b, reply(b)));
         assert!(matches!(rx_b.await, Ok(Ok(_))));
         assert_eq!(calls.len(), 0);
+        // Connection 2's (empty) index stays until it is lost; 1's is gone.
+        assert_eq!(calls.table.lock().by_conn.len(), 1);
+        calls.fail_connection(2, || CallError::Disconnected("2".into()));
         assert!(calls.table.lock().by_conn.is_empty());
     }
 
@@ -319,7 +327,7 @@ mod tests {
         assert_eq!(calls.len(), 1);
         drop(g);
         assert_eq!(calls.len(), 0);
-        assert!(calls.table.lock().by_conn.is_empty());
+        assert!(calls.table.lock().by_conn[&7].is_empty());
         cancel.cancel();
     }
 }

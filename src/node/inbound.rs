@@ -130,7 +130,7 @@ impl Core {
 
     fn on_router(self: &Arc<Self>, identity: Bytes, env: Envelope, slot: OwnedSemaphorePermit) {
         let h = &env.header;
-        let reply_to = |identity| ReplyPath::Router(Arc::downgrade(&self.router), identity);
+        let reply_to = |identity| ReplyPath::Router(&self.router, identity);
         if h.version != codec::VERSION_MAJOR {
             let msg = format!(
                 "envelope version {} is not supported (this node speaks {})",

@@ -524,17 +524,17 @@ impl Node {
     }
 }
 
-/// A call for the pipeline: the payload encoded, the options unpacked.
-fn call<'a, T: Serialize + ?Sized>(
+/// A call for the pipeline, the options unpacked.
+fn call<'a, T: ?Sized>(
     style: Style,
     target: &'a str,
-    req: &T,
+    req: &'a T,
     opts: CallOptions,
-) -> Call<'a> {
+) -> Call<'a, T> {
     Call {
         style,
         target,
-        payload: codec::encode_payload(req),
+        req,
         timeout: opts.timeout,
         version: opts.version,
         headers: opts.headers,

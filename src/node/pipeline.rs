@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
@@ -31,7 +32,7 @@ use super::calls::{far_instant_after, CallGuard, ConnId, ReplyResult};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::{frames, CallError, Core};
-use crate::codec::{self, CodecError, Envelope, ErrorBody, Header, Id, Kind, Version};
+use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind, Version};
 
 /// One instance a call could go to, as a [`Balance`] policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,12 +77,13 @@ pub(super) enum Style {
 }
 
 /// A call as the public functions hand it to the pipeline.
-pub(super) struct Call<'a> {
+pub(super) struct Call<'a, T: ?Sized> {
     pub(super) style: Style,
     /// `service.method`, or the topic of a gather.
     pub(super) target: &'a str,
-    /// The encoded request (an encoding failure is reported after the admission check).
-    pub(super) payload: Result<Bytes, CodecError>,
+    /// The request, encoded once the call is admitted (a stopped node refuses before any
+    /// user serialisation code runs).
+    pub(super) req: &'a T,
     /// The caller's deadline; the node's default when `None`.
     pub(super) timeout: Option<Duration>,
     pub(super) version: Option<Version>,
@@ -115,18 +117,58 @@ enum Route {
     All(Vec<(Id, String)>),
 }
 
+/// A call admitted, its payload encoded: what the untyped rest of the pipeline needs.
+struct Admitted<'a> {
+    style: Style,
+    target: &'a str,
+    payload: Bytes,
+    /// The deadline in force (the caller's or the node's default) and when it ends.
+    timeout: Duration,
+    deadline: Instant,
+    /// The caller's own deadline, if it set one.
+    asked: Option<Duration>,
+    version: Option<Version>,
+    headers: BTreeMap<String, String>,
+}
+
 impl Core {
     /// Runs `call` through the pipeline: admit, choose, send. See the
     /// [module documentation](self) for the order and where later mechanisms plug in.
-    pub(super) async fn call(&self, call: Call<'_>) -> Result<Started, CallError> {
+    pub(super) async fn call<T: Serialize + ?Sized>(
+        &self,
+        call: Call<'_, T>,
+    ) -> Result<Started, CallError> {
         // Admit. Handlers still draining at shutdown may call out; only a stopped node
         // refuses.
         if self.life.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
         let timeout = call.timeout.unwrap_or(self.default_timeout);
+        // A request's deadline runs from here; encoding counts against it.
         let deadline = far_instant_after(timeout);
-        let payload = call.payload?;
+        let payload = codec::encode_payload(call.req)?;
+        // The rest is not generic: one copy of it, whatever the request type.
+        self.send(Admitted {
+            style: call.style,
+            target: call.target,
+            payload,
+            timeout,
+            deadline,
+            asked: call.timeout,
+            version: call.version,
+            headers: call.headers,
+        })
+        .await
+    }
+
+    /// Choose and send.
+    async fn send(&self, call: Admitted<'_>) -> Result<Started, CallError> {
+        let Admitted {
+            timeout,
+            deadline,
+            payload,
+            ..
+        } = call;
         // Choose.
         let route = self.choose(call.style, call.target, call.version)?;
         // Send.
@@ -145,7 +187,7 @@ impl Core {
                 // caller set (it becomes the handler's deadline).
                 h.deadline_ms = match kind {
                     Kind::Request => Some(timeout.as_millis() as u64),
-                    _ => call.timeout.map(|t| t.as_millis() as u64),
+                    _ => call.asked.map(|t| t.as_millis() as u64),
                 };
                 let id = h.id;
                 let msg = frames::message(&h, payload);
@@ -166,8 +208,14 @@ impl Core {
                         _guard: guard,
                     }
                 });
-                // Waiting for room in the queue counts against the call's deadline too.
-                match tokio::time::timeout_at(deadline, instance.dealer.send(msg)).await {
+                // Waiting for room in the queue counts against the call's deadline too. A
+                // notification has no reply to wait for: its timeout bounds the wait for
+                // room alone.
+                let send_by = match awaiting {
+                    Some(_) => deadline,
+                    None => far_instant_after(timeout),
+                };
+                match tokio::time::timeout_at(send_by, instance.dealer.send(msg)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => {

@@ -25,33 +25,48 @@ use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
 use crate::transport::{Dealer, Message, Router, SendError};
 
 /// Where a reply goes: back on the ROUTER connection a request came from, or on our
-/// DEALER to the node that published a gather request.
-pub(super) enum ReplyPath {
-    /// The ROUTER connection with this identity. Weak: a handler still running must not
-    /// keep a dropped node's socket open.
-    Router(Weak<Router>, Bytes),
+/// DEALER to the node that published a gather request. Borrowed while the reply is sent
+/// inline (no reference counting on the hot path); [`ReplyPath::detach`]ed when a task
+/// has to finish the job.
+pub(super) enum ReplyPath<'a> {
+    /// The ROUTER connection with this identity.
+    Router(&'a Arc<Router>, Bytes),
     /// Our DEALER to the gatherer.
     Dealer(Arc<Dealer>),
 }
 
-impl ReplyPath {
+impl ReplyPath<'_> {
     fn try_send(&self, msg: Message) -> Result<(), SendError> {
         match self {
-            ReplyPath::Router(router, identity) => match router.upgrade() {
-                Some(r) => r.try_send(identity, msg),
-                None => Ok(()),
-            },
+            ReplyPath::Router(r, identity) => r.try_send(identity, msg),
             ReplyPath::Dealer(d) => d.try_send(msg),
         }
     }
 
+    /// The path for a task. The ROUTER is held weakly: a handler still running must not
+    /// keep a dropped node's socket open.
+    fn detach(self) -> Detached {
+        match self {
+            ReplyPath::Router(r, identity) => Detached::Router(Arc::downgrade(r), identity),
+            ReplyPath::Dealer(d) => Detached::Dealer(d),
+        }
+    }
+}
+
+/// A [`ReplyPath`] a task can own.
+enum Detached {
+    Router(Weak<Router>, Bytes),
+    Dealer(Arc<Dealer>),
+}
+
+impl Detached {
     async fn send(&self, msg: Message) -> Result<(), SendError> {
         match self {
-            ReplyPath::Router(router, identity) => match router.upgrade() {
+            Detached::Router(router, identity) => match router.upgrade() {
                 Some(r) => r.send(identity, msg).await,
                 None => Ok(()),
             },
-            ReplyPath::Dealer(d) => d.send(msg).await,
+            Detached::Dealer(d) => d.send(msg).await,
         }
     }
 }
@@ -174,7 +189,13 @@ impl Responder {
     }
 
     /// Answers `to` with an error reply at once (no handler runs).
-    pub(super) fn reply_error(&self, path: &ReplyPath, to: &Header, code: &str, message: String) {
+    pub(super) fn reply_error(
+        &self,
+        path: &ReplyPath<'_>,
+        to: &Header,
+        code: &str,
+        message: String,
+    ) {
         let body = ErrorBody {
             code: code.to_string(),
             message,
@@ -193,7 +214,7 @@ impl Responder {
         &self,
         handler: ErasedHandler,
         env: Envelope,
-        path: ReplyPath,
+        path: ReplyPath<'_>,
         slot: OwnedSemaphorePermit,
     ) {
         let answering = Answering::of(&env.header);
@@ -210,6 +231,7 @@ impl Responder {
                         // The caller's queue is full: wait for room in a task that keeps
                         // the handler slot, so a caller that never reads its replies runs
                         // out of slots (and is read no more) instead of growing tasks.
+                        let path = path.detach();
                         self.tasks.spawn(async move {
                             let _slot = slot;
                             send_reply(&path, reply, within).await;
@@ -219,6 +241,7 @@ impl Responder {
                 }
             }
             Err(run) => {
+                let path = path.detach();
                 self.tasks.spawn(async move {
                     let _slot = slot;
                     let Some(out) = run.await else { return };
@@ -233,7 +256,7 @@ impl Responder {
 
 /// Sends a reply, waiting at most `within` for room (a caller that stops reading its
 /// replies must not pin a task).
-async fn send_reply(path: &ReplyPath, reply: Message, within: Duration) {
+async fn send_reply(path: &Detached, reply: Message, within: Duration) {
     match tokio::time::timeout(within, path.send(reply)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),

@@ -131,6 +131,10 @@ impl Membership {
         self.drop_subscriptions(pubs);
         self.changed.notify_waiters();
         if let Some(l) = link {
+            // Closing the DEALER ends its connection, so no reply can come back on it:
+            // calls still waiting on it fail now rather than at their deadline.
+            self.calls
+                .fail_connection(l.conn, || CallError::Disconnected(endpoint.to_string()));
             l.dealer.shutdown().await;
         }
         debug!(node = %self.local.name, %endpoint, why, "forgot a peer");

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use smallvec::SmallVec;
 use tokio::sync::{broadcast, Notify};
 use tracing::{debug, warn};
 
@@ -37,7 +36,7 @@ pub use presence::{PeerInfo, Presence, PresenceEvent};
 
 use super::calls::{far_instant_after, Calls, ConnId};
 use super::frames;
-use super::pipeline::{Balance, Candidate};
+use super::pipeline::Balance;
 use super::registry::Registry;
 use super::Lifecycle;
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};
@@ -397,24 +396,7 @@ impl Membership {
         wanted: Option<Version>,
         balance: &dyn Balance,
     ) -> Result<Instance, Option<Version>> {
-        let mut candidates: SmallVec<[Candidate; 8]> = SmallVec::new();
-        let st = self.state.lock();
-        let incompatible = st.table.candidates(target, wanted, &mut candidates);
-        if candidates.is_empty() {
-            return Err(incompatible);
-        }
-        let chosen = candidates[balance
-            .choose(target, &candidates)
-            .min(candidates.len() - 1)];
-        let dealer = st
-            .table
-            .dealer_of(&chosen.id)
-            .expect("a candidate is in the table");
-        Ok(Instance {
-            id: chosen.id,
-            dealer,
-            conn: chosen.conn,
-        })
+        self.state.lock().table.pick(target, wanted, balance)
     }
 
     /// Peers answering gathers on `topic` at a version compatible with `wanted` and

@@ -9,10 +9,13 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use smallvec::SmallVec;
+
 use super::presence::PeerInfo;
+use super::Instance;
 use crate::codec::{Catalog, Id, Version};
 use crate::node::calls::ConnId;
-use crate::node::pipeline::Candidate;
+use crate::node::pipeline::{Balance, Candidate};
 use crate::transport::{Dealer, Endpoint};
 
 /// Our DEALER to one remote ROUTER endpoint, whether or not its HELLO came back yet.
@@ -281,32 +284,43 @@ impl PeerTable {
             .count()
     }
 
-    /// The connected peers serving `target` at a version compatible with `wanted`, in
-    /// id order (stable, so a round robin really goes round), into `out`. Returns a
-    /// version some peer (connected or not) serves `target` at that cannot serve
-    /// `wanted`, if any. No allocation for up to `out`'s inline capacity: this is on
-    /// every call's path.
-    pub(super) fn candidates<const N: usize>(
+    /// Chooses an instance of `target`: `balance` picks among the connected peers
+    /// serving it at a version compatible with `wanted`, given in node id order (stable,
+    /// so a round robin really goes round). `Err` carries a version some peer (connected
+    /// or not) serves `target` at that cannot serve `wanted`, if any. No allocation up to
+    /// eight candidates and no second lookup: this is on every call's path.
+    pub(super) fn pick(
         &self,
         target: &str,
         wanted: Option<Version>,
-        out: &mut smallvec::SmallVec<[Candidate; N]>,
-    ) -> Option<Version> {
+        balance: &dyn Balance,
+    ) -> Result<Instance, Option<Version>> {
+        let mut found: SmallVec<[(Candidate, &Arc<Dealer>); 8]> = SmallVec::new();
         let mut incompatible = None;
         for p in self.by_id.values() {
             if let Some(v) = p.info.methods.get(target) {
                 if wanted.is_some_and(|w| !v.serves(w)) {
                     incompatible = Some(*v);
                 } else if p.info.connected {
-                    out.push(Candidate {
+                    let c = Candidate {
                         id: p.info.id,
                         conn: p.link.conn,
-                    });
+                    };
+                    found.push((c, &p.link.dealer));
                 }
             }
         }
-        out.sort_unstable_by_key(|c| c.id);
-        incompatible
+        if found.is_empty() {
+            return Err(incompatible);
+        }
+        found.sort_unstable_by_key(|(c, _)| c.id);
+        let candidates: SmallVec<[Candidate; 8]> = found.iter().map(|(c, _)| *c).collect();
+        let (chosen, dealer) = found[balance.choose(target, &candidates).min(found.len() - 1)];
+        Ok(Instance {
+            id: chosen.id,
+            dealer: dealer.clone(),
+            conn: chosen.conn,
+        })
     }
 
     /// Peers answering gathers on `topic` at a version compatible with `wanted` and
