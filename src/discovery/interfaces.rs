@@ -108,6 +108,7 @@ pub fn is_virtual_name(name: &str) -> bool {
 
 /// One address of one interface of this host, and whether mDNS uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InterfaceChoice {
     /// Interface name.
     pub name: String,

@@ -75,6 +75,7 @@ pub(crate) struct Stats {
 
 /// A copy of a socket's counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StatsSnapshot {
     /// TCP connections accepted (listeners) or established (connecting sockets).
     pub accepted: u64,

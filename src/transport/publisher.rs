@@ -56,6 +56,7 @@ impl Role for PubRole {
 
 /// What one [`Publisher::publish`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PublishReport {
     /// Subscribers whose filter matched and whose queue took the message.
     pub queued: usize,
@@ -65,6 +66,7 @@ pub struct PublishReport {
 
 /// One subscriber of a [`Publisher`], as seen now.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SubscriberInfo {
     /// Its address.
     pub addr: SocketAddr,

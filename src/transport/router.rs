@@ -96,6 +96,7 @@ impl Role for RouterRole {
 
 /// A connected peer of a [`Router`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PeerSummary {
     /// Its identity.
     pub identity: Bytes,
