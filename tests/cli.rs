@@ -124,6 +124,20 @@ fn demo_runs_and_shows_every_style() {
 }
 
 #[test]
+fn the_demo_prints_no_log_lines_in_the_middle_of_its_own() {
+    // A person reads the demo in a terminal, where stderr and stdout mix: the nodes'
+    // warnings (a handler cut off at the gather's deadline) must not show up there.
+    let out = peerwire_cmd()
+        .arg("demo")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run peerwire");
+    ok_stdout(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "the demo logged:\n{stderr}");
+}
+
+#[test]
 fn call_notify_gather_across_processes() {
     let a = NodeProc::start("echo-a", &[]);
     let b = NodeProc::start("echo-b", &["--peer", &a.endpoint]);
