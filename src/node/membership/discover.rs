@@ -107,12 +107,12 @@ fn instance_gone(
     let Some((ep, gone)) = dialled.remove(instance) else {
         return;
     };
-    if m.static_endpoints.contains(&ep) {
+    if m.given.static_endpoints.contains(&ep) {
         return;
     }
     let at = m.state.lock().table.peer_at(&ep);
     let decision = on_down(&ep, gone, dialled.values().map(|(e, _)| e), at);
-    debug!(node = %m.local.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
+    debug!(node = %m.given.local.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
     match decision {
         OnDown::Keep => {}
         OnDown::Forget => m.forget_later(ep, "gone from mDNS"),
@@ -136,7 +136,7 @@ fn instance_gone(
 
 /// Follows mDNS until the node leaves, then says goodbye.
 pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
-    let Some(leave) = membership.upgrade().map(|m| m.life.leave.clone()) else {
+    let Some(leave) = membership.upgrade().map(|m| m.given.life.leave.clone()) else {
         return;
     };
     // Instance → the endpoint we dial for it and the node id it announced.
@@ -183,7 +183,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                     .collect();
                 let Some(m) = membership.upgrade() else { break };
                 for instance in gone {
-                    debug!(node = %m.local.name, %instance, "mDNS: not reported again after a refresh");
+                    debug!(node = %m.given.local.name, %instance, "mDNS: not reported again after a refresh");
                     instance_gone(&m, &mut dialled, &instance);
                 }
                 continue;
@@ -199,12 +199,12 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
         let Some(m) = membership.upgrade() else { break };
         match sighting {
             Sighting::Up(seen) => {
-                if seen.cluster != m.local.cluster {
+                if seen.cluster != m.given.local.cluster {
                     m.other_cluster.fetch_add(1, Relaxed);
                     debug!(instance = %seen.instance, cluster = %seen.cluster, "mDNS: a node of another cluster, ignored");
                     continue;
                 }
-                if seen.node_id == Some(m.local.id) {
+                if seen.node_id == Some(m.given.local.id) {
                     continue;
                 }
                 if seen.version != Some(VERSION_MAJOR_TXT) {
@@ -230,13 +230,13 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                 let previous = dialled.insert(seen.instance.clone(), (ep.clone(), seen.node_id));
                 if let Some((old, _)) = previous {
                     if old != ep
-                        && !m.static_endpoints.contains(&old)
+                        && !m.given.static_endpoints.contains(&old)
                         && !dialled.values().any(|(e, _)| *e == old)
                     {
                         m.forget_later(old, "moved");
                     }
                 }
-                debug!(node = %m.local.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
+                debug!(node = %m.given.local.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
                 if let Err(e) = m.dial(&ep) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");
                 }
@@ -299,7 +299,7 @@ pub(super) async fn dns_loop(
         // A failed lookup proves nothing: keep what we had until an answer drops it.
         if !failed {
             for ep in current.difference(&found) {
-                if !strong.static_endpoints.contains(ep) {
+                if !strong.given.static_endpoints.contains(ep) {
                     strong.forget_later(ep.clone(), "gone from DNS");
                 }
             }

@@ -36,24 +36,24 @@ impl Membership {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Replies are dispatched inline by the DEALER's connection task: a reply wakes its
         // caller directly, with no task in between.
-        let sink = self.dealer_sink.clone();
+        let sink = self.given.dealer_sink.clone();
         let ep = endpoint.clone();
         let on_message: MessageHandler = Arc::new(move |_: &Bytes, msg: Message| {
             sink(&ep, msg);
             Ok(())
         });
         let (dealer, events) =
-            Dealer::connect_with_handler(endpoint, self.socket.clone(), on_message)?;
+            Dealer::connect_with_handler(endpoint, self.given.socket.clone(), on_message)?;
         // Its loop ends with the node, or when this endpoint is forgotten: a loop that
         // outlived its dealer would act on whatever dealer the endpoint has later.
         let link = Link {
             dealer: Arc::new(dealer),
             conn,
-            stop: self.life.cancel.child_token(),
+            stop: self.given.life.cancel.child_token(),
         };
         st.table.add_link(endpoint.clone(), link.clone());
         drop(st);
-        self.life.tasks.spawn(dealer_loop(
+        self.given.life.tasks.spawn(dealer_loop(
             Arc::downgrade(self),
             endpoint.clone(),
             link.clone(),
@@ -73,7 +73,8 @@ impl Membership {
     /// Forgets `endpoint` in a task of its own (closing its DEALER waits).
     pub(super) fn forget_later(self: &Arc<Self>, endpoint: Endpoint, why: &'static str) {
         let me = self.clone();
-        self.life
+        self.given
+            .life
             .tasks
             .spawn(async move { me.forget(&endpoint, why, None).await });
     }
@@ -82,11 +83,11 @@ impl Membership {
     /// their mDNS records linger in caches for minutes and must not be dialled again.
     pub(super) fn supersede(self: &Arc<Self>, old: Vec<(Endpoint, Id)>) {
         for (ep, old_id) in old {
-            if self.static_endpoints.contains(&ep) {
+            if self.given.static_endpoints.contains(&ep) {
                 continue;
             }
             self.state.lock().retired.add(old_id);
-            debug!(node = %self.local.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
+            debug!(node = %self.given.local.name, endpoint = %ep, "a restarted peer replaces its old endpoint");
             self.forget_later(ep, "restarted elsewhere");
         }
     }
@@ -133,11 +134,12 @@ impl Membership {
         if let Some(l) = link {
             // Closing the DEALER ends its connection, so no reply can come back on it:
             // calls still waiting on it fail now rather than at their deadline.
-            self.calls
+            self.given
+                .calls
                 .fail_connection(l.conn, || CallError::Disconnected(endpoint.to_string()));
             l.dealer.shutdown().await;
         }
-        debug!(node = %self.local.name, %endpoint, why, "forgot a peer");
+        debug!(node = %self.given.local.name, %endpoint, why, "forgot a peer");
     }
 
     /// What a DEALER's connection event means for the peer behind it.
@@ -163,6 +165,7 @@ impl Membership {
                 }
                 self.changed.notify_waiters();
                 let failed = self
+                    .given
                     .calls
                     .fail_connection(link.conn, || CallError::Disconnected(endpoint.to_string()));
                 if failed > 0 {
@@ -195,7 +198,7 @@ async fn dealer_loop(
 ) {
     let forgettable = membership
         .upgrade()
-        .map(|m| (!m.static_endpoints.contains(&endpoint)).then_some(m.forget_after))
+        .map(|m| (!m.given.static_endpoints.contains(&endpoint)).then_some(m.given.forget_after))
         .unwrap_or(None);
     let far = far_instant_after(std::time::Duration::MAX);
     let mut forget_at = forgettable.map(far_instant_after).unwrap_or(far);

@@ -92,16 +92,7 @@ struct State {
 
 /// What the node knows of its peers. See the [module documentation](self).
 pub(super) struct Membership {
-    local: Local,
-    registry: Arc<Registry>,
-    calls: Arc<Calls>,
-    subscriber: Arc<Subscriber>,
-    socket: SocketOptions,
-    dealer_sink: DealerSink,
-    life: Lifecycle,
-    forget_after: Duration,
-    /// Endpoints given at start: never forgotten.
-    static_endpoints: HashSet<Endpoint>,
+    given: Setup,
     state: Mutex<State>,
     /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
     router_ids: Mutex<HashMap<Bytes, Id>>,
@@ -113,31 +104,29 @@ pub(super) struct Membership {
     other_version: AtomicU64,
 }
 
-/// What the membership was given to build it.
+/// What the membership is given: who we are, the parts it works with, its settings.
 pub(super) struct Setup {
     pub(super) local: Local,
+    /// For the catalog our HELLO carries.
     pub(super) registry: Arc<Registry>,
+    /// To fail the calls of a connection that dropped.
     pub(super) calls: Arc<Calls>,
+    /// Our SUB, connected to every peer's PUB.
     pub(super) subscriber: Arc<Subscriber>,
+    /// Options of every DEALER.
     pub(super) socket: SocketOptions,
     pub(super) dealer_sink: DealerSink,
     pub(super) life: Lifecycle,
+    /// How long a gossiped peer may stay unreachable before it is forgotten.
     pub(super) forget_after: Duration,
+    /// Endpoints given at start: never forgotten.
     pub(super) static_endpoints: HashSet<Endpoint>,
 }
 
 impl Membership {
-    pub(super) fn new(s: Setup) -> Self {
+    pub(super) fn new(given: Setup) -> Self {
         Membership {
-            local: s.local,
-            registry: s.registry,
-            calls: s.calls,
-            subscriber: s.subscriber,
-            socket: s.socket,
-            dealer_sink: s.dealer_sink,
-            life: s.life,
-            forget_after: s.forget_after,
-            static_endpoints: s.static_endpoints,
+            given,
             state: Mutex::new(State::default()),
             router_ids: Mutex::new(HashMap::new()),
             presence: broadcast::channel(PRESENCE_BUFFER).0,
@@ -150,42 +139,43 @@ impl Membership {
 
     /// Who this node is.
     pub(super) fn local(&self) -> &Local {
-        &self.local
+        &self.given.local
     }
 
     /// Starts following mDNS (until the node leaves, when it says goodbye).
     pub(super) fn follow_mdns(self: &Arc<Self>, mdns: Mdns) {
-        self.life
+        self.given
+            .life
             .tasks
             .spawn(discover::mdns_loop(Arc::downgrade(self), mdns));
     }
 
     /// Starts resolving DNS seeds every `every` (until the node leaves).
     pub(super) fn follow_dns(self: &Arc<Self>, seeds: Vec<DnsSeed>, every: Duration) {
-        self.life.tasks.spawn(discover::dns_loop(
+        self.given.life.tasks.spawn(discover::dns_loop(
             Arc::downgrade(self),
             seeds,
             every,
-            self.life.leave.clone(),
+            self.given.life.leave.clone(),
         ));
     }
 
     /// Our HELLO: who we are, what we serve, whom we are connected to.
     pub(super) fn hello(&self) -> Hello {
         Hello {
-            node_id: self.local.id,
-            name: self.local.name.clone(),
-            cluster: self.local.cluster.clone(),
-            host: self.local.host.to_string(),
-            router_port: self.local.router_port,
-            pub_port: self.local.pub_port,
-            catalog: self.registry.catalog(),
+            node_id: self.given.local.id,
+            name: self.given.local.name.clone(),
+            cluster: self.given.local.cluster.clone(),
+            host: self.given.local.host.to_string(),
+            router_port: self.given.local.router_port,
+            pub_port: self.given.local.pub_port,
+            catalog: self.given.registry.catalog(),
             peers: self.state.lock().table.connected_endpoints(),
         }
     }
 
     fn hello_message(&self, kind: Kind, correlation: Id) -> Message {
-        let mut h = Header::new(kind, self.local.id, "");
+        let mut h = Header::new(kind, self.given.local.id, "");
         h.correlation_id = correlation;
         let payload = codec::encode_payload(&self.hello()).expect("a HELLO always encodes");
         frames::message(&h, payload)
@@ -234,15 +224,15 @@ impl Membership {
         payload: &[u8],
     ) -> Result<(), CodecError> {
         let hello: Hello = codec::decode_payload(payload)?;
-        if hello.node_id == self.local.id {
+        if hello.node_id == self.given.local.id {
             // Gossip led us to ourselves: never dial this endpoint again.
             self.state.lock().self_endpoints.insert(endpoint.clone());
             self.forget_later(endpoint.clone(), "is this node");
-        } else if hello.cluster != self.local.cluster {
+        } else if hello.cluster != self.given.local.cluster {
             // Gossip led us to another cluster's node: stop dialling it (a static peer
             // stays, the operator named it).
             self.other_cluster.fetch_add(1, Relaxed);
-            if !self.static_endpoints.contains(endpoint) {
+            if !self.given.static_endpoints.contains(endpoint) {
                 self.forget_later(endpoint.clone(), "another cluster");
             }
         } else {
@@ -264,12 +254,12 @@ impl Membership {
     /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
     /// DEALER), connecting to it if it is new, and follows its gossip.
     pub(super) fn learn(self: &Arc<Self>, mut hello: Hello, source_ip: Option<IpAddr>) {
-        if hello.cluster != self.local.cluster {
+        if hello.cluster != self.given.local.cluster {
             self.other_cluster.fetch_add(1, Relaxed);
             debug!(peer = %hello.name, cluster = %hello.cluster, "ignoring a node of another cluster");
             return;
         }
-        if hello.node_id == self.local.id {
+        if hello.node_id == self.given.local.id {
             return;
         }
         // An unspecified listen address (0.0.0.0) means "wherever you reached me from".
@@ -297,7 +287,7 @@ impl Membership {
         };
         let subscribe = self.state.lock().sub_endpoints.insert(pub_ep.clone());
         if subscribe {
-            if let Err(e) = self.subscriber.connect(&pub_ep) {
+            if let Err(e) = self.given.subscriber.connect(&pub_ep) {
                 warn!(endpoint = %pub_ep, error = %e, "cannot subscribe to a peer");
             }
         }
@@ -326,7 +316,7 @@ impl Membership {
                 .cloned()
                 .expect("just upserted");
             if up.new {
-                debug!(node = %self.local.name, peer = %info.name, id = %info.id, "peer joined");
+                debug!(node = %self.given.local.name, peer = %info.name, id = %info.id, "peer joined");
             }
             // A peer of the same name on the same host, under another id, whose endpoint
             // now refuses connections, is this one before a restart (on another port,
@@ -357,7 +347,7 @@ impl Membership {
     /// Connects to the peers a HELLO names. Bounded: a HELLO cannot make us open more
     /// than MAX_GOSSIP connections, nor grow the table past MAX_PEERS.
     fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
-        let own = Endpoint::from_addr((self.local.host, self.local.router_port).into());
+        let own = Endpoint::from_addr((self.given.local.host, self.given.local.router_port).into());
         for ep in gossip.into_iter().take(MAX_GOSSIP) {
             let Ok(ep) = Endpoint::parse(&ep) else {
                 debug!(endpoint = %ep.escape_debug(), "not following gossip: not an endpoint");
@@ -366,7 +356,7 @@ impl Membership {
             {
                 let st = self.state.lock();
                 if st.table.link_count() >= MAX_PEERS {
-                    warn!(node = %self.local.name, "peer limit reached; gossip not followed");
+                    warn!(node = %self.given.local.name, "peer limit reached; gossip not followed");
                     break;
                 }
                 if ep == own || st.table.link(&ep).is_some() {
@@ -382,7 +372,7 @@ impl Membership {
     /// Disconnects our SUB from PUB endpoints no peer uses any more.
     fn drop_subscriptions(&self, pubs: Vec<Endpoint>) {
         for p in pubs {
-            self.subscriber.disconnect(&p);
+            self.given.subscriber.disconnect(&p);
             self.state.lock().sub_endpoints.remove(&p);
         }
     }
