@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::balance::RoundRobin;
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
 use super::membership::{Local, Membership, Setup};
-use super::pipeline::RoundRobin;
 use super::pubsub::PubSub;
 use super::registry::Registry;
 use super::respond::Responder;

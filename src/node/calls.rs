@@ -5,8 +5,9 @@
 //! deadline passed. It answers four questions, each without a scan: a reply arrived for
 //! this correlation id (complete it); a connection dropped (fail every call sent on it,
 //! through the index by connection); a deadline passed (fail it with `Timeout`); a caller
-//! gave up (forget it). It never sends anything, never decodes a payload, and knows
-//! nothing of peers beyond the [`ConnId`] the membership gave their connection.
+//! gave up (forget it). It also holds the caller's end of a call, [`PendingReply`], which
+//! decodes the reply into the caller's type. It never sends anything and knows nothing
+//! of peers beyond the [`ConnId`] the membership gave their connection.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -14,12 +15,14 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::CallError;
-use crate::codec::{Envelope, Id};
+use crate::codec::{self, Envelope, ErrorBody, Id, Kind};
+use std::marker::PhantomData;
 
 /// Identifies one DEALER (one peer endpoint) for as long as the node knows it. Given by
 /// the membership when it creates the DEALER; never reused within a node's life.
@@ -88,7 +91,7 @@ pub(super) struct Calls {
 
 impl Calls {
     /// Records a call sent (or about to be sent) on `conn`, failed with `Timeout` at
-    /// `deadline` unless answered first. The returned guard forgets it when dropped.
+    /// `deadline` unless answered first. The caller's end forgets it when dropped.
     pub(super) fn register(
         self: &Arc<Self>,
         id: Id,
@@ -96,7 +99,7 @@ impl Calls {
         target: Arc<str>,
         timeout: Duration,
         deadline: Instant,
-    ) -> (oneshot::Receiver<ReplyResult>, CallGuard) {
+    ) -> Awaiting {
         let (tx, rx) = oneshot::channel();
         let earliest = {
             let mut t = self.table.lock();
@@ -105,7 +108,7 @@ impl Calls {
                 Pending {
                     tx,
                     conn,
-                    target,
+                    target: target.clone(),
                     timeout,
                 },
             );
@@ -126,11 +129,17 @@ impl Calls {
         if earliest {
             self.earlier.notify_one();
         }
-        let guard = CallGuard {
+        Awaiting {
             id,
-            calls: Arc::downgrade(self),
-        };
-        (rx, guard)
+            rx,
+            deadline,
+            timeout,
+            target,
+            _guard: CallGuard {
+                id,
+                calls: Arc::downgrade(self),
+            },
+        }
     }
 
     /// A reply (or error reply) for `correlation` arrived: hands it to its caller.
@@ -229,7 +238,7 @@ impl Calls {
 /// Removes its call from the table when dropped: held by the caller's handle, so that a
 /// caller that gives up (drops the handle, or the future sending the request) leaves
 /// nothing behind.
-pub(super) struct CallGuard {
+struct CallGuard {
     id: Id,
     calls: Weak<Calls>,
 }
@@ -238,6 +247,80 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         if let Some(calls) = self.calls.upgrade() {
             calls.forget(&self.id);
+        }
+    }
+}
+
+/// A request waiting for its reply.
+pub(super) struct Awaiting {
+    id: Id,
+    rx: oneshot::Receiver<ReplyResult>,
+    deadline: Instant,
+    timeout: Duration,
+    target: Arc<str>,
+    /// Forgets the call when the handle (or the future sending it) is dropped.
+    _guard: CallGuard,
+}
+
+/// A reply envelope as the caller's type, or the remote error it carries.
+pub(super) fn decode_reply<Resp: DeserializeOwned>(env: Envelope) -> Result<Resp, CallError> {
+    match env.header.kind {
+        Kind::ErrorReply => {
+            let body: ErrorBody = codec::decode_payload(&env.payload)?;
+            Err(CallError::Remote {
+                code: body.code,
+                message: body.message,
+            })
+        }
+        _ => Ok(codec::decode_payload(&env.payload)?),
+    }
+}
+
+/// The handle of an asynchronous request. Await [`PendingReply::recv`] or poll
+/// [`PendingReply::try_recv`]; dropping it forgets the call (its table entry is freed).
+pub struct PendingReply<Resp> {
+    call: Awaiting,
+    _t: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp: DeserializeOwned> PendingReply<Resp> {
+    pub(super) fn new(call: Awaiting) -> Self {
+        PendingReply {
+            call,
+            _t: PhantomData,
+        }
+    }
+
+    /// The request's message id.
+    pub fn id(&self) -> Id {
+        self.call.id
+    }
+
+    /// Waits for the reply until the call's deadline.
+    pub async fn recv(mut self) -> Result<Resp, CallError> {
+        // The node's deadline sweeper answers with `Timeout` when the deadline passes.
+        match (&mut self.call.rx).await {
+            Ok(r) => decode_reply(r?),
+            Err(_) => Err(CallError::Shutdown),
+        }
+    }
+
+    /// The reply if it has arrived (`None` while still waiting). After the deadline it
+    /// returns the timeout error.
+    pub fn try_recv(&mut self) -> Option<Result<Resp, CallError>> {
+        match self.call.rx.try_recv() {
+            Ok(r) => Some(r.and_then(decode_reply)),
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(CallError::Shutdown)),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                if Instant::now() >= self.call.deadline {
+                    Some(Err(CallError::Timeout {
+                        target: self.call.target.to_string(),
+                        timeout: self.call.timeout,
+                    }))
+                } else {
+                    None
+                }
+            }
         }
     }
 }
@@ -295,19 +378,23 @@ mod tests {
         let calls = Arc::new(Calls::default());
         let later = far_instant_after(Duration::from_secs(60));
         let (a, b) = (Id::new(), Id::new());
-        let (rx_a, _ga) = calls.register(a, 1, "x.a".into(), Duration::from_secs(60), later);
-        let (mut rx_b, _gb) = calls.register(b, 2, "x.b".into(), Duration::from_secs(60), later);
+        let call_a = calls.register(a, 1, "x.a".into(), Duration::from_secs(60), later);
+        let mut call_b = calls.register(b, 2, "x.b".into(), Duration::from_secs(60), later);
         assert_eq!(
             calls.fail_connection(1, || CallError::Disconnected("1".into())),
             1
         );
-        assert!(matches!(rx_a.await, Ok(Err(CallError::Disconnected(_)))));
+        let failed = PendingReply::<()>::new(call_a).recv().await;
         assert!(
-            rx_b.try_recv().is_err(),
+            matches!(failed, Err(CallError::Disconnected(_))),
+            "{failed:?}"
+        );
+        assert!(
+            call_b.rx.try_recv().is_err(),
             "a call on another connection was failed"
         );
         assert!(calls.complete(&b, reply(b)));
-        assert!(matches!(rx_b.await, Ok(Ok(_))));
+        assert!(matches!((&mut call_b.rx).await, Ok(Ok(_))));
         assert_eq!(calls.len(), 0);
         // Connection 2's (empty) index stays until it is lost; 1's is gone.
         assert_eq!(calls.table.lock().by_conn.len(), 1);
@@ -321,11 +408,12 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(Calls::deadline_loop(Arc::downgrade(&calls), cancel.clone()));
         let t = Duration::from_millis(50);
-        let (rx, _g) = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
-        assert!(matches!(rx.await, Ok(Err(CallError::Timeout { .. }))));
-        let (_rx, g) = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        let timed_out = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        let got = PendingReply::<()>::new(timed_out).recv().await;
+        assert!(matches!(got, Err(CallError::Timeout { .. })), "{got:?}");
+        let forgotten = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
         assert_eq!(calls.len(), 1);
-        drop(g);
+        drop(forgotten);
         assert_eq!(calls.len(), 0);
         assert!(calls.table.lock().by_conn[&7].is_empty());
         cancel.cancel();

@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::calls::decode_reply;
 use super::calls::far_instant_after;
-use super::pipeline::decode_reply;
 use super::CallError;
 use crate::codec::{Envelope, Id, Version};
 

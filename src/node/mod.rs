@@ -39,7 +39,9 @@
 //!
 //! - `builder`: [`NodeBuilder`], which binds the sockets and wires the parts together;
 //! - `pipeline`: the one path of every outgoing call (admit, choose, send, await);
-//! - `calls`: pending calls and their deadlines, indexed by connection;
+//! - `balance`: the seam where an instance is chosen (round robin by default);
+//! - `calls`: pending calls and their deadlines, indexed by connection, and the
+//!   caller's end ([`PendingReply`]);
 //! - `inbound`: every envelope received, decoded once and routed by socket and kind;
 //! - `respond`: running a handler and sending its reply (requests and gathers);
 //! - `registry`: handlers and the catalog; `pubsub`; `gather`;
@@ -51,6 +53,7 @@
 //! polled once where its request arrives (most finish there, with no task hop) and, if
 //! it awaits, goes on in its own task under the caller's deadline.
 
+mod balance;
 mod builder;
 mod calls;
 mod frames;
@@ -79,17 +82,18 @@ use crate::transport::{
 };
 
 pub use builder::NodeBuilder;
+pub use calls::PendingReply;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{PeerInfo, Presence, PresenceEvent};
-pub use pipeline::PendingReply;
 pub use pubsub::{Event, Subscription};
 pub use registry::{Context, HandlerError};
 
+use balance::Balance;
 use calls::Calls;
 use gather::Gathers;
 use inbound::Inbound;
 use membership::Membership;
-use pipeline::{Balance, Call, Started, Style};
+use pipeline::{Call, Started, Style};
 use pubsub::PubSub;
 use registry::{erase, Registry, Table};
 use respond::Responder;

@@ -10,59 +10,25 @@
 //! await    the caller's handle: PendingReply, Gather                (retry: wraps choose..await)
 //! ```
 //!
-//! This module owns that order and the [`Balance`] seam where an instance is chosen
-//! (round robin by default). It never touches a socket's internals, never reads a reply
+//! This module owns that order; an instance is chosen through the `Balance` seam
+//! (`balance.rs`, round robin by default). It never touches a socket's internals, never reads a reply
 //! off the wire (inbound routing hands replies to `calls`), and never decides who is
 //! connected (the membership does).
 
 use std::collections::{BTreeMap, HashSet};
-use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::calls::{far_instant_after, CallGuard, ConnId, ReplyResult};
+use super::calls::{far_instant_after, Awaiting};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::{frames, CallError, Core};
-use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind, Version};
-
-/// One instance a call could go to, as a [`Balance`] policy sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Candidate {
-    /// The peer's node id.
-    pub(crate) id: Id,
-    /// The connection a call to it goes out on.
-    pub(crate) conn: ConnId,
-}
-
-/// Chooses one instance among those serving a target: the seam where load-balancing
-/// policies plug in (least outstanding, skipping open circuit breakers, ...).
-pub(crate) trait Balance: Send + Sync + 'static {
-    /// The index of the chosen one in `candidates`, which is never empty and is ordered
-    /// by node id. Called under the membership's lock: it must be quick and must not
-    /// block.
-    fn choose(&self, target: &str, candidates: &[Candidate]) -> usize;
-}
-
-/// The default policy: each call to the next instance, in node id order.
-#[derive(Debug, Default)]
-pub(crate) struct RoundRobin {
-    cursor: AtomicUsize,
-}
-
-impl Balance for RoundRobin {
-    fn choose(&self, _target: &str, candidates: &[Candidate]) -> usize {
-        self.cursor.fetch_add(1, Relaxed).wrapping_add(1) % candidates.len()
-    }
-}
+use crate::codec::{self, Header, Id, Kind, Version};
 
 /// The interaction style of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,17 +64,6 @@ pub(super) enum Started {
     Sent,
     /// A gather published.
     Gather(Opened),
-}
-
-/// A request waiting for its reply.
-pub(super) struct Awaiting {
-    id: Id,
-    rx: oneshot::Receiver<ReplyResult>,
-    deadline: Instant,
-    timeout: Duration,
-    target: Arc<str>,
-    /// Forgets the call when the handle (or the future sending it) is dropped.
-    _guard: CallGuard,
 }
 
 /// Where a call goes.
@@ -191,22 +146,12 @@ impl Core {
                 };
                 let id = h.id;
                 let msg = frames::message(&h, payload);
+                // From here `awaiting` owns the entry: whether the send below fails, times
+                // out or is cancelled by the caller dropping this future, its drop
+                // removes it.
                 let awaiting = (kind == Kind::Request).then(|| {
-                    let target: Arc<str> = Arc::from(target);
-                    let (rx, guard) =
-                        self.calls
-                            .register(id, instance.conn, target.clone(), timeout, deadline);
-                    // From here the guard owns the entry: whether the send below fails,
-                    // times out or is cancelled by the caller dropping this future, its
-                    // drop removes it.
-                    Awaiting {
-                        id,
-                        rx,
-                        deadline,
-                        timeout,
-                        target,
-                        _guard: guard,
-                    }
+                    self.calls
+                        .register(id, instance.conn, Arc::from(target), timeout, deadline)
                 });
                 // Waiting for room in the queue counts against the call's deadline too. A
                 // notification has no reply to wait for: its timeout bounds the wait for
@@ -273,91 +218,5 @@ impl Core {
                 },
                 _ => CallError::NoResponder(target.to_string()),
             })
-    }
-}
-
-/// A reply envelope as the caller's type, or the remote error it carries.
-pub(super) fn decode_reply<Resp: DeserializeOwned>(env: Envelope) -> Result<Resp, CallError> {
-    match env.header.kind {
-        Kind::ErrorReply => {
-            let body: ErrorBody = codec::decode_payload(&env.payload)?;
-            Err(CallError::Remote {
-                code: body.code,
-                message: body.message,
-            })
-        }
-        _ => Ok(codec::decode_payload(&env.payload)?),
-    }
-}
-
-/// The handle of an asynchronous request. Await [`PendingReply::recv`] or poll
-/// [`PendingReply::try_recv`]; dropping it forgets the call (its table entry is freed).
-pub struct PendingReply<Resp> {
-    call: Awaiting,
-    _t: PhantomData<fn() -> Resp>,
-}
-
-impl<Resp: DeserializeOwned> PendingReply<Resp> {
-    pub(super) fn new(call: Awaiting) -> Self {
-        PendingReply {
-            call,
-            _t: PhantomData,
-        }
-    }
-
-    /// The request's message id.
-    pub fn id(&self) -> Id {
-        self.call.id
-    }
-
-    /// Waits for the reply until the call's deadline.
-    pub async fn recv(mut self) -> Result<Resp, CallError> {
-        // The node's deadline sweeper answers with `Timeout` when the deadline passes.
-        match (&mut self.call.rx).await {
-            Ok(r) => decode_reply(r?),
-            Err(_) => Err(CallError::Shutdown),
-        }
-    }
-
-    /// The reply if it has arrived (`None` while still waiting). After the deadline it
-    /// returns the timeout error.
-    pub fn try_recv(&mut self) -> Option<Result<Resp, CallError>> {
-        match self.call.rx.try_recv() {
-            Ok(r) => Some(r.and_then(decode_reply)),
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(CallError::Shutdown)),
-            Err(oneshot::error::TryRecvError::Empty) => {
-                if Instant::now() >= self.call.deadline {
-                    Some(Err(CallError::Timeout {
-                        target: self.call.target.to_string(),
-                        timeout: self.call.timeout,
-                    }))
-                } else {
-                    None
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_robin_goes_round_whatever_the_count() {
-        let rr = RoundRobin::default();
-        let c = |n: usize| -> Vec<Candidate> {
-            (0..n)
-                .map(|i| Candidate {
-                    id: Id::new(),
-                    conn: i as ConnId,
-                })
-                .collect()
-        };
-        let three = c(3);
-        let picks: Vec<usize> = (0..6).map(|_| rr.choose("x.y", &three)).collect();
-        assert_eq!(picks, [1, 2, 0, 1, 2, 0]);
-        // One instance: always it.
-        assert_eq!(rr.choose("x.y", &c(1)), 0);
     }
 }

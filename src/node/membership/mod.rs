@@ -34,9 +34,9 @@ use tracing::{debug, warn};
 
 pub use presence::{PeerInfo, Presence, PresenceEvent};
 
+use super::balance::Balance;
 use super::calls::{far_instant_after, Calls, ConnId};
 use super::frames;
-use super::pipeline::Balance;
 use super::registry::Registry;
 use super::Lifecycle;
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};

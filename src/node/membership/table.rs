@@ -14,8 +14,8 @@ use smallvec::SmallVec;
 use super::presence::PeerInfo;
 use super::Instance;
 use crate::codec::{Catalog, Id, Version};
+use crate::node::balance::{Balance, Candidate};
 use crate::node::calls::ConnId;
-use crate::node::pipeline::{Balance, Candidate};
 use crate::transport::{Dealer, Endpoint};
 
 /// Our DEALER to one remote ROUTER endpoint, whether or not its HELLO came back yet.
