@@ -6,7 +6,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use peerwire::codec::{self, Header, Id, Kind};
 use peerwire::node::{CallError, GatherEnd, GatherOptions};
+use peerwire::transport::{Dealer, Message};
 use support::orders::*;
 use support::*;
 
@@ -261,5 +263,67 @@ async fn gather_ignores_bystanders_without_a_handler() {
     assert_eq!(out.end, GatherEnd::Quorum);
     assert_eq!(out.replies.len(), 1);
     assert_eq!(out.replies[0].name, "responder");
+    assert_eq!(out.replies[0].result, Ok(1));
+}
+
+/// A client connection introducing itself (HELLO) and waiting for the HELLO-ACK, then
+/// leaving: what short-lived CLI clients do. Of another cluster, so that the node does
+/// not dial it back.
+async fn hello_and_leave(endpoint: &str) {
+    let d = Dealer::connect(endpoint, test_opts()).unwrap();
+    let hello = codec::Hello {
+        node_id: Id::new(),
+        name: "passer-by".into(),
+        cluster: "elsewhere".into(),
+        ..Default::default()
+    };
+    let h = Header::new(Kind::Hello, hello.node_id, "");
+    let env = codec::Envelope {
+        header: h,
+        payload: codec::encode_payload(&hello).unwrap(),
+    };
+    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    let ack = within("HELLO-ACK", d.recv()).await.unwrap();
+    let ack = codec::Envelope::from_frames(ack.frames()).unwrap();
+    assert_eq!(ack.header.kind, Kind::HelloAck);
+    d.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gather_replies_survive_connection_churn() {
+    // Which node introduced itself on which connection is what lets a gather reply be
+    // believed. More short-lived connections than that record once held (it was wiped
+    // whole at 4096) must not make a real responder "silent".
+    init_tracing();
+    let responder = start_node("responder", &[]).await;
+    responder.handle_gather("census.count", V1, |_: (), _| async { Ok(1u32) });
+    let asker = start_node("asker", &[responder.endpoint()]).await;
+    wait_until("subscribed", || {
+        asker.subscribers_of("census.count").len() == 1
+    })
+    .await;
+    wait_until("catalog", || {
+        asker
+            .peers()
+            .iter()
+            .any(|p| p.gathers.contains_key("census.count"))
+    })
+    .await;
+    let endpoint = asker.endpoint();
+    for _ in 0..5000 / 50 {
+        let batch = (0..50).map(|_| hello_and_leave(&endpoint));
+        futures_util::future::join_all(batch).await;
+    }
+    assert!(asker.stats().other_cluster >= 5000);
+    let g = asker
+        .gather::<_, u32>(
+            "census.count",
+            &(),
+            GatherOptions::within(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    let out = within("gather", g.finish()).await;
+    assert_eq!(out.end, GatherEnd::AllAnswered, "silent: {:?}", out.silent);
     assert_eq!(out.replies[0].result, Ok(1));
 }

@@ -187,6 +187,8 @@ impl NodeBuilder {
                 .with_identity(Some(Bytes::copy_from_slice(id.0.as_bytes()))),
             inbound::subscriber_handler(cell.clone()),
         );
+        // Subscribed before any message can be dispatched (the cell is still empty).
+        let router_events = router.events();
         let (router, publisher, subscriber) =
             (Arc::new(router), Arc::new(publisher), Arc::new(subscriber));
         let life = Lifecycle {
@@ -231,6 +233,7 @@ impl NodeBuilder {
             responder: Responder::new(id, self.default_timeout, self.max_in_flight),
             inbound: Inbound::default(),
         });
+        membership.watch_router(&core.router, router_events);
         let weak = Arc::downgrade(&core);
         let _ = cell.set(weak.clone());
         let cancel = &life.cancel;

@@ -22,7 +22,7 @@ mod presence;
 mod table;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ use super::registry::Registry;
 use super::Lifecycle;
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};
 use crate::discovery::{DnsSeed, Mdns};
-use crate::transport::{Dealer, Endpoint, Message, Router, SocketOptions, Subscriber};
+use crate::transport::{Dealer, Endpoint, Message, Router, SocketEvent, SocketOptions, Subscriber};
 use discover::Retired;
 use table::PeerTable;
 
@@ -49,6 +49,9 @@ use table::PeerTable;
 const MAX_GOSSIP: usize = 64;
 /// Most peer endpoints a node dials.
 pub(super) const MAX_PEERS: usize = 1024;
+/// Entries of `router_ids` past which those of connections no longer live are pruned
+/// (they leave with their connection; this catches ends whose events were missed).
+const MAX_INTRODUCED: usize = 4 * MAX_PEERS;
 /// Presence events buffered for a slow reader before it sees `Lagged`.
 const PRESENCE_BUFFER: usize = 256;
 
@@ -94,8 +97,10 @@ struct State {
 pub(super) struct Membership {
     given: Setup,
     state: Mutex<State>,
-    /// Which node each ROUTER identity introduced itself as, to check who sent a reply.
-    router_ids: Mutex<HashMap<Bytes, Id>>,
+    /// Which node introduced itself on each live ROUTER connection (identity → node id
+    /// and the connection's address), to check who sent a gather reply. An entry leaves
+    /// when its connection ends, so its size follows the live connections.
+    router_ids: Mutex<HashMap<Bytes, (Id, SocketAddr)>>,
     presence: broadcast::Sender<PresenceEvent>,
     /// Signalled whenever the peer table changes.
     changed: Notify,
@@ -199,22 +204,69 @@ impl Membership {
         payload: &[u8],
     ) -> Result<(), CodecError> {
         let hello: Hello = codec::decode_payload(payload)?;
-        let source = router.peer_addr(identity).map(|a| a.ip());
-        {
-            let mut ids = self.router_ids.lock();
-            if ids.len() >= 4 * MAX_PEERS {
-                ids.clear(); // bounded; live peers re-introduce themselves
-            }
-            ids.insert(identity.clone(), hello.node_id);
+        let source = router.peer_addr(identity);
+        if let Some(addr) = source {
+            self.introduce(router, identity, hello.node_id, addr);
         }
         let _ = router.try_send(identity, self.hello_message(Kind::HelloAck, header.id));
-        self.learn(hello, source);
+        self.learn(hello, source.map(|a| a.ip()));
         Ok(())
+    }
+
+    /// Records that `node` introduced itself on the live ROUTER connection `identity`.
+    fn introduce(&self, router: &Router, identity: &Bytes, node: Id, addr: SocketAddr) {
+        let mut ids = self.router_ids.lock();
+        if ids.len() >= MAX_INTRODUCED {
+            // Only entries whose end we missed (lagged events) can be stale: keep the
+            // live connections' and drop the rest. Nothing live is ever wiped.
+            let live: HashSet<Bytes> = router.peers().into_iter().map(|p| p.identity).collect();
+            ids.retain(|id, _| live.contains(id));
+        }
+        ids.insert(identity.clone(), (node, addr));
     }
 
     /// The node that introduced itself on the ROUTER connection `identity`, if any.
     pub(super) fn introduced_as(&self, identity: &Bytes) -> Option<Id> {
-        self.router_ids.lock().get(identity).copied()
+        self.router_ids.lock().get(identity).map(|(id, _)| *id)
+    }
+
+    /// Watches our ROUTER's connections until the node stops, forgetting who introduced
+    /// itself on each as it ends. `events` must be subscribed before the first HELLO can
+    /// be handled.
+    pub(super) fn watch_router(
+        self: &Arc<Self>,
+        router: &Arc<Router>,
+        mut events: broadcast::Receiver<SocketEvent>,
+    ) {
+        let (me, router) = (Arc::downgrade(self), Arc::downgrade(router));
+        let cancel = self.given.life.cancel.clone();
+        self.given.life.tasks.spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    e = events.recv() => e,
+                };
+                let Some(m) = me.upgrade() else { return };
+                match e {
+                    Ok(SocketEvent::Disconnected { addr, identity, .. }) => {
+                        let mut ids = m.router_ids.lock();
+                        // The same identity may already belong to a newer connection.
+                        if ids.get(&identity).is_some_and(|(_, a)| *a == addr) {
+                            ids.remove(&identity);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Some ends were missed: keep only the live connections' entries.
+                        let Some(r) = router.upgrade() else { return };
+                        let live: HashSet<Bytes> =
+                            r.peers().into_iter().map(|p| p.identity).collect();
+                        m.router_ids.lock().retain(|id, _| live.contains(id));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// A HELLO-ACK that arrived on our DEALER to `endpoint`.
