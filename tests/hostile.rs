@@ -394,3 +394,94 @@ async fn subscription_flood_is_refused() {
     // A well-behaved subscriber is still served.
     pub_serves(&publisher, "x1").await;
 }
+
+#[tokio::test]
+async fn silent_peers_are_closed_after_the_idle_timeout_whatever_their_version() {
+    // A ZMTP 3.0 peer is never heartbeated: before the idle timeout, a silent one could
+    // hold its slot for ever (1030 of them held every slot of a node's ROUTER).
+    init_tracing();
+    let opts = test_opts()
+        .with_heartbeat_interval(Some(Duration::from_millis(100)))
+        .with_idle_timeout(Some(Duration::from_millis(400)));
+    let (router, mut events) = router(opts).await;
+    let live = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
+    live.send("hello".into()).await.unwrap();
+    let (live_id, _) = within("the live peer", router.recv()).await.unwrap();
+    let mut old = RawPeer::connect(router.local_addr()).await;
+    old.handshake_as(0, "DEALER").await;
+    expect_failure(&mut events, "idle_timeout").await;
+    assert!(old.closed_by_peer().await);
+    // The peer that answers PINGs (ZMTP 3.1) is quiet too, but alive: it stays.
+    let left = tokio::time::timeout(
+        Duration::from_millis(1200),
+        wait_event(
+            &mut events,
+            "the live peer leaving",
+            |e| matches!(e, SocketEvent::Disconnected { identity, .. } if *identity == live_id),
+        ),
+    )
+    .await;
+    assert!(left.is_err(), "a heartbeated peer was closed as idle");
+    assert!(router.peers().iter().any(|p| p.identity == live_id));
+    assert!(router.stats().violations.get("idle_timeout").copied() >= Some(1));
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_slot() {
+    init_tracing();
+    let opts = test_opts()
+        .with_max_connections(8)
+        .with_max_connections_per_source(4);
+    let (router, mut events) = router(opts).await;
+    let addr = router.local_addr();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut p = RawPeer::connect(addr).await;
+        p.handshake("DEALER").await;
+        held.push(p);
+    }
+    wait_until("four held", || router.peers().len() == 4).await;
+    // The fifth from the same address is refused at once, counted and reported.
+    let mut fifth = RawPeer::connect(addr).await;
+    assert!(fifth.closed_by_peer().await);
+    wait_event(&mut events, "refused", |e| {
+        matches!(e, SocketEvent::Refused { .. })
+    })
+    .await;
+    assert_eq!(router.stats().refused, 1);
+    // Another address still gets in, and is served.
+    let mut other = RawPeer::connect_from([127, 0, 0, 2].into(), addr).await;
+    other.handshake("DEALER").await;
+    other.send_message(&[b"from elsewhere"]).await.unwrap();
+    let (_, m) = within("served", router.recv()).await.unwrap();
+    assert_eq!(&m.frames()[0][..], b"from elsewhere");
+    // Slots come back when connections end.
+    drop(held);
+    wait_until("released", || router.peers().len() == 1).await;
+    let mut again = RawPeer::connect(addr).await;
+    again.handshake("DEALER").await;
+}
+
+#[tokio::test]
+async fn handshakes_in_progress_are_limited_per_address() {
+    // Connections that never finish their greeting (a slowloris) hold a slot each until
+    // the greeting timeout: one address may hold only a few of them at a time.
+    init_tracing();
+    let opts = test_opts()
+        .with_greeting_timeout(Duration::from_secs(5))
+        .with_max_handshakes_per_source(2);
+    let (router, mut events) = router(opts).await;
+    let addr = router.local_addr();
+    let _slow = [RawPeer::connect(addr).await, RawPeer::connect(addr).await];
+    wait_until("both accepted", || router.stats().accepted == 2).await;
+    let mut third = RawPeer::connect(addr).await;
+    assert!(third.closed_by_peer().await);
+    wait_event(&mut events, "refused", |e| {
+        matches!(e, SocketEvent::Refused { .. })
+    })
+    .await;
+    // Another address completes its handshake meanwhile.
+    let mut other = RawPeer::connect_from([127, 0, 0, 2].into(), addr).await;
+    other.handshake("DEALER").await;
+    wait_until("the other address connected", || router.peers().len() == 1).await;
+}

@@ -90,6 +90,10 @@ pub enum ProtocolViolation {
     /// Nothing arrived from the peer within the heartbeat timeout.
     #[error("peer silent past the heartbeat timeout")]
     HeartbeatTimeout,
+    /// Nothing arrived from an accepted peer within the idle timeout (whatever its ZMTP
+    /// version: a ZMTP 3.0 peer is never heartbeated, so silence is all there is to go on).
+    #[error("peer idle past the idle timeout")]
+    IdleTimeout,
 }
 
 impl ProtocolViolation {
@@ -114,6 +118,7 @@ impl ProtocolViolation {
             ProtocolViolation::GreetingTimeout => "greeting_timeout",
             ProtocolViolation::HandshakeTimeout => "handshake_timeout",
             ProtocolViolation::HeartbeatTimeout => "heartbeat_timeout",
+            ProtocolViolation::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -136,9 +141,9 @@ impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             // Silence is how a vanished host looks, not something the peer did wrong.
-            CloseReason::Violation(ProtocolViolation::HeartbeatTimeout) => {
-                write!(f, "{}", ProtocolViolation::HeartbeatTimeout)
-            }
+            CloseReason::Violation(
+                v @ (ProtocolViolation::HeartbeatTimeout | ProtocolViolation::IdleTimeout),
+            ) => write!(f, "{v}"),
             CloseReason::Violation(v) => write!(f, "protocol violation: {v}"),
             CloseReason::PeerClosed => f.write_str("peer closed the connection"),
             CloseReason::Io(e) => write!(f, "I/O error: {e}"),

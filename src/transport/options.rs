@@ -17,6 +17,9 @@ use super::wire::DecodeLimits;
 /// | `greeting_timeout` | 5 s |
 /// | `handshake_timeout` | 10 s |
 /// | `max_connections` | 1024 per listener |
+/// | `max_connections_per_source` | 128 per listener and source address |
+/// | `max_handshakes_per_source` | 32 per listener and source address |
+/// | `idle_timeout` | 120 s (accepted connections, any ZMTP version) |
 /// | `send_queue_messages` / `send_queue_bytes` | 100 000 / 64 MiB per connection |
 /// | `recv_queue_messages` / `recv_queue_bytes` | 100 000 / 64 MiB per socket |
 /// | `heartbeat_interval` / `heartbeat_timeout` | 500 ms / 2 s (ZMTP 3.1 peers only) |
@@ -52,6 +55,17 @@ pub struct SocketOptions {
     /// Most live connections a listening socket (ROUTER, PUB) accepts; more are closed
     /// at once, counted and logged.
     pub max_connections: usize,
+    /// Most live connections a listening socket accepts from one source address, so that
+    /// one address can never hold every slot; more are closed at once, counted and logged.
+    pub max_connections_per_source: usize,
+    /// Most connections from one source address still in their handshake (a slowloris
+    /// holds its slots in the handshake); more are closed at once, counted and logged.
+    pub max_handshakes_per_source: usize,
+    /// An accepted connection (ROUTER, PUB) from which nothing at all arrives for this
+    /// long is closed, whatever its ZMTP version. ZMTP 3.1 peers answer our PINGs, so it
+    /// only ever closes peers that are really silent: ZMTP 3.0 peers (never heartbeated)
+    /// and peers that stopped talking. `None` keeps silent 3.0 peers for ever.
+    pub idle_timeout: Option<Duration>,
     /// Most messages queued for sending, per connection (per socket for DEALER).
     pub send_queue_messages: usize,
     /// Most bytes queued for sending, per connection (per socket for DEALER).
@@ -89,6 +103,9 @@ impl Default for SocketOptions {
             greeting_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_source: 128,
+            max_handshakes_per_source: 32,
+            idle_timeout: Some(Duration::from_secs(120)),
             send_queue_messages: 100_000,
             send_queue_bytes: 64 << 20,
             recv_queue_messages: 100_000,
@@ -147,6 +164,27 @@ impl SocketOptions {
     #[must_use]
     pub fn with_max_connections(mut self, v: usize) -> Self {
         self.max_connections = v;
+        self
+    }
+
+    /// Sets [`max_connections_per_source`](Self::max_connections_per_source) (default 128).
+    #[must_use]
+    pub fn with_max_connections_per_source(mut self, v: usize) -> Self {
+        self.max_connections_per_source = v;
+        self
+    }
+
+    /// Sets [`max_handshakes_per_source`](Self::max_handshakes_per_source) (default 32).
+    #[must_use]
+    pub fn with_max_handshakes_per_source(mut self, v: usize) -> Self {
+        self.max_handshakes_per_source = v;
+        self
+    }
+
+    /// Sets [`idle_timeout`](Self::idle_timeout) (default 120 s; `None`: never).
+    #[must_use]
+    pub fn with_idle_timeout(mut self, v: Option<Duration>) -> Self {
+        self.idle_timeout = v;
         self
     }
 

@@ -17,8 +17,15 @@ use tokio::sync::broadcast;
 
 /// The bytes of a ZMTP 3.1 greeting (NULL) followed by READY with this socket type.
 pub fn greeting_and_ready(socket_type: &str) -> BytesMut {
+    greeting_and_ready_as(1, socket_type)
+}
+
+/// [`greeting_and_ready`] announcing ZMTP 3.`minor` (0: a peer that is never heartbeated).
+pub fn greeting_and_ready_as(minor: u8, socket_type: &str) -> BytesMut {
     let mut out = BytesMut::new();
-    out.put_slice(&encode_greeting(false));
+    let mut g = encode_greeting(false);
+    g[11] = minor;
+    out.put_slice(&g);
     Command::Ready(vec![(
         "Socket-Type".into(),
         Bytes::copy_from_slice(socket_type.as_bytes()),
@@ -148,13 +155,49 @@ impl RawPeer {
         }
     }
 
+    /// Connects from the local address `from` (another loopback address, say, to look
+    /// like a second host).
+    pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> RawPeer {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(from, 0))
+            .expect("bind the source");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawPeer {
+            stream,
+            rbuf: BytesMut::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
     }
 
+    /// Whether the peer closed the connection (bounded wait; data is read and dropped).
+    pub async fn closed_by_peer(&mut self) -> bool {
+        let mut buf = [0u8; 256];
+        within("the peer closes", async {
+            loop {
+                match self.stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
     /// Greeting (3.1, NULL) and READY with this socket type.
     pub async fn handshake(&mut self, socket_type: &str) {
-        self.send(&greeting_and_ready(socket_type)).await.unwrap();
+        self.handshake_as(1, socket_type).await
+    }
+
+    /// Greeting announcing ZMTP 3.`minor` (NULL) and READY with this socket type.
+    pub async fn handshake_as(&mut self, minor: u8, socket_type: &str) {
+        self.send(&greeting_and_ready_as(minor, socket_type))
+            .await
+            .unwrap();
         // Their greeting then their READY.
         self.read_exact(64).await;
         let f = self.read_frame().await.expect("peer READY");

@@ -285,6 +285,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     shared: &Arc<Shared>,
     role: &dyn Role,
+    admitted: Option<&mut spawn::Admitted>,
 ) -> bool {
     let _ = stream.set_nodelay(true);
     let hs = tokio::select! {
@@ -300,6 +301,9 @@ pub(crate) async fn serve(
             return false;
         }
     };
+    if let Some(a) = admitted {
+        a.handshaken();
+    }
     let attached = match role.attach(&PeerInfo {
         addr,
         ..peer.clone()

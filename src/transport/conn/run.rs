@@ -17,6 +17,7 @@ use tracing::debug;
 
 use crate::transport::error::{CloseReason, ProtocolViolation};
 use crate::transport::wire::{Command, Decoded, Decoder};
+use crate::transport::SocketType;
 
 use super::writer::{linger, try_write_chunks, write_chunks, written, Writer};
 use super::{Attached, Inbound, PeerInfo, Shared, Sink, READ_MIN};
@@ -39,6 +40,17 @@ pub(super) async fn run(
     let mut w = Writer::new(peer.minor);
     let mut pending: Option<Inbound> = None;
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
+    // Accepted connections only: a connecting socket chose its peer, and a quiet ROUTER
+    // or PUB at the other end is not an attack on us.
+    // Never shorter than two of our PING intervals: a heartbeated peer's PONGs must keep
+    // it alive whatever the two settings.
+    let idle_limit = opts
+        .idle_timeout
+        .filter(|_| matches!(shared.socket_type, SocketType::Router | SocketType::Pub))
+        .map(|idle| match heartbeat {
+            Some(ivl) => idle.max(ivl * 2),
+            None => idle,
+        });
     let mut peer_ttl: Option<Duration> = None;
     let mut last_pong_end = 0u64;
     // Liveness is checked on the socket's periodic tick (see `Shared::tick_period`)
@@ -173,10 +185,14 @@ pub(super) async fn run(
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let silent_for = now.duration_since(last_rx);
             if let Some(limit) = silence_limit {
-                if now.duration_since(last_rx) >= limit {
+                if silent_for >= limit {
                     break ProtocolViolation::HeartbeatTimeout.into();
                 }
+            }
+            if idle_limit.is_some_and(|limit| silent_for >= limit) {
+                break ProtocolViolation::IdleTimeout.into();
             }
             if let Some(ivl) = heartbeat {
                 if now + tick / 2 >= next_ping {

@@ -3,11 +3,17 @@
 //! to [`serve`] on its own task (listener) or in turn (connector).
 //!
 //! They never touch a connection's bytes, and never hold more connections than
-//! `max_connections` (listener) or one at a time (connector).
+//! `max_connections` in total, `max_connections_per_source` from one address or
+//! `max_handshakes_per_source` from one address still in the handshake (listener), or
+//! one at a time (connector).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -19,11 +25,91 @@ use crate::transport::Endpoint;
 
 use super::{serve, Role, Shared};
 
-/// Accepts connections until the socket is cancelled, each served by its own task.
+/// The connections of one listener by source address: (live, still in the handshake).
+type Sources = Arc<Mutex<HashMap<IpAddr, (usize, usize)>>>;
+
+/// One accepted connection's place in its listener's counts, given back when dropped.
+pub(crate) struct Admitted {
+    sources: Sources,
+    ip: IpAddr,
+    handshaking: bool,
+}
+
+impl Admitted {
+    /// The handshake completed: the connection no longer counts as one in progress.
+    pub(crate) fn handshaken(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            if let Some(e) = self.sources.lock().get_mut(&self.ip) {
+                e.1 -= 1;
+            }
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock();
+        if let Some(e) = sources.get_mut(&self.ip) {
+            e.0 -= 1;
+            if self.handshaking {
+                e.1 -= 1;
+            }
+            if e.0 == 0 {
+                sources.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why a connection was refused at accept.
+fn over_limit(shared: &Shared, live: usize, from_source: (usize, usize)) -> Option<&'static str> {
+    let opts = &shared.opts;
+    if live >= opts.max_connections {
+        Some("max_connections reached")
+    } else if from_source.0 >= opts.max_connections_per_source {
+        Some("max_connections_per_source reached for its address")
+    } else if from_source.1 >= opts.max_handshakes_per_source {
+        Some("max_handshakes_per_source reached for its address")
+    } else {
+        None
+    }
+}
+
+/// At most one warning a second about refused connections, with the count of those not
+/// logged: a flood of connections must not become a flood of log lines.
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, addr: SocketAddr, why: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.last = Some(now);
+        warn!(%addr, why, suppressed, "connection refused");
+    }
+}
+
+/// Accepts connections until the socket is cancelled, each served by its own task,
+/// within the limits in total, per source address, and per source address still in the
+/// handshake.
 pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: Arc<dyn Role>) {
     let tracker = shared.tracker.clone();
     tracker.spawn(async move {
         let live = Arc::new(AtomicUsize::new(0));
+        let sources: Sources = Arc::default();
+        let mut log = RefusalLog {
+            last: None,
+            suppressed: 0,
+        };
         loop {
             let accepted = tokio::select! {
                 _ = shared.cancel.cancelled() => break,
@@ -40,18 +126,39 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
                     }
                 }
             };
-            if live.load(Relaxed) >= shared.opts.max_connections {
-                shared.stats.refused.fetch_add(1, Relaxed);
-                warn!(%addr, max = shared.opts.max_connections, "connection refused: max_connections reached");
-                shared.emit(SocketEvent::Refused { addr });
-                drop(stream);
-                continue;
-            }
+            let admitted = {
+                let mut by_ip = sources.lock();
+                let counts = by_ip.get(&addr.ip()).copied().unwrap_or_default();
+                match over_limit(&shared, live.load(Relaxed), counts) {
+                    Some(why) => Err(why),
+                    None => {
+                        let e = by_ip.entry(addr.ip()).or_default();
+                        e.0 += 1;
+                        e.1 += 1;
+                        Ok(Admitted {
+                            sources: sources.clone(),
+                            ip: addr.ip(),
+                            handshaking: true,
+                        })
+                    }
+                }
+            };
+            let mut admitted = match admitted {
+                Ok(a) => a,
+                Err(why) => {
+                    shared.stats.refused.fetch_add(1, Relaxed);
+                    log.refused(addr, why);
+                    shared.emit(SocketEvent::Refused { addr });
+                    drop(stream);
+                    continue;
+                }
+            };
             live.fetch_add(1, Relaxed);
             shared.stats.accepted.fetch_add(1, Relaxed);
             let (shared2, role2, live2) = (shared.clone(), role.clone(), live.clone());
             shared.tracker.spawn(async move {
-                serve(stream, addr, &shared2, &*role2).await;
+                serve(stream, addr, &shared2, &*role2, Some(&mut admitted)).await;
+                drop(admitted);
                 live2.fetch_sub(1, Relaxed);
             });
         }
@@ -85,7 +192,7 @@ pub(crate) fn spawn_connector(
             match res {
                 Ok(Ok((stream, addr))) => {
                     shared.stats.accepted.fetch_add(1, Relaxed);
-                    if serve(stream, addr, &shared, &*role).await {
+                    if serve(stream, addr, &shared, &*role, None).await {
                         delay = opts.reconnect_initial;
                     }
                 }
