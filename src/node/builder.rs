@@ -230,7 +230,7 @@ impl NodeBuilder {
             registry,
             membership: membership.clone(),
             gathers: Arc::new(Gathers::default()),
-            responder: Responder::new(id, self.default_timeout, self.max_in_flight),
+            responder: Responder::new(id, self.max_in_flight),
             inbound: Inbound::default(),
         });
         membership.watch_router(&core.router, router_events);

@@ -217,6 +217,10 @@ pub struct NodeStats {
     /// Events dropped because a local subscription's queue was full (subscribers see
     /// them as gaps in the sequence numbers).
     pub events_dropped: u64,
+    /// Replies dropped because the caller's queue was full (it was not reading them).
+    pub replies_dropped: u64,
+    /// Caller connections closed for not reading their replies.
+    pub callers_dropped: u64,
 }
 
 /// The node's tasks and the tokens that end them.
@@ -512,6 +516,8 @@ impl Node {
             other_cluster: c.membership.other_cluster(),
             other_version: c.membership.other_version(),
             events_dropped: c.pubsub.dropped(),
+            replies_dropped: c.responder.replies_dropped(),
+            callers_dropped: c.responder.callers_dropped(),
         }
     }
 

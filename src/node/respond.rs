@@ -7,10 +7,15 @@
 //! on the ROUTER connection it came from, a gather request with GATHER-REPLY or
 //! ERROR-REPLY on our DEALER to its sender, a notification with nothing. It never decodes
 //! envelopes (inbound routing does) and never chooses a handler (the registry does).
+//!
+//! A reply never waits for room. A caller whose reply queue is full is not reading what
+//! it asked for: the reply is dropped (counted) and that connection closed, so that no
+//! handler slot, task or memory is held for it and nobody else waits behind it. (The
+//! queue bounds, per connection and in total, are the transport's.)
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,6 +48,15 @@ impl ReplyPath<'_> {
         }
     }
 
+    /// The caller is not reading its replies: close its connection (a gatherer is ours
+    /// to dial, so our DEALER to it stays). Returns whether this closed it.
+    fn give_up(&self) -> bool {
+        match self {
+            ReplyPath::Router(r, identity) => r.disconnect(identity),
+            ReplyPath::Dealer(_) => false,
+        }
+    }
+
     /// The path for a task. The ROUTER is held weakly: a handler still running must not
     /// keep a dropped node's socket open.
     fn detach(self) -> Detached {
@@ -57,18 +71,6 @@ impl ReplyPath<'_> {
 enum Detached {
     Router(Weak<Router>, Bytes),
     Dealer(Arc<Dealer>),
-}
-
-impl Detached {
-    async fn send(&self, msg: Message) -> Result<(), SendError> {
-        match self {
-            Detached::Router(router, identity) => match router.upgrade() {
-                Some(r) => r.send(identity, msg).await,
-                None => Ok(()),
-            },
-            Detached::Dealer(d) => d.send(msg).await,
-        }
-    }
 }
 
 /// The kinds of a successful and a failed answer to `request`, or `None` for a
@@ -126,26 +128,71 @@ impl Answering {
     }
 }
 
+/// What became of replies that could not be sent.
+#[derive(Default)]
+struct Undelivered {
+    /// Replies dropped because the caller's queue was full.
+    replies: AtomicU64,
+    /// Connections closed for not reading their replies.
+    callers: AtomicU64,
+}
+
+impl Undelivered {
+    /// Sends `reply` on `path` without waiting; a full queue drops it (counted) and
+    /// closes a ROUTER caller's connection.
+    fn send(&self, path: &ReplyPath<'_>, reply: Message) {
+        match path.try_send(reply) {
+            Ok(()) => {}
+            Err(SendError::QueueFull {
+                messages, bytes, ..
+            }) => {
+                self.replies.fetch_add(1, Relaxed);
+                // Once per connection: replies to requests it sent before it is closed
+                // are dropped too, but it is closed once.
+                if path.give_up() {
+                    self.callers.fetch_add(1, Relaxed);
+                    warn!(
+                        queued = messages,
+                        bytes, "caller not reading its replies: reply dropped, connection closed"
+                    );
+                }
+            }
+            Err(e) => debug!(error = %e, "reply not sent: caller gone"),
+        }
+    }
+
+    /// [`Undelivered::send`] from a task: the node may be gone by then.
+    fn send_detached(&self, path: &Detached, reply: Message) {
+        match path {
+            Detached::Router(router, identity) => {
+                if let Some(r) = router.upgrade() {
+                    self.send(&ReplyPath::Router(&r, identity.clone()), reply);
+                }
+            }
+            Detached::Dealer(d) => self.send(&ReplyPath::Dealer(d.clone()), reply),
+        }
+    }
+}
+
 /// Runs handlers and sends their replies. See the [module documentation](self).
 pub(super) struct Responder {
     node_id: Id,
-    /// The longest a reply waits for room in its connection's queue.
-    default_timeout: Duration,
     /// Bounds handlers running at once; when none is free the inbound loops stop reading
     /// and TCP pushes back on the senders.
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
     draining: AtomicBool,
+    undelivered: Arc<Undelivered>,
 }
 
 impl Responder {
-    pub(super) fn new(node_id: Id, default_timeout: Duration, max_in_flight: usize) -> Self {
+    pub(super) fn new(node_id: Id, max_in_flight: usize) -> Self {
         Responder {
             node_id,
-            default_timeout,
             slots: Arc::new(Semaphore::new(max_in_flight)),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            undelivered: Arc::default(),
         }
     }
 
@@ -179,13 +226,14 @@ impl Responder {
             .is_ok()
     }
 
-    /// How long a reply may wait for room: the caller's deadline, but never longer than
-    /// our default, since the deadline is the peer's number.
-    fn reply_window(&self, request: &Header) -> Duration {
-        request
-            .deadline()
-            .unwrap_or(self.default_timeout)
-            .min(self.default_timeout)
+    /// Replies dropped because their caller's queue was full.
+    pub(super) fn replies_dropped(&self) -> u64 {
+        self.undelivered.replies.load(Relaxed)
+    }
+
+    /// Caller connections closed for not reading their replies.
+    pub(super) fn callers_dropped(&self) -> u64 {
+        self.undelivered.callers.load(Relaxed)
     }
 
     /// Answers `to` with an error reply at once (no handler runs).
@@ -201,15 +249,13 @@ impl Responder {
             message,
         };
         let reply = answer(self.node_id, to.id, Kind::ErrorReply, error_payload(&body));
-        if let Err(e) = path.try_send(reply) {
-            debug!(error = %e, "could not send an error reply");
-        }
+        self.undelivered.send(path, reply);
     }
 
     /// Runs `handler` on `env` (a request, notification or gather request) holding `slot`,
     /// and sends its reply on `path`. The handler is polled once here: one that does not
     /// await (most do not) is answered without a task hop; one that does goes on in a
-    /// task of its own under the caller's deadline.
+    /// task of its own under the caller's deadline, holding the slot until it finishes.
     pub(super) fn respond(
         &self,
         handler: ErasedHandler,
@@ -218,49 +264,26 @@ impl Responder {
         slot: OwnedSemaphorePermit,
     ) {
         let answering = Answering::of(&env.header);
-        let within = self.reply_window(&env.header);
         let sender = self.node_id;
         match start(handler, env) {
             Ok(out) => {
-                let Some(reply) = answering.reply(sender, out) else {
-                    return;
-                };
-                match path.try_send(reply.clone()) {
-                    Ok(()) => {}
-                    Err(SendError::QueueFull { .. }) => {
-                        // The caller's queue is full: wait for room in a task that keeps
-                        // the handler slot, so a caller that never reads its replies runs
-                        // out of slots (and is read no more) instead of growing tasks.
-                        let path = path.detach();
-                        self.tasks.spawn(async move {
-                            let _slot = slot;
-                            send_reply(&path, reply, within).await;
-                        });
-                    }
-                    Err(e) => debug!(error = %e, "reply not sent: caller gone"),
+                drop(slot);
+                if let Some(reply) = answering.reply(sender, out) {
+                    self.undelivered.send(&path, reply);
                 }
             }
             Err(run) => {
                 let path = path.detach();
+                let undelivered = self.undelivered.clone();
                 self.tasks.spawn(async move {
-                    let _slot = slot;
-                    let Some(out) = run.await else { return };
-                    if let Some(reply) = answering.reply(sender, out) {
-                        send_reply(&path, reply, within).await;
+                    let out = run.await;
+                    drop(slot);
+                    if let Some(reply) = out.and_then(|out| answering.reply(sender, out)) {
+                        undelivered.send_detached(&path, reply);
                     }
                 });
             }
         }
-    }
-}
-
-/// Sends a reply, waiting at most `within` for room (a caller that stops reading its
-/// replies must not pin a task).
-async fn send_reply(path: &Detached, reply: Message, within: Duration) {
-    match tokio::time::timeout(within, path.send(reply)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "reply not sent: caller gone"),
-        Err(_) => warn!("reply not sent: the caller's queue stayed full"),
     }
 }
 

@@ -21,6 +21,7 @@ use super::wire::DecodeLimits;
 /// | `max_handshakes_per_source` | 32 per listener and source address |
 /// | `idle_timeout` | 120 s (accepted connections, any ZMTP version) |
 /// | `send_queue_messages` / `send_queue_bytes` | 100 000 / 64 MiB per connection |
+/// | `send_queue_total_bytes` | 256 MiB per listening socket (ROUTER, PUB), all connections |
 /// | `recv_queue_messages` / `recv_queue_bytes` | 100 000 / 64 MiB per socket |
 /// | `heartbeat_interval` / `heartbeat_timeout` | 500 ms / 2 s (ZMTP 3.1 peers only) |
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
@@ -70,6 +71,10 @@ pub struct SocketOptions {
     pub send_queue_messages: usize,
     /// Most bytes queued for sending, per connection (per socket for DEALER).
     pub send_queue_bytes: usize,
+    /// Most bytes queued for sending by a listening socket (ROUTER, PUB) over all its
+    /// connections together: past it, sends fail (`QueueFull`) and publishes drop, as at a
+    /// connection's own bound, so many slow peers cannot add up to unbounded memory.
+    pub send_queue_total_bytes: usize,
     /// Most received messages waiting for `recv`, per socket. When full, connections stop
     /// reading and TCP pushes back on the senders.
     pub recv_queue_messages: usize,
@@ -108,6 +113,7 @@ impl Default for SocketOptions {
             idle_timeout: Some(Duration::from_secs(120)),
             send_queue_messages: 100_000,
             send_queue_bytes: 64 << 20,
+            send_queue_total_bytes: 256 << 20,
             recv_queue_messages: 100_000,
             recv_queue_bytes: 64 << 20,
             // A dead host (no FIN, no RST) is noticed within 2.5 s: the node's presence
@@ -199,6 +205,13 @@ impl SocketOptions {
     #[must_use]
     pub fn with_send_queue_bytes(mut self, v: usize) -> Self {
         self.send_queue_bytes = v;
+        self
+    }
+
+    /// Sets [`send_queue_total_bytes`](Self::send_queue_total_bytes) (default 256 MiB).
+    #[must_use]
+    pub fn with_send_queue_total_bytes(mut self, v: usize) -> Self {
+        self.send_queue_total_bytes = v;
         self
     }
 

@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 
 use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions};
 use super::error::{ProtocolViolation, SendError, TransportError};
-use super::queue::Queue;
+use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
@@ -26,6 +26,8 @@ struct Subscriber {
 struct PubRole {
     shared: Arc<Shared>,
     subscribers: RwLock<Vec<Arc<Subscriber>>>,
+    /// What every subscriber's queue holds together is bounded by this.
+    budget: Arc<Budget>,
 }
 
 impl Role for PubRole {
@@ -35,7 +37,11 @@ impl Role for PubRole {
             addr: peer.addr,
             identity: peer.identity.clone(),
             filter: Arc::new(Subscriptions::default()),
-            out: Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes)),
+            out: Arc::new(Queue::with_budget(
+                opts.send_queue_messages,
+                opts.send_queue_bytes,
+                self.budget.clone(),
+            )),
             dropped: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
         });
@@ -104,6 +110,7 @@ impl Publisher {
         let role = Arc::new(PubRole {
             shared: shared.clone(),
             subscribers: RwLock::new(Vec::new()),
+            budget: Arc::new(Budget::new(shared.opts.send_queue_total_bytes)),
         });
         spawn_listener(listener, shared, role.clone());
         Ok(Publisher {

@@ -32,11 +32,37 @@ struct State<T> {
     closed: bool,
 }
 
+/// A byte budget shared by several queues (the connections of one listening socket): a
+/// push fails once the queues together hold the budget, as it does at a queue's own
+/// bound, so that many connections' bounds cannot add up to an unbounded total.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Self {
+        Budget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now by the queues sharing it.
+    #[cfg(test)]
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// The queue. See the module documentation.
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
     max_items: usize,
     max_bytes: usize,
+    /// A total this queue shares with others, if any.
+    budget: Option<std::sync::Arc<Budget>>,
     /// Signalled when an item is pushed, for consumers using [`Queue::pop`].
     readable: Notify,
     /// The waker of the single consumer using [`Queue::poll_readable`] (a connection
@@ -65,11 +91,23 @@ pub(crate) struct Queue<T> {
 pub(crate) struct Usage {
     pub count: usize,
     pub bytes: usize,
+    /// A push failed because the shared budget, not this queue's bound, is spent.
+    pub over_budget: bool,
 }
 
 impl<T: Cost> Queue<T> {
     pub fn new(max_items: usize, max_bytes: usize) -> Self {
+        Self::build(max_items, max_bytes, None)
+    }
+
+    /// A queue whose bytes also count against `budget`.
+    pub fn with_budget(max_items: usize, max_bytes: usize, budget: std::sync::Arc<Budget>) -> Self {
+        Self::build(max_items, max_bytes, Some(budget))
+    }
+
+    fn build(max_items: usize, max_bytes: usize, budget: Option<std::sync::Arc<Budget>>) -> Self {
         Queue {
+            budget,
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 count: 0,
@@ -112,9 +150,11 @@ impl<T: Cost> Queue<T> {
     }
 
     /// Tells the consumer to stop, and wakes it.
-    pub fn interrupt(&self) {
-        self.interrupted.store(true, Ordering::SeqCst);
+    /// Returns whether this call interrupted it (false if it already was).
+    pub fn interrupt(&self) -> bool {
+        let first = !self.interrupted.swap(true, Ordering::SeqCst);
         self.consumer.wake();
+        first
     }
 
     /// Tells the consumer its periodic work is due, and wakes it. One timer per socket
@@ -145,15 +185,22 @@ impl<T: Cost> Queue<T> {
         {
             let mut s = self.state.lock();
             let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
-            if s.closed || !fits {
+            let over_budget = n > 0
+                && self
+                    .budget
+                    .as_ref()
+                    .is_some_and(|g| g.used.load(Ordering::Relaxed) >= g.max);
+            if s.closed || !fits || over_budget {
                 let u = Usage {
                     count: s.count,
                     bytes: s.bytes,
+                    over_budget: fits && over_budget,
                 };
                 return Err((item, u));
             }
             s.count += n;
             s.bytes += b;
+            self.charge(b);
             s.items.push_back(item);
             self.has_items.store(true, Ordering::Release);
         }
@@ -168,10 +215,23 @@ impl<T: Cost> Queue<T> {
             let mut s = self.state.lock();
             s.count += n;
             s.bytes += b;
+            self.charge(b);
             s.items.push_back(item);
             self.has_items.store(true, Ordering::Release);
         }
         self.wake_consumer();
+    }
+
+    fn charge(&self, bytes: usize) {
+        if let Some(g) = &self.budget {
+            g.used.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn refund(&self, bytes: usize) {
+        if let Some(g) = &self.budget {
+            g.used.fetch_sub(bytes, Ordering::Relaxed);
+        }
     }
 
     /// Returns when the queue has room for at least one more item, is closed, or
@@ -244,6 +304,7 @@ impl<T: Cost> Queue<T> {
             let (n, b) = item.cost();
             s.count -= n;
             s.bytes -= b;
+            self.refund(b);
             if !s.items.is_empty() {
                 // Chain the wake-up so a second consumer is not left waiting.
                 self.readable.notify_one();
@@ -307,6 +368,7 @@ impl<T: Cost> Queue<T> {
             let mut s = self.state.lock();
             s.count -= count;
             s.bytes -= bytes;
+            self.refund(bytes);
         }
         self.notify_writers();
     }
@@ -343,6 +405,7 @@ impl<T: Cost> Queue<T> {
         Usage {
             count: s.count,
             bytes: s.bytes,
+            over_budget: false,
         }
     }
 
@@ -356,6 +419,7 @@ impl<T: Cost> Queue<T> {
             self.has_items.store(false, Ordering::Release);
             s.count -= n;
             s.bytes -= b;
+            self.refund(b);
             n
         };
         self.notify_writers();
@@ -363,9 +427,40 @@ impl<T: Cost> Queue<T> {
     }
 }
 
+impl<T> Drop for Queue<T> {
+    fn drop(&mut self) {
+        // What is still counted here (queued, or taken and never released) goes back to
+        // the shared budget with the queue.
+        if let Some(g) = &self.budget {
+            g.used
+                .fetch_sub(self.state.get_mut().bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_budget_bounds_the_total_and_comes_back() {
+        let budget = std::sync::Arc::new(Budget::new(10));
+        let a: Queue<Vec<u8>> = Queue::with_budget(100, 100, budget.clone());
+        let b: Queue<Vec<u8>> = Queue::with_budget(100, 100, budget.clone());
+        assert!(a.try_push(vec![0; 6]).is_ok());
+        assert!(b.try_push(vec![0; 6]).is_ok()); // soft by one item, as the bounds are
+        let (_, u) = b.try_push(vec![0; 1]).unwrap_err();
+        assert!(u.over_budget);
+        assert_eq!(budget.used(), 12);
+        a.try_pop().unwrap();
+        assert!(b.try_push(vec![0; 1]).is_ok());
+        let mut taken = VecDeque::new();
+        b.take_all(&mut taken);
+        b.release(1, 6);
+        assert_eq!(budget.used(), 1);
+        drop(b); // one byte still counted: given back with the queue
+        assert_eq!(budget.used(), 0);
+    }
 
     impl Cost for Vec<u8> {
         fn cost(&self) -> (usize, usize) {
@@ -389,7 +484,14 @@ mod tests {
         assert!(q.try_push(vec![]).is_ok());
         assert!(q.try_push(vec![]).is_ok());
         assert!(q.try_push(vec![]).is_err(), "item bound");
-        assert_eq!(q.usage(), Usage { count: 3, bytes: 6 });
+        assert_eq!(
+            q.usage(),
+            Usage {
+                count: 3,
+                bytes: 6,
+                over_budget: false
+            }
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::conn::{
     spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
-use super::queue::Queue;
+use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
@@ -30,6 +30,8 @@ struct RouterRole {
     routes: Mutex<HashMap<Bytes, Route>>,
     inbound: Arc<Queue<Inbound>>,
     next_id: AtomicU32,
+    /// What every connection's outgoing queue holds together is bounded by this.
+    budget: Arc<Budget>,
 }
 
 impl Role for RouterRole {
@@ -61,7 +63,11 @@ impl Role for RouterRole {
             }
             peer.identity.clone()
         };
-        let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
+        let out = Arc::new(Queue::with_budget(
+            opts.send_queue_messages,
+            opts.send_queue_bytes,
+            self.budget.clone(),
+        ));
         routes.insert(
             identity.clone(),
             Route {
@@ -157,6 +163,7 @@ impl Router {
             routes: Mutex::new(HashMap::new()),
             inbound,
             next_id: AtomicU32::new(fastrand::u32(..)),
+            budget: Arc::new(Budget::new(shared.opts.send_queue_total_bytes)),
         });
         spawn_listener(listener, shared, role.clone());
         Ok(Router {
@@ -193,6 +200,15 @@ impl Router {
             let (out, alive) = self.route(identity)?;
             match out.try_push(item) {
                 Ok(()) => return Ok(()),
+                // Room in the total comes from other connections' writes, which this
+                // connection's queue would not wake us for: fail now rather than wait.
+                Err((_, u)) if u.over_budget => {
+                    return Err(SendError::QueueFull {
+                        messages: u.count,
+                        bytes: u.bytes,
+                        connected: true,
+                    })
+                }
                 Err((back, _)) => item = back,
             }
             if !alive.load(Relaxed) {
@@ -246,13 +262,11 @@ impl Router {
         self.role.routes.lock().get(identity).map(|r| r.addr)
     }
 
-    /// Closes the connection of one peer. Returns whether it was connected.
+    /// Closes the connection of one peer. Returns whether this call closed it: false if
+    /// no such peer is connected, or it is already closing.
     pub fn disconnect(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
-            Some(r) => {
-                r.out.interrupt();
-                true
-            }
+            Some(r) => r.out.interrupt(),
             None => false,
         }
     }
