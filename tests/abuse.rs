@@ -7,8 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use peerwire::codec::{self, Header, Id, Kind};
+use peerwire::codec::{self, Header, Id, Kind, Version};
 use peerwire::node::{CallOptions, Node};
+use peerwire::transport::{Dealer, Message, Router};
 use support::orders::*;
 use support::*;
 
@@ -101,4 +102,151 @@ async fn a_caller_that_never_reads_its_replies_delays_nobody() {
     assert_eq!(got, 99);
     client.shutdown().await;
     server.shutdown().await;
+}
+
+/// A raw DEALER to `node` that has introduced itself with `hello` and got the HELLO-ACK,
+/// which is returned.
+async fn introduce(node: &Node, hello: &codec::Hello) -> (Dealer, codec::Hello) {
+    let d = Dealer::connect(node.endpoint(), test_opts()).unwrap();
+    let env = codec::Envelope {
+        header: Header::new(Kind::Hello, hello.node_id, ""),
+        payload: codec::encode_payload(hello).unwrap(),
+    };
+    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    let ack = within("HELLO-ACK", d.recv()).await.unwrap();
+    let ack = codec::Envelope::from_frames(ack.frames()).unwrap();
+    assert_eq!(ack.header.kind, Kind::HelloAck);
+    let back = codec::decode_payload(&ack.payload).unwrap();
+    (d, back)
+}
+
+/// A HELLO of our cluster from a fresh id, claiming ROUTER and PUB ports where nothing
+/// listens (so the node's dials are refused).
+fn fresh_hello(catalog: codec::Catalog) -> codec::Hello {
+    codec::Hello {
+        node_id: Id::new(),
+        name: "intruder".into(),
+        cluster: "default".into(),
+        host: "127.0.0.1".into(),
+        router_port: 9,
+        pub_port: 9,
+        catalog,
+        peers: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn another_cluster_learns_nothing_but_that() {
+    init_tracing();
+    let server = orders_server().await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+    let hello = codec::Hello {
+        cluster: "elsewhere".into(),
+        ..fresh_hello(codec::Catalog::default())
+    };
+    let (_d, ack) = introduce(&server, &hello).await;
+    assert_eq!(ack.node_id, server.id());
+    assert_eq!(ack.cluster, "default");
+    assert!(ack.catalog.methods.is_empty(), "{ack:?}");
+    assert!(ack.peers.is_empty(), "{ack:?}");
+    assert_eq!(ack.name, "");
+    assert!(server.stats().other_cluster >= 1);
+}
+
+#[tokio::test]
+async fn oversized_catalogs_are_refused_and_counted() {
+    init_tracing();
+    let server = orders_server().await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+    let heap0 = heap_bytes();
+    let many = codec::Catalog {
+        methods: (0..2000)
+            .map(|i| (format!("svc.m{i}"), Version::new(1, 0)))
+            .collect(),
+        ..Default::default()
+    };
+    let long = codec::Catalog {
+        methods: (0..100)
+            .map(|i| (format!("{i}{}", "x".repeat(1000)), Version::new(1, 0)))
+            .collect(),
+        ..Default::default()
+    };
+    let mut held = Vec::new();
+    for catalog in [many, long] {
+        held.push(introduce(&server, &fresh_hello(catalog)).await);
+    }
+    wait_until("refused", || server.stats().hellos_refused == 2).await;
+    assert!(server.peers().iter().all(|p| p.name != "intruder"));
+    let grown = heap_bytes().saturating_sub(heap0);
+    assert!(grown < 16 << 20, "heap grew by {grown} bytes");
+    // The legitimate client is still served.
+    let created: OrderCreated = client
+        .request("orders.create", &order("book", 1))
+        .await
+        .unwrap();
+    assert_eq!(created.item, "book");
+}
+
+#[tokio::test]
+async fn the_peer_cap_holds_whoever_names_the_peers() {
+    // A HELLO flood from fresh ids (endpoints that refuse connections) used to make the
+    // node dial every one of them: the cap applied to gossip only.
+    init_tracing();
+    let server = Node::builder("capped")
+        .max_peers(3)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut hello = fresh_hello(codec::Catalog::default());
+        // Each on a port of its own, so each is a new endpoint.
+        hello.router_port = 10_000 + held.len() as u16;
+        held.push(introduce(&server, &hello).await);
+    }
+    wait_until("17 refused", || server.stats().hellos_refused >= 17).await;
+    assert!(server.peers().len() <= 3, "{:?}", server.peers());
+}
+
+#[tokio::test]
+async fn a_burst_of_joins_is_announced_once_per_interval() {
+    // Each new peer made the node send a HELLO to every connection at once: 1000 HELLOs
+    // in made 5000 go out to five peers. Announcements are now coalesced.
+    init_tracing();
+    let observer = Router::bind("tcp://127.0.0.1:0", test_opts())
+        .await
+        .unwrap();
+    let node = start_node("announcer", &[ep(observer.local_addr())]).await;
+    // The node introduces itself first.
+    let (_, first) = within("first HELLO", observer.recv()).await.unwrap();
+    let first = codec::Envelope::from_frames(first.frames()).unwrap();
+    assert_eq!(first.header.kind, Kind::Hello);
+    // A burst of 100 joins (HELLOs of fresh ids) within a few milliseconds.
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    for i in 0..100u16 {
+        let mut hello = fresh_hello(codec::Catalog::default());
+        hello.router_port = 20_000 + i;
+        held.push(introduce(&node, &hello).await);
+    }
+    // Count the HELLOs the observer receives until things are quiet for a while.
+    let mut hellos = 0usize;
+    while let Ok(Ok((_, m))) =
+        tokio::time::timeout(Duration::from_millis(500), observer.recv()).await
+    {
+        if codec::Envelope::from_frames(m.frames()).is_ok_and(|e| e.header.kind == Kind::Hello) {
+            hellos += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    // At most one round per 100 ms of the burst and its tail, never one per join.
+    let rounds = (elapsed.as_millis() / 100) as usize + 2;
+    assert!(
+        hellos <= rounds && hellos < 100,
+        "{hellos} HELLOs in {elapsed:?} for 100 joins"
+    );
+    assert!(hellos >= 1, "the joins were never announced");
 }

@@ -39,6 +39,7 @@ pub struct NodeBuilder {
     drain_timeout: Duration,
     forget_after: Duration,
     max_in_flight: usize,
+    max_peers: usize,
     socket: SocketOptions,
 }
 
@@ -58,6 +59,7 @@ impl NodeBuilder {
             drain_timeout: Duration::from_secs(5),
             forget_after: Duration::from_secs(10),
             max_in_flight: 10_000,
+            max_peers: super::membership::MAX_PEERS,
             socket: SocketOptions::default(),
         }
     }
@@ -143,6 +145,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Most peer endpoints the node dials (default 1024), however it learned of them:
+    /// static peers, HELLOs, gossip, mDNS, DNS. Past it, new peers are refused (counted
+    /// in [`NodeStats::hellos_refused`](super::NodeStats::hellos_refused)) until others
+    /// are forgotten.
+    pub fn max_peers(mut self, n: usize) -> Self {
+        self.max_peers = n.max(1);
+        self
+    }
+
     /// Transport options for every socket of the node.
     pub fn socket_options(mut self, opts: SocketOptions) -> Self {
         self.socket = opts;
@@ -216,7 +227,9 @@ impl NodeBuilder {
             life: life.clone(),
             forget_after: self.forget_after,
             static_endpoints: static_peers.iter().cloned().collect::<HashSet<_>>(),
+            max_peers: self.max_peers,
         }));
+        membership.start_announcer();
         let core = Arc::new(Core {
             life: life.clone(),
             default_timeout: self.default_timeout,

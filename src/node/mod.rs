@@ -221,6 +221,9 @@ pub struct NodeStats {
     pub replies_dropped: u64,
     /// Caller connections closed for not reading their replies.
     pub callers_dropped: u64,
+    /// HELLOs refused: a catalog past its bounds (1024 entries, 64 KiB of names), or a
+    /// new peer past the node's `max_peers`.
+    pub hellos_refused: u64,
 }
 
 /// The node's tasks and the tokens that end them.
@@ -518,6 +521,7 @@ impl Node {
             events_dropped: c.pubsub.dropped(),
             replies_dropped: c.responder.replies_dropped(),
             callers_dropped: c.responder.callers_dropped(),
+            hellos_refused: c.membership.hellos_refused(),
         }
     }
 

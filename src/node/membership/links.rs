@@ -31,6 +31,12 @@ impl Membership {
         if let Some(l) = st.table.link(endpoint) {
             return Ok(l.clone());
         }
+        if st.table.link_count() >= self.given.max_peers {
+            return Err(TransportError::InvalidEndpoint(format!(
+                "{endpoint}: the peer limit ({}) is reached",
+                self.given.max_peers
+            )));
+        }
         let conn = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -23,7 +23,7 @@ mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,11 +47,18 @@ use table::PeerTable;
 
 /// Most endpoints followed from one HELLO's gossip list.
 const MAX_GOSSIP: usize = 64;
-/// Most peer endpoints a node dials.
+/// Default of the most peer endpoints a node dials, however they were learned.
 pub(super) const MAX_PEERS: usize = 1024;
+/// Most methods and gather topics a peer's catalog may announce together.
+pub(super) const MAX_CATALOG_ENTRIES: usize = 1024;
+/// Most bytes of names a peer's catalog may announce.
+pub(super) const MAX_CATALOG_BYTES: usize = 64 * 1024;
+/// Shortest time between two rounds of HELLOs to every peer: a burst of changes (peers
+/// joining, handlers registered) is announced once.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 /// Entries of `router_ids` past which those of connections no longer live are pruned
 /// (they leave with their connection; this catches ends whose events were missed).
-const MAX_INTRODUCED: usize = 4 * MAX_PEERS;
+const MAX_INTRODUCED: usize = 4096;
 /// Presence events buffered for a slow reader before it sees `Lagged`.
 const PRESENCE_BUFFER: usize = 256;
 
@@ -107,6 +114,11 @@ pub(super) struct Membership {
     next_conn: AtomicU64,
     other_cluster: AtomicU64,
     other_version: AtomicU64,
+    /// HELLOs refused: a catalog past its bounds, or a new peer past `max_peers`.
+    hellos_refused: AtomicU64,
+    /// Set when an announcement is wanted; the announcer sends it.
+    announce_wanted: AtomicBool,
+    announce_wake: Notify,
 }
 
 /// What the membership is given: who we are, the parts it works with, its settings.
@@ -126,6 +138,9 @@ pub(super) struct Setup {
     pub(super) forget_after: Duration,
     /// Endpoints given at start: never forgotten.
     pub(super) static_endpoints: HashSet<Endpoint>,
+    /// Most peer endpoints dialled, whoever named them (static seeds, HELLOs, gossip,
+    /// discovery).
+    pub(super) max_peers: usize,
 }
 
 impl Membership {
@@ -139,7 +154,35 @@ impl Membership {
             next_conn: AtomicU64::new(1),
             other_cluster: AtomicU64::new(0),
             other_version: AtomicU64::new(0),
+            hellos_refused: AtomicU64::new(0),
+            announce_wanted: AtomicBool::new(false),
+            announce_wake: Notify::new(),
         }
+    }
+
+    /// Starts the announcer: the task that sends our HELLO to every peer when something
+    /// changed, at most once per `ANNOUNCE_EVERY`, until the node stops.
+    pub(super) fn start_announcer(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let cancel = self.given.life.cancel.clone();
+        self.given.life.tasks.spawn(async move {
+            loop {
+                let Some(m) = me.upgrade() else { return };
+                // Holding `m` while waiting is fine: the node's drop cancels the token.
+                let woken = m.announce_wake.notified();
+                if !m.announce_wanted.swap(false, Relaxed) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = woken => continue,
+                    }
+                }
+                m.send_hellos();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+                }
+            }
+        });
     }
 
     /// Who this node is.
@@ -186,12 +229,33 @@ impl Membership {
         frames::message(&h, payload)
     }
 
-    /// Sends a fresh HELLO to every peer (our catalog or our peers changed).
+    /// Asks for a fresh HELLO to every peer (our catalog or our peers changed). Sent by
+    /// the announcer at once if it is idle, else at the end of its interval: a burst of
+    /// changes makes one round of HELLOs, not one per change.
     pub(super) fn announce(&self) {
+        self.announce_wanted.store(true, Relaxed);
+        self.announce_wake.notify_one();
+    }
+
+    fn send_hellos(&self) {
         let msg = self.hello_message(Kind::Hello, Id::NIL);
         for d in self.state.lock().table.dealers() {
             let _ = d.try_send(msg.clone());
         }
+    }
+
+    /// The HELLO-ACK for a node of another cluster: who we are and our cluster, which is
+    /// all it needs to stop talking to us, and nothing of our catalog or peers.
+    fn wrong_cluster_ack(&self, correlation: Id) -> Message {
+        let mut h = Header::new(Kind::HelloAck, self.given.local.id, "");
+        h.correlation_id = correlation;
+        let hello = Hello {
+            node_id: self.given.local.id,
+            cluster: self.given.local.cluster.clone(),
+            ..Hello::default()
+        };
+        let payload = codec::encode_payload(&hello).expect("a HELLO always encodes");
+        frames::message(&h, payload)
     }
 
     /// A HELLO that arrived on our ROUTER from the connection `identity`: answered with
@@ -208,7 +272,11 @@ impl Membership {
         if let Some(addr) = source {
             self.introduce(router, identity, hello.node_id, addr);
         }
-        let _ = router.try_send(identity, self.hello_message(Kind::HelloAck, header.id));
+        if hello.cluster != self.given.local.cluster {
+            let _ = router.try_send(identity, self.wrong_cluster_ack(header.id));
+        } else {
+            let _ = router.try_send(identity, self.hello_message(Kind::HelloAck, header.id));
+        }
         self.learn(hello, source.map(|a| a.ip()));
         Ok(())
     }
@@ -314,6 +382,11 @@ impl Membership {
         if hello.node_id == self.given.local.id {
             return;
         }
+        if let Err(why) = catalog_within_bounds(&hello.catalog) {
+            self.hellos_refused.fetch_add(1, Relaxed);
+            warn!(peer = ?hello.name, id = %hello.node_id, why, "HELLO refused");
+            return;
+        }
         // An unspecified listen address (0.0.0.0) means "wherever you reached me from".
         let host: IpAddr = match hello.host.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() => ip,
@@ -327,6 +400,16 @@ impl Membership {
             st.retired.remove(&hello.node_id);
             if st.table.claimed_elsewhere(&hello.node_id, &router_ep) {
                 warn!(id = %hello.node_id, endpoint = %router_ep, "HELLO claims the id of a peer connected elsewhere; ignored");
+                return;
+            }
+        }
+        {
+            let st = self.state.lock();
+            if st.table.link(&router_ep).is_none() && st.table.link_count() >= self.given.max_peers
+            {
+                drop(st);
+                self.hellos_refused.fetch_add(1, Relaxed);
+                debug!(endpoint = %router_ep, max = self.given.max_peers, "HELLO of a new peer refused: the peer limit is reached");
                 return;
             }
         }
@@ -397,7 +480,7 @@ impl Membership {
     }
 
     /// Connects to the peers a HELLO names. Bounded: a HELLO cannot make us open more
-    /// than MAX_GOSSIP connections, nor grow the table past MAX_PEERS.
+    /// than MAX_GOSSIP connections, nor grow the table past `max_peers`.
     fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
         let own = Endpoint::from_addr((self.given.local.host, self.given.local.router_port).into());
         for ep in gossip.into_iter().take(MAX_GOSSIP) {
@@ -407,8 +490,8 @@ impl Membership {
             };
             {
                 let st = self.state.lock();
-                if st.table.link_count() >= MAX_PEERS {
-                    warn!(node = %self.given.local.name, "peer limit reached; gossip not followed");
+                if st.table.link_count() >= self.given.max_peers {
+                    debug!(node = %self.given.local.name, "peer limit reached; gossip not followed");
                     break;
                 }
                 if ep == own || st.table.link(&ep).is_some() {
@@ -508,6 +591,11 @@ impl Membership {
         self.other_version.load(Relaxed)
     }
 
+    /// HELLOs refused (catalog past its bounds, or a new peer past `max_peers`).
+    pub(super) fn hellos_refused(&self) -> u64 {
+        self.hellos_refused.load(Relaxed)
+    }
+
     /// Closes every DEALER (the node is stopping), waiting for each.
     pub(super) async fn close(&self) {
         let dealers: Vec<Arc<Dealer>> = self.state.lock().table.dealers().cloned().collect();
@@ -515,4 +603,23 @@ impl Membership {
             d.shutdown().await;
         }
     }
+}
+
+/// Whether a catalog is within `MAX_CATALOG_ENTRIES` and `MAX_CATALOG_BYTES`; the reason
+/// if not. What a peer announces is kept (and copied into every `PeerInfo`) for as long
+/// as it is known, so its size is bounded before anything is kept.
+fn catalog_within_bounds(c: &codec::Catalog) -> Result<(), &'static str> {
+    if c.methods.len() + c.gathers.len() > MAX_CATALOG_ENTRIES {
+        return Err("its catalog has too many entries");
+    }
+    let bytes: usize = c
+        .methods
+        .keys()
+        .chain(c.gathers.keys())
+        .map(String::len)
+        .sum();
+    if bytes > MAX_CATALOG_BYTES {
+        return Err("its catalog's names are too long in total");
+    }
+    Ok(())
 }
