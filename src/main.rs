@@ -193,11 +193,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli, demo_net)) {
+    let result = rt.block_on(run(cli, demo_net));
+    // What the node queued for stdout and stderr goes out first (bounded wait).
+    cli::logging::flush();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever RUST_BACKTRACE says: this is for people, not debuggers.
-            errln!("error: {e:#}");
+            errln!("error: {}", cli::logging::clean(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }
@@ -211,16 +214,22 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
         Command::Demo => "error",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        // Its own complaint about a failed write would go to the same closed stderr
-        // through `eprintln!`, which panics: a node must outlive its log reader.
-        .log_internal_errors(false)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::Layer as _;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| default_filter.into());
+        // Logs go through a queue to a writer thread (a stderr nobody reads never
+        // blocks the node), one line each, at most 20 a second from one call site.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(|| cli::logging::stderr().clone())
+            // Its own complaint about a failed write would go to the same stderr
+            // through `eprintln!`, which panics when it is closed.
+            .log_internal_errors(false)
+            .with_filter(cli::logging::RateLimit::default());
+        tracing_subscriber::registry().with(filter).with(fmt).init();
+    }
     match cli.command {
         Command::Probe {
             endpoint,

@@ -367,3 +367,99 @@ fn mdns_on_a_missing_interface_is_a_one_line_error_with_a_hint() {
     assert!(err.contains("no usable interface"), "{err}");
     assert!(err.contains("peerwire doctor"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_output_nobody_reads_keeps_serving() {
+    // A node writes presence lines, logs and what `echo.log` prints. When its stdout or
+    // stderr is a pipe that nobody drains, a write blocks; a runtime thread blocked in a
+    // write stopped the node. Now those lines are queued for a writer thread, and dropped
+    // (counted) when it falls behind.
+    let mut child = peerwire_cmd()
+        .args(["node", "--name", "mute", "--serve", "echo"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("endpoint line");
+    let endpoint = line.trim().to_string();
+    // Both pipes stay open and unread from here on.
+    let _unread = (out, child.stderr.take());
+    let client = start_node("flooder", std::slice::from_ref(&endpoint)).await;
+    wait_service(&client, "echo.log", 1).await;
+    // Far more than a pipe holds (64 KiB): 20 000 lines of some 150 bytes.
+    let pad = "x".repeat(100);
+    for i in 0..20_000u32 {
+        client
+            .notify("echo.log", &serde_json::json!({ "i": i, "pad": pad }))
+            .await
+            .unwrap();
+    }
+    for n in 0..20u64 {
+        let got: u64 = client
+            .request_with(
+                "echo.echo",
+                &n,
+                peerwire::node::CallOptions::timeout(Duration::from_secs(3)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, n);
+    }
+    client.shutdown().await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_from_the_network_cannot_forge_lines() {
+    // A peer's name is the peer's to choose: newlines and terminal escapes in it are
+    // shown escaped, on one line.
+    let mut child = peerwire_cmd()
+        .args(["node", "--name", "watcher"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("endpoint line");
+    let endpoint = line.trim().to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let evil = peerwire::node::Node::builder("evil\nWARN forged line\u{1b}[2J")
+        .peer(endpoint)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let joined = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a joined line");
+        seen.push(l.clone());
+        if l.contains("joined") {
+            break l;
+        }
+    };
+    assert!(
+        joined.contains("evil\\nWARN forged line\\u{1b}[2J"),
+        "{joined:?}"
+    );
+    assert!(
+        seen.iter().all(|l| !l.starts_with("WARN forged")),
+        "{seen:?}"
+    );
+    evil.shutdown().await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod doctor;
 pub mod isolate;
+pub mod logging;
 pub mod services;
 
 use std::net::IpAddr;
@@ -171,7 +172,7 @@ pub fn names(list: &[(peerwire::codec::Id, String)]) -> String {
         return "none".into();
     }
     list.iter()
-        .map(|(_, n)| n.as_str())
+        .map(|(_, n)| logging::clean(n))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -233,13 +234,22 @@ pub async fn run_node(
         tokio::select! {
             _ = stop.recv() => break,
             e = presence.next() => match e {
-                Some(e) => errln!("{}", presence_line(&e)),
+                // Not `errln!`: a stderr nobody reads must not stop the node.
+                Some(e) => logging::stderr().line(&presence_line(&e)),
                 None => break,
             }
         }
     }
-    errln!("shutting down");
+    logging::stderr().line("shutting down");
     node.shutdown().await;
+    for (what, lines) in [("stdout", logging::stdout()), ("stderr", logging::stderr())] {
+        if lines.dropped() > 0 {
+            logging::stderr().line(&format!(
+                "{} line(s) of {what} were dropped: nothing was reading it",
+                lines.dropped()
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -313,21 +323,24 @@ fn presence_line(e: &PresenceEvent) -> String {
     match e {
         PresenceEvent::Joined(p) => format!(
             "+ joined  {} ({}) at {}: {} method(s)",
-            p.name,
+            logging::clean(&p.name),
             p.id,
             p.router_endpoint,
             p.methods.len()
         ),
         PresenceEvent::Updated(p) => format!(
             "~ updated {} ({}) at {}: {} method(s)",
-            p.name,
+            logging::clean(&p.name),
             p.id,
             p.router_endpoint,
             p.methods.len()
         ),
         PresenceEvent::Left { peer, reason } => format!(
-            "- left    {} ({}) at {}: {reason}",
-            peer.name, peer.id, peer.router_endpoint
+            "- left    {} ({}) at {}: {}",
+            logging::clean(&peer.name),
+            peer.id,
+            peer.router_endpoint,
+            logging::clean(reason)
         ),
         PresenceEvent::Lagged(n) => {
             format!("! missed {n} event(s); run `peerwire peers` for the table")
@@ -402,16 +415,16 @@ pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
         for p in &peers {
             outln!(
                 "{:<20} {}  {}  {}",
-                p.name,
+                logging::clean(&p.name),
                 p.id,
                 p.router_endpoint,
                 if p.connected { "connected" } else { "down" }
             );
             for (m, v) in &p.methods {
-                outln!("    {m} {v}");
+                outln!("    {} {v}", logging::clean(m));
             }
             for (g, v) in &p.gathers {
-                outln!("    {g} {v} (gather)");
+                outln!("    {} {v} (gather)", logging::clean(g));
             }
         }
     }

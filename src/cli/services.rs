@@ -27,13 +27,10 @@ pub fn serve_echo(node: &Node) {
     node.handle("echo.log", v1, move |v: Value, ctx| {
         let name = name.clone();
         async move {
-            // Not `outln!`: a node whose stdout reader went away keeps serving.
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stdout().lock(),
-                "[{name}] notification from {}: {v}",
-                ctx.sender
-            );
+            // Not `outln!`: a node whose stdout is closed, or read by nobody, keeps
+            // serving (the line is queued for a writer thread, or dropped and counted).
+            super::logging::stdout()
+                .line(&format!("[{name}] notification from {}: {v}", ctx.sender));
             Ok(Value::Null)
         }
     });

@@ -164,7 +164,7 @@ impl Core {
                             .reply_error(&path, h, &body.code, body.message)
                     }
                     Err(body) => {
-                        warn!(target = %h.target, reason = %body.message, "notification not handled")
+                        warn!(target = ?h.target, reason = ?body.message, "notification not handled")
                     }
                 }
             }

@@ -172,7 +172,7 @@ impl Core {
                 }
                 match awaiting {
                     Some(a) => {
-                        debug!(target = %target, peer = %instance.id, %id, "request sent");
+                        debug!(target = ?target, peer = %instance.id, %id, "request sent");
                         Ok(Started::Reply(a))
                     }
                     None => Ok(Started::Sent),

@@ -117,7 +117,7 @@ impl Answering {
     fn reply(&self, sender: Id, out: Result<Bytes, ErrorBody>) -> Option<Message> {
         let Some((ok, err)) = self.kinds else {
             if let Err(e) = out {
-                warn!(target = self.target.as_deref().unwrap_or(""), code = %e.code, message = %e.message, "notification handler failed");
+                warn!(target = ?self.target, code = ?e.code, message = ?e.message, "notification handler failed");
             }
             return None;
         };

@@ -112,7 +112,7 @@ fn instance_gone(
     }
     let at = m.state.lock().table.peer_at(&ep);
     let decision = on_down(&ep, gone, dialled.values().map(|(e, _)| e), at);
-    debug!(node = %m.given.local.name, %instance, endpoint = %ep, ?decision, "mDNS: instance gone");
+    debug!(node = %m.given.local.name, instance = ?instance, endpoint = %ep, ?decision, "mDNS: instance gone");
     match decision {
         OnDown::Keep => {}
         OnDown::Forget => m.forget_later(ep, "gone from mDNS"),
@@ -183,7 +183,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                     .collect();
                 let Some(m) = membership.upgrade() else { break };
                 for instance in gone {
-                    debug!(node = %m.given.local.name, %instance, "mDNS: not reported again after a refresh");
+                    debug!(node = %m.given.local.name, instance = ?instance, "mDNS: not reported again after a refresh");
                     instance_gone(&m, &mut dialled, &instance);
                 }
                 continue;
@@ -201,7 +201,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
             Sighting::Up(seen) => {
                 if seen.cluster != m.given.local.cluster {
                     m.other_cluster.fetch_add(1, Relaxed);
-                    debug!(instance = %seen.instance, cluster = %seen.cluster, "mDNS: a node of another cluster, ignored");
+                    debug!(instance = ?seen.instance, cluster = ?seen.cluster, "mDNS: a node of another cluster, ignored");
                     continue;
                 }
                 if seen.node_id == Some(m.given.local.id) {
@@ -209,18 +209,18 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                 }
                 if seen.version != Some(VERSION_MAJOR_TXT) {
                     m.other_version.fetch_add(1, Relaxed);
-                    warn!(instance = %seen.instance, version = ?seen.version, "mDNS: a node speaking another protocol version, ignored");
+                    warn!(instance = ?seen.instance, version = ?seen.version, "mDNS: a node speaking another protocol version, ignored");
                     continue;
                 }
                 if seen
                     .node_id
                     .is_some_and(|id| m.state.lock().retired.contains(&id))
                 {
-                    debug!(instance = %seen.instance, "mDNS: a lingering record of a node that restarted, ignored");
+                    debug!(instance = ?seen.instance, "mDNS: a lingering record of a node that restarted, ignored");
                     continue;
                 }
                 let Some(ep) = seen.router else {
-                    debug!(instance = %seen.instance, addresses = ?seen.addresses, "mDNS: no usable address");
+                    debug!(instance = ?seen.instance, addresses = ?seen.addresses, "mDNS: no usable address");
                     continue;
                 };
                 if let Some((_, confirmed)) = &mut confirming {
@@ -236,7 +236,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                         m.forget_later(old, "moved");
                     }
                 }
-                debug!(node = %m.given.local.name, instance = %seen.instance, endpoint = %ep, "mDNS: found a peer");
+                debug!(node = %m.given.local.name, instance = ?seen.instance, endpoint = %ep, "mDNS: found a peer");
                 if let Err(e) = m.dial(&ep) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");
                 }

@@ -376,7 +376,7 @@ impl Membership {
     pub(super) fn learn(self: &Arc<Self>, mut hello: Hello, source_ip: Option<IpAddr>) {
         if hello.cluster != self.given.local.cluster {
             self.other_cluster.fetch_add(1, Relaxed);
-            debug!(peer = %hello.name, cluster = %hello.cluster, "ignoring a node of another cluster");
+            debug!(peer = ?hello.name, cluster = ?hello.cluster, "ignoring a node of another cluster");
             return;
         }
         if hello.node_id == self.given.local.id {
