@@ -120,14 +120,14 @@ async fn introduce(node: &Node, hello: &codec::Hello) -> (Dealer, codec::Hello) 
     (d, back)
 }
 
-/// A HELLO of our cluster from a fresh id, claiming ROUTER and PUB ports where nothing
-/// listens (so the node's dials are refused).
+/// A HELLO of our cluster from a fresh id, claiming ROUTER and PUB ports on a loopback
+/// address where nothing listens (so the node's dials are refused, and stay on this host).
 fn fresh_hello(catalog: codec::Catalog) -> codec::Hello {
     codec::Hello {
         node_id: Id::new(),
         name: "intruder".into(),
         cluster: "default".into(),
-        host: "127.0.0.1".into(),
+        host: "127.0.0.3".into(),
         router_port: 9,
         pub_port: 9,
         catalog,
@@ -249,4 +249,53 @@ async fn a_burst_of_joins_is_announced_once_per_interval() {
         "{hellos} HELLOs in {elapsed:?} for 100 joins"
     );
     assert!(hellos >= 1, "the joins were never announced");
+}
+
+#[tokio::test]
+async fn a_hello_flood_is_rate_limited() {
+    init_tracing();
+    let server = orders_server().await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "orders.create", 1).await;
+    // One connection, a thousand HELLOs from fresh ids naming endpoints that refuse.
+    let d = Dealer::connect(server.endpoint(), test_opts()).unwrap();
+    for i in 0..1000u16 {
+        let mut hello = fresh_hello(codec::Catalog::default());
+        hello.router_port = 30_000 + i;
+        let env = codec::Envelope {
+            header: Header::new(Kind::Hello, hello.node_id, ""),
+            payload: codec::encode_payload(&hello).unwrap(),
+        };
+        d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    }
+    wait_until("limited", || server.stats().hellos_limited >= 900).await;
+    assert!(server.peers().len() <= 30, "{} peers", server.peers().len());
+    let created: OrderCreated = client
+        .request("orders.create", &order("book", 1))
+        .await
+        .unwrap();
+    assert_eq!(created.item, "book");
+}
+
+#[tokio::test]
+async fn dials_of_named_endpoints_are_bounded() {
+    // Each HELLO names an endpoint, which the node dials: endpoints that never answer
+    // must not pile up connection attempts.
+    init_tracing();
+    let mut limits = peerwire::node::MembershipLimits::default();
+    limits.max_dialling = 8;
+    let server = Node::builder("dialler")
+        .limits(limits)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for i in 0..40u16 {
+        let mut hello = fresh_hello(codec::Catalog::default());
+        hello.router_port = 40_000 + i;
+        held.push(introduce(&server, &hello).await);
+    }
+    wait_until("deferred", || server.stats().dials_deferred >= 32).await;
+    assert!(server.peers().len() <= 8, "{} peers", server.peers().len());
 }

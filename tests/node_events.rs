@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peerwire::codec::{self, Header, Id, Kind};
-use peerwire::node::{CallError, GatherEnd, GatherOptions};
+use peerwire::node::{CallError, GatherEnd, GatherOptions, MembershipLimits, Node, Rate};
 use peerwire::transport::{Dealer, Message};
 use support::orders::*;
 use support::*;
@@ -297,7 +297,17 @@ async fn gather_replies_survive_connection_churn() {
     init_tracing();
     let responder = start_node("responder", &[]).await;
     responder.handle_gather("census.count", V1, |_: (), _| async { Ok(1u32) });
-    let asker = start_node("asker", &[responder.endpoint()]).await;
+    // Thousands of HELLOs a second from one address: far past the default HELLO rate,
+    // which this test is not about.
+    let mut limits = MembershipLimits::default();
+    limits.hellos_per_source = Rate::new(1e6, 1e6);
+    let asker = Node::builder("asker")
+        .peer(responder.endpoint())
+        .limits(limits)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
     wait_until("subscribed", || {
         asker.subscribers_of("census.count").len() == 1
     })

@@ -13,7 +13,7 @@ use super::balance::RoundRobin;
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
-use super::membership::{Local, Membership, Setup};
+use super::membership::{Local, Membership, MembershipLimits, Setup};
 use super::pubsub::PubSub;
 use super::registry::Registry;
 use super::respond::Responder;
@@ -39,7 +39,7 @@ pub struct NodeBuilder {
     drain_timeout: Duration,
     forget_after: Duration,
     max_in_flight: usize,
-    max_peers: usize,
+    limits: MembershipLimits,
     socket: SocketOptions,
 }
 
@@ -59,7 +59,7 @@ impl NodeBuilder {
             drain_timeout: Duration::from_secs(5),
             forget_after: Duration::from_secs(10),
             max_in_flight: 10_000,
-            max_peers: super::membership::MAX_PEERS,
+            limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
     }
@@ -150,7 +150,14 @@ impl NodeBuilder {
     /// in [`NodeStats::hellos_refused`](super::NodeStats::hellos_refused)) until others
     /// are forgotten.
     pub fn max_peers(mut self, n: usize) -> Self {
-        self.max_peers = n.max(1);
+        self.limits.max_peers = n.max(1);
+        self
+    }
+
+    /// Every bound on what peers can make the membership do (peers, catalogs, HELLO and
+    /// dial rates); see [`MembershipLimits`] for each default.
+    pub fn limits(mut self, limits: MembershipLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -227,7 +234,7 @@ impl NodeBuilder {
             life: life.clone(),
             forget_after: self.forget_after,
             static_endpoints: static_peers.iter().cloned().collect::<HashSet<_>>(),
-            max_peers: self.max_peers,
+            limits: self.limits,
         }));
         membership.start_announcer();
         let core = Arc::new(Core {

@@ -84,7 +84,7 @@ use crate::transport::{
 pub use builder::NodeBuilder;
 pub use calls::PendingReply;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
-pub use membership::{PeerInfo, Presence, PresenceEvent};
+pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use pubsub::{Event, Subscription};
 pub use registry::{Context, HandlerError};
 
@@ -224,6 +224,12 @@ pub struct NodeStats {
     /// HELLOs refused: a catalog past its bounds (1024 entries, 64 KiB of names), or a
     /// new peer past the node's `max_peers`.
     pub hellos_refused: u64,
+    /// HELLOs dropped for coming too fast (more than 20 at once or 10 a second from one
+    /// connection, 200 at once or 100 a second from one address).
+    pub hellos_limited: u64,
+    /// New peer endpoints not dialled when named (more than 100 at once or 50 a second,
+    /// or 128 dials already in progress); discovery and later HELLOs name them again.
+    pub dials_deferred: u64,
 }
 
 /// The node's tasks and the tokens that end them.
@@ -522,6 +528,8 @@ impl Node {
             replies_dropped: c.responder.replies_dropped(),
             callers_dropped: c.responder.callers_dropped(),
             hellos_refused: c.membership.hellos_refused(),
+            hellos_limited: c.membership.hellos_limited(),
+            dials_deferred: c.membership.dials_deferred(),
         }
     }
 

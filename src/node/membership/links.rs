@@ -31,11 +31,25 @@ impl Membership {
         if let Some(l) = st.table.link(endpoint) {
             return Ok(l.clone());
         }
-        if st.table.link_count() >= self.given.max_peers {
+        if st.table.link_count() >= self.given.limits.max_peers {
             return Err(TransportError::InvalidEndpoint(format!(
                 "{endpoint}: the peer limit ({}) is reached",
-                self.given.max_peers
+                self.given.limits.max_peers
             )));
+        }
+        // Endpoints someone else named are dialled at a bounded rate and with a bounded
+        // number still connecting: a flood of HELLOs, gossip or sightings naming
+        // endpoints that do not answer must not turn into a flood of connection attempts.
+        if !self.given.static_endpoints.contains(endpoint) {
+            let dialling = st.table.dialling();
+            let allowed = dialling < self.given.limits.max_dialling && self.rates.lock().new_dial();
+            if !allowed {
+                self.dials_deferred
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(TransportError::InvalidEndpoint(format!(
+                    "{endpoint}: not dialled now ({dialling} dials in progress, or too many new ones this second)"
+                )));
+            }
         }
         let conn = self
             .next_conn

@@ -17,6 +17,7 @@
 //! and subscribe without missing or repeating an event.
 
 mod discover;
+mod limits;
 mod links;
 mod presence;
 mod table;
@@ -32,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::sync::{broadcast, Notify};
 use tracing::{debug, warn};
 
+pub use limits::{MembershipLimits, Rate};
 pub use presence::{PeerInfo, Presence, PresenceEvent};
 
 use super::balance::Balance;
@@ -47,12 +49,6 @@ use table::PeerTable;
 
 /// Most endpoints followed from one HELLO's gossip list.
 const MAX_GOSSIP: usize = 64;
-/// Default of the most peer endpoints a node dials, however they were learned.
-pub(super) const MAX_PEERS: usize = 1024;
-/// Most methods and gather topics a peer's catalog may announce together.
-pub(super) const MAX_CATALOG_ENTRIES: usize = 1024;
-/// Most bytes of names a peer's catalog may announce.
-pub(super) const MAX_CATALOG_BYTES: usize = 64 * 1024;
 /// Shortest time between two rounds of HELLOs to every peer: a burst of changes (peers
 /// joining, handlers registered) is announced once.
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
@@ -116,6 +112,12 @@ pub(super) struct Membership {
     other_version: AtomicU64,
     /// HELLOs refused: a catalog past its bounds, or a new peer past `max_peers`.
     hellos_refused: AtomicU64,
+    /// HELLOs dropped for coming too fast (per connection, per source address).
+    hellos_limited: AtomicU64,
+    /// New endpoints not dialled (yet) for the dial rate or the dials in progress.
+    dials_deferred: AtomicU64,
+    /// Buckets of the HELLO rates (never taken with `state`).
+    rates: Mutex<Rates>,
     /// Set when an announcement is wanted; the announcer sends it.
     announce_wanted: AtomicBool,
     announce_wake: Notify,
@@ -138,13 +140,13 @@ pub(super) struct Setup {
     pub(super) forget_after: Duration,
     /// Endpoints given at start: never forgotten.
     pub(super) static_endpoints: HashSet<Endpoint>,
-    /// Most peer endpoints dialled, whoever named them (static seeds, HELLOs, gossip,
-    /// discovery).
-    pub(super) max_peers: usize,
+    /// Its bounds.
+    pub(super) limits: MembershipLimits,
 }
 
 impl Membership {
     pub(super) fn new(given: Setup) -> Self {
+        let rates = Rates::new(&given.limits);
         Membership {
             given,
             state: Mutex::new(State::default()),
@@ -155,6 +157,9 @@ impl Membership {
             other_cluster: AtomicU64::new(0),
             other_version: AtomicU64::new(0),
             hellos_refused: AtomicU64::new(0),
+            hellos_limited: AtomicU64::new(0),
+            dials_deferred: AtomicU64::new(0),
+            rates: Mutex::new(rates),
             announce_wanted: AtomicBool::new(false),
             announce_wake: Notify::new(),
         }
@@ -267,8 +272,14 @@ impl Membership {
         header: &Header,
         payload: &[u8],
     ) -> Result<(), CodecError> {
-        let hello: Hello = codec::decode_payload(payload)?;
         let source = router.peer_addr(identity);
+        if !self.rates.lock().hello(identity, source.map(|a| a.ip())) {
+            // Dropped before it is even decoded: a flood costs a map lookup each.
+            self.hellos_limited.fetch_add(1, Relaxed);
+            debug!(addr = ?source, "HELLO dropped: too many from this connection or address");
+            return Ok(());
+        }
+        let hello: Hello = codec::decode_payload(payload)?;
         if let Some(addr) = source {
             self.introduce(router, identity, hello.node_id, addr);
         }
@@ -321,6 +332,8 @@ impl Membership {
                         // The same identity may already belong to a newer connection.
                         if ids.get(&identity).is_some_and(|(_, a)| *a == addr) {
                             ids.remove(&identity);
+                            drop(ids);
+                            m.rates.lock().per_connection.remove(&identity);
                         }
                     }
                     Ok(_) => {}
@@ -382,7 +395,7 @@ impl Membership {
         if hello.node_id == self.given.local.id {
             return;
         }
-        if let Err(why) = catalog_within_bounds(&hello.catalog) {
+        if let Err(why) = catalog_within_bounds(&hello.catalog, &self.given.limits) {
             self.hellos_refused.fetch_add(1, Relaxed);
             warn!(peer = ?hello.name, id = %hello.node_id, why, "HELLO refused");
             return;
@@ -405,11 +418,12 @@ impl Membership {
         }
         {
             let st = self.state.lock();
-            if st.table.link(&router_ep).is_none() && st.table.link_count() >= self.given.max_peers
+            if st.table.link(&router_ep).is_none()
+                && st.table.link_count() >= self.given.limits.max_peers
             {
                 drop(st);
                 self.hellos_refused.fetch_add(1, Relaxed);
-                debug!(endpoint = %router_ep, max = self.given.max_peers, "HELLO of a new peer refused: the peer limit is reached");
+                debug!(endpoint = %router_ep, max = self.given.limits.max_peers, "HELLO of a new peer refused: the peer limit is reached");
                 return;
             }
         }
@@ -490,7 +504,7 @@ impl Membership {
             };
             {
                 let st = self.state.lock();
-                if st.table.link_count() >= self.given.max_peers {
+                if st.table.link_count() >= self.given.limits.max_peers {
                     debug!(node = %self.given.local.name, "peer limit reached; gossip not followed");
                     break;
                 }
@@ -596,6 +610,16 @@ impl Membership {
         self.hellos_refused.load(Relaxed)
     }
 
+    /// HELLOs dropped for coming too fast.
+    pub(super) fn hellos_limited(&self) -> u64 {
+        self.hellos_limited.load(Relaxed)
+    }
+
+    /// New endpoints not dialled (yet): the dial rate, or too many dials in progress.
+    pub(super) fn dials_deferred(&self) -> u64 {
+        self.dials_deferred.load(Relaxed)
+    }
+
     /// Closes every DEALER (the node is stopping), waiting for each.
     pub(super) async fn close(&self) {
         let dealers: Vec<Arc<Dealer>> = self.state.lock().table.dealers().cloned().collect();
@@ -605,11 +629,11 @@ impl Membership {
     }
 }
 
-/// Whether a catalog is within `MAX_CATALOG_ENTRIES` and `MAX_CATALOG_BYTES`; the reason
-/// if not. What a peer announces is kept (and copied into every `PeerInfo`) for as long
-/// as it is known, so its size is bounded before anything is kept.
-fn catalog_within_bounds(c: &codec::Catalog) -> Result<(), &'static str> {
-    if c.methods.len() + c.gathers.len() > MAX_CATALOG_ENTRIES {
+/// Whether a catalog is within the limits; the reason if not. What a peer announces is
+/// kept (and copied into every `PeerInfo`) for as long as it is known, so its size is
+/// bounded before anything is kept.
+fn catalog_within_bounds(c: &codec::Catalog, l: &MembershipLimits) -> Result<(), &'static str> {
+    if c.methods.len() + c.gathers.len() > l.max_catalog_entries {
         return Err("its catalog has too many entries");
     }
     let bytes: usize = c
@@ -618,8 +642,40 @@ fn catalog_within_bounds(c: &codec::Catalog) -> Result<(), &'static str> {
         .chain(c.gathers.keys())
         .map(String::len)
         .sum();
-    if bytes > MAX_CATALOG_BYTES {
+    if bytes > l.max_catalog_bytes {
         return Err("its catalog's names are too long in total");
     }
     Ok(())
+}
+
+/// The HELLO rates: per ROUTER connection and per source address.
+struct Rates {
+    per_connection: limits::Buckets<Bytes>,
+    per_source: limits::Buckets<IpAddr>,
+    new_dials: limits::Bucket,
+    new_dial_rate: Rate,
+}
+
+impl Rates {
+    fn new(l: &MembershipLimits) -> Self {
+        Rates {
+            per_connection: limits::Buckets::new(l.hellos_per_connection),
+            per_source: limits::Buckets::new(l.hellos_per_source),
+            new_dials: limits::Bucket::full(l.new_dials, tokio::time::Instant::now()),
+            new_dial_rate: l.new_dials,
+        }
+    }
+
+    /// Whether a new endpoint may be dialled now.
+    fn new_dial(&mut self) -> bool {
+        self.new_dials
+            .take(self.new_dial_rate, tokio::time::Instant::now())
+    }
+
+    /// Whether a HELLO from connection `identity` (from `source`) may be handled now.
+    fn hello(&mut self, identity: &Bytes, source: Option<IpAddr>) -> bool {
+        let now = tokio::time::Instant::now();
+        self.per_connection.take(identity, now)
+            && source.is_none_or(|ip| self.per_source.take(&ip, now))
+    }
 }

@@ -78,6 +78,14 @@ impl PeerTable {
         self.links.len()
     }
 
+    /// Endpoints dialled whose connection is not up.
+    pub(super) fn dialling(&self) -> usize {
+        self.links
+            .values()
+            .filter(|l| !l.dealer.is_connected())
+            .count()
+    }
+
     /// Every DEALER.
     pub(super) fn dealers(&self) -> impl Iterator<Item = &Arc<Dealer>> {
         self.links.values().map(|l| &l.dealer)
