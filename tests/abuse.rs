@@ -68,7 +68,7 @@ async fn a_caller_that_never_reads_its_replies_delays_nobody() {
                         break; // closed on us: what should happen
                     }
                 }
-                assert!(attacker.closed_by_peer().await);
+                assert!(attacker.closed_within(BOUND).await);
             }
             rounds
         })

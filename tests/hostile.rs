@@ -410,7 +410,7 @@ async fn silent_peers_are_closed_after_the_idle_timeout_whatever_their_version()
     let mut old = RawPeer::connect(router.local_addr()).await;
     old.handshake_as(0, "DEALER").await;
     expect_failure(&mut events, "idle_timeout").await;
-    assert!(old.closed_by_peer().await);
+    assert!(old.closed_within(BOUND).await);
     // The peer that answers PINGs (ZMTP 3.1) is quiet too, but alive: it stays.
     let left = tokio::time::timeout(
         Duration::from_millis(1200),
@@ -443,7 +443,7 @@ async fn one_address_cannot_hold_every_slot() {
     wait_until("four held", || router.peers().len() == 4).await;
     // The fifth from the same address is refused at once, counted and reported.
     let mut fifth = RawPeer::connect(addr).await;
-    assert!(fifth.closed_by_peer().await);
+    assert!(fifth.closed_within(BOUND).await);
     wait_event(&mut events, "refused", |e| {
         matches!(e, SocketEvent::Refused { .. })
     })
@@ -475,7 +475,7 @@ async fn handshakes_in_progress_are_limited_per_address() {
     let _slow = [RawPeer::connect(addr).await, RawPeer::connect(addr).await];
     wait_until("both accepted", || router.stats().accepted == 2).await;
     let mut third = RawPeer::connect(addr).await;
-    assert!(third.closed_by_peer().await);
+    assert!(third.closed_within(BOUND).await);
     wait_event(&mut events, "refused", |e| {
         matches!(e, SocketEvent::Refused { .. })
     })
@@ -484,4 +484,80 @@ async fn handshakes_in_progress_are_limited_per_address() {
     let mut other = RawPeer::connect_from([127, 0, 0, 2].into(), addr).await;
     other.handshake("DEALER").await;
     wait_until("the other address connected", || router.peers().len() == 1).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_dropped_when_the_publisher_is_full() {
+    // Every subscriber may have 64 MiB queued; eight slow ones took a publisher from 17 to
+    // 380 MB. A total for all of them bounds that, and the slowest is dropped once it is
+    // reached, so that the others do not lose messages because of it.
+    use peerwire::transport::{Message, Publisher, Subscriber};
+    init_tracing();
+    let opts = test_opts()
+        .with_send_queue_bytes(1 << 20)
+        .with_send_queue_total_bytes(256 << 10);
+    let publisher = Publisher::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let mut events = publisher.events();
+    let heap0 = heap_bytes();
+    let mut slow = RawPeer::connect(publisher.local_addr()).await;
+    slow.handshake("SUB").await;
+    let mut out = BytesMut::new();
+    Command::Subscribe(Bytes::new()).encode(&mut out);
+    slow.send(&out).await.unwrap();
+    let live = Subscriber::new(test_opts());
+    live.subscribe("");
+    live.connect(ep(publisher.local_addr())).unwrap();
+    wait_until("both subscribed", || {
+        publisher
+            .subscribers()
+            .iter()
+            .filter(|s| !s.subscriptions.is_empty())
+            .count()
+            == 2
+    })
+    .await;
+    // Far more than the slow one's socket buffers hold, until it is dropped.
+    let body = Bytes::from(vec![7u8; 1024]);
+    let dropped = async {
+        wait_event(&mut events, "the slow subscriber dropped", |e| {
+            matches!(e, SocketEvent::SlowPeerDropped { .. })
+        })
+        .await
+    };
+    tokio::pin!(dropped);
+    loop {
+        tokio::select! {
+            _ = &mut dropped => break,
+            _ = tokio::task::yield_now() => {
+                let _ = publisher.publish(Message::from(body.clone()));
+            }
+        }
+    }
+    assert_eq!(publisher.stats().slow_dropped, 1);
+    assert!(slow.closed_within(BOUND).await);
+    // The live subscriber, paced by its own reading, gets everything published now.
+    let marked = Bytes::from_static(b"after");
+    let reading = tokio::spawn(async move {
+        let mut after = 0u32;
+        while after < 2000 {
+            let m = within("a message", live.recv()).await.unwrap();
+            if m.frames()[0] == marked {
+                after += 1;
+            }
+        }
+        after
+    });
+    for _ in 0..2000 {
+        wait_until("room", || {
+            publisher.subscribers().iter().all(|s| s.queued < 100)
+        })
+        .await;
+        let r = publisher
+            .publish(Message::from(Bytes::from_static(b"after")))
+            .unwrap();
+        assert_eq!(r.dropped, 0, "{r:?}");
+    }
+    assert_eq!(within("all received", reading).await.unwrap(), 2000);
+    let grown = heap_bytes().saturating_sub(heap0);
+    assert!(grown < HEAP_BOUND, "heap grew by {grown} bytes");
 }

@@ -40,6 +40,14 @@ pub enum SocketEvent {
         /// Why.
         reason: CloseReason,
     },
+    /// A peer was disconnected for not reading what was queued for it while the socket's
+    /// queues together held all they may (`send_queue_total_bytes`).
+    SlowPeerDropped {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// Bytes queued for it when it was dropped.
+        queued_bytes: usize,
+    },
     /// A listener refused a connection because it already has `max_connections`.
     Refused {
         /// The refused peer's address.
@@ -70,6 +78,7 @@ pub(crate) struct Stats {
     pub(crate) messages_out: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) unknown_commands: AtomicU64,
+    pub(crate) slow_dropped: AtomicU64,
     pub(crate) violations: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -79,7 +88,7 @@ pub(crate) struct Stats {
 pub struct StatsSnapshot {
     /// TCP connections accepted (listeners) or established (connecting sockets).
     pub accepted: u64,
-    /// Connections refused for `max_connections`.
+    /// Connections refused at accept: `max_connections`, or the limits per source address.
     pub refused: u64,
     /// Handshakes completed.
     pub handshakes: u64,
@@ -95,6 +104,8 @@ pub struct StatsSnapshot {
     pub dropped: u64,
     /// Unknown commands received and ignored.
     pub unknown_commands: u64,
+    /// Peers disconnected for not reading while the socket's queues were full (PUB).
+    pub slow_dropped: u64,
     /// Connections closed for each kind of protocol violation, by [`ProtocolViolation::label`].
     pub violations: BTreeMap<&'static str, u64>,
 }
@@ -112,6 +123,7 @@ impl Stats {
             messages_out: self.messages_out.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
             unknown_commands: self.unknown_commands.load(Relaxed),
+            slow_dropped: self.slow_dropped.load(Relaxed),
             violations: self.violations.lock().clone(),
         }
     }

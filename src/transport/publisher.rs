@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 
 use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions};
 use super::error::{ProtocolViolation, SendError, TransportError};
+use super::events::SocketEvent;
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -131,8 +132,10 @@ impl Publisher {
     pub fn publish(&self, msg: Message) -> Result<PublishReport, SendError> {
         msg.check(&self.role.shared.opts)?;
         let mut report = PublishReport::default();
+        let mut over_budget = false;
         let first = msg.frames()[0].clone();
-        for s in self.role.subscribers.read().iter() {
+        let subscribers = self.role.subscribers.read();
+        for s in subscribers.iter() {
             if !s.filter.matches(&first) {
                 continue;
             }
@@ -141,14 +144,43 @@ impl Publisher {
                     s.delivered.fetch_add(1, Relaxed);
                     report.queued += 1;
                 }
-                Err(_) => {
+                Err((_, usage)) => {
+                    over_budget |= usage.over_budget;
                     s.dropped.fetch_add(1, Relaxed);
                     self.role.shared.stats.dropped.fetch_add(1, Relaxed);
                     report.dropped += 1;
                 }
             }
         }
+        if over_budget {
+            self.drop_slowest(&subscribers);
+        }
         Ok(report)
+    }
+
+    /// The queues together hold the socket's whole budget: the subscriber holding the
+    /// most, if it holds more than its share, is disconnected (counted, reported as an
+    /// event), so that one slow reader does not make everyone lose messages. Its queue,
+    /// and the memory it held, go with it.
+    fn drop_slowest(&self, subscribers: &[Arc<Subscriber>]) {
+        let share = self.role.shared.opts.send_queue_total_bytes / subscribers.len().max(1);
+        let slowest = subscribers
+            .iter()
+            .filter(|s| !s.out.is_interrupted())
+            .map(|s| (s.out.usage().bytes, s))
+            .max_by_key(|(bytes, _)| *bytes);
+        if let Some((bytes, s)) = slowest {
+            if bytes > share && s.out.interrupt() {
+                // Nothing of its queue is worth the linger: the memory goes back now.
+                s.out.clear();
+                self.role.shared.stats.slow_dropped.fetch_add(1, Relaxed);
+                tracing::warn!(addr = %s.addr, queued_bytes = bytes, "slow subscriber dropped: the publisher's queues are full");
+                self.role.shared.emit(SocketEvent::SlowPeerDropped {
+                    addr: s.addr,
+                    queued_bytes: bytes,
+                });
+            }
+        }
     }
 
     /// Identities of the subscribers whose filter matches `topic` now (cheaper than

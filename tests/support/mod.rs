@@ -174,20 +174,6 @@ impl RawPeer {
         self.stream.write_all(bytes).await
     }
 
-    /// Whether the peer closed the connection (bounded wait; data is read and dropped).
-    pub async fn closed_by_peer(&mut self) -> bool {
-        let mut buf = [0u8; 256];
-        within("the peer closes", async {
-            loop {
-                match self.stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return true,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-    }
-
     /// Greeting (3.1, NULL) and READY with this socket type.
     pub async fn handshake(&mut self, socket_type: &str) {
         self.handshake_as(1, socket_type).await

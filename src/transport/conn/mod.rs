@@ -86,14 +86,32 @@ impl Cost for Inbound {
 
 /// Prefix filters a PUB keeps for one subscriber (a multiset, as in ZeroMQ: subscribing
 /// twice and cancelling once leaves the prefix subscribed).
+///
+/// Matching costs at most one lookup per distinct prefix length present (no more than the
+/// topic's length), however many prefixes the subscriber holds: a subscriber with
+/// thousands of prefixes must not make every publish slow for everyone.
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
-    prefixes: RwLock<Vec<Bytes>>,
+    prefixes: RwLock<Prefixes>,
 }
+
+#[derive(Debug, Default)]
+struct Prefixes {
+    /// Each distinct prefix and how many times it is subscribed.
+    counts: std::collections::HashMap<Bytes, u32>,
+    /// How many distinct prefixes there are of each length.
+    lengths: std::collections::BTreeMap<usize, u32>,
+    /// Subscriptions held (with repeats) and their bytes, against the limits.
+    held: usize,
+    bytes: usize,
+}
+
+/// Up to this many distinct prefixes, matching compares each (cheaper than hashing).
+const SCAN_UP_TO: usize = 8;
 
 impl Subscriptions {
     /// Applies a SUBSCRIBE or CANCEL. Refuses to grow past `max` prefixes or
-    /// `max_bytes` of them, so a subscriber cannot exhaust memory or slow every publish.
+    /// `max_bytes` of them, so a subscriber cannot exhaust memory.
     pub fn apply(
         &self,
         subscribe: bool,
@@ -103,27 +121,53 @@ impl Subscriptions {
     ) -> Result<(), ProtocolViolation> {
         let mut p = self.prefixes.write();
         if subscribe {
-            let bytes: usize = p.iter().map(|t| t.len()).sum();
-            if p.len() >= max || bytes + topic.len() > max_bytes {
+            if p.held >= max || p.bytes + topic.len() > max_bytes {
                 return Err(ProtocolViolation::TooManySubscriptions { max, max_bytes });
             }
-            // Copied: a slice would keep the connection's whole read buffer alive.
-            p.push(Bytes::copy_from_slice(topic));
-        } else if let Some(i) = p.iter().position(|t| t[..] == *topic) {
-            p.swap_remove(i);
+            p.held += 1;
+            p.bytes += topic.len();
+            match p.counts.get_mut(topic) {
+                Some(n) => *n += 1,
+                None => {
+                    // Copied: a slice would keep the connection's whole read buffer alive.
+                    p.counts.insert(Bytes::copy_from_slice(topic), 1);
+                    *p.lengths.entry(topic.len()).or_default() += 1;
+                }
+            }
+        } else if let Some(n) = p.counts.get_mut(topic) {
+            *n -= 1;
+            let gone = *n == 0;
+            p.held -= 1;
+            p.bytes -= topic.len();
+            if gone {
+                p.counts.remove(topic);
+                if let Some(l) = p.lengths.get_mut(&topic.len()) {
+                    *l -= 1;
+                    if *l == 0 {
+                        p.lengths.remove(&topic.len());
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     pub fn matches(&self, first_frame: &[u8]) -> bool {
-        self.prefixes
-            .read()
-            .iter()
-            .any(|p| first_frame.starts_with(p))
+        let p = self.prefixes.read();
+        if p.counts.len() <= SCAN_UP_TO {
+            return p.counts.keys().any(|k| first_frame.starts_with(k));
+        }
+        p.lengths
+            .range(..=first_frame.len())
+            .any(|(&len, _)| p.counts.contains_key(&first_frame[..len]))
     }
 
     pub fn list(&self) -> Vec<Bytes> {
-        self.prefixes.read().clone()
+        let p = self.prefixes.read();
+        p.counts
+            .iter()
+            .flat_map(|(k, &n)| std::iter::repeat_n(k.clone(), n as usize))
+            .collect()
     }
 }
 
@@ -196,7 +240,7 @@ impl Shared {
         })
     }
 
-    fn emit(&self, e: SocketEvent) {
+    pub(crate) fn emit(&self, e: SocketEvent) {
         // No receiver is fine: events are for whoever listens.
         let _ = self.events.send(e);
     }
@@ -343,4 +387,34 @@ pub(crate) async fn serve(
         reason,
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_are_a_multiset_matched_by_prefix() {
+        let s = Subscriptions::default();
+        s.apply(true, b"news.", 100, 1000).unwrap();
+        s.apply(true, b"news.", 100, 1000).unwrap();
+        assert!(s.matches(b"news.flash"));
+        s.apply(false, b"news.", 100, 1000).unwrap();
+        assert!(s.matches(b"news.flash"), "subscribed twice, cancelled once");
+        s.apply(false, b"news.", 100, 1000).unwrap();
+        assert!(!s.matches(b"news.flash"));
+        // Many prefixes (the indexed path): still exact.
+        for i in 0..50 {
+            s.apply(true, format!("t{i}.").as_bytes(), 100, 1000)
+                .unwrap();
+        }
+        assert!(
+            s.matches(b"t7.x") && s.matches(b"t49.") && !s.matches(b"t50.") && !s.matches(b"t")
+        );
+        s.apply(true, b"", 100, 1000).unwrap();
+        assert!(s.matches(b"anything"), "the empty prefix matches all");
+        assert_eq!(s.list().len(), 51);
+        // Bounds: count and bytes, repeats included.
+        assert!(s.apply(true, &[b'x'; 900], 100, 1000).is_err());
+    }
 }
