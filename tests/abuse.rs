@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use peerwire::codec::{self, Header, Id, Kind, Version};
+use peerwire::codec::{self, codes, Header, Id, Kind, Version};
 use peerwire::node::{CallOptions, Node};
 use peerwire::transport::{Dealer, Message, Router};
 use support::orders::*;
@@ -298,4 +298,66 @@ async fn dials_of_named_endpoints_are_bounded() {
     }
     wait_until("deferred", || server.stats().dials_deferred >= 32).await;
     assert!(server.peers().len() <= 8, "{} peers", server.peers().len());
+}
+
+#[tokio::test]
+async fn one_caller_cannot_take_every_handler_slot() {
+    // A caller with many slow requests in flight held every handler slot of the node,
+    // and everybody else waited. Now one connection may run only so many at once; past
+    // that its requests are answered `overloaded` at once.
+    init_tracing();
+    let server = Node::builder("server")
+        .max_in_flight(8)
+        .max_in_flight_per_connection(4)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    server.handle("slow.op", V1, move |_: (), _| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Ok(())
+        }
+    });
+    server.handle("echo.echo", V1, |n: u64, _| async move { Ok(n) });
+    let greedy = start_node("greedy", &[server.endpoint()]).await;
+    let polite = start_node("polite", &[server.endpoint()]).await;
+    wait_service(&greedy, "slow.op", 1).await;
+    wait_service(&polite, "echo.echo", 1).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let opts = CallOptions::timeout(Duration::from_secs(30));
+        calls.push(
+            greedy
+                .request_async_with::<_, ()>("slow.op", &(), opts)
+                .await
+                .unwrap(),
+        );
+    }
+    wait_until("16 refused", || server.stats().overloaded >= 16).await;
+    // Four slots are held by the greedy caller; the polite one is served.
+    let got: u64 = polite
+        .request_with(
+            "echo.echo",
+            &5u64,
+            CallOptions::timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, 5);
+    release.notify_waiters();
+    let mut overloaded = 0;
+    for c in calls {
+        match within("reply", c.recv()).await {
+            Ok(()) => {}
+            Err(peerwire::node::CallError::Remote { code, .. }) if code == codes::OVERLOADED => {
+                overloaded += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(overloaded, 16);
 }

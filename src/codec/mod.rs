@@ -305,6 +305,9 @@ pub mod codes {
     pub const UNSUPPORTED_KIND: &str = "unsupported_kind";
     /// The node is shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// The caller's connection already has as many requests running as a connection
+    /// may; the request was not run (retry later).
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 /// A service as announced in HELLO: its methods and their versions.

@@ -39,6 +39,7 @@ pub struct NodeBuilder {
     drain_timeout: Duration,
     forget_after: Duration,
     max_in_flight: usize,
+    max_in_flight_per_connection: usize,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -59,6 +60,7 @@ impl NodeBuilder {
             drain_timeout: Duration::from_secs(5),
             forget_after: Duration::from_secs(10),
             max_in_flight: 10_000,
+            max_in_flight_per_connection: 256,
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -161,6 +163,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Most handlers that await running at once for one caller connection (default 256),
+    /// so that one caller cannot take every slot of [`max_in_flight`](Self::max_in_flight).
+    /// Past it a request is answered `overloaded` (a notification dropped) at once, and
+    /// counted in [`NodeStats::overloaded`](super::NodeStats::overloaded).
+    pub fn max_in_flight_per_connection(mut self, n: usize) -> Self {
+        self.max_in_flight_per_connection = n.max(1);
+        self
+    }
+
     /// Transport options for every socket of the node.
     pub fn socket_options(mut self, opts: SocketOptions) -> Self {
         self.socket = opts;
@@ -250,7 +261,7 @@ impl NodeBuilder {
             registry,
             membership: membership.clone(),
             gathers: Arc::new(Gathers::default()),
-            responder: Responder::new(id, self.max_in_flight),
+            responder: Responder::new(id, self.max_in_flight, self.max_in_flight_per_connection),
             inbound: Inbound::default(),
         });
         membership.watch_router(&core.router, router_events);

@@ -221,6 +221,9 @@ pub struct NodeStats {
     pub replies_dropped: u64,
     /// Caller connections closed for not reading their replies.
     pub callers_dropped: u64,
+    /// Requests answered `overloaded` (and notifications dropped): their connection had
+    /// `max_in_flight_per_connection` handlers running.
+    pub overloaded: u64,
     /// HELLOs refused: a catalog past its bounds (1024 entries, 64 KiB of names), or a
     /// new peer past the node's `max_peers`.
     pub hellos_refused: u64,
@@ -527,6 +530,7 @@ impl Node {
             events_dropped: c.pubsub.dropped(),
             replies_dropped: c.responder.replies_dropped(),
             callers_dropped: c.responder.callers_dropped(),
+            overloaded: c.responder.overloaded(),
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),
             dials_deferred: c.membership.dials_deferred(),

@@ -13,9 +13,10 @@
 //! handler slot, task or memory is held for it and nobody else waits behind it. (The
 //! queue bounds, per connection and in total, are the transport's.)
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ use tracing::{debug, warn};
 
 use super::frames;
 use super::registry::{Context, ErasedHandler};
-use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
+use parking_lot::Mutex;
+
+use crate::codec::{self, codes, Envelope, ErrorBody, Header, Id, Kind};
 use crate::transport::{Dealer, Message, Router, SendError};
 
 /// Where a reply goes: back on the ROUTER connection a request came from, or on our
@@ -174,9 +177,59 @@ impl Undelivered {
     }
 }
 
+/// Handlers that await, counted per ROUTER connection, so that one connection cannot
+/// take every handler slot.
+struct PerConnection {
+    limit: usize,
+    /// All of them; while below `limit`, no connection can be at it and the map is not
+    /// even looked at (the common case costs one atomic load).
+    total: AtomicUsize,
+    running: Mutex<HashMap<Bytes, usize>>,
+    refused: AtomicU64,
+}
+
+impl PerConnection {
+    /// Whether the connection `identity` may start one more handler.
+    fn admits(&self, identity: &Bytes) -> bool {
+        if self.total.load(Relaxed) < self.limit {
+            return true;
+        }
+        self.running.lock().get(identity).copied().unwrap_or(0) < self.limit
+    }
+
+    fn started(self: &Arc<Self>, identity: Bytes) -> Running {
+        self.total.fetch_add(1, Relaxed);
+        *self.running.lock().entry(identity.clone()).or_default() += 1;
+        Running {
+            counts: self.clone(),
+            identity,
+        }
+    }
+}
+
+/// One handler that awaits, counted against its connection until dropped.
+struct Running {
+    counts: Arc<PerConnection>,
+    identity: Bytes,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.counts.total.fetch_sub(1, Relaxed);
+        let mut running = self.counts.running.lock();
+        if let Some(n) = running.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.identity);
+            }
+        }
+    }
+}
+
 /// Runs handlers and sends their replies. See the [module documentation](self).
 pub(super) struct Responder {
     node_id: Id,
+    per_connection: Arc<PerConnection>,
     /// Bounds handlers running at once; when none is free the inbound loops stop reading
     /// and TCP pushes back on the senders.
     slots: Arc<Semaphore>,
@@ -186,9 +239,15 @@ pub(super) struct Responder {
 }
 
 impl Responder {
-    pub(super) fn new(node_id: Id, max_in_flight: usize) -> Self {
+    pub(super) fn new(node_id: Id, max_in_flight: usize, per_connection: usize) -> Self {
         Responder {
             node_id,
+            per_connection: Arc::new(PerConnection {
+                limit: per_connection.max(1),
+                total: AtomicUsize::new(0),
+                running: Mutex::new(HashMap::new()),
+                refused: AtomicU64::new(0),
+            }),
             slots: Arc::new(Semaphore::new(max_in_flight)),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -236,6 +295,12 @@ impl Responder {
         self.undelivered.callers.load(Relaxed)
     }
 
+    /// Requests and notifications not run: their connection had as many running as a
+    /// connection may.
+    pub(super) fn overloaded(&self) -> u64 {
+        self.per_connection.refused.load(Relaxed)
+    }
+
     /// Answers `to` with an error reply at once (no handler runs).
     pub(super) fn reply_error(
         &self,
@@ -263,6 +328,17 @@ impl Responder {
         path: ReplyPath<'_>,
         slot: OwnedSemaphorePermit,
     ) {
+        if let ReplyPath::Router(_, identity) = &path {
+            if !self.per_connection.admits(identity) {
+                self.per_connection.refused.fetch_add(1, Relaxed);
+                debug!(target = ?env.header.target, "request not run: its connection has too many running");
+                if env.header.kind == Kind::Request {
+                    let msg = "too many requests of this connection are running; retry later";
+                    self.reply_error(&path, &env.header, codes::OVERLOADED, msg.into());
+                }
+                return;
+            }
+        }
         let answering = Answering::of(&env.header);
         let sender = self.node_id;
         match start(handler, env) {
@@ -273,11 +349,18 @@ impl Responder {
                 }
             }
             Err(run) => {
+                let running = match &path {
+                    ReplyPath::Router(_, identity) => {
+                        Some(self.per_connection.started(identity.clone()))
+                    }
+                    ReplyPath::Dealer(_) => None,
+                };
                 let path = path.detach();
                 let undelivered = self.undelivered.clone();
                 self.tasks.spawn(async move {
                     let out = run.await;
                     drop(slot);
+                    drop(running);
                     if let Some(reply) = out.and_then(|out| answering.reply(sender, out)) {
                         undelivered.send_detached(&path, reply);
                     }
