@@ -44,6 +44,9 @@ pub struct MembershipLimits {
     pub max_catalog_entries: usize,
     /// Most bytes of names one peer's catalog may announce. Default 64 KiB.
     pub max_catalog_bytes: usize,
+    /// Largest HELLO (or HELLO-ACK) payload decoded; a larger one is refused unread.
+    /// Default 256 KiB: a catalog at its bounds plus a full gossip list fit in far less.
+    pub max_hello_bytes: usize,
     /// HELLOs one ROUTER connection may send. A node sends one on connecting and one per
     /// change, at most ten a second. Default 20 at once, then 10 a second.
     pub hellos_per_connection: Rate,
@@ -63,6 +66,7 @@ impl Default for MembershipLimits {
             max_peers: 1024,
             max_catalog_entries: 1024,
             max_catalog_bytes: 64 * 1024,
+            max_hello_bytes: 256 * 1024,
             hellos_per_connection: Rate::new(20.0, 10.0),
             hellos_per_source: Rate::new(200.0, 100.0),
             new_dials: Rate::new(100.0, 50.0),

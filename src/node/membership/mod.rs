@@ -279,6 +279,9 @@ impl Membership {
             debug!(addr = ?source, "HELLO dropped: too many from this connection or address");
             return Ok(());
         }
+        if !self.hello_size_ok(payload) {
+            return Ok(());
+        }
         let hello: Hello = codec::decode_payload(payload)?;
         if let Some(addr) = source {
             self.introduce(router, identity, hello.node_id, addr);
@@ -302,6 +305,20 @@ impl Membership {
             ids.retain(|id, _| live.contains(id));
         }
         ids.insert(identity.clone(), (node, addr));
+    }
+
+    /// Whether a HELLO payload is small enough to decode (what it decodes into is kept).
+    fn hello_size_ok(&self, payload: &[u8]) -> bool {
+        let max = self.given.limits.max_hello_bytes;
+        if payload.len() <= max {
+            return true;
+        }
+        self.hellos_refused.fetch_add(1, Relaxed);
+        warn!(
+            bytes = payload.len(),
+            max, "HELLO refused unread: too large"
+        );
+        false
     }
 
     /// The node that introduced itself on the ROUTER connection `identity`, if any.
@@ -356,6 +373,9 @@ impl Membership {
         endpoint: &Endpoint,
         payload: &[u8],
     ) -> Result<(), CodecError> {
+        if !self.hello_size_ok(payload) {
+            return Ok(());
+        }
         let hello: Hello = codec::decode_payload(payload)?;
         if hello.node_id == self.given.local.id {
             // Gossip led us to ourselves: never dial this endpoint again.
