@@ -227,7 +227,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             // Its own complaint about a failed write would go to the same stderr
             // through `eprintln!`, which panics when it is closed.
             .log_internal_errors(false)
-            .with_filter(cli::logging::RateLimit::default());
+            // Colours for a terminal only: a log file or a pipe gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(cli::logging::RateLimit::global());
         tracing_subscriber::registry().with(filter).with(fmt).init();
     }
     match cli.command {

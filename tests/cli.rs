@@ -463,3 +463,69 @@ async fn names_from_the_network_cannot_forge_lines() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_messages_is_not_a_flood_of_log_lines() {
+    // 200 000 malformed messages once wrote 41.6 MB of warnings in 5 s. Each log call
+    // site now writes at most 20 lines a second and then says how many it suppressed.
+    let mut child = peerwire_cmd()
+        .args(["node", "--name", "target", "--serve", "echo"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("endpoint line");
+    let endpoint = line.trim().to_string();
+    let stderr = child.stderr.take().unwrap();
+    let logged = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.push(l);
+        }
+        lines
+    });
+    let addr: std::net::SocketAddr = endpoint["tcp://".len()..].parse().unwrap();
+    let mut raw = RawPeer::connect(addr).await;
+    raw.handshake("DEALER").await;
+    let mut junk = bytes::BytesMut::new();
+    for _ in 0..1000 {
+        junk.extend_from_slice(&[0x00, 0x04, b'j', b'u', b'n', b'k']);
+    }
+    for _ in 0..200 {
+        raw.send(&junk).await.unwrap();
+    }
+    // The node still answers, and says it is busy refusing.
+    let client = start_node("client", std::slice::from_ref(&endpoint)).await;
+    wait_service(&client, "echo.echo", 1).await;
+    let got: u64 = client.request("echo.echo", &3u64).await.unwrap();
+    assert_eq!(got, 3);
+    client.shutdown().await;
+    // SIGTERM: the node stops and its stderr closes, which ends the reader.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    let lines = logged.join().unwrap();
+    let malformed = lines.iter().filter(|l| l.contains("malformed")).count();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    assert!(malformed >= 1, "the flood was not logged at all: {lines:?}");
+    assert!(
+        malformed < 200,
+        "{malformed} lines about malformed messages"
+    );
+    assert!(
+        bytes < 64 * 1024,
+        "{bytes} bytes of log for 200 000 bad messages"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("were suppressed")),
+        "no count of the suppressed lines: {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in a pipe"
+    );
+}

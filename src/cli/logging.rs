@@ -176,14 +176,18 @@ pub fn stderr() -> &'static Lines {
     STDERR.get_or_init(|| Lines::spawn("stderr-writer", std::io::stderr()))
 }
 
-/// Flushes both (bounded), at exit.
+/// Reports what the log filter suppressed, then flushes both streams (bounded), at exit.
 pub fn flush() {
+    if let Some(r) = RATE_LIMIT.get() {
+        r.report_suppressed();
+    }
     for l in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
         l.flush(Duration::from_millis(500));
     }
 }
 
 struct Window {
+    meta: &'static Metadata<'static>,
     started: Instant,
     seen: u32,
     suppressed: u64,
@@ -191,10 +195,43 @@ struct Window {
 
 /// A per-layer filter that lets each call site log at most `EVENTS_PER_WINDOW` events a
 /// second; the rest are suppressed and counted, and the count is written when the call
-/// site logs again in a later window.
-#[derive(Default)]
+/// site logs again in a later window, or at exit ([`flush`]).
+#[derive(Clone, Default)]
 pub struct RateLimit {
-    sites: Mutex<HashMap<Identifier, Window>>,
+    sites: Arc<Mutex<HashMap<Identifier, Window>>>,
+}
+
+/// The filter in use, for the count of what it suppressed at exit.
+static RATE_LIMIT: OnceLock<RateLimit> = OnceLock::new();
+
+impl RateLimit {
+    /// The process's filter (one, so that its counts can be reported at exit).
+    pub fn global() -> RateLimit {
+        RATE_LIMIT.get_or_init(RateLimit::default).clone()
+    }
+
+    /// Writes how many lines each call site had suppressed and not yet reported.
+    fn report_suppressed(&self) {
+        let pending: Vec<(&'static Metadata<'static>, u64)> = self
+            .sites
+            .lock()
+            .values_mut()
+            .filter(|w| w.suppressed > 0)
+            .map(|w| (w.meta, std::mem::take(&mut w.suppressed)))
+            .collect();
+        for (meta, n) in pending {
+            stderr().line(&suppressed_line(meta, n));
+        }
+    }
+}
+
+fn suppressed_line(meta: &Metadata<'_>, n: u64) -> String {
+    format!(
+        "{} {}: {n} more like the last were suppressed ({})",
+        meta.level(),
+        meta.target(),
+        meta.name()
+    )
 }
 
 impl<S> Filter<S> for RateLimit {
@@ -211,6 +248,7 @@ impl<S> Filter<S> for RateLimit {
                 sites.clear();
             }
             let w = sites.entry(meta.callsite()).or_insert(Window {
+                meta,
                 started: now,
                 seen: 0,
                 suppressed: 0,
@@ -229,11 +267,7 @@ impl<S> Filter<S> for RateLimit {
             report
         };
         if report > 0 {
-            stderr().line(&format!(
-                "{} {}: {report} more like the next were suppressed",
-                meta.level(),
-                meta.target()
-            ));
+            stderr().line(&suppressed_line(meta, report));
         }
         true
     }

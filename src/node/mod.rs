@@ -78,7 +78,8 @@ use tracing::warn;
 use crate::codec::{self, CodecError, Id, Version};
 use crate::discovery::DiscoveryError;
 use crate::transport::{
-    Endpoint, PublishReport, Publisher, Router, SendError, Subscriber, TransportError,
+    Endpoint, PublishReport, Publisher, Router, SendError, StatsSnapshot, Subscriber,
+    TransportError,
 };
 
 pub use builder::NodeBuilder;
@@ -233,6 +234,13 @@ pub struct NodeStats {
     /// New peer endpoints not dialled when named (more than 100 at once or 50 a second,
     /// or 128 dials already in progress); discovery and later HELLOs name them again.
     pub dials_deferred: u64,
+    /// The ROUTER's counters: connections refused (in total, per address, in the
+    /// handshake), closed for violations or idleness, messages dropped.
+    pub router: StatsSnapshot,
+    /// The PUB's counters: subscribers refused or dropped for being slow, events dropped.
+    pub publisher: StatsSnapshot,
+    /// The SUB's counters.
+    pub subscriber: StatsSnapshot,
 }
 
 /// The node's tasks and the tokens that end them.
@@ -534,6 +542,9 @@ impl Node {
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),
             dials_deferred: c.membership.dials_deferred(),
+            router: c.router.stats(),
+            publisher: c.publisher.stats(),
+            subscriber: c.subscriber.stats(),
         }
     }
 
