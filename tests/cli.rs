@@ -80,6 +80,23 @@ impl NodeProc {
     }
 }
 
+/// A `peerwire node` with both output streams piped: the child, its endpoint (its first
+/// line), and its stdout after that line, still open.
+fn piped_node(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStdout>) {
+    let mut child = peerwire_cmd()
+        .arg("node")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("endpoint line");
+    (child, line.trim().to_string(), out)
+}
+
 impl Drop for NodeProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -374,16 +391,7 @@ async fn a_node_whose_output_nobody_reads_keeps_serving() {
     // stderr is a pipe that nobody drains, a write blocks; a runtime thread blocked in a
     // write stopped the node. Now those lines are queued for a writer thread, and dropped
     // (counted) when it falls behind.
-    let mut child = peerwire_cmd()
-        .args(["node", "--name", "mute", "--serve", "echo"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).expect("endpoint line");
-    let endpoint = line.trim().to_string();
+    let (mut child, endpoint, out) = piped_node(&["--name", "mute", "--serve", "echo"]);
     // Both pipes stay open and unread from here on.
     let _unread = (out, child.stderr.take());
     let client = start_node("flooder", std::slice::from_ref(&endpoint)).await;
@@ -416,16 +424,7 @@ async fn a_node_whose_output_nobody_reads_keeps_serving() {
 async fn names_from_the_network_cannot_forge_lines() {
     // A peer's name is the peer's to choose: newlines and terminal escapes in it are
     // shown escaped, on one line.
-    let mut child = peerwire_cmd()
-        .args(["node", "--name", "watcher"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).expect("endpoint line");
-    let endpoint = line.trim().to_string();
+    let (mut child, endpoint, _out) = piped_node(&["--name", "watcher"]);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -468,17 +467,7 @@ async fn names_from_the_network_cannot_forge_lines() {
 async fn a_flood_of_bad_messages_is_not_a_flood_of_log_lines() {
     // 200 000 malformed messages once wrote 41.6 MB of warnings in 5 s. Each log call
     // site now writes at most 20 lines a second and then says how many it suppressed.
-    let mut child = peerwire_cmd()
-        .args(["node", "--name", "target", "--serve", "echo"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).expect("endpoint line");
-    let endpoint = line.trim().to_string();
+    let (mut child, endpoint, _out) = piped_node(&["--name", "target", "--serve", "echo"]);
     let stderr = child.stderr.take().unwrap();
     let logged = std::thread::spawn(move || {
         let mut lines = Vec::new();

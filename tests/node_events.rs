@@ -239,17 +239,7 @@ async fn gather_ignores_bystanders_without_a_handler() {
     // A bystander subscribed to every topic (for events) also receives the request.
     let bystander = start_node("bystander", &[asker.endpoint()]).await;
     let _all = bystander.subscribe::<serde_json::Value>("");
-    wait_until("both subscribed", || {
-        asker.subscribers_of("census.count").len() == 2
-    })
-    .await;
-    wait_until("catalog", || {
-        asker
-            .peers()
-            .iter()
-            .any(|p| p.gathers.contains_key("census.count"))
-    })
-    .await;
+    wait_gatherable(&asker, "census.count", 2).await;
     let g = asker
         .gather::<_, u32>(
             "census.count",
@@ -308,17 +298,7 @@ async fn gather_replies_survive_connection_churn() {
         .start()
         .await
         .unwrap();
-    wait_until("subscribed", || {
-        asker.subscribers_of("census.count").len() == 1
-    })
-    .await;
-    wait_until("catalog", || {
-        asker
-            .peers()
-            .iter()
-            .any(|p| p.gathers.contains_key("census.count"))
-    })
-    .await;
+    wait_gatherable(&asker, "census.count", 1).await;
     let endpoint = asker.endpoint();
     for _ in 0..5000 / 50 {
         let batch = (0..50).map(|_| hello_and_leave(&endpoint));

@@ -307,6 +307,16 @@ pub async fn start_node(name: &str, peers: &[String]) -> peerwire::node::Node {
     b.start().await.expect("node starts")
 }
 
+/// Waits until `n` peers subscribe to `asker`'s `topic` and one's catalog answers
+/// gathers on it: what a gather on `topic` needs to expect them.
+pub async fn wait_gatherable(asker: &peerwire::node::Node, topic: &str, n: usize) {
+    wait_until("subscribed", || asker.subscribers_of(topic).len() == n).await;
+    wait_until("catalog", || {
+        asker.peers().iter().any(|p| p.gathers.contains_key(topic))
+    })
+    .await;
+}
+
 /// Waits until `node` sees `n` connected peers serving `target`.
 pub async fn wait_service(node: &peerwire::node::Node, target: &str, n: usize) {
     assert!(
