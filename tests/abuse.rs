@@ -279,8 +279,8 @@ async fn a_hello_flood_is_rate_limited() {
 
 #[tokio::test]
 async fn dials_of_named_endpoints_are_bounded() {
-    // Each HELLO names an endpoint, which the node dials: endpoints that never answer
-    // must not pile up connection attempts.
+    // A HELLO's gossip names endpoints, which the node dials: endpoints that never
+    // answer must not pile up connection attempts.
     init_tracing();
     let mut limits = peerwire::node::MembershipLimits::default();
     limits.max_dialling = 8;
@@ -290,14 +290,13 @@ async fn dials_of_named_endpoints_are_bounded() {
         .start()
         .await
         .unwrap();
-    let mut held = Vec::new();
-    for i in 0..40u16 {
-        let mut hello = fresh_hello(codec::Catalog::default());
-        hello.router_port = 40_000 + i;
-        held.push(introduce(&server, &hello).await);
-    }
-    wait_until("deferred", || server.stats().dials_deferred >= 32).await;
-    assert!(server.peers().len() <= 8, "{} peers", server.peers().len());
+    let mut hello = fresh_hello(codec::Catalog::default());
+    hello.peers = (0..40)
+        .map(|i| format!("tcp://127.0.0.3:{}", 40_000 + i))
+        .collect();
+    let _held = introduce(&server, &hello).await;
+    wait_until("deferred", || server.stats().dials_deferred >= 30).await;
+    assert!(server.peers().len() <= 9, "{} peers", server.peers().len());
 }
 
 #[tokio::test]
@@ -360,4 +359,66 @@ async fn one_caller_cannot_take_every_handler_slot() {
         }
     }
     assert_eq!(overloaded, 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_not_reading_together_cannot_get_an_honest_one_dropped() {
+    // Several callers that stop reading just under their own queue's bound fill the
+    // ROUTER's total. Then it is the one holding the most that is dropped, never the
+    // caller whose reply found no room.
+    init_tracing();
+    let server = Node::builder("server")
+        .socket_options(
+            test_opts()
+                .with_send_queue_bytes(16 << 20)
+                .with_send_queue_total_bytes(2 << 20)
+                .with_heartbeat_interval(None),
+        )
+        .start()
+        .await
+        .unwrap();
+    server.handle("echo.echo", V1, |s: String, _| async move { Ok(s) });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "echo.echo", 1).await;
+    let addr: std::net::SocketAddr = server.endpoint()["tcp://".len()..].parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut h = Header::new(Kind::Request, Id::new(), "echo.echo");
+            h.deadline_ms = Some(60_000);
+            let header = codec::encode_header(&h);
+            let payload = codec::encode_payload(&"x".repeat(32 * 1024)).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut a = RawPeer::connect(addr).await;
+                a.handshake("DEALER").await;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if a.send_message(&[&header, &payload]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for n in 0..300u64 {
+        let got: String = client
+            .request_with(
+                "echo.echo",
+                &n.to_string(),
+                CallOptions::timeout(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, n.to_string());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        let _ = within("an attacker stops", a).await;
+    }
+    let stats = server.stats();
+    assert!(
+        stats.router.slow_dropped >= 1,
+        "the attack never filled the total: {stats:?}"
+    );
 }

@@ -163,8 +163,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Most handlers that await running at once for one caller connection (default 256),
-    /// so that one caller cannot take every slot of [`max_in_flight`](Self::max_in_flight).
+    /// Most handlers that await running at once for one caller connection (default
+    /// 256), so that one caller connection cannot take every slot of
+    /// [`max_in_flight`](Self::max_in_flight).
     /// Past it a request is answered `overloaded` (a notification dropped) at once, and
     /// counted in [`NodeStats::overloaded`](super::NodeStats::overloaded).
     pub fn max_in_flight_per_connection(mut self, n: usize) -> Self {
@@ -298,7 +299,7 @@ impl NodeBuilder {
             None => None,
         };
         for p in &static_peers {
-            if let Err(e) = membership.dial(p) {
+            if let Err(e) = membership.dial(p, super::membership::NamedBy::Direct) {
                 if let Some(m) = mdns {
                     m.stop().await;
                 }

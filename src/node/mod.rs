@@ -225,14 +225,14 @@ pub struct NodeStats {
     /// Requests answered `overloaded` (and notifications dropped): their connection had
     /// `max_in_flight_per_connection` handlers running.
     pub overloaded: u64,
-    /// HELLOs refused: a catalog past its bounds (1024 entries, 64 KiB of names), or a
-    /// new peer past the node's `max_peers`.
+    /// HELLOs refused: a catalog past its bounds, a HELLO too large to read, or a new
+    /// peer past `max_peers` (see [`MembershipLimits`]).
     pub hellos_refused: u64,
-    /// HELLOs dropped for coming too fast (more than 20 at once or 10 a second from one
-    /// connection, 200 at once or 100 a second from one address).
+    /// HELLOs dropped for coming too fast from one connection or one address (see
+    /// [`MembershipLimits`]).
     pub hellos_limited: u64,
-    /// New peer endpoints not dialled when named (more than 100 at once or 50 a second,
-    /// or 128 dials already in progress); discovery and later HELLOs name them again.
+    /// Endpoints named by gossip or discovery not dialled when named (the dial rate, or
+    /// the dials in progress; see [`MembershipLimits`]); discovery names them again.
     pub dials_deferred: u64,
     /// The ROUTER's counters: connections refused (in total, per address, in the
     /// handshake), closed for violations or idleness, messages dropped.
@@ -330,7 +330,9 @@ impl Node {
 
     /// Connects to another node's ROUTER endpoint (as `NodeBuilder::peer` does at start).
     pub fn add_peer(&self, endpoint: &str) -> Result<(), NodeError> {
-        self.core.membership.dial(&Endpoint::parse(endpoint)?)?;
+        self.core
+            .membership
+            .dial(&Endpoint::parse(endpoint)?, membership::NamedBy::Direct)?;
         Ok(())
     }
 

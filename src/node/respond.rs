@@ -51,11 +51,21 @@ impl ReplyPath<'_> {
         }
     }
 
-    /// The caller is not reading its replies: close its connection (a gatherer is ours
-    /// to dial, so our DEALER to it stays). Returns whether this closed it.
+    /// The caller is not reading its replies: close its connection, dropping what is
+    /// queued for it (a gatherer is ours to dial, so our DEALER to it stays). Returns
+    /// whether this closed it.
     fn give_up(&self) -> bool {
         match self {
-            ReplyPath::Router(r, identity) => r.disconnect(identity),
+            ReplyPath::Router(r, identity) => r.drop_peer(identity),
+            ReplyPath::Dealer(_) => false,
+        }
+    }
+
+    /// The ROUTER's queues together are full (other callers are not reading): the caller
+    /// holding the most is dropped, not this one. Returns whether one was.
+    fn shed_slowest(&self) -> bool {
+        match self {
+            ReplyPath::Router(r, _) => r.drop_slowest(),
             ReplyPath::Dealer(_) => false,
         }
     }
@@ -144,8 +154,17 @@ impl Undelivered {
     /// Sends `reply` on `path` without waiting; a full queue drops it (counted) and
     /// closes a ROUTER caller's connection.
     fn send(&self, path: &ReplyPath<'_>, reply: Message) {
-        match path.try_send(reply) {
+        // Kept for one retry after a slow caller is dropped (frames are shared, not copied).
+        match path.try_send(reply.clone()) {
             Ok(()) => {}
+            Err(SendError::BudgetSpent { used }) => {
+                // Its queue was dropped at once: the room it held is there for this reply.
+                let retried = path.shed_slowest() && path.try_send(reply).is_ok();
+                if !retried {
+                    self.replies.fetch_add(1, Relaxed);
+                    debug!(used, "reply dropped: the reply queues are full");
+                }
+            }
             Err(SendError::QueueFull {
                 messages, bytes, ..
             }) => {

@@ -207,6 +207,13 @@ pub enum SendError {
         /// Whether a peer was connected at the time.
         connected: bool,
     },
+    /// The queues of all the socket's connections together hold `send_queue_total_bytes`
+    /// (this peer's own queue may have room): some other peers are not reading.
+    #[error("the socket's send queues are full ({used} bytes queued in all)")]
+    BudgetSpent {
+        /// Bytes queued over all connections.
+        used: usize,
+    },
     /// The message is larger than the configured maximum message size or frame size.
     #[error("message of {size} bytes exceeds the limit of {max}")]
     MessageTooLarge {

@@ -75,6 +75,22 @@ pub use publisher::{PublishReport, Publisher, SubscriberInfo};
 pub use router::{PeerSummary, Router};
 pub use subscriber::Subscriber;
 
+/// What limits per source address count by: an IPv4 address as it is, an IPv6 address by
+/// its /64 network (a host can use any address of its /64, so counting single addresses
+/// would let it escape every such limit).
+pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => ip,
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+            }
+        },
+    }
+}
+
 /// A multipart message: one or more frames.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {

@@ -62,10 +62,12 @@ pub struct SocketOptions {
     /// Most connections from one source address still in their handshake (a slowloris
     /// holds its slots in the handshake); more are closed at once, counted and logged.
     pub max_handshakes_per_source: usize,
-    /// An accepted connection (ROUTER, PUB) from which nothing at all arrives for this
-    /// long is closed, whatever its ZMTP version. ZMTP 3.1 peers answer our PINGs, so it
-    /// only ever closes peers that are really silent: ZMTP 3.0 peers (never heartbeated)
-    /// and peers that stopped talking. `None` keeps silent 3.0 peers for ever.
+    /// An accepted connection (ROUTER, PUB) that shows no activity for this long is
+    /// closed, whatever its ZMTP version. Activity is anything received, and on a PUB also
+    /// data the subscriber takes (our writes progressing): a ZMTP 3.0 peer is never
+    /// heartbeated, so that is all there is to go on, while a 3.1 peer's PONGs keep it
+    /// alive. Never shorter than two heartbeat intervals, and off when heartbeats are off
+    /// (a quiet peer is then never asked anything). `None` keeps silent peers for ever.
     pub idle_timeout: Option<Duration>,
     /// Most messages queued for sending, per connection (per socket for DEALER).
     pub send_queue_messages: usize,

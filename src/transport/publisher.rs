@@ -136,7 +136,8 @@ impl Publisher {
         let first = msg.frames()[0].clone();
         let subscribers = self.role.subscribers.read();
         for s in subscribers.iter() {
-            if !s.filter.matches(&first) {
+            // A subscriber being dropped takes nothing more.
+            if s.out.is_interrupted() || !s.filter.matches(&first) {
                 continue;
             }
             match s.out.try_push(OutItem::Msg(msg.clone())) {
@@ -170,9 +171,9 @@ impl Publisher {
             .map(|s| (s.out.usage().bytes, s))
             .max_by_key(|(bytes, _)| *bytes);
         if let Some((bytes, s)) = slowest {
-            if bytes > share && s.out.interrupt() {
-                // Nothing of its queue is worth the linger: the memory goes back now.
-                s.out.clear();
+            // Nothing of its queue is worth the linger: closed, so that nothing more is
+            // queued for it, and cleared, so that the memory goes back now.
+            if bytes > share && super::router::drop_queue(&s.out) {
                 self.role.shared.stats.slow_dropped.fetch_add(1, Relaxed);
                 tracing::warn!(addr = %s.addr, queued_bytes = bytes, "slow subscriber dropped: the publisher's queues are full");
                 self.role.shared.emit(SocketEvent::SlowPeerDropped {

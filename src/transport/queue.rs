@@ -50,7 +50,6 @@ impl Budget {
     }
 
     /// Bytes held now by the queues sharing it.
-    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }

@@ -13,6 +13,7 @@ use super::conn::{
     spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
+use super::events::SocketEvent;
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -98,6 +99,17 @@ impl Role for RouterRole {
             }
         }
     }
+}
+
+/// Closes a connection whose peer is not reading: interrupts it, refuses further pushes
+/// and drops what is queued. Returns whether this call did it.
+pub(crate) fn drop_queue(q: &Queue<OutItem>) -> bool {
+    let first = q.interrupt();
+    if first {
+        q.close();
+        q.clear();
+    }
+    first
 }
 
 /// A connected peer of a [`Router`].
@@ -203,10 +215,8 @@ impl Router {
                 // Room in the total comes from other connections' writes, which this
                 // connection's queue would not wake us for: fail now rather than wait.
                 Err((_, u)) if u.over_budget => {
-                    return Err(SendError::QueueFull {
-                        messages: u.count,
-                        bytes: u.bytes,
-                        connected: true,
+                    return Err(SendError::BudgetSpent {
+                        used: self.role.budget.used(),
                     })
                 }
                 Err((back, _)) => item = back,
@@ -223,12 +233,19 @@ impl Router {
     pub fn try_send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
         let (out, _) = self.route(identity)?;
-        out.try_push(OutItem::Msg(msg))
-            .map_err(|(_, u)| SendError::QueueFull {
-                messages: u.count,
-                bytes: u.bytes,
-                connected: true,
-            })
+        out.try_push(OutItem::Msg(msg)).map_err(|(_, u)| {
+            if u.over_budget {
+                SendError::BudgetSpent {
+                    used: self.role.budget.used(),
+                }
+            } else {
+                SendError::QueueFull {
+                    messages: u.count,
+                    bytes: u.bytes,
+                    connected: true,
+                }
+            }
+        })
     }
 
     fn route(&self, identity: &[u8]) -> Result<(Arc<Queue<OutItem>>, Arc<AtomicBool>), SendError> {
@@ -262,13 +279,50 @@ impl Router {
         self.role.routes.lock().get(identity).map(|r| r.addr)
     }
 
-    /// Closes the connection of one peer. Returns whether this call closed it: false if
-    /// no such peer is connected, or it is already closing.
+    /// Closes the connection of one peer, after flushing what is queued for it (at most
+    /// the linger time). Returns whether this call closed it: false if no such peer is
+    /// connected, or it is already closing.
     pub fn disconnect(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
             Some(r) => r.out.interrupt(),
             None => false,
         }
+    }
+
+    /// Closes the connection of a peer that is not reading: what is queued for it is
+    /// dropped at once (its memory given back), nothing more is queued, nothing flushed.
+    /// Returns whether this call closed it.
+    pub fn drop_peer(&self, identity: &[u8]) -> bool {
+        match self.role.routes.lock().get(identity) {
+            Some(r) => drop_queue(&r.out),
+            None => false,
+        }
+    }
+
+    /// The socket's queues together are full: drops the peer holding the most, if it
+    /// holds more than its share (counted as `slow_dropped`, a `SlowPeerDropped` event).
+    /// Returns whether one was dropped.
+    pub fn drop_slowest(&self) -> bool {
+        let routes = self.role.routes.lock();
+        let share = self.role.shared.opts.send_queue_total_bytes / routes.len().max(1);
+        let slowest = routes
+            .values()
+            .filter(|r| !r.out.is_interrupted())
+            .map(|r| (r.out.usage().bytes, r))
+            .max_by_key(|(bytes, _)| *bytes);
+        let Some((bytes, r)) = slowest else {
+            return false;
+        };
+        if bytes <= share || !drop_queue(&r.out) {
+            return false;
+        }
+        self.role.shared.stats.slow_dropped.fetch_add(1, Relaxed);
+        tracing::warn!(addr = %r.addr, queued_bytes = bytes, "slow peer dropped: the send queues are full");
+        self.role.shared.emit(SocketEvent::SlowPeerDropped {
+            addr: r.addr,
+            queued_bytes: bytes,
+        });
+        true
     }
 }
 

@@ -161,7 +161,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                     if id.is_some_and(|id| m.state.lock().retired.contains(&id)) {
                         continue;
                     }
-                    if let Err(e) = m.dial(ep) {
+                    if let Err(e) = m.dial(ep, super::NamedBy::Hearsay) {
                         debug!(endpoint = %ep, error = %e, "mDNS: not dialling again");
                     }
                 }
@@ -237,7 +237,7 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                     }
                 }
                 debug!(node = %m.given.local.name, instance = ?seen.instance, endpoint = %ep, "mDNS: found a peer");
-                if let Err(e) = m.dial(&ep) {
+                if let Err(e) = m.dial(&ep, super::NamedBy::Hearsay) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");
                 }
             }
@@ -292,7 +292,7 @@ pub(super) async fn dns_loop(
         // All of them, not only the new ones: an address dispatch forgot (unreachable for
         // a while) is dialled again while DNS still lists it. Known ones are a no-op.
         for ep in &found {
-            if let Err(e) = strong.dial(ep) {
+            if let Err(e) = strong.dial(ep, super::NamedBy::Hearsay) {
                 debug!(endpoint = %ep, error = %e, "DNS: not dialling");
             }
         }

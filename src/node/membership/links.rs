@@ -16,11 +16,23 @@ use crate::node::calls::far_instant_after;
 use crate::node::CallError;
 use crate::transport::{Dealer, Endpoint, Message, MessageHandler, SocketEvent, TransportError};
 
+/// Who named an endpoint to dial: what decides whether the dial rate applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::node) enum NamedBy {
+    /// The user (static peers, `Node::add_peer`), or the peer itself in its HELLO (its
+    /// HELLOs are rate-limited already): dialled at once.
+    Direct,
+    /// Gossip or discovery: dialled within the dial rate and the dials in progress, and
+    /// named again later (discovery re-dials every few seconds).
+    Hearsay,
+}
+
 impl Membership {
     /// The link to a peer ROUTER endpoint, created (DEALER and loop) if new.
     pub(super) fn ensure_link(
         self: &Arc<Self>,
         endpoint: &Endpoint,
+        named_by: NamedBy,
     ) -> Result<Link, TransportError> {
         let mut st = self.state.lock();
         if st.self_endpoints.contains(endpoint) {
@@ -40,7 +52,7 @@ impl Membership {
         // Endpoints someone else named are dialled at a bounded rate and with a bounded
         // number still connecting: a flood of HELLOs, gossip or sightings naming
         // endpoints that do not answer must not turn into a flood of connection attempts.
-        if !self.given.static_endpoints.contains(endpoint) {
+        if named_by == NamedBy::Hearsay && !self.given.static_endpoints.contains(endpoint) {
             let dialling = st.table.dialling();
             let allowed = dialling < self.given.limits.max_dialling && self.rates.lock().new_dial();
             if !allowed {
@@ -82,12 +94,13 @@ impl Membership {
         Ok(link)
     }
 
-    /// Dials `endpoint` (a static peer, or one discovery found).
+    /// Dials `endpoint`, named by `named_by`.
     pub(in crate::node) fn dial(
         self: &Arc<Self>,
         endpoint: &Endpoint,
+        named_by: NamedBy,
     ) -> Result<(), TransportError> {
-        self.ensure_link(endpoint).map(|_| ())
+        self.ensure_link(endpoint, named_by).map(|_| ())
     }
 
     /// Forgets `endpoint` in a task of its own (closing its DEALER waits).

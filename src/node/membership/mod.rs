@@ -45,6 +45,7 @@ use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};
 use crate::discovery::{DnsSeed, Mdns};
 use crate::transport::{Dealer, Endpoint, Message, Router, SocketEvent, SocketOptions, Subscriber};
 use discover::Retired;
+pub(super) use links::NamedBy;
 use table::PeerTable;
 
 /// Most endpoints followed from one HELLO's gossip list.
@@ -116,7 +117,8 @@ pub(super) struct Membership {
     hellos_limited: AtomicU64,
     /// New endpoints not dialled (yet) for the dial rate or the dials in progress.
     dials_deferred: AtomicU64,
-    /// Buckets of the HELLO rates (never taken with `state`).
+    /// Buckets of the HELLO and dial rates (taken inside `state` by a new dial, never
+    /// the other way round).
     rates: Mutex<Rates>,
     /// Set when an announcement is wanted; the announcer sends it.
     announce_wanted: AtomicBool,
@@ -349,9 +351,9 @@ impl Membership {
                         // The same identity may already belong to a newer connection.
                         if ids.get(&identity).is_some_and(|(_, a)| *a == addr) {
                             ids.remove(&identity);
-                            drop(ids);
-                            m.rates.lock().per_connection.remove(&identity);
                         }
+                        drop(ids);
+                        m.rates.lock().per_connection.remove(&identity);
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -447,7 +449,7 @@ impl Membership {
                 return;
             }
         }
-        let link = match self.ensure_link(&router_ep) {
+        let link = match self.ensure_link(&router_ep, NamedBy::Direct) {
             Ok(l) => l,
             Err(e) => {
                 warn!(endpoint = %router_ep, error = %e, "cannot connect to a peer");
@@ -532,7 +534,7 @@ impl Membership {
                     continue;
                 }
             }
-            if let Err(e) = self.ensure_link(&ep) {
+            if let Err(e) = self.ensure_link(&ep, NamedBy::Hearsay) {
                 debug!(endpoint = %ep, error = %e, "not following gossip");
             }
         }
@@ -696,6 +698,6 @@ impl Rates {
     fn hello(&mut self, identity: &Bytes, source: Option<IpAddr>) -> bool {
         let now = tokio::time::Instant::now();
         self.per_connection.take(identity, now)
-            && source.is_none_or(|ip| self.per_source.take(&ip, now))
+            && source.is_none_or(|ip| self.per_source.take(&crate::transport::source_key(ip), now))
     }
 }

@@ -43,14 +43,16 @@ pub(super) async fn run(
     // Accepted connections only: a connecting socket chose its peer, and a quiet ROUTER
     // or PUB at the other end is not an attack on us.
     // Never shorter than two of our PING intervals: a heartbeated peer's PONGs must keep
-    // it alive whatever the two settings.
+    // it alive whatever the two settings. Without heartbeats, silence proves nothing (a
+    // quiet peer is not asked anything), so there is no idle timeout either. A PUB's
+    // subscriber reads what we write and has nothing to say: data it takes (our writes
+    // progressing) counts as its activity.
     let idle_limit = opts
         .idle_timeout
         .filter(|_| matches!(shared.socket_type, SocketType::Router | SocketType::Pub))
-        .map(|idle| match heartbeat {
-            Some(ivl) => idle.max(ivl * 2),
-            None => idle,
-        });
+        .and_then(|idle| opts.heartbeat_interval.map(|ivl| idle.max(ivl * 2)));
+    let writes_count = shared.socket_type == SocketType::Pub;
+    let mut last_active = Instant::now();
     let mut peer_ttl: Option<Duration> = None;
     let mut last_pong_end = 0u64;
     // Liveness is checked on the socket's periodic tick (see `Shared::tick_period`)
@@ -59,6 +61,7 @@ pub(super) async fn run(
     // therefore detected between `limit` and `limit + 2 ticks` after the last byte.
     let tick = shared.tick_period();
     let mut rx_seen = false;
+    let mut tx_seen = false;
     let mut last_rx = Instant::now();
     let mut next_ping = Instant::now() + heartbeat.unwrap_or(Duration::MAX / 4);
 
@@ -165,6 +168,7 @@ pub(super) async fn run(
                     Ok(n) => {
                         let (c, b) = w.advance(n);
                         written(shared, att, c, b);
+                        tx_seen = true;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => break 'conn e.into(),
@@ -179,7 +183,11 @@ pub(super) async fn run(
             let now = Instant::now();
             if rx_seen || pending.is_some() {
                 last_rx = now;
+                last_active = now;
                 rx_seen = false;
+            }
+            if writes_count && std::mem::take(&mut tx_seen) {
+                last_active = now;
             }
             let silence_limit = match (heartbeat.map(|_| opts.heartbeat_timeout), peer_ttl) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -191,7 +199,7 @@ pub(super) async fn run(
                     break ProtocolViolation::HeartbeatTimeout.into();
                 }
             }
-            if idle_limit.is_some_and(|limit| silent_for >= limit) {
+            if idle_limit.is_some_and(|limit| now.duration_since(last_active) >= limit) {
                 break ProtocolViolation::IdleTimeout.into();
             }
             if let Some(ivl) = heartbeat {
@@ -218,6 +226,7 @@ pub(super) async fn run(
                 Ok(n) => {
                     let (c, b) = w.advance(n);
                     written(shared, att, c, b);
+                    tx_seen = true;
                 }
                 Err(e) => break e.into(),
             },

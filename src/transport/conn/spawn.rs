@@ -28,9 +28,11 @@ use super::{serve, Role, Shared};
 /// The connections of one listener by source address: (live, still in the handshake).
 type Sources = Arc<Mutex<HashMap<IpAddr, (usize, usize)>>>;
 
-/// One accepted connection's place in its listener's counts, given back when dropped.
+/// One accepted connection's place in its listener's counts, given back when dropped
+/// (however its task ends).
 pub(crate) struct Admitted {
     sources: Sources,
+    live: Arc<AtomicUsize>,
     ip: IpAddr,
     handshaking: bool,
 }
@@ -48,6 +50,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        self.live.fetch_sub(1, Relaxed);
         let mut sources = self.sources.lock();
         if let Some(e) = sources.get_mut(&self.ip) {
             e.0 -= 1;
@@ -127,17 +130,20 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
                 }
             };
             let admitted = {
+                let source = crate::transport::source_key(addr.ip());
                 let mut by_ip = sources.lock();
-                let counts = by_ip.get(&addr.ip()).copied().unwrap_or_default();
+                let counts = by_ip.get(&source).copied().unwrap_or_default();
                 match over_limit(&shared, live.load(Relaxed), counts) {
                     Some(why) => Err(why),
                     None => {
-                        let e = by_ip.entry(addr.ip()).or_default();
+                        let e = by_ip.entry(source).or_default();
                         e.0 += 1;
                         e.1 += 1;
+                        live.fetch_add(1, Relaxed);
                         Ok(Admitted {
                             sources: sources.clone(),
-                            ip: addr.ip(),
+                            live: live.clone(),
+                            ip: source,
                             handshaking: true,
                         })
                     }
@@ -153,13 +159,11 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
                     continue;
                 }
             };
-            live.fetch_add(1, Relaxed);
             shared.stats.accepted.fetch_add(1, Relaxed);
-            let (shared2, role2, live2) = (shared.clone(), role.clone(), live.clone());
+            let (shared2, role2) = (shared.clone(), role.clone());
             shared.tracker.spawn(async move {
                 serve(stream, addr, &shared2, &*role2, Some(&mut admitted)).await;
                 drop(admitted);
-                live2.fetch_sub(1, Relaxed);
             });
         }
     });
