@@ -19,11 +19,12 @@ use crate::transport::{Dealer, Endpoint, Message, MessageHandler, SocketEvent, T
 /// Who named an endpoint to dial: what decides whether the dial rate applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(in crate::node) enum NamedBy {
-    /// The user (static peers, `Node::add_peer`), or the peer itself in its HELLO (its
-    /// HELLOs are rate-limited already): dialled at once.
+    /// The user (static peers, `Node::add_peer`), or a peer's HELLO naming the address
+    /// it reached us from (its HELLOs are rate-limited already): dialled at once.
     Direct,
-    /// Gossip or discovery: dialled within the dial rate and the dials in progress, and
-    /// named again later (discovery re-dials every few seconds).
+    /// Gossip, discovery, or a HELLO naming another address: dialled within the dial
+    /// rate and the dials in progress, and named again later (discovery re-dials every
+    /// few seconds, a peer says HELLO again on every reconnection).
     Hearsay,
 }
 

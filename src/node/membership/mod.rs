@@ -449,7 +449,14 @@ impl Membership {
                 return;
             }
         }
-        let link = match self.ensure_link(&router_ep, NamedBy::Direct) {
+        // A node speaking for its own address (the one it reached us from) is dialled at
+        // once; an endpoint elsewhere is hearsay, dialled within the dial rate.
+        let named_by = if source_ip.is_none_or(|ip| ip == host) {
+            NamedBy::Direct
+        } else {
+            NamedBy::Hearsay
+        };
+        let link = match self.ensure_link(&router_ep, named_by) {
             Ok(l) => l,
             Err(e) => {
                 warn!(endpoint = %router_ep, error = %e, "cannot connect to a peer");
