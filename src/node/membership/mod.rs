@@ -289,9 +289,13 @@ impl Membership {
             self.introduce(router, identity, hello.node_id, addr);
         }
         if hello.cluster != self.given.local.cluster {
-            let _ = router.try_send(identity, self.wrong_cluster_ack(header.id));
+            send_ack(router, identity, self.wrong_cluster_ack(header.id));
         } else {
-            let _ = router.try_send(identity, self.hello_message(Kind::HelloAck, header.id));
+            send_ack(
+                router,
+                identity,
+                self.hello_message(Kind::HelloAck, header.id),
+            );
         }
         self.learn(hello, source.map(|a| a.ip()));
         Ok(())
@@ -675,6 +679,19 @@ fn catalog_within_bounds(c: &codec::Catalog, l: &MembershipLimits) -> Result<(),
         return Err("its catalog's names are too long in total");
     }
     Ok(())
+}
+
+/// Sends a HELLO-ACK without waiting. When the ROUTER's queues together are full (callers
+/// not reading their replies), the one holding the most is dropped and the ACK takes the
+/// room: a peer's introduction is not lost to others' backlog.
+fn send_ack(router: &Router, identity: &Bytes, ack: Message) {
+    if let Err(crate::transport::SendError::BudgetSpent { .. }) =
+        router.try_send(identity, ack.clone())
+    {
+        if router.drop_slowest() {
+            let _ = router.try_send(identity, ack);
+        }
+    }
 }
 
 /// The HELLO rates: per ROUTER connection and per source address.
