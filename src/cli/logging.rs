@@ -1,5 +1,5 @@
 //! Output that can never stop a node: its logs, its presence lines and what the demo
-//! services print.
+//! services print (and, beside it, handing freed memory back: `give_back_memory`).
 //!
 //! Writing to a pipe nobody drains blocks, and a runtime thread blocked in a write stops
 //! serving. So every line a running node writes goes through [`Lines`]: a bounded queue
@@ -270,6 +270,27 @@ impl<S> Filter<S> for RateLimit {
             stderr().line(&suppressed_line(meta, report));
         }
         true
+    }
+}
+
+// Not logging, but the same concern: what a long-running node keeps of what it was sent.
+
+/// How often a running node hands freed memory back to the system.
+pub const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Hands the heap's free memory back to the system. glibc's allocator keeps what a burst
+/// of traffic (an attack, say) freed, so a node's resident memory would stay at its peak;
+/// this brings it back near its working set. A no-op elsewhere.
+pub async fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // On a blocking thread: trimming a large heap can take milliseconds.
+        let _ = tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim only returns free pages to the kernel; it touches no
+            // memory that is in use and has no preconditions.
+            unsafe { libc::malloc_trim(0) }
+        })
+        .await;
     }
 }
 

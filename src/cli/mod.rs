@@ -230,7 +230,7 @@ pub async fn run_node(
         node.pub_endpoint()
     );
     let mut presence = node.presence();
-    let mut trim = tokio::time::interval(TRIM_EVERY);
+    let mut trim = tokio::time::interval(logging::TRIM_EVERY);
     loop {
         tokio::select! {
             _ = stop.recv() => break,
@@ -239,7 +239,7 @@ pub async fn run_node(
                 Some(e) => logging::stderr().line(&presence_line(&e)),
                 None => break,
             },
-            _ = trim.tick() => give_back_memory().await,
+            _ = trim.tick() => logging::give_back_memory().await,
         }
     }
     logging::stderr().line("shutting down");
@@ -402,25 +402,6 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
     }
     node.shutdown().await;
     Ok(())
-}
-
-/// How often a running node hands freed memory back to the system.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-
-/// Hands the heap's free memory back to the system. glibc's allocator keeps what a burst
-/// of traffic (an attack, say) freed, so a node's resident memory would stay at its peak;
-/// this brings it back near its working set. A no-op elsewhere.
-async fn give_back_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // On a blocking thread: trimming a large heap can take milliseconds.
-        let _ = tokio::task::spawn_blocking(|| {
-            // SAFETY: malloc_trim only returns free pages to the kernel; it touches no
-            // memory that is in use and has no preconditions.
-            unsafe { libc::malloc_trim(0) }
-        })
-        .await;
-    }
 }
 
 /// `peerwire peers`.

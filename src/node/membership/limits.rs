@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+use std::net::IpAddr;
+
+use bytes::Bytes;
 use tokio::time::Instant;
 
 /// Most keys a [`Buckets`] keeps; past it, the full (idle) buckets are dropped.
@@ -149,6 +152,38 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     /// Forgets `key` (its connection ended).
     pub(super) fn remove(&mut self, key: &K) {
         self.by_key.remove(key);
+    }
+}
+
+/// The HELLO rates: per ROUTER connection and per source address.
+pub(super) struct Rates {
+    pub(super) per_connection: Buckets<Bytes>,
+    per_source: Buckets<IpAddr>,
+    new_dials: Bucket,
+    new_dial_rate: Rate,
+}
+
+impl Rates {
+    pub(super) fn new(l: &MembershipLimits) -> Self {
+        Rates {
+            per_connection: Buckets::new(l.hellos_per_connection),
+            per_source: Buckets::new(l.hellos_per_source),
+            new_dials: Bucket::full(l.new_dials, tokio::time::Instant::now()),
+            new_dial_rate: l.new_dials,
+        }
+    }
+
+    /// Whether a new endpoint may be dialled now.
+    pub(super) fn new_dial(&mut self) -> bool {
+        self.new_dials
+            .take(self.new_dial_rate, tokio::time::Instant::now())
+    }
+
+    /// Whether a HELLO from connection `identity` (from `source`) may be handled now.
+    pub(super) fn hello(&mut self, identity: &Bytes, source: Option<IpAddr>) -> bool {
+        let now = tokio::time::Instant::now();
+        self.per_connection.take(identity, now)
+            && source.is_none_or(|ip| self.per_source.take(&crate::transport::source_key(ip), now))
     }
 }
 

@@ -17,6 +17,7 @@
 //! and subscribe without missing or repeating an event.
 
 mod discover;
+mod hello;
 mod limits;
 mod links;
 mod presence;
@@ -38,13 +39,14 @@ pub use presence::{PeerInfo, Presence, PresenceEvent};
 
 use super::balance::Balance;
 use super::calls::{far_instant_after, Calls, ConnId};
-use super::frames;
 use super::registry::Registry;
 use super::Lifecycle;
-use crate::codec::{self, CodecError, Header, Hello, Id, Kind, Version};
+use crate::codec::{Hello, Id, Version};
 use crate::discovery::{DnsSeed, Mdns};
-use crate::transport::{Dealer, Endpoint, Message, Router, SocketEvent, SocketOptions, Subscriber};
+use crate::transport::{Dealer, Endpoint, Message, SocketOptions, Subscriber};
 use discover::Retired;
+use hello::catalog_within_bounds;
+use limits::Rates;
 pub(super) use links::NamedBy;
 use table::PeerTable;
 
@@ -213,201 +215,6 @@ impl Membership {
             every,
             self.given.life.leave.clone(),
         ));
-    }
-
-    /// Our HELLO: who we are, what we serve, whom we are connected to.
-    pub(super) fn hello(&self) -> Hello {
-        Hello {
-            node_id: self.given.local.id,
-            name: self.given.local.name.clone(),
-            cluster: self.given.local.cluster.clone(),
-            host: self.given.local.host.to_string(),
-            router_port: self.given.local.router_port,
-            pub_port: self.given.local.pub_port,
-            catalog: self.given.registry.catalog(),
-            peers: self.state.lock().table.connected_endpoints(),
-        }
-    }
-
-    fn hello_message(&self, kind: Kind, correlation: Id) -> Message {
-        let mut h = Header::new(kind, self.given.local.id, "");
-        h.correlation_id = correlation;
-        let payload = codec::encode_payload(&self.hello()).expect("a HELLO always encodes");
-        frames::message(&h, payload)
-    }
-
-    /// Asks for a fresh HELLO to every peer (our catalog or our peers changed). Sent by
-    /// the announcer at once if it is idle, else at the end of its interval: a burst of
-    /// changes makes one round of HELLOs, not one per change.
-    pub(super) fn announce(&self) {
-        self.announce_wanted.store(true, Relaxed);
-        self.announce_wake.notify_one();
-    }
-
-    fn send_hellos(&self) {
-        let msg = self.hello_message(Kind::Hello, Id::NIL);
-        for d in self.state.lock().table.dealers() {
-            let _ = d.try_send(msg.clone());
-        }
-    }
-
-    /// The HELLO-ACK for a node of another cluster: who we are and our cluster, which is
-    /// all it needs to stop talking to us, and nothing of our catalog or peers.
-    fn wrong_cluster_ack(&self, correlation: Id) -> Message {
-        let mut h = Header::new(Kind::HelloAck, self.given.local.id, "");
-        h.correlation_id = correlation;
-        let hello = Hello {
-            node_id: self.given.local.id,
-            cluster: self.given.local.cluster.clone(),
-            ..Hello::default()
-        };
-        let payload = codec::encode_payload(&hello).expect("a HELLO always encodes");
-        frames::message(&h, payload)
-    }
-
-    /// A HELLO that arrived on our ROUTER from the connection `identity`: answered with
-    /// a HELLO-ACK, and its sender learned.
-    pub(super) fn on_hello(
-        self: &Arc<Self>,
-        router: &Router,
-        identity: &Bytes,
-        header: &Header,
-        payload: &[u8],
-    ) -> Result<(), CodecError> {
-        let source = router.peer_addr(identity);
-        if !self.rates.lock().hello(identity, source.map(|a| a.ip())) {
-            // Dropped before it is even decoded: a flood costs a map lookup each.
-            self.hellos_limited.fetch_add(1, Relaxed);
-            debug!(addr = ?source, "HELLO dropped: too many from this connection or address");
-            return Ok(());
-        }
-        if !self.hello_size_ok(payload) {
-            return Ok(());
-        }
-        let hello: Hello = codec::decode_payload(payload)?;
-        if let Some(addr) = source {
-            self.introduce(router, identity, hello.node_id, addr);
-        }
-        if hello.cluster != self.given.local.cluster {
-            send_ack(router, identity, self.wrong_cluster_ack(header.id));
-        } else {
-            send_ack(
-                router,
-                identity,
-                self.hello_message(Kind::HelloAck, header.id),
-            );
-        }
-        self.learn(hello, source.map(|a| a.ip()));
-        Ok(())
-    }
-
-    /// Records that `node` introduced itself on the live ROUTER connection `identity`.
-    fn introduce(&self, router: &Router, identity: &Bytes, node: Id, addr: SocketAddr) {
-        let mut ids = self.router_ids.lock();
-        if ids.len() >= MAX_INTRODUCED {
-            // Only entries whose end we missed (lagged events) can be stale: keep the
-            // live connections' and drop the rest. Nothing live is ever wiped.
-            let live: HashSet<Bytes> = router.peers().into_iter().map(|p| p.identity).collect();
-            ids.retain(|id, _| live.contains(id));
-        }
-        ids.insert(identity.clone(), (node, addr));
-    }
-
-    /// Whether a HELLO payload is small enough to decode (what it decodes into is kept).
-    fn hello_size_ok(&self, payload: &[u8]) -> bool {
-        let max = self.given.limits.max_hello_bytes;
-        if payload.len() <= max {
-            return true;
-        }
-        self.hellos_refused.fetch_add(1, Relaxed);
-        warn!(
-            bytes = payload.len(),
-            max, "HELLO refused unread: too large"
-        );
-        false
-    }
-
-    /// The node that introduced itself on the ROUTER connection `identity`, if any.
-    pub(super) fn introduced_as(&self, identity: &Bytes) -> Option<Id> {
-        self.router_ids.lock().get(identity).map(|(id, _)| *id)
-    }
-
-    /// Watches our ROUTER's connections until the node stops, forgetting who introduced
-    /// itself on each as it ends. `events` must be subscribed before the first HELLO can
-    /// be handled.
-    pub(super) fn watch_router(
-        self: &Arc<Self>,
-        router: &Arc<Router>,
-        mut events: broadcast::Receiver<SocketEvent>,
-    ) {
-        let (me, router) = (Arc::downgrade(self), Arc::downgrade(router));
-        let cancel = self.given.life.cancel.clone();
-        self.given.life.tasks.spawn(async move {
-            loop {
-                let e = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    e = events.recv() => e,
-                };
-                let Some(m) = me.upgrade() else { return };
-                match e {
-                    Ok(SocketEvent::Disconnected { addr, identity, .. }) => {
-                        let mut ids = m.router_ids.lock();
-                        // The same identity may already belong to a newer connection.
-                        if ids.get(&identity).is_some_and(|(_, a)| *a == addr) {
-                            ids.remove(&identity);
-                        }
-                        drop(ids);
-                        m.rates.lock().per_connection.remove(&identity);
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Some ends were missed: keep only the live connections' entries.
-                        let Some(r) = router.upgrade() else { return };
-                        let live: HashSet<Bytes> =
-                            r.peers().into_iter().map(|p| p.identity).collect();
-                        m.router_ids.lock().retain(|id, _| live.contains(id));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-    }
-
-    /// A HELLO-ACK that arrived on our DEALER to `endpoint`.
-    pub(super) fn on_hello_ack(
-        self: &Arc<Self>,
-        endpoint: &Endpoint,
-        payload: &[u8],
-    ) -> Result<(), CodecError> {
-        if !self.hello_size_ok(payload) {
-            return Ok(());
-        }
-        let hello: Hello = codec::decode_payload(payload)?;
-        if hello.node_id == self.given.local.id {
-            // Gossip led us to ourselves: never dial this endpoint again.
-            self.state.lock().self_endpoints.insert(endpoint.clone());
-            self.forget_later(endpoint.clone(), "is this node");
-        } else if hello.cluster != self.given.local.cluster {
-            // Gossip led us to another cluster's node: stop dialling it (a static peer
-            // stays, the operator named it).
-            self.other_cluster.fetch_add(1, Relaxed);
-            if !self.given.static_endpoints.contains(endpoint) {
-                self.forget_later(endpoint.clone(), "another cluster");
-            }
-        } else {
-            // Where our connection actually went (a host name resolved), for a peer that
-            // listens on an unspecified address.
-            let ip = self
-                .state
-                .lock()
-                .table
-                .link(endpoint)
-                .and_then(|l| l.dealer.peer_addr())
-                .map(|a| a.ip())
-                .or_else(|| endpoint.ip());
-            self.learn(hello, ip);
-        }
-        Ok(())
     }
 
     /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
@@ -659,69 +466,5 @@ impl Membership {
         for d in dealers {
             d.shutdown().await;
         }
-    }
-}
-
-/// Whether a catalog is within the limits; the reason if not. What a peer announces is
-/// kept (and copied into every `PeerInfo`) for as long as it is known, so its size is
-/// bounded before anything is kept.
-fn catalog_within_bounds(c: &codec::Catalog, l: &MembershipLimits) -> Result<(), &'static str> {
-    if c.methods.len() + c.gathers.len() > l.max_catalog_entries {
-        return Err("its catalog has too many entries");
-    }
-    let bytes: usize = c
-        .methods
-        .keys()
-        .chain(c.gathers.keys())
-        .map(String::len)
-        .sum();
-    if bytes > l.max_catalog_bytes {
-        return Err("its catalog's names are too long in total");
-    }
-    Ok(())
-}
-
-/// Sends a HELLO-ACK without waiting. When the ROUTER's queues together are full (callers
-/// not reading their replies), the one holding the most is dropped and the ACK takes the
-/// room: a peer's introduction is not lost to others' backlog.
-fn send_ack(router: &Router, identity: &Bytes, ack: Message) {
-    if let Err(crate::transport::SendError::BudgetSpent { .. }) =
-        router.try_send(identity, ack.clone())
-    {
-        if router.drop_slowest() {
-            let _ = router.try_send(identity, ack);
-        }
-    }
-}
-
-/// The HELLO rates: per ROUTER connection and per source address.
-struct Rates {
-    per_connection: limits::Buckets<Bytes>,
-    per_source: limits::Buckets<IpAddr>,
-    new_dials: limits::Bucket,
-    new_dial_rate: Rate,
-}
-
-impl Rates {
-    fn new(l: &MembershipLimits) -> Self {
-        Rates {
-            per_connection: limits::Buckets::new(l.hellos_per_connection),
-            per_source: limits::Buckets::new(l.hellos_per_source),
-            new_dials: limits::Bucket::full(l.new_dials, tokio::time::Instant::now()),
-            new_dial_rate: l.new_dials,
-        }
-    }
-
-    /// Whether a new endpoint may be dialled now.
-    fn new_dial(&mut self) -> bool {
-        self.new_dials
-            .take(self.new_dial_rate, tokio::time::Instant::now())
-    }
-
-    /// Whether a HELLO from connection `identity` (from `source`) may be handled now.
-    fn hello(&mut self, identity: &Bytes, source: Option<IpAddr>) -> bool {
-        let now = tokio::time::Instant::now();
-        self.per_connection.take(identity, now)
-            && source.is_none_or(|ip| self.per_source.take(&crate::transport::source_key(ip), now))
     }
 }
