@@ -10,7 +10,6 @@ use parking_lot::RwLock;
 
 use super::conn::{spawn_listener, Attached, OutItem, PeerInfo, Role, Shared, Sink, Subscriptions};
 use super::error::{ProtocolViolation, SendError, TransportError};
-use super::events::SocketEvent;
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -154,34 +153,12 @@ impl Publisher {
             }
         }
         if over_budget {
-            self.drop_slowest(&subscribers);
+            // One slow reader must not make everyone lose messages.
+            self.role
+                .shared
+                .drop_slowest(subscribers.iter().map(|s| (&*s.out, s.addr)));
         }
         Ok(report)
-    }
-
-    /// The queues together hold the socket's whole budget: the subscriber holding the
-    /// most, if it holds more than its share, is disconnected (counted, reported as an
-    /// event), so that one slow reader does not make everyone lose messages. Its queue,
-    /// and the memory it held, go with it.
-    fn drop_slowest(&self, subscribers: &[Arc<Subscriber>]) {
-        let share = self.role.shared.opts.send_queue_total_bytes / subscribers.len().max(1);
-        let slowest = subscribers
-            .iter()
-            .filter(|s| !s.out.is_interrupted())
-            .map(|s| (s.out.usage().bytes, s))
-            .max_by_key(|(bytes, _)| *bytes);
-        if let Some((bytes, s)) = slowest {
-            // Nothing of its queue is worth the linger: closed, so that nothing more is
-            // queued for it, and cleared, so that the memory goes back now.
-            if bytes > share && super::router::drop_queue(&s.out) {
-                self.role.shared.stats.slow_dropped.fetch_add(1, Relaxed);
-                tracing::warn!(addr = %s.addr, queued_bytes = bytes, "slow subscriber dropped: the publisher's queues are full");
-                self.role.shared.emit(SocketEvent::SlowPeerDropped {
-                    addr: s.addr,
-                    queued_bytes: bytes,
-                });
-            }
-        }
     }
 
     /// Identities of the subscribers whose filter matches `topic` now (cheaper than

@@ -13,7 +13,6 @@ use super::conn::{
     spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
-use super::events::SocketEvent;
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -99,17 +98,6 @@ impl Role for RouterRole {
             }
         }
     }
-}
-
-/// Closes a connection whose peer is not reading: interrupts it, refuses further pushes
-/// and drops what is queued. Returns whether this call did it.
-pub(crate) fn drop_queue(q: &Queue<OutItem>) -> bool {
-    let first = q.interrupt();
-    if first {
-        q.close();
-        q.clear();
-    }
-    first
 }
 
 /// A connected peer of a [`Router`].
@@ -294,7 +282,7 @@ impl Router {
     /// Returns whether this call closed it.
     pub fn drop_peer(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
-            Some(r) => drop_queue(&r.out),
+            Some(r) => super::conn::drop_queue(&r.out),
             None => false,
         }
     }
@@ -304,25 +292,9 @@ impl Router {
     /// Returns whether one was dropped.
     pub fn drop_slowest(&self) -> bool {
         let routes = self.role.routes.lock();
-        let share = self.role.shared.opts.send_queue_total_bytes / routes.len().max(1);
-        let slowest = routes
-            .values()
-            .filter(|r| !r.out.is_interrupted())
-            .map(|r| (r.out.usage().bytes, r))
-            .max_by_key(|(bytes, _)| *bytes);
-        let Some((bytes, r)) = slowest else {
-            return false;
-        };
-        if bytes <= share || !drop_queue(&r.out) {
-            return false;
-        }
-        self.role.shared.stats.slow_dropped.fetch_add(1, Relaxed);
-        tracing::warn!(addr = %r.addr, queued_bytes = bytes, "slow peer dropped: the send queues are full");
-        self.role.shared.emit(SocketEvent::SlowPeerDropped {
-            addr: r.addr,
-            queued_bytes: bytes,
-        });
-        true
+        self.role
+            .shared
+            .drop_slowest(routes.values().map(|r| (&*r.out, r.addr)))
     }
 }
 

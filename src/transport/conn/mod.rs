@@ -322,6 +322,48 @@ impl Shared {
     }
 }
 
+/// Closes a connection whose peer is not reading: interrupts it, refuses further pushes
+/// and drops what is queued (nothing of it is worth the linger, and the memory goes back
+/// now). Returns whether this call did it.
+pub(crate) fn drop_queue(q: &Queue<OutItem>) -> bool {
+    let first = q.interrupt();
+    if first {
+        q.close();
+        q.clear();
+    }
+    first
+}
+
+impl Shared {
+    /// The queues of a listening socket's connections (`peers`: each queue and its
+    /// peer's address) together hold the whole send budget: drops the peer holding the
+    /// most, if it holds more than its share, counted (`slow_dropped`) and reported
+    /// (`SlowPeerDropped`). Returns whether one was dropped.
+    pub(crate) fn drop_slowest<'a>(
+        &self,
+        peers: impl ExactSizeIterator<Item = (&'a Queue<OutItem>, SocketAddr)>,
+    ) -> bool {
+        let share = self.opts.send_queue_total_bytes / peers.len().max(1);
+        let slowest = peers
+            .filter(|(q, _)| !q.is_interrupted())
+            .map(|(q, addr)| (q.usage().bytes, q, addr))
+            .max_by_key(|(bytes, ..)| *bytes);
+        let Some((bytes, q, addr)) = slowest else {
+            return false;
+        };
+        if bytes <= share || !drop_queue(q) {
+            return false;
+        }
+        self.stats.slow_dropped.fetch_add(1, Relaxed);
+        warn!(%addr, queued_bytes = bytes, socket = self.socket_type.as_str(), "slow peer dropped: the send queues are full");
+        self.emit(SocketEvent::SlowPeerDropped {
+            addr,
+            queued_bytes: bytes,
+        });
+        true
+    }
+}
+
 /// Runs one connection from handshake to close, reporting events and counters.
 /// Returns whether the handshake completed.
 pub(crate) async fn serve(
