@@ -59,7 +59,7 @@ async fn a_caller_that_never_reads_its_replies_delays_nobody() {
     wait_service(&client, "echo.echo", 1).await;
     let heap0 = heap_bytes();
 
-    let addr: std::net::SocketAddr = server.endpoint()["tcp://".len()..].parse().unwrap();
+    let addr = addr_of(&server.endpoint());
     // The attacker sends far more requests than the socket buffers and its reply queue
     // hold, never reading; closed, it comes back and does it again, until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -380,7 +380,7 @@ async fn callers_not_reading_together_cannot_get_an_honest_one_dropped() {
     server.handle("echo.echo", V1, |s: String, _| async move { Ok(s) });
     let client = start_node("client", &[server.endpoint()]).await;
     wait_service(&client, "echo.echo", 1).await;
-    let addr: std::net::SocketAddr = server.endpoint()["tcp://".len()..].parse().unwrap();
+    let addr = addr_of(&server.endpoint());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut attackers = Vec::new();
     for _ in 0..4 {

@@ -476,7 +476,7 @@ async fn a_flood_of_bad_messages_is_not_a_flood_of_log_lines() {
         }
         lines
     });
-    let addr: std::net::SocketAddr = endpoint["tcp://".len()..].parse().unwrap();
+    let addr = addr_of(&endpoint);
     let mut raw = RawPeer::connect(addr).await;
     raw.handshake("DEALER").await;
     let mut junk = bytes::BytesMut::new();

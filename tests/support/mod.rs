@@ -307,6 +307,14 @@ pub async fn start_node(name: &str, peers: &[String]) -> peerwire::node::Node {
     b.start().await.expect("node starts")
 }
 
+/// The address of a `tcp://IP:port` endpoint (a node's, say), for a raw connection.
+pub fn addr_of(endpoint: &str) -> SocketAddr {
+    peerwire::Endpoint::parse(endpoint)
+        .ok()
+        .and_then(|e| e.socket_addr())
+        .unwrap_or_else(|| panic!("{endpoint:?} is not tcp://IP:port"))
+}
+
 /// Waits until `n` peers subscribe to `asker`'s `topic` and one's catalog answers
 /// gathers on it: what a gather on `topic` needs to expect them.
 pub async fn wait_gatherable(asker: &peerwire::node::Node, topic: &str, n: usize) {
