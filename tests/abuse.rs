@@ -362,6 +362,50 @@ async fn one_caller_cannot_take_every_handler_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_deep_backlog_does_not_delay_another() {
+    // Before: past `max_in_flight`, declined messages waited in one FIFO for the whole
+    // socket, so a request from a quiet peer waited behind every request a flooder had
+    // queued (here about 4 s of them). Now each connection has its own lane, served in
+    // turn: the quiet peer waits for about one of the flooder's requests per turn.
+    init_tracing();
+    let server = Node::builder("server")
+        .max_in_flight(2)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    server.handle("slow.op", V1, |_: (), _| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(())
+    });
+    let polite = start_node("polite", &[server.endpoint()]).await;
+    wait_service(&polite, "slow.op", 1).await;
+    let mut flooder = RawPeer::connect(addr_of(&server.endpoint())).await;
+    flooder.handshake("DEALER").await;
+    let mut h = Header::new(Kind::Request, Id::new(), "slow.op");
+    h.deadline_ms = Some(60_000);
+    let payload = codec::encode_payload(&()).unwrap();
+    for _ in 0..400 {
+        h.id = Id::new();
+        let env = codec::Envelope {
+            header: h.clone(),
+            payload: payload.clone(),
+        };
+        let frames = env.to_frames();
+        let frames: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        flooder.send_message(&frames).await.unwrap();
+    }
+    // 400 × 20 ms over 2 slots: the backlog alone lasts about 4 s.
+    wait_until("a backlog", || server.stats().router.messages_in >= 300).await;
+    let started = std::time::Instant::now();
+    polite
+        .request_with::<_, ()>("slow.op", &(), CallOptions::timeout(Duration::from_secs(2)))
+        .await
+        .expect("served within 2 s although 4 s of another connection's requests wait");
+    eprintln!("served after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_not_reading_together_cannot_get_an_honest_one_dropped() {
     // Several callers that stop reading just under their own queue's bound fill the
     // ROUTER's total. Then it is the one holding the most that is dropped, never the

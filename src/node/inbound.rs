@@ -46,7 +46,10 @@ pub(super) type CoreCell = Arc<OnceLock<Weak<Core>>>;
 pub(super) struct Inbound {
     /// Messages declined by the inline dispatchers and not yet dispatched by the loops.
     /// While any are outstanding, the inline dispatchers decline too, so that no
-    /// connection's later message overtakes an earlier one.
+    /// connection's later message overtakes an earlier one (a message taken from the
+    /// socket's queue is only counted off once it is dispatched). Fairness between
+    /// connections while this lasts comes from the socket's queue, which has a lane per
+    /// connection and serves them in turn.
     declined: AtomicU64,
     malformed: AtomicU64,
     unexpected: AtomicU64,
@@ -308,7 +311,9 @@ pub(super) fn dealer_sink(cell: CoreCell) -> DealerSink {
 }
 
 /// Dispatches what the ROUTER's (`router`) or the SUB's inline dispatcher declined,
-/// waiting for handler slots, until `cancel` fires.
+/// waiting for handler slots, until `cancel` fires. The socket hands them over one
+/// connection after the other (each connection has its own lane), so a connection that
+/// keeps many waiting delays another's by at most one of its messages per turn.
 pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, router: bool) {
     loop {
         let Some(strong) = core.upgrade() else {

@@ -10,6 +10,7 @@ use super::conn::{
 };
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::SocketEvent;
+use super::inbox::{Incoming, Intake};
 use super::queue::Queue;
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -35,7 +36,7 @@ impl Role for DealerRole {
             out: self.out.clone(),
             sink: match &self.handler {
                 Some(f) => Sink::Handler(f.clone(), None),
-                None => Sink::Deliver(self.inbound.clone()),
+                None => Sink::Deliver(Intake::Queue(self.inbound.clone())),
             },
             identity: peer.identity.clone(),
         })
@@ -108,7 +109,7 @@ impl Dealer {
         let out = Arc::new(Queue::new(opts.send_queue_messages, opts.send_queue_bytes));
         let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
         let shared = Shared::new(opts, SocketType::Dealer);
-        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
+        let core = SocketCore::new(shared.clone(), Some(Incoming::Queue(inbound.clone())));
         let role = Arc::new(DealerRole {
             shared: shared.clone(),
             handler,

@@ -47,6 +47,7 @@ mod dealer;
 mod endpoint;
 mod error;
 mod events;
+mod inbox;
 mod options;
 mod publisher;
 pub(crate) mod queue;

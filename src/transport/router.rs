@@ -10,9 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::conn::{
-    spawn_listener, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+    spawn_listener, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
+use super::inbox::{Inbox, Incoming, Intake};
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -28,7 +29,7 @@ struct RouterRole {
     /// When set, received messages go to this function first (see [`Router::bind_with_handler`]).
     handler: Option<MessageHandler>,
     routes: Mutex<HashMap<Bytes, Route>>,
-    inbound: Arc<Queue<Inbound>>,
+    inbound: Arc<Inbox>,
     next_id: AtomicU32,
     /// What every connection's outgoing queue holds together is bounded by this.
     budget: Arc<Budget>,
@@ -63,6 +64,7 @@ impl Role for RouterRole {
             }
             peer.identity.clone()
         };
+        let lane = self.inbound.lane();
         let out = Arc::new(Queue::with_budget(
             opts.send_queue_messages,
             opts.send_queue_bytes,
@@ -79,14 +81,15 @@ impl Role for RouterRole {
         Ok(Attached {
             out,
             sink: match &self.handler {
-                Some(f) => Sink::Handler(f.clone(), Some(self.inbound.clone())),
-                None => Sink::Deliver(self.inbound.clone()),
+                Some(f) => Sink::Handler(f.clone(), Some(Intake::Lane(lane))),
+                None => Sink::Deliver(Intake::Lane(lane)),
             },
             identity,
         })
     }
 
     fn detach(&self, _peer: &PeerInfo, att: &Attached) {
+        att.sink.detach();
         let mut routes = self.routes.lock();
         if let Some(r) = routes.get(&att.identity) {
             if Arc::ptr_eq(&r.out, &att.out) {
@@ -154,9 +157,9 @@ impl Router {
     ) -> Result<Router, TransportError> {
         let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
-        let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
+        let inbound = Inbox::new(opts.recv_queue_messages, opts.recv_queue_bytes);
         let shared = Shared::new(opts, SocketType::Router);
-        let core = SocketCore::new(shared.clone(), Some(inbound.clone()));
+        let core = SocketCore::new(shared.clone(), Some(Incoming::Inbox(inbound.clone())));
         let role = Arc::new(RouterRole {
             shared: shared.clone(),
             handler,
@@ -180,7 +183,7 @@ impl Router {
 
     /// Whether no received message is waiting for [`Router::recv`].
     pub fn is_recv_queue_empty(&self) -> bool {
-        self.role.inbound.usage().count == 0
+        self.role.inbound.len() == 0
     }
 
     /// Receives the next message and the identity of the peer that sent it.

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::conn::{Inbound, Shared};
+use super::conn::Shared;
 use super::events::{SocketEvent, StatsSnapshot};
-use super::queue::Queue;
+use super::inbox::Incoming;
 
 /// The part of a socket handle that ends the socket: dropping it closes every
 /// connection (without waiting) and the incoming queue, so `recv` returns what is left
@@ -19,11 +19,11 @@ use super::queue::Queue;
 pub(crate) struct SocketCore {
     shared: Arc<Shared>,
     /// The queue `recv` reads, if the socket type receives (not PUB).
-    inbound: Option<Arc<Queue<Inbound>>>,
+    inbound: Option<Incoming>,
 }
 
 impl SocketCore {
-    pub fn new(shared: Arc<Shared>, inbound: Option<Arc<Queue<Inbound>>>) -> SocketCore {
+    pub fn new(shared: Arc<Shared>, inbound: Option<Incoming>) -> SocketCore {
         SocketCore { shared, inbound }
     }
 

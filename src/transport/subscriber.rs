@@ -8,9 +8,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::conn::{
-    spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+    spawn_connector, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, TransportError};
+use super::inbox::{Inbox, Incoming, Intake};
 use super::queue::Queue;
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -30,7 +31,7 @@ struct Topics {
 struct SubRole {
     shared: Arc<Shared>,
     topics: Mutex<Topics>,
-    inbound: Arc<Queue<Inbound>>,
+    inbound: Arc<Inbox>,
     /// When set, received messages go to this function first.
     handler: Option<MessageHandler>,
 }
@@ -44,17 +45,19 @@ impl Role for SubRole {
             out.push_unbounded(OutItem::Subscribe(p.clone()));
         }
         t.live.push((peer.addr, out.clone()));
+        let lane = Intake::Lane(self.inbound.lane());
         Ok(Attached {
             out,
             sink: match &self.handler {
-                Some(f) => Sink::Handler(f.clone(), Some(self.inbound.clone())),
-                None => Sink::Deliver(self.inbound.clone()),
+                Some(f) => Sink::Handler(f.clone(), Some(lane)),
+                None => Sink::Deliver(lane),
             },
             identity: peer.identity.clone(),
         })
     }
 
     fn detach(&self, _peer: &PeerInfo, att: &Attached) {
+        att.sink.detach();
         self.topics
             .lock()
             .live
@@ -85,10 +88,10 @@ impl Subscriber {
     }
 
     fn build(opts: SocketOptions, handler: Option<MessageHandler>) -> Subscriber {
-        let inbound = Arc::new(Queue::new(opts.recv_queue_messages, opts.recv_queue_bytes));
+        let inbound = Inbox::new(opts.recv_queue_messages, opts.recv_queue_bytes);
         let shared = Shared::new(opts, SocketType::Sub);
         Subscriber {
-            core: SocketCore::new(shared.clone(), Some(inbound.clone())),
+            core: SocketCore::new(shared.clone(), Some(Incoming::Inbox(inbound.clone()))),
             role: Arc::new(SubRole {
                 shared,
                 topics: Mutex::new(Topics::default()),
@@ -162,7 +165,7 @@ impl Subscriber {
 
     /// Whether no received message is waiting for [`Subscriber::recv`].
     pub fn is_recv_queue_empty(&self) -> bool {
-        self.role.inbound.usage().count == 0
+        self.role.inbound.len() == 0
     }
 
     /// Receives the next message matching a subscription. Publishers filter too; this

@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 
 use super::error::{display_identity, CloseReason, ProtocolViolation};
 use super::events::{SocketEvent, Stats};
+use super::inbox::Intake;
 use super::options::SocketOptions;
 use super::queue::{Cost, Queue};
 use super::wire::Command;
@@ -179,13 +180,24 @@ pub type MessageHandler = Arc<dyn Fn(&Bytes, Message) -> Result<(), Message> + S
 
 /// Where a connection puts what it receives.
 pub(crate) enum Sink {
-    /// Messages go to the socket's incoming queue.
-    Deliver(Arc<Queue<Inbound>>),
+    /// Messages go to the socket's incoming queue (this connection's lane of it).
+    Deliver(Intake),
     /// Messages are handed to a function, inline (no queue, no task hop); those it
-    /// declines go to the queue if there is one.
-    Handler(MessageHandler, Option<Arc<Queue<Inbound>>>),
+    /// declines go to the queue if there is one. While earlier declined messages of this
+    /// connection wait there, later ones go behind them without being offered, so a
+    /// connection's messages are handled in the order they arrived.
+    Handler(MessageHandler, Option<Intake>),
     /// Messages and SUBSCRIBE/CANCEL commands update a PUB's filter for this peer.
     Subscriptions(Arc<Subscriptions>),
+}
+
+impl Sink {
+    /// The connection ended: its lane, if it has one, goes once emptied.
+    pub fn detach(&self) {
+        if let Sink::Deliver(Intake::Lane(l)) | Sink::Handler(_, Some(Intake::Lane(l))) = self {
+            l.detach();
+        }
+    }
 }
 
 /// What a socket type decided when a handshake completed.

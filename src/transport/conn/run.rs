@@ -79,19 +79,25 @@ pub(super) async fn run(
                                 identity: att.identity.clone(),
                                 msg,
                             };
-                            if let Err((item, _)) = q.try_push(item) {
+                            if let Err(item) = q.try_push(item) {
                                 pending = Some(item);
                             }
                         }
                         Sink::Handler(f, fallback) => {
-                            if let Err(msg) = f(&att.identity, msg) {
+                            // Behind this connection's declined messages, if any wait:
+                            // offering it now could let it overtake them.
+                            let declined = match fallback {
+                                Some(q) if q.holds_messages() => Err(msg),
+                                _ => f(&att.identity, msg),
+                            };
+                            if let Err(msg) = declined {
                                 match fallback {
                                     Some(q) => {
                                         let item = Inbound {
                                             identity: att.identity.clone(),
                                             msg,
                                         };
-                                        if let Err((item, _)) = q.try_push(item) {
+                                        if let Err(item) = q.try_push(item) {
                                             pending = Some(item);
                                         }
                                     }
@@ -237,7 +243,7 @@ pub(super) async fn run(
             },
             _ = wait_sink(&att.sink), if pending.is_some() => {
                 if let Sink::Deliver(q) | Sink::Handler(_, Some(q)) = &att.sink {
-                    if let Err((item, _)) = q.try_push(pending.take().expect("pending")) {
+                    if let Err(item) = q.try_push(pending.take().expect("pending")) {
                         pending = Some(item);
                     } else {
                         // We were not reading while blocked; that was not the peer's silence.
