@@ -405,6 +405,124 @@ async fn a_connection_with_a_deep_backlog_does_not_delay_another() {
     eprintln!("served after {:?}", started.elapsed());
 }
 
+/// A request envelope's frames for `target` with `payload`, as a raw peer sends them.
+fn raw_request<T: serde::Serialize>(target: &str, payload: &T) -> Vec<bytes::Bytes> {
+    let mut h = Header::new(Kind::Request, Id::new(), target);
+    h.deadline_ms = Some(60_000);
+    codec::Envelope {
+        header: h,
+        payload: codec::encode_payload(payload).unwrap(),
+    }
+    .to_frames()
+}
+
+async fn send_raw(peer: &mut RawPeer, frames: &[bytes::Bytes]) {
+    let frames: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+    peer.send_message(&frames).await.unwrap();
+}
+
+/// A node whose `slow.op` handlers hold their slots until the gate opens
+/// (`add_permits`), and the count of those started.
+async fn node_with_a_slow_op(
+    b: peerwire::node::NodeBuilder,
+) -> (
+    Node,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::{atomic::AtomicUsize, Arc};
+    let server = b.socket_options(test_opts()).start().await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (g, n) = (gate.clone(), started.clone());
+    server.handle("slow.op", V1, move |_: String, _| {
+        let (g, n) = (g.clone(), n.clone());
+        async move {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = g.acquire().await;
+            Ok(())
+        }
+    });
+    (server, gate, started)
+}
+
+fn count(n: &std::sync::atomic::AtomicUsize) -> usize {
+    n.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn many_connections_from_one_address_cannot_take_every_handler_slot() {
+    // One connection was limited, but an address may open 128 of them. Now handlers
+    // that await are also counted per address.
+    init_tracing();
+    let (server, gate, started) = node_with_a_slow_op(
+        Node::builder("server")
+            .max_in_flight(8)
+            .max_in_flight_per_connection(4)
+            .max_in_flight_per_source(6),
+    )
+    .await;
+    let polite = start_node("polite", &[server.endpoint()]).await;
+    wait_service(&polite, "slow.op", 1).await;
+    let from: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawPeer::connect_from(from, addr_of(&server.endpoint())).await;
+        c.handshake("DEALER").await;
+        for _ in 0..5 {
+            send_raw(&mut c, &raw_request("slow.op", &String::new())).await;
+        }
+        conns.push(c);
+    }
+    // 4 on the first connection (its limit), 2 on the second (the address's 6): 4 refused.
+    wait_until("4 refused", || server.stats().overloaded >= 4).await;
+    let call = polite
+        .request_async_with::<_, ()>(
+            "slow.op",
+            &String::new(),
+            CallOptions::timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    // The polite caller's handler got one of the two slots left.
+    wait_until("7 running", || count(&started) == 7).await;
+    gate.add_permits(100);
+    within("polite served", call.recv()).await.unwrap();
+    assert_eq!(server.stats().overloaded, 4);
+}
+
+#[tokio::test]
+async fn requests_held_by_slow_handlers_are_bounded_in_bytes() {
+    // Large requests to a slow handler each held their bytes until it finished: memory
+    // followed the caller. Now request bytes held are bounded per address and in total.
+    init_tracing();
+    let (server, gate, started) =
+        node_with_a_slow_op(Node::builder("server").max_in_flight_bytes(4 << 20)).await;
+    let polite = start_node("polite", &[server.endpoint()]).await;
+    wait_service(&polite, "slow.op", 1).await;
+    let big = "x".repeat(600 << 10);
+    let mut attacker =
+        RawPeer::connect_from("127.0.0.3".parse().unwrap(), addr_of(&server.endpoint())).await;
+    attacker.handshake("DEALER").await;
+    for _ in 0..3 {
+        send_raw(&mut attacker, &raw_request("slow.op", &big)).await;
+    }
+    // A quarter of 4 MiB per address: the first 600 KiB request runs, the next two not.
+    wait_until("2 refused", || server.stats().overloaded >= 2).await;
+    let call = polite
+        .request_async_with::<_, ()>(
+            "slow.op",
+            &big,
+            CallOptions::timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    wait_until("the polite one running", || count(&started) == 2).await;
+    gate.add_permits(100);
+    within("polite served", call.recv()).await.unwrap();
+    assert_eq!(server.stats().overloaded, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_not_reading_together_cannot_get_an_honest_one_dropped() {
     // Several callers that stop reading just under their own queue's bound fill the

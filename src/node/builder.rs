@@ -16,7 +16,7 @@ use super::inbound::{self, CoreCell, Inbound};
 use super::membership::{Local, Membership, MembershipLimits, Setup};
 use super::pubsub::PubSub;
 use super::registry::Registry;
-use super::respond::Responder;
+use super::respond::{AdmitLimits, Responder};
 use super::{Core, Lifecycle, Node, NodeError};
 use crate::codec::Id;
 use crate::discovery::{Announcement, DnsSeed, Mdns, MdnsConfig};
@@ -40,6 +40,8 @@ pub struct NodeBuilder {
     forget_after: Duration,
     max_in_flight: usize,
     max_in_flight_per_connection: usize,
+    max_in_flight_per_source: usize,
+    max_in_flight_bytes: usize,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -61,6 +63,8 @@ impl NodeBuilder {
             forget_after: Duration::from_secs(10),
             max_in_flight: 10_000,
             max_in_flight_per_connection: 256,
+            max_in_flight_per_source: 2048,
+            max_in_flight_bytes: 256 << 20,
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -173,6 +177,27 @@ impl NodeBuilder {
         self
     }
 
+    /// Most handlers that await running at once for callers from one address (default
+    /// 2048; IPv6 addresses counted per /64), so that a caller opening many connections
+    /// still cannot take every slot of [`max_in_flight`](Self::max_in_flight). Past it
+    /// a request is answered `overloaded` at once, and counted in
+    /// [`NodeStats::overloaded`](super::NodeStats::overloaded).
+    pub fn max_in_flight_per_source(mut self, n: usize) -> Self {
+        self.max_in_flight_per_source = n.max(1);
+        self
+    }
+
+    /// Most request bytes held by handlers that await, all callers together (default
+    /// 256 MiB), and a quarter of it for callers from one address: requests waiting on
+    /// slow handlers cannot hold unbounded memory. Past it a request is answered
+    /// `overloaded` at once (counted in
+    /// [`NodeStats::overloaded`](super::NodeStats::overloaded)); a single request larger
+    /// than the bound still runs when nothing else is held.
+    pub fn max_in_flight_bytes(mut self, n: usize) -> Self {
+        self.max_in_flight_bytes = n;
+        self
+    }
+
     /// Transport options for every socket of the node.
     pub fn socket_options(mut self, opts: SocketOptions) -> Self {
         self.socket = opts;
@@ -262,7 +287,15 @@ impl NodeBuilder {
             registry,
             membership: membership.clone(),
             gathers: Arc::new(Gathers::default()),
-            responder: Responder::new(id, self.max_in_flight, self.max_in_flight_per_connection),
+            responder: Responder::new(
+                id,
+                self.max_in_flight,
+                AdmitLimits {
+                    per_connection: self.max_in_flight_per_connection,
+                    per_source: self.max_in_flight_per_source,
+                    bytes: self.max_in_flight_bytes,
+                },
+            ),
             inbound: Inbound::default(),
         });
         membership.watch_router(&core.router, router_events);

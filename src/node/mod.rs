@@ -222,8 +222,10 @@ pub struct NodeStats {
     pub replies_dropped: u64,
     /// Caller connections closed for not reading their replies.
     pub callers_dropped: u64,
-    /// Requests answered `overloaded` (and notifications dropped): their connection had
-    /// `max_in_flight_per_connection` handlers running.
+    /// Requests answered `overloaded` (and notifications dropped): their caller
+    /// connection or address had as many handlers running, or request bytes held, as it
+    /// may (`max_in_flight_per_connection`, `max_in_flight_per_source`,
+    /// `max_in_flight_bytes`).
     pub overloaded: u64,
     /// HELLOs refused: a catalog past its bounds, a HELLO too large to read, or a new
     /// peer past `max_peers` (see [`MembershipLimits`]).

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -30,7 +31,7 @@ use super::registry::{Context, ErasedHandler};
 use parking_lot::Mutex;
 
 use crate::codec::{self, codes, Envelope, ErrorBody, Header, Id, Kind};
-use crate::transport::{Dealer, Message, Router, SendError};
+use crate::transport::{source_key, Dealer, Message, Router, SendError};
 
 /// Where a reply goes: back on the ROUTER connection a request came from, or on our
 /// DEALER to the node that published a gather request. Borrowed while the reply is sent
@@ -196,50 +197,129 @@ impl Undelivered {
     }
 }
 
-/// Handlers that await, counted per ROUTER connection, so that one connection cannot
-/// take every handler slot.
-struct PerConnection {
-    limit: usize,
-    /// All of them; while below `limit`, no connection can be at it and the map is not
-    /// even looked at (the common case costs one atomic load).
-    total: AtomicUsize,
-    running: Mutex<HashMap<Bytes, usize>>,
+/// What one caller (a ROUTER connection, and the address it comes from) may hold in
+/// handlers that await; see [`Admission`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AdmitLimits {
+    /// Handlers that await, per caller connection.
+    pub per_connection: usize,
+    /// Handlers that await, per caller address (IPv6: per /64).
+    pub per_source: usize,
+    /// Request bytes held by handlers that await, all callers together; a quarter of it
+    /// per caller address.
+    pub bytes: usize,
+}
+
+/// Handlers that await, counted per caller connection and per caller address, and the
+/// bytes of their requests (per address and in total): so that no caller, however many
+/// connections it opens, can take every handler slot, and requests waiting on slow
+/// handlers cannot hold unbounded memory. Counted only for handlers that await: one that
+/// finishes when first polled holds nothing.
+struct Admission {
+    limits: AdmitLimits,
+    /// Handlers that await, all callers; while low enough, no caller can be at a limit
+    /// and the maps are not even looked at (the common case costs two atomic loads).
+    running: AtomicUsize,
+    bytes: AtomicUsize,
+    counts: Mutex<Counts>,
     refused: AtomicU64,
 }
 
-impl PerConnection {
-    /// Whether the connection `identity` may start one more handler.
-    fn admits(&self, identity: &Bytes) -> bool {
-        if self.total.load(Relaxed) < self.limit {
-            return true;
-        }
-        self.running.lock().get(identity).copied().unwrap_or(0) < self.limit
+#[derive(Default)]
+struct Counts {
+    by_connection: HashMap<Bytes, usize>,
+    /// Handlers and request bytes per caller address.
+    by_source: HashMap<IpAddr, (usize, usize)>,
+}
+
+/// Who a request came from, for [`Admission`]: its ROUTER connection and address.
+struct Caller {
+    identity: Bytes,
+    source: Option<IpAddr>,
+}
+
+impl Admission {
+    fn per_source_bytes(&self) -> usize {
+        self.limits.bytes / 4
     }
 
-    fn started(self: &Arc<Self>, identity: Bytes) -> Running {
-        self.total.fetch_add(1, Relaxed);
-        *self.running.lock().entry(identity.clone()).or_default() += 1;
+    /// Whether a handler for a request of `len` bytes from `caller` (none: a gather
+    /// request on our DEALER) may start. A request larger than a bound is still admitted
+    /// when its caller (or everyone) holds nothing, as queues admit one message larger
+    /// than their bound.
+    fn admits(&self, caller: Option<&Caller>, len: usize) -> bool {
+        let bytes = self.bytes.load(Relaxed);
+        if bytes > 0 && bytes + len > self.limits.bytes {
+            return false;
+        }
+        let Some(caller) = caller else {
+            return true;
+        };
+        let l = &self.limits;
+        if self.running.load(Relaxed) < l.per_connection.min(l.per_source)
+            && bytes + len <= self.per_source_bytes()
+        {
+            return true;
+        }
+        let counts = self.counts.lock();
+        let conn = counts.by_connection.get(&caller.identity).copied();
+        if conn.unwrap_or(0) >= l.per_connection {
+            return false;
+        }
+        match caller.source.and_then(|s| counts.by_source.get(&s)) {
+            Some(&(n, b)) => n < l.per_source && (b == 0 || b + len <= self.per_source_bytes()),
+            None => true,
+        }
+    }
+
+    fn started(self: &Arc<Self>, caller: Option<Caller>, len: usize) -> Running {
+        self.running.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(len, Relaxed);
+        if let Some(c) = &caller {
+            let mut counts = self.counts.lock();
+            *counts.by_connection.entry(c.identity.clone()).or_default() += 1;
+            if let Some(s) = c.source {
+                let e = counts.by_source.entry(s).or_default();
+                e.0 += 1;
+                e.1 += len;
+            }
+        }
         Running {
             counts: self.clone(),
-            identity,
+            caller,
+            len,
         }
     }
 }
 
-/// One handler that awaits, counted against its connection until dropped.
+/// One handler that awaits, counted against its caller until dropped.
 struct Running {
-    counts: Arc<PerConnection>,
-    identity: Bytes,
+    counts: Arc<Admission>,
+    caller: Option<Caller>,
+    len: usize,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.counts.total.fetch_sub(1, Relaxed);
-        let mut running = self.counts.running.lock();
-        if let Some(n) = running.get_mut(&self.identity) {
+        self.counts.running.fetch_sub(1, Relaxed);
+        self.counts.bytes.fetch_sub(self.len, Relaxed);
+        let Some(c) = &self.caller else {
+            return;
+        };
+        let mut counts = self.counts.counts.lock();
+        if let Some(n) = counts.by_connection.get_mut(&c.identity) {
             *n -= 1;
             if *n == 0 {
-                running.remove(&self.identity);
+                counts.by_connection.remove(&c.identity);
+            }
+        }
+        if let Some(s) = c.source {
+            if let Some(e) = counts.by_source.get_mut(&s) {
+                e.0 -= 1;
+                e.1 -= self.len;
+                if e.0 == 0 {
+                    counts.by_source.remove(&s);
+                }
             }
         }
     }
@@ -248,7 +328,7 @@ impl Drop for Running {
 /// Runs handlers and sends their replies. See the [module documentation](self).
 pub(super) struct Responder {
     node_id: Id,
-    per_connection: Arc<PerConnection>,
+    admission: Arc<Admission>,
     /// Bounds handlers running at once; when none is free the inbound loops stop reading
     /// and TCP pushes back on the senders.
     slots: Arc<Semaphore>,
@@ -258,13 +338,14 @@ pub(super) struct Responder {
 }
 
 impl Responder {
-    pub(super) fn new(node_id: Id, max_in_flight: usize, per_connection: usize) -> Self {
+    pub(super) fn new(node_id: Id, max_in_flight: usize, limits: AdmitLimits) -> Self {
         Responder {
             node_id,
-            per_connection: Arc::new(PerConnection {
-                limit: per_connection.max(1),
-                total: AtomicUsize::new(0),
-                running: Mutex::new(HashMap::new()),
+            admission: Arc::new(Admission {
+                limits,
+                running: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                counts: Mutex::new(Counts::default()),
                 refused: AtomicU64::new(0),
             }),
             slots: Arc::new(Semaphore::new(max_in_flight)),
@@ -314,10 +395,11 @@ impl Responder {
         self.undelivered.callers.load(Relaxed)
     }
 
-    /// Requests and notifications not run: their connection had as many running as a
-    /// connection may.
+    /// Requests, notifications and gather requests not run: their caller (connection
+    /// or address) had as many handlers or request bytes held as it may, or all callers
+    /// together did.
     pub(super) fn overloaded(&self) -> u64 {
-        self.per_connection.refused.load(Relaxed)
+        self.admission.refused.load(Relaxed)
     }
 
     /// Answers `to` with an error reply at once (no handler runs).
@@ -347,16 +429,22 @@ impl Responder {
         path: ReplyPath<'_>,
         slot: OwnedSemaphorePermit,
     ) {
-        if let ReplyPath::Router(_, identity) = &path {
-            if !self.per_connection.admits(identity) {
-                self.per_connection.refused.fetch_add(1, Relaxed);
-                debug!(target = ?env.header.target, "request not run: its connection has too many running");
-                if env.header.kind == Kind::Request {
-                    let msg = "too many requests of this connection are running; retry later";
-                    self.reply_error(&path, &env.header, codes::OVERLOADED, msg.into());
-                }
-                return;
+        let caller = match &path {
+            ReplyPath::Router(router, identity) => Some(Caller {
+                identity: identity.clone(),
+                source: router.peer_addr(identity).map(|a| source_key(a.ip())),
+            }),
+            ReplyPath::Dealer(_) => None,
+        };
+        let len = env.payload.len();
+        if !self.admission.admits(caller.as_ref(), len) {
+            self.admission.refused.fetch_add(1, Relaxed);
+            debug!(target = ?env.header.target, "not run: its caller holds as many handlers or bytes as it may");
+            if env.header.kind != Kind::Notification {
+                let msg = "too many requests of this caller are running; retry later";
+                self.reply_error(&path, &env.header, codes::OVERLOADED, msg.into());
             }
+            return;
         }
         let answering = Answering::of(&env.header);
         let sender = self.node_id;
@@ -368,12 +456,7 @@ impl Responder {
                 }
             }
             Err(run) => {
-                let running = match &path {
-                    ReplyPath::Router(_, identity) => {
-                        Some(self.per_connection.started(identity.clone()))
-                    }
-                    ReplyPath::Dealer(_) => None,
-                };
+                let running = self.admission.started(caller, len);
                 let path = path.detach();
                 let undelivered = self.undelivered.clone();
                 self.tasks.spawn(async move {

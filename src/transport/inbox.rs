@@ -214,6 +214,8 @@ impl Lane {
     /// Appends a message behind this connection's earlier ones, or gives it back if the
     /// lane or the total is at its bound (or the inbox is closed); the connection then
     /// waits in [`Lane::writable`] before trying again.
+    // The message comes back by value: boxing it would allocate on every push.
+    #[allow(clippy::result_large_err)]
     pub fn try_push(&self, item: Inbound) -> Result<(), Inbound> {
         let (n, b) = item.cost();
         let inbox = &*self.inbox;
@@ -301,6 +303,8 @@ pub(crate) enum Intake {
 
 impl Intake {
     /// Pushes, or gives the message back when there is no room now.
+    // The message comes back by value: boxing it would allocate on every push.
+    #[allow(clippy::result_large_err)]
     pub fn try_push(&self, item: Inbound) -> Result<(), Inbound> {
         match self {
             Intake::Queue(q) => q.try_push(item).map_err(|(item, _)| item),
