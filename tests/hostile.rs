@@ -352,6 +352,59 @@ async fn many_trickling_large_frames_stay_bounded() {
 }
 
 #[tokio::test]
+async fn partial_messages_past_the_receive_budget_evict_the_slowest_senders() {
+    // Each connection's read buffer was bounded by what its peer really sent, but not
+    // all of them together: 60 peers each part-way through a 4 MB message held 240 MB.
+    // Now the bytes of messages still arriving are budgeted per socket, and past the
+    // budget the slowest sender is closed; a peer sending a large message at full speed
+    // gets it through.
+    init_tracing();
+    let budget = 4 << 20;
+    let (router, _events) = router(test_opts().with_recv_buffer_total_bytes(budget)).await;
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let mut p = RawPeer::connect(router.local_addr()).await;
+        p.handshake("DEALER").await;
+        let mut out = BytesMut::new();
+        encode_frame_header(&mut out, 0, 2 << 20);
+        out.put_bytes(7, 512 << 10);
+        p.send(&out).await.unwrap();
+        slow.push(p);
+    }
+    // 10 × 512 KiB is past the 4 MiB budget: the slowest go until the rest fit.
+    wait_until("slow senders evicted", || {
+        router
+            .stats()
+            .violations
+            .get("receive_budget")
+            .copied()
+            .unwrap_or(0)
+            >= 2
+    })
+    .await;
+    let dealer = Dealer::connect(ep(router.local_addr()), test_opts()).unwrap();
+    let big = Bytes::from(vec![1u8; 3 << 20]);
+    dealer.send(big.clone().into()).await.unwrap();
+    let (_, m) = within("the fast large message", router.recv())
+        .await
+        .unwrap();
+    assert_eq!(m.frames()[0], big);
+    let evicted = router.stats().violations["receive_budget"];
+    assert!(evicted >= 3, "only {evicted} evicted");
+    let mut closed = 0;
+    for p in &mut slow {
+        if p.closed_within(Duration::from_millis(200)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed as u64, evicted,
+        "every eviction closed a slow sender"
+    );
+    still_serves(&router, heap_bytes()).await;
+}
+
+#[tokio::test]
 async fn ping_flood_from_a_peer_that_never_reads() {
     init_tracing();
     let (router, _events) = router(test_opts()).await;

@@ -94,6 +94,15 @@ pub enum ProtocolViolation {
     /// version: a ZMTP 3.0 peer is never heartbeated, so silence is all there is to go on).
     #[error("peer idle past the idle timeout")]
     IdleTimeout,
+    /// The socket's connections together held more bytes of messages still arriving than
+    /// its receive budget, and this one was receiving most slowly.
+    #[error("{held} bytes of a message still arriving, over the socket's receive budget of {budget} bytes, and sent the most slowly")]
+    ReceiveBudget {
+        /// Bytes this connection held.
+        held: usize,
+        /// The budget in force.
+        budget: usize,
+    },
 }
 
 impl ProtocolViolation {
@@ -119,6 +128,7 @@ impl ProtocolViolation {
             ProtocolViolation::HandshakeTimeout => "handshake_timeout",
             ProtocolViolation::HeartbeatTimeout => "heartbeat_timeout",
             ProtocolViolation::IdleTimeout => "idle_timeout",
+            ProtocolViolation::ReceiveBudget { .. } => "receive_budget",
         }
     }
 }

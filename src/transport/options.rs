@@ -22,7 +22,8 @@ use super::wire::DecodeLimits;
 /// | `idle_timeout` | 120 s (accepted connections, any ZMTP version) |
 /// | `send_queue_messages` / `send_queue_bytes` | 100 000 / 64 MiB per connection |
 /// | `send_queue_total_bytes` | 256 MiB per listening socket (ROUTER, PUB), all connections |
-/// | `recv_queue_messages` / `recv_queue_bytes` | 100 000 / 64 MiB per socket |
+/// | `recv_queue_messages` / `recv_queue_bytes` | 100 000 / 64 MiB per socket (a quarter per connection) |
+/// | `recv_buffer_total_bytes` | 64 MiB per socket: messages still arriving, all connections |
 /// | `heartbeat_interval` / `heartbeat_timeout` | 500 ms / 2 s (ZMTP 3.1 peers only) |
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
 /// | `linger` | 1 s |
@@ -77,11 +78,20 @@ pub struct SocketOptions {
     /// connections together: past it, sends fail (`QueueFull`) and publishes drop, as at a
     /// connection's own bound, so many slow peers cannot add up to unbounded memory.
     pub send_queue_total_bytes: usize,
-    /// Most received messages waiting for `recv`, per socket. When full, connections stop
-    /// reading and TCP pushes back on the senders.
+    /// Most received messages waiting for `recv`, per socket; on a ROUTER or SUB one
+    /// connection may hold a quarter of it. When full, connections stop reading and TCP
+    /// pushes back on the senders.
     pub recv_queue_messages: usize,
-    /// Most received bytes waiting for `recv`, per socket.
+    /// Most received bytes waiting for `recv`, per socket (a quarter per connection on a
+    /// ROUTER or SUB).
     pub recv_queue_bytes: usize,
+    /// Most bytes of messages still arriving (read but not yet complete), all of a
+    /// socket's connections together. A connection holds such bytes only while a large
+    /// message comes in (under 64 KiB is not counted); past the total, the connection
+    /// receiving most slowly (fewest bytes a second for its message so far) is closed,
+    /// counted as the `receive_budget` violation. So many peers each sending part of a
+    /// large message cannot add up to unbounded memory, and slow senders go first.
+    pub recv_buffer_total_bytes: usize,
     /// How often to PING a ZMTP 3.1 peer; `None` disables heartbeats.
     pub heartbeat_interval: Option<Duration>,
     /// A peer from which nothing at all arrived for this long is disconnected.
@@ -118,6 +128,7 @@ impl Default for SocketOptions {
             send_queue_total_bytes: 256 << 20,
             recv_queue_messages: 100_000,
             recv_queue_bytes: 64 << 20,
+            recv_buffer_total_bytes: 64 << 20,
             // A dead host (no FIN, no RST) is noticed within 2.5 s: the node's presence
             // promises a crashed peer gone within 3 s.
             heartbeat_interval: Some(Duration::from_millis(500)),
@@ -228,6 +239,13 @@ impl SocketOptions {
     #[must_use]
     pub fn with_recv_queue_bytes(mut self, v: usize) -> Self {
         self.recv_queue_bytes = v;
+        self
+    }
+
+    /// Sets [`recv_buffer_total_bytes`](Self::recv_buffer_total_bytes) (default 64 MiB).
+    #[must_use]
+    pub fn with_recv_buffer_total_bytes(mut self, v: usize) -> Self {
+        self.recv_buffer_total_bytes = v;
         self
     }
 

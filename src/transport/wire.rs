@@ -369,6 +369,12 @@ impl Decoder {
         }
     }
 
+    /// Bytes of the message being assembled whose frames are complete (the rest of it is
+    /// still in the read buffer).
+    pub fn partial_bytes(&self) -> usize {
+        self.message_bytes
+    }
+
     /// How many more bytes the buffer needs before the next call can make progress,
     /// bounded by the limits. The connection reserves at most this much (capped at its
     /// read chunk), which is what keeps a slow sender of a huge frame from making us

@@ -22,7 +22,10 @@ mod spawn;
 mod writer;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,9 +236,74 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<SocketEvent>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
-    /// Outgoing queues of the connections running now; interrupting one closes it.
-    live: Mutex<Vec<Arc<Queue<OutItem>>>>,
+    /// The connections running now: their outgoing queues (interrupting one closes it)
+    /// and what each holds of messages still arriving.
+    live: Mutex<Vec<Live>>,
     ticker_started: AtomicBool,
+    /// Bytes of messages still arriving, all connections (see [`Meter`]).
+    recv_held: AtomicUsize,
+    /// Where [`Meter`] times start.
+    epoch: Instant,
+}
+
+/// A running connection: its outgoing queue and its [`Meter`].
+type Live = (Arc<Queue<OutItem>>, Arc<Meter>);
+
+/// Received bytes below this, per connection, are not counted against
+/// `recv_buffer_total_bytes`: the common small message never touches the shared counter.
+const RECV_COUNT_FROM: usize = 64 * 1024;
+
+/// What one connection holds of a message still arriving (its read buffer and the
+/// frames of a multipart message not complete yet), against the socket's
+/// `recv_buffer_total_bytes`. The connection reports after each read; when the total is
+/// past the budget, the connection receiving most slowly is evicted: its bytes are taken
+/// off the total at once (so one eviction is not repeated by every reporter) and it
+/// closes with [`ProtocolViolation::ReceiveBudget`].
+#[derive(Default)]
+pub(crate) struct Meter {
+    held: AtomicUsize,
+    /// Nanoseconds since the socket's epoch when the message now arriving began.
+    since: AtomicU64,
+    evicted: AtomicBool,
+}
+
+impl Meter {
+    /// Reports `held` bytes now (`completed`: a message was completed since the last
+    /// report, so the one arriving now began just now).
+    pub fn report(&self, shared: &Shared, held: usize, completed: bool) {
+        let held = if held >= RECV_COUNT_FROM { held } else { 0 };
+        let old = self.held.load(Relaxed);
+        if held == old && !completed {
+            return;
+        }
+        if old == 0 || completed {
+            self.since.store(shared.nanos(), Relaxed);
+        }
+        if held == old || self.evicted.load(Relaxed) {
+            return;
+        }
+        let old = self.held.swap(held, AcqRel);
+        if held > old {
+            let total = shared.recv_held.fetch_add(held - old, AcqRel) + (held - old);
+            if total > shared.opts.recv_buffer_total_bytes {
+                shared.evict_slowest_receiver();
+            }
+        } else {
+            shared.recv_held.fetch_sub(old - held, AcqRel);
+        }
+    }
+
+    /// The connection ends: whatever it held goes back to the total.
+    pub fn release(&self, shared: &Shared) {
+        shared
+            .recv_held
+            .fetch_sub(self.held.swap(0, AcqRel), AcqRel);
+    }
+
+    /// Whether the budget evicted this connection.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Relaxed)
+    }
 }
 
 impl Shared {
@@ -249,7 +317,39 @@ impl Shared {
             tracker: TaskTracker::new(),
             live: Mutex::new(Vec::new()),
             ticker_started: AtomicBool::new(false),
+            recv_held: AtomicUsize::new(0),
+            epoch: Instant::now(),
         })
+    }
+
+    fn nanos(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The total of messages still arriving is past the budget: evicts the connection
+    /// receiving its message most slowly (fewest bytes a second so far), if the total is
+    /// still over once we look. A slow sender is the cheap way to hold memory; a peer
+    /// sending a large message at full speed is not what the budget is for.
+    fn evict_slowest_receiver(&self) {
+        let live = self.live.lock();
+        if self.recv_held.load(Acquire) <= self.opts.recv_buffer_total_bytes {
+            return;
+        }
+        let now = self.nanos();
+        let rate = |m: &Meter| {
+            let age = now.saturating_sub(m.since.load(Relaxed)).max(1_000_000);
+            m.held.load(Relaxed) as u128 * 1_000_000_000 / age as u128
+        };
+        let slowest = live
+            .iter()
+            .filter(|(_, m)| m.held.load(Relaxed) > 0 && !m.is_evicted())
+            .min_by_key(|(_, m)| rate(m));
+        if let Some((out, m)) = slowest {
+            if !m.evicted.swap(true, AcqRel) {
+                self.recv_held.fetch_sub(m.held.swap(0, AcqRel), AcqRel);
+                out.interrupt();
+            }
+        }
     }
 
     pub(crate) fn emit(&self, e: SocketEvent) {
@@ -261,7 +361,7 @@ impl Shared {
     /// flushes what is queued for at most `linger`). Does not wait.
     pub fn close_all(&self) {
         self.cancel.cancel();
-        for q in self.live.lock().iter() {
+        for (q, _) in self.live.lock().iter() {
             q.interrupt();
         }
     }
@@ -299,16 +399,16 @@ impl Shared {
                 let Some(shared) = shared.upgrade() else {
                     break;
                 };
-                for q in shared.live.lock().iter() {
+                for (q, _) in shared.live.lock().iter() {
                     q.tick();
                 }
             }
         });
     }
 
-    fn register(self: &Arc<Self>, q: &Arc<Queue<OutItem>>) {
+    fn register(self: &Arc<Self>, q: &Arc<Queue<OutItem>>, meter: &Arc<Meter>) {
         self.ensure_ticker();
-        self.live.lock().push(q.clone());
+        self.live.lock().push((q.clone(), meter.clone()));
         // close_all cancels before it walks the list: if it ran before the push, the
         // token tells us.
         if self.cancel.is_cancelled() {
@@ -316,8 +416,9 @@ impl Shared {
         }
     }
 
-    fn unregister(&self, q: &Arc<Queue<OutItem>>) {
-        self.live.lock().retain(|x| !Arc::ptr_eq(x, q));
+    fn unregister(&self, q: &Arc<Queue<OutItem>>, meter: &Meter) {
+        self.live.lock().retain(|(x, _)| !Arc::ptr_eq(x, q));
+        meter.release(self);
     }
 
     /// [`Shared::close_all`], then waits for every task, at most `linger` plus a margin.
@@ -423,9 +524,10 @@ pub(crate) async fn serve(
         socket_type: peer.socket_type.clone(),
         minor_version: peer.minor,
     });
-    shared.register(&attached.out);
-    let reason = run(stream, rbuf, &peer, shared, &attached).await;
-    shared.unregister(&attached.out);
+    let meter = Arc::new(Meter::default());
+    shared.register(&attached.out, &meter);
+    let reason = run(stream, rbuf, &peer, shared, &attached, &meter).await;
+    shared.unregister(&attached.out, &meter);
     role.detach(&peer, &attached);
     shared.stats.disconnects.fetch_add(1, Relaxed);
     if let CloseReason::Violation(v) = &reason {

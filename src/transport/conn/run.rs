@@ -20,7 +20,7 @@ use crate::transport::wire::{Command, Decoded, Decoder};
 use crate::transport::SocketType;
 
 use super::writer::{linger, try_write_chunks, write_chunks, written, Writer};
-use super::{Attached, Inbound, PeerInfo, Shared, Sink, READ_MIN};
+use super::{Attached, Inbound, Meter, PeerInfo, Shared, Sink, READ_MIN};
 
 /// Most capacity reserved ahead of bytes that actually arrived: a peer announcing a
 /// large frame makes us hold at most this much more than it has really sent.
@@ -33,6 +33,7 @@ pub(super) async fn run(
     peer: &PeerInfo,
     shared: &Shared,
     att: &Attached,
+    meter: &Meter,
 ) -> CloseReason {
     let opts = &shared.opts;
     let (mut rd, mut wr) = stream.split();
@@ -165,6 +166,8 @@ pub(super) async fn run(
         if received > 0 {
             shared.stats.messages_in.fetch_add(received, Relaxed);
         }
+        let held = rbuf.len() + dec.partial_bytes();
+        meter.report(shared, held, received > 0);
         if w.chunks.is_empty() {
             w.refill(&att.out);
             // Try the write now: usually the socket has room and this saves a turn of
@@ -182,6 +185,10 @@ pub(super) async fn run(
             }
         }
         if att.out.is_interrupted() {
+            if meter.is_evicted() {
+                let budget = opts.recv_buffer_total_bytes;
+                break ProtocolViolation::ReceiveBudget { held, budget }.into();
+            }
             linger(&mut wr, &mut w, att, opts.linger).await;
             break CloseReason::Shutdown;
         }
