@@ -9,7 +9,13 @@
 //! - `unread-replies`: requests of 64 KiB, as fast as possible, replies never read;
 //! - `hello-flood`: HELLOs from fresh node ids naming endpoints where nothing listens;
 //! - `big-catalogs`: HELLOs announcing catalogs of 4 MB;
-//! - `malformed`: 6-byte messages that are not envelopes, as fast as possible.
+//! - `malformed`: 6-byte messages that are not envelopes, as fast as possible;
+//! - `slow-subscribers`: 50 subscribers to every topic of the node's PUB that never read,
+//!   while `echo.broadcast` calls make the node publish 64 KiB events as fast as it can;
+//! - `log-flood`: envelopes each of which the node logs a warning for (malformed,
+//!   unsupported version, a notification nobody handles whose target holds a newline and
+//!   terminal escape sequences), as fast as possible. Run the node with `RUST_LOG=warn`
+//!   and its output on a pipe nobody reads to see that logging never blocks it.
 //!
 //! Prints one JSON line: the attack, the legitimate calls made and answered in time, and
 //! the worst latency of those answered.
@@ -40,6 +46,22 @@ fn greeting(minor: u8) -> BytesMut {
 async fn raw(addr: SocketAddr, minor: u8) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(&greeting(minor)).await?;
+    let mut buf = [0u8; 128];
+    let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await;
+    Ok(s)
+}
+
+/// A raw SUB connection subscribed to every topic, with a small receive buffer, that
+/// will never read again after its handshake.
+async fn slow_subscriber(addr: SocketAddr) -> Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    let mut s = sock.connect(addr).await?;
+    let mut out = BytesMut::new();
+    out.put_slice(&encode_greeting(false));
+    Command::Ready(vec![("Socket-Type".into(), Bytes::from_static(b"SUB"))]).encode(&mut out);
+    Command::Subscribe(Bytes::new()).encode(&mut out);
+    s.write_all(&out).await?;
     let mut buf = [0u8; 128];
     let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await;
     Ok(s)
@@ -76,7 +98,14 @@ fn hello(catalog: Catalog, port: u16) -> BytesMut {
     envelope(Kind::Hello, hello.node_id, "", payload)
 }
 
-async fn attack(name: &str, addr: SocketAddr, until: Instant) -> Result<()> {
+/// The node attacked: its ROUTER and its PUB.
+struct Target {
+    addr: SocketAddr,
+    pub_addr: SocketAddr,
+}
+
+async fn attack(name: &str, target: &Target, until: Instant) -> Result<()> {
+    let addr = target.addr;
     match name {
         "silent-conns" => {
             let mut held = Vec::new();
@@ -154,6 +183,58 @@ async fn attack(name: &str, addr: SocketAddr, until: Instant) -> Result<()> {
                 }
             }
         }
+        "slow-subscribers" => {
+            // Held for the whole attack; the node drops them when its queues are full.
+            let mut subs = Vec::new();
+            while subs.len() < 50 && Instant::now() < until {
+                if let Ok(s) = slow_subscriber(target.pub_addr).await {
+                    subs.push(s);
+                }
+            }
+            let payload = codec::encode_payload(&"x".repeat(64 * 1024))?;
+            let msg = envelope(Kind::Request, Id::new(), "echo.broadcast", payload);
+            while Instant::now() < until {
+                let Ok(mut s) = raw(addr, 1).await else {
+                    continue;
+                };
+                let mut replies = [0u8; 64 * 1024];
+                for _ in 0..200 {
+                    if s.write_all(&msg).await.is_err() {
+                        break;
+                    }
+                    // Read the small replies, so it is the subscribers that are slow.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(1), s.read(&mut replies)).await;
+                }
+            }
+        }
+        "log-flood" => {
+            let sender = Id::new();
+            let mut batch = BytesMut::new();
+            let mut old = Header::new(Kind::Request, sender, "echo.echo");
+            old.version = 9;
+            let evil = "evil\n2026-12-02T00:00:00Z ERROR forged line\x1b[2J\x1b[31m";
+            for _ in 0..300 {
+                batch.put_slice(&frames(&[b"junk!!"]));
+                batch.put_slice(&frames(&[&codec::encode_header(&old), b"\xc0"]));
+                batch.put_slice(&envelope(
+                    Kind::Notification,
+                    sender,
+                    evil,
+                    Bytes::from_static(b"\xc0"),
+                ));
+            }
+            while Instant::now() < until {
+                let Ok(mut s) = raw(addr, 1).await else {
+                    continue;
+                };
+                while Instant::now() < until {
+                    if s.write_all(&batch).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         other => bail!("unknown attack {other:?}"),
     }
     Ok(())
@@ -181,9 +262,15 @@ async fn main() -> Result<()> {
     {
         bail!("the node does not serve echo.echo");
     }
+    let pub_addr = client
+        .peers()
+        .first()
+        .and_then(|p| p.pub_endpoint.socket_addr())
+        .context("the node's PUB endpoint")?;
     let until = Instant::now() + Duration::from_secs(secs);
     let name2 = name.clone();
-    let attacker = tokio::spawn(async move { attack(&name2, addr, until).await });
+    let target = Target { addr, pub_addr };
+    let attacker = tokio::spawn(async move { attack(&name2, &target, until).await });
     // The legitimate client: one call every 100 ms, each given 1 s.
     let (mut calls, mut ok, mut worst) = (0u32, 0u32, Duration::ZERO);
     let mut tick = tokio::time::interval(Duration::from_millis(100));

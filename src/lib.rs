@@ -32,6 +32,6 @@ pub use discovery::{DnsSeed, Interfaces, MdnsConfig};
 pub use node::{
     CallError, CallOptions, Context, Event, Gather, GatherEnd, GatherOptions, GatherOutcome,
     GatherReply, HandlerError, Node, NodeBuilder, NodeError, NodeStats, PeerInfo, PendingReply,
-    Presence, PresenceEvent, Subscription,
+    Presence, PresenceEvent, Publishing, Subscription,
 };
 pub use transport::{Endpoint, SocketOptions};

@@ -116,6 +116,48 @@ async fn publish_subscribe_with_prefixes_and_sequence_gaps() {
 }
 
 #[tokio::test]
+async fn a_handler_publishes_through_a_publishing_handle() {
+    init_tracing();
+    let server = start_node("server", &[]).await;
+    let events = server.publishing();
+    server.handle("orders.create", V1, move |o: CreateOrder, _| {
+        let report = events.publish(
+            "orders.created",
+            &OrderCreated {
+                id: 7,
+                item: o.item.clone(),
+            },
+        );
+        async move {
+            report.map_err(|e| peerwire::HandlerError::new("publish_failed", e.to_string()))?;
+            Ok(OrderCreated {
+                id: 7,
+                item: o.item,
+            })
+        }
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    let mut created = client.subscribe::<OrderCreated>("orders.");
+    wait_until("subscribed", || {
+        server.subscribers_of("orders.created").len() == 1
+    })
+    .await;
+    let _: OrderCreated = client
+        .request("orders.create", &order("book", 1))
+        .await
+        .unwrap();
+    let e = within("event", created.recv()).await.unwrap().unwrap();
+    assert_eq!((e.value.item.as_str(), e.publisher), ("book", server.id()));
+    // The handle does not keep the node alive: once it is gone, publishing says so.
+    let handle = server.publishing();
+    server.shutdown().await;
+    assert!(matches!(
+        handle.publish("orders.created", &1u8),
+        Err(CallError::Shutdown)
+    ));
+}
+
+#[tokio::test]
 async fn gather_collects_until_all_answer_quorum_or_deadline() {
     init_tracing();
     let mut responders = Vec::new();

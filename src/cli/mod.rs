@@ -209,6 +209,7 @@ pub async fn run_node(
     pub_port: u16,
     serve: &[String],
 ) -> Result<()> {
+    logging::keep_heap_small();
     // Listening before the endpoint line is printed: a script that reads it and at
     // once sends SIGTERM must get a graceful stop.
     let mut stop = StopSignal::new();

@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 /// - `echo.echo` (request): returns its input;
 /// - `echo.upper` (request): a string, upper-cased;
 /// - `echo.log` (notification): prints what it got;
+/// - `echo.broadcast` (request): publishes its input as an event on `echo.events` and
+///   answers with how many subscribers took it and how many had no room;
 /// - `echo.ping` (gather): answers with this node's name and clock.
 pub fn serve_echo(node: &Node) {
     let v1 = Version::new(1, 0);
@@ -32,6 +34,16 @@ pub fn serve_echo(node: &Node) {
             super::logging::stdout()
                 .line(&format!("[{name}] notification from {}: {v}", ctx.sender));
             Ok(Value::Null)
+        }
+    });
+    let publisher = node.publishing();
+    node.handle("echo.broadcast", v1, move |v: Value, _| {
+        // What the handler publishes is bounded like any publish: per subscriber and in
+        // total, slow subscribers dropped (see RELIABILITY.md).
+        let report = publisher.publish("echo.events", &v);
+        async move {
+            let report = report.map_err(|e| HandlerError::new("publish_failed", e.to_string()))?;
+            Ok(json!({ "queued": report.queued, "dropped": report.dropped }))
         }
     });
     let name = node.name().to_string();

@@ -86,7 +86,7 @@ pub use builder::NodeBuilder;
 pub use calls::PendingReply;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
-pub use pubsub::{Event, Subscription};
+pub use pubsub::{Event, Publishing, Subscription};
 pub use registry::{Context, HandlerError};
 
 use balance::Balance;
@@ -496,6 +496,13 @@ impl Node {
     ) -> Result<PublishReport, CallError> {
         let payload = codec::encode_payload(event)?;
         Ok(self.core.pubsub.publish(topic, payload)?)
+    }
+
+    /// A handle that publishes on this node's behalf, for handlers and tasks.
+    pub fn publishing(&self) -> Publishing {
+        Publishing {
+            pubsub: Arc::downgrade(&self.core.pubsub),
+        }
     }
 
     /// Subscribes to events whose topic starts with `prefix`, from every peer.

@@ -31,6 +31,28 @@ struct LocalSub {
     tx: mpsc::Sender<Envelope>,
 }
 
+/// Publishes events on a node's behalf where the [`Node`](super::Node) itself is not at
+/// hand: in a handler, or a task of its own (from [`Node::publishing`](super::Node::publishing)).
+/// Cheap to clone. It does not keep the node alive: once the node is gone, publishing
+/// fails with [`CallError::Shutdown`](super::CallError::Shutdown).
+#[derive(Clone)]
+pub struct Publishing {
+    pub(super) pubsub: Weak<PubSub>,
+}
+
+impl Publishing {
+    /// Publishes an event on `topic`, as [`Node::publish`](super::Node::publish) does.
+    pub fn publish<T: serde::Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        event: &T,
+    ) -> Result<PublishReport, super::CallError> {
+        let pubsub = self.pubsub.upgrade().ok_or(super::CallError::Shutdown)?;
+        let payload = codec::encode_payload(event)?;
+        Ok(pubsub.publish(topic, payload)?)
+    }
+}
+
 /// Our side of publish/subscribe. See the [module documentation](self).
 pub(super) struct PubSub {
     node_id: Id,
