@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use peerwire::codec::{self, codes, Header, Id, Kind, Version};
-use peerwire::node::{CallOptions, Node};
+use peerwire::node::{CallOptions, MembershipLimits, Node, Rate};
 use peerwire::transport::{Dealer, Message, Router};
 use support::orders::*;
 use support::*;
@@ -275,6 +275,48 @@ async fn a_hello_flood_is_rate_limited() {
     wait_until("limited", || server.stats().hellos_limited >= 900).await;
     assert!(server.peers().len() <= 30, "{} peers", server.peers().len());
     still_served(&client).await;
+}
+
+#[tokio::test]
+async fn a_hello_lost_to_the_rate_limit_is_sent_again() {
+    // Many nodes behind one address (a NAT) joining at once: past the per-address rate,
+    // HELLOs are dropped unanswered. A node whose first HELLO was dropped used to stay
+    // unintroduced until something else changed; now it sends it again until acknowledged.
+    init_tracing();
+    let mut limits = MembershipLimits::default();
+    limits.hellos_per_source = Rate::new(1.0, 0.5);
+    let server = Node::builder("server")
+        .limits(limits)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    server.handle("echo.echo", V1, |n: u64, _| async move { Ok(n) });
+    // Someone else at this address takes the burst.
+    let d = Dealer::connect(server.endpoint(), test_opts()).unwrap();
+    let hello = fresh_hello(codec::Catalog::default());
+    let env = codec::Envelope {
+        header: Header::new(Kind::Hello, hello.node_id, ""),
+        payload: codec::encode_payload(&hello).unwrap(),
+    };
+    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    wait_until("the burst taken", || server.peers().len() == 1).await;
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_until("the first HELLO dropped", || {
+        server.stats().hellos_limited >= 1
+    })
+    .await;
+    within_for(
+        Duration::from_secs(10),
+        "introduced on a later HELLO",
+        async {
+            while !client
+                .wait_for_service("echo.echo", 1, Duration::from_millis(100))
+                .await
+            {}
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

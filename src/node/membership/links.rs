@@ -221,6 +221,11 @@ impl Membership {
     }
 }
 
+/// The first wait for a HELLO-ACK before our HELLO is sent again; each further wait
+/// doubles, the last being this much.
+const HELLO_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const HELLO_RETRY_LAST: std::time::Duration = std::time::Duration::from_secs(16);
+
 /// Watches one link's connection events until the node stops or the endpoint is
 /// forgotten; forgets a peer learned by gossip (not a static one) that stays
 /// unreachable for `forget_after`.
@@ -237,6 +242,11 @@ async fn dealer_loop(
     let far = far_instant_after(std::time::Duration::MAX);
     let mut forget_at = forgettable.map(far_instant_after).unwrap_or(far);
     let cancel: CancellationToken = link.stop.clone();
+    // Our HELLO on a new connection may be lost to the peer's rate limits (many nodes
+    // behind one address joining at once): until its HELLO-ACK comes, it is sent again
+    // after 1, 2, 4, 8 and 16 s.
+    let mut hello_at = far;
+    let mut hello_gap = HELLO_RETRY_FIRST;
     loop {
         tokio::select! {
             biased;
@@ -246,12 +256,26 @@ async fn dealer_loop(
                 strong.forget(&endpoint, "unreachable", Some(&link.dealer)).await;
                 return;
             }
+            _ = tokio::time::sleep_until(hello_at) => {
+                let Some(strong) = membership.upgrade() else { return };
+                let acked = matches!(strong.state.lock().table.peer_at(&endpoint), Some((_, true)));
+                hello_at = far;
+                if !acked && link.dealer.is_connected() && hello_gap <= HELLO_RETRY_LAST {
+                    debug!(%endpoint, "no HELLO-ACK yet: HELLO sent again");
+                    let _ = link.dealer.try_send(strong.hello_message(Kind::Hello, Id::NIL));
+                    hello_at = tokio::time::Instant::now() + hello_gap;
+                    hello_gap *= 2;
+                }
+            }
             e = events.recv() => match e {
                 Ok(e) => {
                     let Some(strong) = membership.upgrade() else { return };
                     let down = matches!(e, SocketEvent::Disconnected { .. });
                     if matches!(e, SocketEvent::Connected { .. }) {
                         forget_at = far;
+                        hello_gap = HELLO_RETRY_FIRST;
+                        hello_at = tokio::time::Instant::now() + hello_gap;
+                        hello_gap *= 2;
                     }
                     // The table first (marks the peer down), then the decision, which
                     // reads what discovery said meanwhile.
