@@ -10,7 +10,8 @@
 //! - `hello-flood`: HELLOs from fresh node ids naming endpoints where nothing listens;
 //! - `big-catalogs`: HELLOs announcing catalogs of 4 MB;
 //! - `malformed`: 6-byte messages that are not envelopes, as fast as possible;
-//! - `slow-subscribers`: 50 subscribers to every topic of the node's PUB that never read,
+//! - `slow-subscribers`: 50 subscribers to every topic of the node's PUB (with 10,000
+//!   prefixes each) that never read,
 //!   while `echo.broadcast` calls make the node publish 64 KiB events as fast as it can;
 //! - `log-flood`: envelopes each of which the node logs a warning for (malformed,
 //!   unsupported version, a notification nobody handles whose target holds a newline and
@@ -51,8 +52,9 @@ async fn raw(addr: SocketAddr, minor: u8) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// A raw SUB connection subscribed to every topic, with a small receive buffer, that
-/// will never read again after its handshake.
+/// A raw SUB connection subscribed to every topic (and to 9,999 prefixes besides, the
+/// most a subscriber may hold, to make matching expensive if it could be), with a small
+/// receive buffer, that will never read again after its handshake.
 async fn slow_subscriber(addr: SocketAddr) -> Result<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.set_recv_buffer_size(4096)?;
@@ -61,6 +63,9 @@ async fn slow_subscriber(addr: SocketAddr) -> Result<TcpStream> {
     out.put_slice(&encode_greeting(false));
     Command::Ready(vec![("Socket-Type".into(), Bytes::from_static(b"SUB"))]).encode(&mut out);
     Command::Subscribe(Bytes::new()).encode(&mut out);
+    for i in 0..9_999 {
+        Command::Subscribe(Bytes::from(format!("p{i}."))).encode(&mut out);
+    }
     s.write_all(&out).await?;
     let mut buf = [0u8; 128];
     let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await;

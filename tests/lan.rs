@@ -211,7 +211,10 @@ fn two_clusters_are_kept_apart_and_doctor_says_so() {
         stdout.contains("reachable (ZMTP handshake completed)"),
         "{stdout}"
     );
-    assert!(stdout.contains("serves: echo.broadcast, echo.echo"), "{stdout}");
+    assert!(
+        stdout.contains("serves: echo.broadcast, echo.echo"),
+        "{stdout}"
+    );
 }
 
 #[test]

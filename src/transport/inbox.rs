@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::conn::Inbound;
-use super::queue::{Cost, Queue};
+use super::queue::{shrink_if_empty, Cost, Queue};
 
 /// One connection's lane in its socket's [`Inbox`]. Dropping it does not remove the lane:
 /// [`Lane::detach`] does, once the connection ends.
@@ -146,6 +146,8 @@ impl Inbox {
             s.ready.push_back(id);
         } else if lane.detached {
             s.lanes.remove(&id);
+        } else {
+            shrink_if_empty(&mut lane.items);
         }
         s.count -= n;
         s.bytes -= b;

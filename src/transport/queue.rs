@@ -19,6 +19,19 @@ use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+/// Largest capacity an empty `VecDeque` of a connection keeps. A burst can grow a queue
+/// to its item bound (100 000 by default); kept after it drains, that capacity would be
+/// megabytes per connection that no byte budget counts, and a peer could leave it behind
+/// on every connection in turn. Past this, an emptied queue gives its memory back.
+pub(crate) const KEEP_CAPACITY: usize = 256;
+
+/// Frees an empty deque's buffer if it is larger than [`KEEP_CAPACITY`].
+pub(crate) fn shrink_if_empty<T>(v: &mut VecDeque<T>) {
+    if v.is_empty() && v.capacity() > KEEP_CAPACITY {
+        *v = VecDeque::new();
+    }
+}
+
 /// The cost of one item against the queue's bounds.
 pub(crate) trait Cost {
     /// `(items, bytes)` this item counts for. Control items count for `(0, 0)`.
@@ -300,6 +313,7 @@ impl<T: Cost> Queue<T> {
             let mut s = self.state.lock();
             let item = s.items.pop_front()?;
             self.has_items.store(!s.items.is_empty(), Ordering::Release);
+            shrink_if_empty(&mut s.items);
             let (n, b) = item.cost();
             s.count -= n;
             s.bytes -= b;
@@ -359,6 +373,7 @@ impl<T: Cost> Queue<T> {
         let mut s = self.state.lock();
         out.extend(s.items.drain(..));
         self.has_items.store(false, Ordering::Release);
+        shrink_if_empty(&mut s.items);
     }
 
     /// Releases the cost of items taken with [`Queue::take_all`] once they are written.
@@ -414,7 +429,7 @@ impl<T: Cost> Queue<T> {
             let mut s = self.state.lock();
             let n: usize = s.items.iter().map(|i| i.cost().0).sum();
             let b: usize = s.items.iter().map(|i| i.cost().1).sum();
-            s.items.clear();
+            s.items = VecDeque::new();
             self.has_items.store(false, Ordering::Release);
             s.count -= n;
             s.bytes -= b;
@@ -465,6 +480,25 @@ mod tests {
         fn cost(&self) -> (usize, usize) {
             (1, self.len())
         }
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_burst_capacity_back() {
+        let q: Queue<Vec<u8>> = Queue::new(100_000, 1 << 30);
+        for _ in 0..10_000 {
+            q.try_push(vec![1]).unwrap();
+        }
+        while q.try_pop().is_some() {}
+        assert!(q.state.lock().items.capacity() <= KEEP_CAPACITY);
+        for _ in 0..10_000 {
+            q.try_push(vec![1]).unwrap();
+        }
+        let mut taken = VecDeque::new();
+        q.take_all(&mut taken);
+        assert!(q.state.lock().items.capacity() <= KEEP_CAPACITY);
+        taken.clear();
+        shrink_if_empty(&mut taken);
+        assert!(taken.capacity() <= KEEP_CAPACITY);
     }
 
     #[test]

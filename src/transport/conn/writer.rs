@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::WriteHalf;
 use tokio::time::timeout;
 
-use crate::transport::queue::{Cost, Queue};
+use crate::transport::queue::{shrink_if_empty, Cost, Queue};
 use crate::transport::wire::{encode_frame_header, Command, FLAG_MORE};
 
 use super::{Attached, OutItem, Shared};
@@ -82,6 +82,7 @@ impl Writer {
             }
             self.inflight.push_back((item, self.appended));
         }
+        shrink_if_empty(&mut self.taken);
         self.flush_staging();
     }
 
@@ -135,6 +136,8 @@ impl Writer {
             done.0 += c;
             done.1 += b;
         }
+        shrink_if_empty(&mut self.inflight);
+        shrink_if_empty(&mut self.chunks);
         done
     }
 }
