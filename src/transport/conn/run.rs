@@ -40,6 +40,8 @@ pub(super) async fn run(
     let mut dec = Decoder::new(opts.decode_limits());
     let mut w = Writer::new(peer.minor);
     let mut pending: Option<Inbound> = None;
+    // The read buffer has been past `READ_AHEAD_MAX` since it was last made fresh.
+    let mut grown = false;
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
     // Accepted connections only: a connecting socket chose its peer, and a quiet ROUTER
     // or PUB at the other end is not an attack on us.
@@ -69,6 +71,7 @@ pub(super) async fn run(
     let reason = 'conn: loop {
         // Decode whatever is buffered, unless the sink is full.
         let mut received = 0u64;
+        dec.copy_small_frames(grown);
         while pending.is_none() {
             match dec.decode(&mut rbuf) {
                 Ok(None) => break,
@@ -166,7 +169,20 @@ pub(super) async fn run(
         if received > 0 {
             shared.stats.messages_in.fetch_add(received, Relaxed);
         }
-        let held = rbuf.len() + dec.partial_bytes();
+        // A large message leaves its allocation behind in the read buffer (the buffer
+        // still points into it after the message is cut out): once little is left, the
+        // rest moves to a fresh small buffer so the large one goes with the message. An
+        // idle connection never keeps megabytes for what it once received.
+        if grown && rbuf.len() < READ_MIN {
+            let mut fresh = BytesMut::with_capacity(READ_MIN);
+            fresh.extend_from_slice(&rbuf);
+            rbuf = fresh;
+            grown = false;
+        }
+        // What this connection holds of a message still arriving: its buffer's capacity
+        // (bytes reserved count as much as bytes read) and the complete frames of a
+        // multipart message not finished yet.
+        let held = if grown { rbuf.capacity() } else { rbuf.len() } + dec.partial_bytes();
         meter.report(shared, held, received > 0);
         if w.chunks.is_empty() {
             w.refill(&att.out);
@@ -232,6 +248,7 @@ pub(super) async fn run(
         let want_items = w.chunks.is_empty();
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
+        grown |= rbuf.capacity() > READ_AHEAD_MAX;
 
         tokio::select! {
             biased;
