@@ -318,14 +318,25 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
     if n > r.b.len() {
         return Err(err("truncated"));
     }
+    // `v`, `k` and `id` are required: without them a message cannot be understood or
+    // answered. Everything else has a default.
+    let mut required = 0u8;
     for _ in 0..n {
         let k = r.key()?;
         match k {
-            b"v" => h.version = u8::try_from(r.uint()?).map_err(|_| err("version over 255"))?,
-            b"k" => {
-                h.kind = Kind::from_code(u8::try_from(r.uint()?).map_err(|_| err("kind over 255"))?)
+            b"v" => {
+                h.version = u8::try_from(r.uint()?).map_err(|_| err("version over 255"))?;
+                required |= 1;
             }
-            b"id" => h.id = r.id()?,
+            b"k" => {
+                h.kind =
+                    Kind::from_code(u8::try_from(r.uint()?).map_err(|_| err("kind over 255"))?);
+                required |= 2;
+            }
+            b"id" => {
+                h.id = r.id()?;
+                required |= 4;
+            }
             b"cid" => h.correlation_id = if r.nil() { Id::NIL } else { r.id()? },
             b"src" => h.sender = r.id()?,
             b"tgt" => {
@@ -370,5 +381,40 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
             _ => r.skip(0)?,
         }
     }
-    Ok(h)
+    match required {
+        7 => Ok(h),
+        r => Err(err(match (r & 1, r & 2, r & 4) {
+            (0, ..) => "the required field `v` is missing",
+            (_, 0, _) => "the required field `k` is missing",
+            _ => "the required field `id` is missing",
+        })),
+    }
+}
+
+/// From a header that does not decode, what is needed to answer it anyway: its `id`
+/// (when that is a valid 16-byte id) and its kind code (when readable). `None` when the
+/// `id` cannot be read: such a message cannot be correlated with anything.
+pub(super) fn salvage(bytes: &[u8]) -> Option<(Id, Option<u8>)> {
+    if bytes.len() > MAX_HEADER_BYTES {
+        return None;
+    }
+    let mut r = Rd { b: bytes };
+    let n = r.map_len().ok()?;
+    let (mut id, mut kind) = (None, None);
+    for _ in 0..n.min(bytes.len()) {
+        match r.key().ok()? {
+            b"id" => id = r.id().ok(),
+            b"k" => kind = r.uint().ok().and_then(|k| u8::try_from(k).ok()),
+            // A value that cannot even be skipped ends the scan: what was read stands.
+            _ => {
+                if r.skip(0).is_err() {
+                    break;
+                }
+            }
+        }
+        if id.is_some() && kind.is_some() {
+            break;
+        }
+    }
+    id.map(|id| (id, kind))
 }

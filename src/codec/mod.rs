@@ -24,7 +24,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 /// Major version of the envelope format this build speaks.
@@ -356,6 +356,9 @@ pub enum CodecError {
     /// A value could not be encoded.
     #[error("cannot encode: {0}")]
     Encode(String),
+    /// The payload's content type (`ct`) is not one peerwire decodes.
+    #[error("content type {0:?} is not supported (peerwire payloads are application/msgpack)")]
+    ContentType(String),
 }
 
 /// Encodes a header (hand-written MessagePack, the same bytes serde would produce).
@@ -369,6 +372,12 @@ pub fn decode_header(b: &[u8]) -> Result<Header, CodecError> {
     header::decode(b)
 }
 
+/// What is needed to answer a header that does not decode: its `id`, if that is a valid
+/// 16-byte id, and its kind code, if readable. `None`: it cannot be correlated at all.
+pub fn salvage_header(b: &[u8]) -> Option<(Id, Option<u8>)> {
+    header::salvage(b)
+}
+
 /// Encodes a payload value as MessagePack (named maps for structs, so fields can be added).
 pub fn encode_payload<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, CodecError> {
     rmp_serde::to_vec_named(v)
@@ -376,12 +385,35 @@ pub fn encode_payload<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, CodecError>
         .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
-/// Decodes a MessagePack payload into `T`.
-pub fn decode_payload<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, CodecError> {
-    rmp_serde::from_slice(b).map_err(|e| CodecError::Payload {
+/// The payload content type peerwire speaks; a header without `ct` means this one.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// Decodes a MessagePack payload into `T`, strictly: the payload must be exactly one
+/// value. Bytes after it are an error, never silently dropped (a JSON text sent without
+/// saying so would otherwise decode as its first character).
+pub fn decode_payload<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
+    let fail = |reason: String| CodecError::Payload {
         type_name: std::any::type_name::<T>(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let mut de = rmp_serde::Deserializer::new(b);
+    let v = T::deserialize(&mut de).map_err(|e| fail(e.to_string()))?;
+    let rest = de.get_ref().len();
+    if rest > 0 {
+        return Err(fail(format!(
+            "{rest} byte(s) after the MessagePack value (a payload is exactly one value)"
+        )));
+    }
+    Ok(v)
+}
+
+/// Checks that a header's content type is MessagePack (`ct` absent, or
+/// [`CONTENT_TYPE`]): peerwire decodes nothing else, and must not misread it.
+pub fn check_content_type(h: &Header) -> Result<(), CodecError> {
+    match h.content_type.as_deref() {
+        None | Some(CONTENT_TYPE) => Ok(()),
+        Some(other) => Err(CodecError::ContentType(other.to_string())),
+    }
 }
 
 /// A decoded envelope: header plus the raw payload (decoded later, by type).

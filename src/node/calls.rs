@@ -264,6 +264,7 @@ pub(super) struct Awaiting {
 
 /// A reply envelope as the caller's type, or the remote error it carries.
 pub(super) fn decode_reply<Resp: DeserializeOwned>(env: Envelope) -> Result<Resp, CallError> {
+    codec::check_content_type(&env.header)?;
     match env.header.kind {
         Kind::ErrorReply => {
             let body: ErrorBody = codec::decode_payload(&env.payload)?;

@@ -119,16 +119,56 @@ impl Core {
                     Via::Dealer(endpoint) => {
                         warn!(error = %e, %endpoint, socket = "DEALER", "malformed envelope, dropped")
                     }
+                    Via::Router(ref identity, _) => {
+                        warn!(error = %e, socket = "ROUTER", "malformed envelope");
+                        self.answer_malformed(identity, msg, &e);
+                    }
                     _ => warn!(error = %e, socket = via.socket(), "malformed envelope, dropped"),
                 }
                 return;
             }
         };
+        if let Err(e) = codec::check_content_type(&env.header) {
+            // Replies are the caller's to judge (its call fails with this error).
+            if !matches!(via, Via::Dealer(_)) {
+                self.inbound.count_malformed();
+                warn!(error = %e, socket = via.socket(), kind = ?env.header.kind, "payload not decoded");
+                if let (Via::Router(identity, _), Kind::Request) = (&via, env.header.kind) {
+                    let path = ReplyPath::Router(&self.router, identity.clone());
+                    self.responder.reply_error(
+                        &path,
+                        &env.header,
+                        codes::BAD_REQUEST,
+                        e.to_string(),
+                    );
+                }
+                return;
+            }
+        }
         match via {
             Via::Router(identity, slot) => self.on_router(identity, env, slot),
             Via::Sub(slot) => self.on_published(env, slot),
             Via::Dealer(endpoint) => self.on_dealer(endpoint, env),
         }
+    }
+
+    /// A ROUTER message whose envelope does not decode: answered `bad_request` if it can
+    /// be correlated at all (its `id` is readable) and may be a request, so that the
+    /// caller learns why rather than waiting for its deadline.
+    fn answer_malformed(&self, identity: &Bytes, msg: &Message, e: &codec::CodecError) {
+        let Some((id, kind)) = msg.frames().first().and_then(|h| codec::salvage_header(h)) else {
+            return;
+        };
+        if !matches!(kind, None | Some(1)) {
+            return;
+        }
+        let to = codec::Header {
+            id,
+            ..Default::default()
+        };
+        let path = ReplyPath::Router(&self.router, identity.clone());
+        self.responder
+            .reply_error(&path, &to, codes::BAD_REQUEST, e.to_string());
     }
 
     fn on_router(self: &Arc<Self>, identity: Bytes, env: Envelope, slot: OwnedSemaphorePermit) {
