@@ -181,3 +181,30 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
     let env = codec::Envelope::from_frames(reply.frames()).unwrap();
     assert_eq!(env.header.correlation_id, good);
 }
+
+#[tokio::test]
+async fn a_subscriber_without_an_identity_is_known_by_its_label() {
+    // libzmq never sends a SUB's identity: a node is known by the label its SUB
+    // subscribes to, `\0peerwire.node:` and its id's 16 bytes.
+    init_tracing();
+    let publisher = start_node("pub", &[]).await;
+    let mut sub = RawPeer::connect(addr_of(&publisher.pub_endpoint())).await;
+    sub.handshake("SUB").await;
+    let id = Id::new();
+    let mut label = b"\x00peerwire.node:".to_vec();
+    label.extend_from_slice(id.0.as_bytes());
+    for prefix in [&label[..], b"news."] {
+        sub.send_command(&peerwire::transport::wire::Command::Subscribe(
+            Bytes::copy_from_slice(prefix),
+        ))
+        .await
+        .unwrap();
+    }
+    wait_until("known by its label", || {
+        publisher.subscribers_of("news.flash") == vec![id]
+    })
+    .await;
+    assert!(publisher.subscribers_of("sports.").is_empty());
+    // Topics cannot collide with labels.
+    assert!(publisher.publish("\0peerwire.node:x", &1).is_err());
+}

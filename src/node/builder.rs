@@ -14,7 +14,7 @@ use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
 use super::membership::{Local, Membership, MembershipLimits, Setup};
-use super::pubsub::PubSub;
+use super::pubsub::{self, PubSub};
 use super::registry::Registry;
 use super::respond::{AdmitLimits, Responder};
 use super::{Core, Lifecycle, Node, NodeError};
@@ -244,6 +244,8 @@ impl NodeBuilder {
         );
         // Subscribed before any message can be dispatched (the cell is still empty).
         let router_events = router.events();
+        // Our label first: every PUB we connect to learns which node this SUB is.
+        subscriber.subscribe(pubsub::label(id));
         let (router, publisher, subscriber) =
             (Arc::new(router), Arc::new(publisher), Arc::new(subscriber));
         let life = Lifecycle {

@@ -494,6 +494,7 @@ impl Node {
         topic: &str,
         event: &T,
     ) -> Result<PublishReport, CallError> {
+        pubsub::check_topic(topic)?;
         let payload = codec::encode_payload(event)?;
         Ok(self.core.pubsub.publish(topic, payload)?)
     }

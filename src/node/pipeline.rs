@@ -98,6 +98,9 @@ impl Core {
         if self.life.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
+        if call.style == Style::Gather {
+            super::pubsub::check_topic(call.target)?;
+        }
         let timeout = call.timeout.unwrap_or(self.default_timeout);
         // A request's deadline runs from here; encoding counts against it.
         let deadline = far_instant_after(timeout);

@@ -15,8 +15,34 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::frames;
+use bytes::Bytes;
+
 use crate::codec::{self, CodecError, Envelope, Header, Id, Kind};
 use crate::transport::{PublishReport, Publisher, SendError, Subscriber};
+
+/// How a node's SUB says which node it is: it subscribes to this prefix followed by the
+/// node id's 16 bytes (its label), which no event topic can match (a topic never starts
+/// with a zero byte). Any ZeroMQ library can subscribe to it; a SUB identity, which
+/// libzmq never sends for SUB sockets, is only a fallback.
+pub(super) const LABEL_PREFIX: &[u8] = b"\x00peerwire.node:";
+
+/// The label a node with `id` subscribes to on every PUB it connects to.
+pub(super) fn label(id: Id) -> Bytes {
+    let mut l = Vec::with_capacity(LABEL_PREFIX.len() + 16);
+    l.extend_from_slice(LABEL_PREFIX);
+    l.extend_from_slice(id.0.as_bytes());
+    Bytes::from(l)
+}
+
+/// Refuses a topic that starts with a zero byte: those are subscriber labels.
+pub(super) fn check_topic(topic: &str) -> Result<(), CodecError> {
+    if topic.as_bytes().first() == Some(&0) {
+        return Err(CodecError::Encode(format!(
+            "topic {topic:?} starts with a zero byte, which is reserved for subscriber labels"
+        )));
+    }
+    Ok(())
+}
 
 /// Events queued for one local subscription before further ones are dropped (and seen
 /// by the subscriber as gaps in the sequence numbers).
@@ -48,6 +74,7 @@ impl Publishing {
         event: &T,
     ) -> Result<PublishReport, super::CallError> {
         let pubsub = self.pubsub.upgrade().ok_or(super::CallError::Shutdown)?;
+        check_topic(topic)?;
         let payload = codec::encode_payload(event)?;
         Ok(pubsub.publish(topic, payload)?)
     }
@@ -146,12 +173,19 @@ impl PubSub {
         }
     }
 
-    /// Peers whose SUB filter matches `topic` now (their SUB announces their node id).
+    /// Peers whose SUB filter matches `topic` now: known by the label their SUB
+    /// subscribes to ([`label`]), or else by the SUB's ZMTP identity (16 bytes).
     pub(super) fn subscribers_of(&self, topic: &str) -> Vec<Id> {
         self.publisher
-            .subscribers_matching(topic.as_bytes())
+            .subscribers_matching_with_labels(topic.as_bytes())
             .into_iter()
-            .filter_map(|id| uuid::Uuid::from_slice(&id).ok().map(Id))
+            .filter_map(|(identity, labels)| {
+                labels
+                    .iter()
+                    .find_map(|l| l.strip_prefix(LABEL_PREFIX))
+                    .or(Some(&identity[..]))
+                    .and_then(|raw| uuid::Uuid::from_slice(raw).ok().map(Id))
+            })
             .collect()
     }
 

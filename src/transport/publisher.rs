@@ -173,6 +173,19 @@ impl Publisher {
             .collect()
     }
 
+    /// For each subscriber whose filter matches `topic` now: its identity and its labels
+    /// (subscriptions starting with a zero byte, which a subscriber uses to say who it is
+    /// where its ZeroMQ library sends no identity).
+    pub fn subscribers_matching_with_labels(&self, topic: &[u8]) -> Vec<(Bytes, Vec<Bytes>)> {
+        self.role
+            .subscribers
+            .read()
+            .iter()
+            .filter(|s| s.filter.matches(topic))
+            .map(|s| (s.identity.clone(), s.filter.labels()))
+            .collect()
+    }
+
     /// The subscribers connected now, with their filters and loss counters.
     pub fn subscribers(&self) -> Vec<SubscriberInfo> {
         self.role

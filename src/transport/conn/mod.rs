@@ -108,6 +108,9 @@ struct Prefixes {
     /// Subscriptions held (with repeats) and their bytes, against the limits.
     held: usize,
     bytes: usize,
+    /// The distinct prefixes that start with a zero byte: labels (see
+    /// [`Subscriptions::labels`]). Also in `counts`: a label filters like any prefix.
+    labels: Vec<Bytes>,
 }
 
 /// Up to this many distinct prefixes, matching compares each (cheaper than hashing).
@@ -134,7 +137,11 @@ impl Subscriptions {
                 Some(n) => *n += 1,
                 None => {
                     // Copied: a slice would keep the connection's whole read buffer alive.
-                    p.counts.insert(Bytes::copy_from_slice(topic), 1);
+                    let topic = Bytes::copy_from_slice(topic);
+                    if topic.first() == Some(&0) {
+                        p.labels.push(topic.clone());
+                    }
+                    p.counts.insert(topic.clone(), 1);
                     *p.lengths.entry(topic.len()).or_default() += 1;
                 }
             }
@@ -145,6 +152,7 @@ impl Subscriptions {
             p.bytes -= topic.len();
             if gone {
                 p.counts.remove(topic);
+                p.labels.retain(|l| l != topic);
                 if let Some(l) = p.lengths.get_mut(&topic.len()) {
                     *l -= 1;
                     if *l == 0 {
@@ -164,6 +172,14 @@ impl Subscriptions {
         p.lengths
             .range(..=first_frame.len())
             .any(|(&len, _)| p.counts.contains_key(&first_frame[..len]))
+    }
+
+    /// The subscriber's labels: its subscriptions that start with a zero byte. No topic
+    /// an application publishes starts with one, so a SUB can subscribe to such a prefix
+    /// to say who it is, in a way every ZeroMQ library can (many never send a SUB's
+    /// identity).
+    pub fn labels(&self) -> Vec<Bytes> {
+        self.prefixes.read().labels.clone()
     }
 
     pub fn list(&self) -> Vec<Bytes> {
