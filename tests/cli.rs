@@ -214,6 +214,68 @@ fn call_notify_gather_across_processes() {
 }
 
 #[test]
+fn one_seed_is_enough_for_gather_and_peers() {
+    // `gather` used to decide who was expected as soon as its seed answered, before
+    // gossip named the others (0 of 8 gathers complete); `peers --peer A` listed A alone.
+    let a = NodeProc::start("seed-a", &[]);
+    let b = NodeProc::start("member-b", &["--peer", &a.endpoint]);
+    let c = NodeProc::start("member-c", &["--peer", &b.endpoint]);
+    let peers = ok_stdout(&peerwire(&[
+        "peers",
+        "--json",
+        "--peer",
+        &a.endpoint,
+        "--wait",
+        "5000",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for n in ["seed-a", "member-b", "member-c"] {
+        assert!(names.contains(&n), "{n} missing: {names:?}");
+    }
+    for _ in 0..3 {
+        let g = peerwire(&[
+            "gather",
+            "echo.ping",
+            "{}",
+            "--within",
+            "2000",
+            "--peer",
+            &a.endpoint,
+            "--wait",
+            "5000",
+        ]);
+        let out = ok_stdout(&g);
+        assert_eq!(out.lines().count(), 3, "every member answers: {out}");
+        let stderr = String::from_utf8_lossy(&g.stderr);
+        assert!(stderr.contains("silent: none"), "{stderr}");
+    }
+    drop((b, c));
+}
+
+#[test]
+fn an_unreachable_peer_is_reported_with_why() {
+    // A `call` to a seed where nothing listens said "no responder known", as if the
+    // peer were up and served something else.
+    let out = peerwire(&["call", "echo.echo", "1", "--peer", "tcp://127.0.0.1:9"]);
+    let err = one_line_error(&out);
+    assert!(err.contains("no peer reached"), "{err}");
+    assert!(err.contains("tcp://127.0.0.1:9"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    let out = peerwire(&["peers", "--peer", "tcp://127.0.0.1:9"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tcp://127.0.0.1:9: unreachable"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn publish_and_subscribe_across_processes() {
     let a = NodeProc::start("hub", &[]);
     let mut sub = peerwire_cmd()

@@ -125,17 +125,34 @@ impl NodeArgs {
         })
     }
 
-    /// Starts a short-lived node for one command and waits for peers: every static
-    /// peer, or (with mDNS or DNS) until the table has been still for a moment.
+    /// Starts a short-lived node for one command and waits for membership to settle:
+    /// (with mDNS or DNS) until discovery has been still for a moment, then until every
+    /// endpoint named so far, gossip included, has answered or failed, all within
+    /// `--wait`. ([`NodeArgs::report_unreachable`] says which `--peer` could not be
+    /// reached.)
     async fn client_node(&self) -> Result<Node> {
         self.some_source()?;
         let node = self.start(self.builder("peerwire-cli")).await?;
-        if self.dns.is_empty() && self.mdns_config().is_none() {
-            node.wait_for_peers(self.peers.len(), self.wait()).await;
-        } else {
+        let deadline = Instant::now() + self.wait();
+        if !(self.dns.is_empty() && self.mdns_config().is_none()) {
             settle(&node, self.wait()).await;
         }
+        node.wait_settled(deadline.saturating_duration_since(Instant::now()))
+            .await;
         Ok(node)
+    }
+
+    /// Says on stderr which `--peer` could not be reached, and why.
+    fn report_unreachable(&self, node: &Node) {
+        for (endpoint, why) in node.unreachable() {
+            if self
+                .peers
+                .iter()
+                .any(|p| p.as_str() == endpoint.to_string())
+            {
+                errln!("{endpoint}: unreachable ({})", logging::clean(&why));
+            }
+        }
     }
 }
 
@@ -159,6 +176,26 @@ async fn settle(node: &Node, bound: Duration) {
             Err(_) => {}
         }
     }
+}
+
+/// Why nobody answers for `target`: the services seen, or, when no peer was reached at
+/// all, the endpoints that could not be and why.
+fn no_responder(node: &Node, target: &str) -> String {
+    let unreachable = node.unreachable();
+    if node.peers().iter().all(|p| !p.connected) && !unreachable.is_empty() {
+        let list: Vec<String> = unreachable
+            .iter()
+            .map(|(ep, why)| format!("{ep}: {}", logging::clean(why)))
+            .collect();
+        return format!(
+            "no responder known for {target}: no peer reached ({})",
+            list.join("; ")
+        );
+    }
+    format!(
+        "no responder known for {target} (services seen: {})",
+        known_services(node)
+    )
 }
 
 /// Parses a JSON argument, with a one-line error naming what was wrong.
@@ -408,6 +445,7 @@ pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()
 /// `peerwire peers`.
 pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
     let node = args.client_node().await?;
+    args.report_unreachable(&node);
     let peers = node.peers();
     if json {
         let v: Vec<Value> = peers.iter().map(peer_json).collect();
@@ -447,9 +485,9 @@ pub async fn call(
     let version = version.map(parse_version).transpose()?;
     let node = args.client_node().await?;
     if !node.wait_for_service(target, 1, args.wait()).await {
-        let known = known_services(&node);
+        let why = no_responder(&node, target);
         node.shutdown().await;
-        bail!("no responder known for {target} (services seen: {known})");
+        bail!("{why}");
     }
     let mut opts = CallOptions::timeout(Duration::from_millis(timeout_ms));
     opts.version = version;
@@ -468,9 +506,9 @@ pub async fn notify(args: &NodeArgs, target: &str, json: &str) -> Result<()> {
     let msg = parse_json("the notification", json)?;
     let node = args.client_node().await?;
     if !node.wait_for_service(target, 1, args.wait()).await {
-        let known = known_services(&node);
+        let why = no_responder(&node, target);
         node.shutdown().await;
-        bail!("no responder known for {target} (services seen: {known})");
+        bail!("{why}");
     }
     let out = node.notify(target, &msg).await;
     node.shutdown().await;
@@ -483,6 +521,7 @@ pub async fn notify(args: &NodeArgs, target: &str, json: &str) -> Result<()> {
 pub async fn publish(args: &NodeArgs, topic: &str, json: &str) -> Result<()> {
     let event = parse_json("the event", json)?;
     let node = args.client_node().await?;
+    args.report_unreachable(&node);
     // Subscribers learn of this short-lived node from its HELLO and then connect.
     let deadline = Instant::now() + args.wait();
     while node.subscribers_of(topic).is_empty() && Instant::now() < deadline {
@@ -544,6 +583,7 @@ pub async fn gather(
 ) -> Result<()> {
     let req = parse_json("the request", json)?;
     let node = args.client_node().await?;
+    args.report_unreachable(&node);
     // Responders subscribe to this node's PUB once they have its HELLO.
     let deadline = Instant::now() + args.wait();
     let expected = node

@@ -56,6 +56,7 @@
 mod balance;
 mod builder;
 mod calls;
+mod error;
 mod frames;
 mod gather;
 mod inbound;
@@ -75,15 +76,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::codec::{self, CodecError, Id, Version};
-use crate::discovery::DiscoveryError;
-use crate::transport::{
-    Endpoint, PublishReport, Publisher, Router, SendError, StatsSnapshot, Subscriber,
-    TransportError,
-};
+use crate::codec::{self, Id, Version};
+use crate::transport::{Endpoint, PublishReport, Publisher, Router, StatsSnapshot, Subscriber};
 
 pub use builder::NodeBuilder;
 pub use calls::PendingReply;
+pub use error::{CallError, NodeError};
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use pubsub::{Event, Publishing, Subscription};
@@ -98,70 +96,6 @@ use pipeline::{Call, Started, Style};
 use pubsub::PubSub;
 use registry::{erase, Registry, Table};
 use respond::Responder;
-
-/// Errors starting a node.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NodeError {
-    /// A socket could not be created.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// A discovery source could not start (mDNS with no usable interface, say).
-    #[error(transparent)]
-    Discovery(#[from] DiscoveryError),
-    /// The builder was given a setting the node cannot use.
-    #[error("{0}")]
-    Config(String),
-}
-
-/// Why a call (request, notification, gather) failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CallError {
-    /// No reply within the deadline.
-    #[error("no reply from {target} within {timeout:?}")]
-    Timeout {
-        /// The target called.
-        target: String,
-        /// The deadline that passed.
-        timeout: Duration,
-    },
-    /// No connected peer serves the target (reported at once, not after the timeout).
-    #[error("no responder known for {0}")]
-    NoResponder(String),
-    /// Peers serve the target, but none at a version compatible with the one asked for.
-    #[error("{target} is served at version {available}, not compatible with {wanted}")]
-    IncompatibleVersion {
-        /// The target.
-        target: String,
-        /// The version asked for.
-        wanted: Version,
-        /// A version a peer serves.
-        available: Version,
-    },
-    /// The remote handler (or the remote node) answered with an error.
-    #[error("remote error {code}: {message}")]
-    Remote {
-        /// Its code (see `codec::codes` for peerwire's own).
-        code: String,
-        /// Its message.
-        message: String,
-    },
-    /// The request or reply could not be encoded or decoded.
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    /// The connection to the chosen peer dropped before its reply arrived. The request
-    /// may or may not have run there (it may even still be delivered, if it was queued
-    /// and the same peer comes back): retry only what is safe to repeat.
-    #[error("connection to {0} lost before the reply arrived")]
-    Disconnected(String),
-    /// The message could not be queued.
-    #[error(transparent)]
-    Send(#[from] SendError),
-    /// The node is shutting down.
-    #[error("node is shutting down")]
-    Shutdown,
-}
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
@@ -392,6 +326,20 @@ impl Node {
     /// Waits until at least `n` peers are known, or `within` passes.
     pub async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
         self.core.membership.wait_for_peers(n, within).await
+    }
+
+    /// Waits until every peer endpoint dialled so far (static peers, and those gossip
+    /// and discovery named) has been tried: its node answered our HELLO, or a connection
+    /// attempt failed. Returns whether that happened within `within`. What
+    /// [`Node::peers`] says is then as complete as it will get without waiting for changes.
+    pub async fn wait_settled(&self, within: Duration) -> bool {
+        self.core.membership.wait_settled(within).await
+    }
+
+    /// Endpoints dialled where no peer answers, each with why the last attempt failed
+    /// (connection refused, say).
+    pub fn unreachable(&self) -> Vec<(Endpoint, String)> {
+        self.core.membership.unreachable()
     }
 
     /// Peers subscribed now to our events on `topic` (their SUB filter matches it).

@@ -83,6 +83,7 @@ impl Membership {
             dealer: Arc::new(dealer),
             conn,
             stop: self.given.life.cancel.child_token(),
+            last_error: Arc::default(),
         };
         st.table.add_link(endpoint.clone(), link.clone());
         drop(st);
@@ -206,7 +207,17 @@ impl Membership {
                     debug!(%endpoint, %reason, calls = failed, "failing calls to a lost peer");
                 }
             }
-            SocketEvent::ConnectFailed { refused: true, .. } => {
+            SocketEvent::ConnectFailed { ref error, .. } if !is_refusal(&e) => {
+                *link.last_error.lock() = Some(error.clone());
+                self.changed.notify_waiters();
+            }
+            SocketEvent::ConnectFailed {
+                refused: true,
+                ref error,
+                ..
+            } => {
+                *link.last_error.lock() = Some(error.clone());
+                self.changed.notify_waiters();
                 // The process behind it has ended. If the same node already came back
                 // elsewhere on that host, this endpoint is its earlier life.
                 let old = {
@@ -219,6 +230,10 @@ impl Membership {
             _ => {}
         }
     }
+}
+
+fn is_refusal(e: &SocketEvent) -> bool {
+    matches!(e, SocketEvent::ConnectFailed { refused: true, .. })
 }
 
 /// The first wait for a HELLO-ACK before our HELLO is sent again; each further wait

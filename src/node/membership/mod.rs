@@ -435,6 +435,17 @@ impl Membership {
         self.wait_until(within, |t| t.len() >= n).await
     }
 
+    /// Waits until every endpoint dialled has been tried (answered our HELLO, or failed
+    /// to connect), or `within` passes.
+    pub(in crate::node) async fn wait_settled(&self, within: Duration) -> bool {
+        self.wait_until(within, |t| t.settled()).await
+    }
+
+    /// Endpoints dialled that no peer answers on, and why.
+    pub(in crate::node) fn unreachable(&self) -> Vec<(Endpoint, String)> {
+        self.state.lock().table.unreachable()
+    }
+
     /// HELLOs and mDNS sightings of nodes of another cluster (ignored).
     pub(super) fn other_cluster(&self) -> u64 {
         self.other_cluster.load(Relaxed)

@@ -25,6 +25,9 @@ pub(super) struct Link {
     pub(super) conn: ConnId,
     /// Stops the endpoint's `dealer_loop` (cancelled when the endpoint is forgotten).
     pub(super) stop: CancellationToken,
+    /// Why the last connection attempt failed, if one did (set by `dealer_loop`): the
+    /// endpoint has been tried, and a client can say why it is unreachable.
+    pub(super) last_error: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 struct Peer {
@@ -76,6 +79,39 @@ impl PeerTable {
     /// Endpoints dialled.
     pub(super) fn link_count(&self) -> usize {
         self.links.len()
+    }
+
+    /// Whether every endpoint dialled has been tried: its peer answered our HELLO, or a
+    /// connection attempt failed. Until then, what the table says may still grow (each
+    /// HELLO-ACK names more peers).
+    pub(super) fn settled(&self) -> bool {
+        let answered: std::collections::HashSet<&Endpoint> = self
+            .by_id
+            .values()
+            .filter(|p| p.info.connected)
+            .map(|p| &p.info.router_endpoint)
+            .collect();
+        self.links
+            .iter()
+            .all(|(ep, l)| answered.contains(ep) || l.last_error.lock().is_some())
+    }
+
+    /// Endpoints dialled that no peer answers on, with why the last attempt failed.
+    pub(super) fn unreachable(&self) -> Vec<(Endpoint, String)> {
+        let answered: std::collections::HashSet<&Endpoint> = self
+            .by_id
+            .values()
+            .filter(|p| p.info.connected)
+            .map(|p| &p.info.router_endpoint)
+            .collect();
+        let mut out: Vec<_> = self
+            .links
+            .iter()
+            .filter(|(ep, _)| !answered.contains(ep))
+            .filter_map(|(ep, l)| l.last_error.lock().clone().map(|e| (ep.clone(), e)))
+            .collect();
+        out.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        out
     }
 
     /// Endpoints dialled whose connection is not up.
