@@ -148,7 +148,7 @@ impl NodeArgs {
             if self
                 .peers
                 .iter()
-                .any(|p| p.as_str() == endpoint.to_string())
+                .any(|p| peerwire::Endpoint::parse(p).is_ok_and(|p| p == endpoint))
             {
                 errln!("{endpoint}: unreachable ({})", logging::clean(&why));
             }

@@ -110,7 +110,7 @@ impl PeerTable {
             .filter(|(ep, _)| !answered.contains(ep))
             .filter_map(|(ep, l)| l.last_error.lock().clone().map(|e| (ep.clone(), e)))
             .collect();
-        out.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        out.sort_by_key(|(ep, _)| ep.to_string());
         out
     }
 
