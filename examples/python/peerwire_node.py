@@ -1,0 +1,352 @@
+"""A peerwire node in Python, written from PROTOCOL.md with pyzmq and msgpack alone.
+
+It joins a cluster through one seed, learns the others by gossip, serves requests,
+notifications and a gather topic, publishes events, subscribes to others' events,
+calls services and gathers, exactly as a Rust node does. One thread, one poll loop:
+every wait (a call, a gather) keeps serving everything else while it waits.
+
+    pip install pyzmq msgpack
+    python3 peerwire_node.py --seed tcp://127.0.0.1:5555 --name py
+
+With no further argument it runs `demo()`: serves `py.greet`, `py.log` and the gather
+topic `py.ping`, publishes `py.events.tick` every 200 ms, prints the Rust events it gets
+on `rust.events.`, and calls `rust.echo`, notifies `rust.note` and gathers `rust.ping`
+once it knows them. It prints one JSON line per thing that happened, and stops on a
+`py.stop` notification (or Ctrl-C).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import msgpack
+import zmq
+
+# Envelope kinds (PROTOCOL.md section 9).
+REQUEST, REPLY, ERROR_REPLY, NOTIFICATION, EVENT = 1, 2, 3, 4, 5
+GATHER_REQUEST, GATHER_REPLY, HELLO, HELLO_ACK = 6, 7, 8, 9
+# How a SUB says which node it is (section 10): a subscription to this plus our id.
+LABEL_PREFIX = b"\x00peerwire.node:"
+
+
+def new_id():
+    """A UUIDv7: 48 bits of Unix milliseconds, version 7, variant 10, random bits."""
+    b = bytearray(int(time.time() * 1000).to_bytes(6, "big") + os.urandom(10))
+    b[6] = 0x70 | (b[6] & 0x0F)
+    b[8] = 0x80 | (b[8] & 0x3F)
+    return bytes(b)
+
+
+def pack(value):
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data):
+    # Strict: exactly one value (msgpack raises ExtraData on trailing bytes).
+    return msgpack.unpackb(data, raw=False)
+
+
+def v1():
+    return {"major": 1, "minor": 0}
+
+
+class Node:
+    def __init__(self, name, cluster="default", host="127.0.0.1"):
+        self.ctx = zmq.Context.instance()
+        self.id = new_id()
+        self.name = name
+        self.cluster = cluster
+        self.host = host
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router_port = self.router.bind_to_random_port(f"tcp://{host}")
+        # An XPUB is a PUB that also shows us the subscriptions it receives: that is
+        # how a gatherer knows who listens (a peer's label, then its topics).
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.pub_port = self.pub.bind_to_random_port(f"tcp://{host}")
+        self.subs = {}  # prefix subscribed on our PUB -> how many times
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, LABEL_PREFIX + self.id)
+        self.poller = zmq.Poller()
+        for s in (self.router, self.sub, self.pub):
+            self.poller.register(s, zmq.POLLIN)
+        self.methods, self.gathers = {}, {}  # target -> handler(value, header)
+        self.revision = 1
+        self.prefixes = []  # our SUB's subscriptions (besides the label)
+        self.on_event = lambda topic, value, header: None
+        self.peers = {}  # node id -> {"name", "endpoint", "catalog", "dealer"}
+        self.dealers = {}  # ROUTER endpoint -> DEALER socket
+        self.pub_endpoints = set()  # PUB endpoints our SUB is connected to
+        self.pending = {}  # our request or gather id -> replies received
+        self.seq = {}  # our topic -> last sequence number published
+        self.stopped = False
+
+    # --- envelopes -------------------------------------------------------------------
+    def header(self, kind, target=None, cid=None, dl=None, seq=None):
+        h = {"v": 1, "k": kind, "id": new_id(), "src": self.id}
+        if target:
+            h["tgt"] = target
+        if cid:
+            h["cid"] = cid
+        if dl is not None:
+            h["dl"] = dl
+        if seq is not None:
+            h["seq"] = seq
+        return h
+
+    def hello(self):
+        return {
+            "node_id": self.id, "name": self.name, "cluster": self.cluster,
+            "host": self.host, "router_port": self.router_port, "pub_port": self.pub_port,
+            "catalog": {"methods": {t: v1() for t in self.methods},
+                        "gathers": {t: v1() for t in self.gathers},
+                        "revision": self.revision},
+            "peers": [p["endpoint"] for p in self.peers.values()],
+        }
+
+    # --- membership ------------------------------------------------------------------
+    def dial(self, endpoint):
+        """A DEALER to a peer's ROUTER; a HELLO is the first message on it."""
+        if endpoint in self.dealers or endpoint == f"tcp://{self.host}:{self.router_port}":
+            return
+        d = self.ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(endpoint)
+        self.dealers[endpoint] = d
+        self.poller.register(d, zmq.POLLIN)
+        d.send_multipart([pack(self.header(HELLO)), pack(self.hello())])
+
+    def learn(self, hello):
+        """Records a peer from its HELLO (or HELLO-ACK): dial it, subscribe to its PUB,
+        and follow its gossip."""
+        if hello.get("cluster") != self.cluster or hello["node_id"] == self.id:
+            return
+        host = hello["host"] if hello["host"] not in ("0.0.0.0", "::") else self.host
+        endpoint = f"tcp://{host}:{hello['router_port']}"
+        self.peers[hello["node_id"]] = {
+            "name": hello["name"], "endpoint": endpoint, "catalog": hello["catalog"]}
+        self.dial(endpoint)
+        pub = f"tcp://{host}:{hello['pub_port']}"
+        if pub not in self.pub_endpoints:
+            self.pub_endpoints.add(pub)
+            self.sub.connect(pub)
+        for other in hello.get("peers", []):
+            self.dial(other)
+
+    def settled(self):
+        """Every endpoint dialled has answered our HELLO (gossip may name more)."""
+        answered = {p["endpoint"] for p in self.peers.values()}
+        return set(self.dealers) <= answered
+
+    def dealer_of(self, node_id):
+        peer = self.peers.get(node_id)
+        return self.dealers.get(peer["endpoint"]) if peer else None
+
+    def serving(self, target, kind="methods"):
+        return [i for i, p in self.peers.items() if target in p["catalog"].get(kind, {})]
+
+    # --- what we serve and publish ----------------------------------------------------
+    def handle(self, target, fn):
+        self.methods[target] = fn
+        self.revision += 1
+
+    def handle_gather(self, topic, fn):
+        # A responder subscribes to the gather topics it serves.
+        self.gathers[topic] = fn
+        self.revision += 1
+        self.subscribe(topic)
+
+    def subscribe(self, prefix):
+        self.prefixes.append(prefix)
+        self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+
+    def publish(self, topic, value):
+        self.seq[topic] = self.seq.get(topic, 0) + 1
+        h = self.header(EVENT, target=topic, seq=self.seq[topic])
+        self.pub.send_multipart([topic.encode(), pack(h), pack(value)])
+
+    # --- calls ----------------------------------------------------------------------
+    def request(self, target, value, timeout=2.0, notify=False):
+        candidates = self.serving(target)
+        if not candidates:
+            raise RuntimeError(f"no responder known for {target}")
+        d = self.dealer_of(candidates[0])
+        kind = NOTIFICATION if notify else REQUEST
+        h = self.header(kind, target=target, dl=int(timeout * 1000))
+        d.send_multipart([pack(h), pack(value)])
+        if notify:
+            return None
+        self.pending[h["id"]] = []
+        replies = self.run_until(lambda: self.pending[h["id"]], timeout)
+        self.pending.pop(h["id"], None)
+        if not replies:
+            raise TimeoutError(f"no reply from {target} within {timeout}s")
+        kind, value = replies[0]
+        if kind == ERROR_REPLY:
+            raise RuntimeError(f"remote error {value['code']}: {value['message']}")
+        return value
+
+    def listening(self, node_id):
+        """Whether that node's SUB is subscribed to our PUB (we saw its label)."""
+        return self.subs.get(LABEL_PREFIX + node_id, 0) > 0
+
+    def gather(self, topic, value, within=1.0):
+        """Publishes a gather request; collects replies until `within` passes or every
+        expected responder (it lists the topic and its SUB listens to us) answered."""
+        expected = {i for i in self.serving(topic, "gathers") if self.listening(i)}
+        h = self.header(GATHER_REQUEST, target=topic, dl=int(within * 1000))
+        self.pending[h["id"]] = []
+        self.pub.send_multipart([topic.encode(), pack(h), pack(value)])
+        self.run_until(lambda: {s for s, _, _ in self.pending[h["id"]]} >= expected, within)
+        return self.pending.pop(h["id"])
+
+    # --- the loop -------------------------------------------------------------------
+    def run_until(self, done, timeout):
+        end = time.monotonic() + timeout
+        while not done() and not self.stopped:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            self.poll(min(left, 0.05))
+        return done()
+
+    def poll(self, timeout):
+        for sock, _ in self.poller.poll(int(timeout * 1000)):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    if sock is self.router:
+                        self.on_router(frames[0], frames[1:])
+                    elif sock is self.pub:
+                        self.on_subscription(frames[0])
+                    elif sock is self.sub:
+                        self.on_sub(frames)
+                    else:
+                        self.on_dealer(frames)
+                except (ValueError, KeyError, TypeError, msgpack.ExtraData) as e:
+                    print(json.dumps({"dropped": str(e)}), file=sys.stderr)
+
+    def on_router(self, identity, frames):
+        if len(frames) != 2:
+            return
+        h, payload = unpack(frames[0]), frames[1]
+        reply = lambda kind, value: self.router.send_multipart(
+            [identity, pack(self.header(kind, cid=h["id"])), pack(value)])
+        if h.get("v") != 1:
+            if h.get("k") == REQUEST:
+                reply(ERROR_REPLY, {"code": "unsupported_version", "message": "v1 only"})
+            return
+        k = h["k"]
+        if k == HELLO:
+            hello = unpack(payload)
+            if hello.get("cluster") != self.cluster:
+                # Who we are and our cluster, nothing more.
+                reply(HELLO_ACK, {"node_id": self.id, "cluster": self.cluster})
+                return
+            reply(HELLO_ACK, self.hello())
+            self.learn(hello)
+        elif k in (REQUEST, NOTIFICATION):
+            fn = self.methods.get(h.get("tgt", ""))
+            if fn is None:
+                if k == REQUEST:
+                    reply(ERROR_REPLY, {"code": "no_handler",
+                                        "message": f"no handler for {h.get('tgt')}"})
+                return
+            if h.get("ct", "application/msgpack") != "application/msgpack":
+                if k == REQUEST:
+                    reply(ERROR_REPLY, {"code": "bad_request",
+                                        "message": f"content type {h['ct']} not supported"})
+                return
+            try:
+                out = fn(unpack(payload), h)
+                if k == REQUEST:
+                    reply(REPLY, out)
+            except Exception as e:  # a handler's failure is an error reply
+                if k == REQUEST:
+                    reply(ERROR_REPLY, {"code": "handler_failed", "message": str(e)})
+        elif k in (GATHER_REPLY, ERROR_REPLY):
+            if h.get("cid") in self.pending:
+                self.pending[h["cid"]].append((h["src"], k, unpack(payload)))
+
+    def on_subscription(self, frame):
+        # XPUB: 1 then the prefix for a subscription, 0 then the prefix for a cancel.
+        if frame[:1] in (b"\x01", b"\x00"):
+            prefix = frame[1:]
+            self.subs[prefix] = self.subs.get(prefix, 0) + (1 if frame[0] else -1)
+
+    def on_dealer(self, frames):
+        if len(frames) != 2:
+            return
+        h, payload = unpack(frames[0]), frames[1]
+        if h["k"] == HELLO_ACK:
+            self.learn(unpack(payload))
+        elif h["k"] in (REPLY, ERROR_REPLY) and h.get("cid") in self.pending:
+            self.pending[h["cid"]].append((h["k"], unpack(payload)))
+
+    def on_sub(self, frames):
+        if len(frames) != 3:
+            return
+        topic, h, payload = frames[0].decode(), unpack(frames[1]), frames[2]
+        if h["k"] == EVENT:
+            self.on_event(topic, unpack(payload), h)
+        elif h["k"] == GATHER_REQUEST and h["src"] != self.id:
+            fn = self.gathers.get(topic)
+            d = self.dealer_of(h["src"])
+            if fn is None or d is None:
+                return  # not ours to answer, or a gatherer we do not know
+            d.send_multipart([pack(self.header(GATHER_REPLY, cid=h["id"])),
+                              pack(fn(unpack(payload), h))])
+
+
+def emit(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def demo(node, seed):
+    node.handle("py.greet", lambda who, h: f"hello {who}, from {node.name}")
+    node.handle("py.log", lambda v, h: emit(event="notified", value=v))
+    node.handle("py.stop", lambda v, h: setattr(node, "stopped", True))
+    node.handle_gather("py.ping", lambda v, h: {"node": node.name})
+    node.subscribe("rust.events.")
+    node.on_event = lambda topic, value, h: emit(
+        event="event", topic=topic, value=value, seq=h.get("seq"))
+    node.dial(seed)
+    emit(event="started", id=node.id.hex(), endpoint=f"tcp://{node.host}:{node.router_port}")
+    node.run_until(lambda: node.settled() and node.serving("rust.echo"), 10)
+    emit(event="joined", peers=sorted(p["name"] for p in node.peers.values()))
+    emit(event="call", reply=node.request("rust.echo", {"from": node.name, "n": 7}))
+    node.request("rust.note", {"from": node.name}, notify=True)
+    emit(event="notify", target="rust.note")
+    # Every node serving the topic listens to our PUB once it has our HELLO.
+    node.run_until(lambda: all(node.listening(i) for i in node.serving("rust.ping", "gathers")), 10)
+    replies = node.gather("rust.ping", {}, within=2.0)
+    emit(event="gather", replies=sorted(v["node"] for _, k, v in replies if k == GATHER_REPLY))
+    next_tick = time.monotonic()
+    while not node.stopped:
+        if time.monotonic() >= next_tick:
+            node.publish("py.events.tick", {"at": time.time()})
+            next_tick += 0.2
+        node.poll(0.05)
+    emit(event="stopped")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", required=True, help="a peer's ROUTER endpoint, tcp://host:port")
+    p.add_argument("--name", default="py")
+    p.add_argument("--cluster", default="default")
+    args = p.parse_args()
+    node = Node(args.name, args.cluster)
+    try:
+        demo(node, args.seed)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
