@@ -8,11 +8,11 @@ every wait (a call, a gather) keeps serving everything else while it waits.
     pip install pyzmq msgpack
     python3 peerwire_node.py --seed tcp://127.0.0.1:5555 --name py
 
-With no further argument it runs `demo()`: serves `py.greet`, `py.log` and the gather
-topic `py.ping`, publishes `py.events.tick` every 200 ms, prints the Rust events it gets
-on `rust.events.`, and calls `rust.echo`, notifies `rust.note` and gathers `rust.ping`
-once it knows them. It prints one JSON line per thing that happened, and stops on a
-`py.stop` notification (or Ctrl-C).
+It runs `demo()`: serves `py.greet`, `py.log` and the gather topic `py.ping`, publishes
+`py.events.tick` every 200 ms, prints the events it gets on `rust.events.`, and calls
+`--call`, notifies `--notify` and gathers `--gather` (by default `rust.echo`,
+`rust.note`, `rust.ping`) if some peer serves them. It prints one JSON line per thing
+that happened, and stops on a `py.stop` notification (or Ctrl-C).
 """
 
 import argparse
@@ -307,7 +307,7 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
-def demo(node, seed):
+def demo(node, seed, call, notify, gather):
     node.handle("py.greet", lambda who, h: f"hello {who}, from {node.name}")
     node.handle("py.log", lambda v, h: emit(event="notified", value=v))
     node.handle("py.stop", lambda v, h: setattr(node, "stopped", True))
@@ -317,15 +317,19 @@ def demo(node, seed):
         event="event", topic=topic, value=value, seq=h.get("seq"))
     node.dial(seed)
     emit(event="started", id=node.id.hex(), endpoint=f"tcp://{node.host}:{node.router_port}")
-    node.run_until(lambda: node.settled() and node.serving("rust.echo"), 10)
+    node.run_until(lambda: node.settled() and node.serving(call), 10)
     emit(event="joined", peers=sorted(p["name"] for p in node.peers.values()))
-    emit(event="call", reply=node.request("rust.echo", {"from": node.name, "n": 7}))
-    node.request("rust.note", {"from": node.name}, notify=True)
-    emit(event="notify", target="rust.note")
-    # Every node serving the topic listens to our PUB once it has our HELLO.
-    node.run_until(lambda: all(node.listening(i) for i in node.serving("rust.ping", "gathers")), 10)
-    replies = node.gather("rust.ping", {}, within=2.0)
-    emit(event="gather", replies=sorted(v["node"] for _, k, v in replies if k == GATHER_REPLY))
+    if node.serving(call):
+        emit(event="call", reply=node.request(call, {"from": node.name, "n": 7}))
+    if node.serving(notify):
+        node.request(notify, {"from": node.name}, notify=True)
+        emit(event="notify", target=notify)
+    if node.serving(gather, "gathers"):
+        # Every node serving the topic listens to our PUB once it has our HELLO.
+        node.run_until(lambda: all(node.listening(i) for i in node.serving(gather, "gathers")), 10)
+        replies = node.gather(gather, {}, within=2.0)
+        emit(event="gather", replies=sorted(
+            v.get("node", "?") for _, k, v in replies if k == GATHER_REPLY and isinstance(v, dict)))
     next_tick = time.monotonic()
     while not node.stopped:
         if time.monotonic() >= next_tick:
@@ -340,10 +344,13 @@ def main():
     p.add_argument("--seed", required=True, help="a peer's ROUTER endpoint, tcp://host:port")
     p.add_argument("--name", default="py")
     p.add_argument("--cluster", default="default")
+    p.add_argument("--call", default="rust.echo", help="a method to call once known")
+    p.add_argument("--notify", default="rust.note", help="a method to notify once known")
+    p.add_argument("--gather", default="rust.ping", help="a gather topic to ask once known")
     args = p.parse_args()
     node = Node(args.name, args.cluster)
     try:
-        demo(node, args.seed)
+        demo(node, args.seed, args.call, args.notify, args.gather)
     except KeyboardInterrupt:
         pass
 
