@@ -54,6 +54,15 @@ impl Drop for Killed {
     }
 }
 
+/// Three asynchronous requests to `py.greet`, all sent before any reply is awaited.
+async fn futures_join(node: &Node, whos: [&str; 3]) -> Vec<peerwire::PendingReply<String>> {
+    let mut out = Vec::new();
+    for who in whos {
+        out.push(node.request_async("py.greet", &who).await.unwrap());
+    }
+    out
+}
+
 fn json_line(l: &str) -> Value {
     serde_json::from_str(l).unwrap_or(Value::Null)
 }
@@ -97,6 +106,8 @@ async fn a_python_node_is_a_full_member() {
     assert_eq!(joined["peers"], json!(["rust-1", "rust-2"]));
     let call = json_line(&wait(&mut out, "call", &|v| v["event"] == "call"));
     assert_eq!(call["reply"], json!({"from": "py", "n": 7}));
+    let asynced = json_line(&wait(&mut out, "async", &|v| v["event"] == "async"));
+    assert_eq!(asynced["replies"], json!([{"n": 2}, {"n": 1}, {"n": 0}]));
     wait_until("the notification", || notes.load(Ordering::SeqCst) >= 1).await;
     let gather = json_line(&wait(&mut out, "gather", &|v| v["event"] == "gather"));
     assert_eq!(gather["replies"], json!(["rust-1", "rust-2"]));
@@ -105,6 +116,16 @@ async fn a_python_node_is_a_full_member() {
     wait_service(&r2, "py.greet", 1).await;
     let greeting: String = r2.request("py.greet", &"rust-2").await.unwrap();
     assert_eq!(greeting, "hello rust-2, from py");
+    let pending: Vec<_> = futures_join(&r2, ["a", "b", "c"]).await;
+    for (who, p) in ["a", "b", "c"].into_iter().zip(pending) {
+        let got: String = within("an async reply", p.recv()).await.unwrap();
+        assert_eq!(got, format!("hello {who}, from py"));
+    }
+    // Errors come back as errors: a handler that is not there.
+    match r2.request::<_, Value>("py.nothing", &1).await {
+        Err(peerwire::CallError::NoResponder(_)) => {}
+        other => panic!("{other:?}"),
+    }
     r2.notify("py.log", &json!({"n": 1})).await.unwrap();
     let notified = json_line(&wait(&mut out, "notified", &|v| v["event"] == "notified"));
     assert_eq!(notified["value"], json!({"n": 1}));

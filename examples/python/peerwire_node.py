@@ -168,25 +168,36 @@ class Node:
         self.pub.send_multipart([topic.encode(), pack(h), pack(value)])
 
     # --- calls ----------------------------------------------------------------------
-    def request(self, target, value, timeout=2.0, notify=False):
+    def request_async(self, target, value, timeout=2.0, notify=False):
+        """Sends a request (or a notification) to one peer serving `target`; returns its
+        id, for `reply`. Replies are matched by `cid`, so any number can be in flight."""
         candidates = self.serving(target)
         if not candidates:
             raise RuntimeError(f"no responder known for {target}")
-        d = self.dealer_of(candidates[0])
+        # Round robin over the peers serving it.
+        self.turn = getattr(self, "turn", -1) + 1
+        d = self.dealer_of(candidates[self.turn % len(candidates)])
         kind = NOTIFICATION if notify else REQUEST
         h = self.header(kind, target=target, dl=int(timeout * 1000))
         d.send_multipart([pack(h), pack(value)])
-        if notify:
-            return None
-        self.pending[h["id"]] = []
-        replies = self.run_until(lambda: self.pending[h["id"]], timeout)
-        self.pending.pop(h["id"], None)
+        if not notify:
+            self.pending[h["id"]] = []
+        return h["id"]
+
+    def reply(self, request_id, timeout=2.0):
+        """Waits for the reply to a request sent with `request_async`."""
+        replies = self.run_until(lambda: self.pending[request_id], timeout)
+        self.pending.pop(request_id, None)
         if not replies:
-            raise TimeoutError(f"no reply from {target} within {timeout}s")
+            raise TimeoutError(f"no reply within {timeout}s")
         kind, value = replies[0]
         if kind == ERROR_REPLY:
             raise RuntimeError(f"remote error {value['code']}: {value['message']}")
         return value
+
+    def request(self, target, value, timeout=2.0, notify=False):
+        request_id = self.request_async(target, value, timeout, notify)
+        return None if notify else self.reply(request_id, timeout)
 
     def listening(self, node_id):
         """Whether that node's SUB is subscribed to our PUB (we saw its label)."""
@@ -321,6 +332,9 @@ def demo(node, seed, call, notify, gather):
     emit(event="joined", peers=sorted(p["name"] for p in node.peers.values()))
     if node.serving(call):
         emit(event="call", reply=node.request(call, {"from": node.name, "n": 7}))
+        # Asynchronous: three in flight at once, replies taken in any order.
+        ids = [node.request_async(call, {"n": n}) for n in range(3)]
+        emit(event="async", replies=[node.reply(i) for i in reversed(ids)])
     if node.serving(notify):
         node.request(notify, {"from": node.name}, notify=True)
         emit(event="notify", target=notify)
