@@ -415,3 +415,94 @@ async fn a_handler_panicking_before_its_future_is_caught_too() {
         7
     );
 }
+
+/// A handler that awaits for ever and reports when its future is dropped, and (through
+/// a task it spawned) when its context says the caller gave up.
+fn never_ending(
+    node: &Node,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    struct Dropped(tokio::sync::mpsc::UnboundedSender<std::time::Instant>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::time::Instant::now());
+        }
+    }
+    let (dropped_tx, dropped) = tokio::sync::mpsc::unbounded_channel();
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    node.handle("slow.forever", V1, move |_: (), ctx| {
+        let guard = Dropped(dropped_tx.clone());
+        let seen_tx = seen_tx.clone();
+        async move {
+            let watcher = ctx.clone();
+            tokio::spawn(async move {
+                watcher.cancelled().await;
+                let _ = seen_tx.send(());
+            });
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+    (dropped, seen)
+}
+
+#[tokio::test]
+async fn a_caller_giving_up_stops_the_handler() {
+    init_tracing();
+    let server = orders_server().await;
+    let (mut dropped, mut seen) = never_ending(&server);
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "slow.forever", 1).await;
+
+    // The deadline passes: the caller gives up, and says so.
+    let got = client
+        .request_with::<_, ()>(
+            "slow.forever",
+            &(),
+            CallOptions::timeout(Duration::from_millis(200)),
+        )
+        .await;
+    let gave_up = std::time::Instant::now();
+    assert!(matches!(got, Err(CallError::Timeout { .. })), "{got:?}");
+    let at = within("the handler dropped", dropped.recv()).await.unwrap();
+    within("the handler's context cancelled", seen.recv())
+        .await
+        .unwrap();
+    let late = at.saturating_duration_since(gave_up);
+    eprintln!("handler dropped {late:?} after the caller's deadline");
+    assert!(late < Duration::from_millis(500), "{late:?}");
+
+    // (Stopped by whichever came first: the CANCEL, or the callee's own deadline.)
+    let before = server.stats().cancelled;
+
+    // The handle of an asynchronous request is dropped: the same.
+    let pending = client
+        .request_async_with::<_, ()>(
+            "slow.forever",
+            &(),
+            CallOptions::timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    // The CANCEL follows the request on the same connection, so it finds it running.
+    let dropped_at = std::time::Instant::now();
+    drop(pending);
+    let at = within("the handler dropped", dropped.recv()).await.unwrap();
+    eprintln!(
+        "handler dropped {:?} after its handle",
+        at.saturating_duration_since(dropped_at)
+    );
+    within("its context cancelled", seen.recv()).await.unwrap();
+    assert_eq!(server.stats().cancelled, before + 1);
+
+    // A call that completes sends no CANCEL.
+    let created: OrderCreated = client
+        .request("orders.create", &order("book", 1))
+        .await
+        .unwrap();
+    assert_eq!(created.item, "book");
+    assert_eq!(server.stats().cancelled, before + 1);
+}

@@ -118,6 +118,10 @@ pub enum Kind {
     Hello,
     /// The answer to a HELLO, with the answering node's own [`Hello`].
     HelloAck,
+    /// The caller gave up on the request whose id is the `cid` (its deadline passed, or
+    /// it dropped its handle): the callee stops the handler if it is still running.
+    /// Never answered.
+    Cancel,
     /// A kind this build does not know (from a newer node); answered with an error.
     Unknown(u8),
 }
@@ -135,6 +139,7 @@ impl Kind {
             Kind::GatherReply => 7,
             Kind::Hello => 8,
             Kind::HelloAck => 9,
+            Kind::Cancel => 10,
             Kind::Unknown(c) => c,
         }
     }
@@ -151,6 +156,7 @@ impl Kind {
             7 => Kind::GatherReply,
             8 => Kind::Hello,
             9 => Kind::HelloAck,
+            10 => Kind::Cancel,
             c => Kind::Unknown(c),
         }
     }

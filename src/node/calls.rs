@@ -20,8 +20,12 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use bytes::Bytes;
+
+use super::frames;
 use super::CallError;
-use crate::codec::{self, Envelope, ErrorBody, Id, Kind};
+use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
+use crate::transport::Dealer;
 use std::marker::PhantomData;
 
 /// Identifies one DEALER (one peer endpoint) for as long as the node knows it. Given by
@@ -47,6 +51,28 @@ struct Pending {
     conn: ConnId,
     target: Arc<str>,
     timeout: Duration,
+    /// Where to say that we gave up on it.
+    canceller: Canceller,
+}
+
+/// How a caller tells the callee that it gave up on a request: a CANCEL envelope on the
+/// DEALER the request went out on, so the callee can stop a handler nobody waits for.
+#[derive(Clone)]
+pub(super) struct Canceller {
+    pub(super) dealer: Weak<Dealer>,
+    pub(super) local: Id,
+}
+
+impl Canceller {
+    /// Sends CANCEL for request `id`, without waiting (a full queue means the peer is
+    /// not reading; it will not be running our handler for long either).
+    fn cancel(&self, id: Id) {
+        if let Some(d) = self.dealer.upgrade() {
+            let mut h = Header::new(Kind::Cancel, self.local, "");
+            h.correlation_id = id;
+            let _ = d.try_send(frames::message(&h, Bytes::new()));
+        }
+    }
 }
 
 impl Pending {
@@ -99,6 +125,7 @@ impl Calls {
         target: Arc<str>,
         timeout: Duration,
         deadline: Instant,
+        canceller: Canceller,
     ) -> Awaiting {
         let (tx, rx) = oneshot::channel();
         let earliest = {
@@ -110,6 +137,7 @@ impl Calls {
                     conn,
                     target: target.clone(),
                     timeout,
+                    canceller,
                 },
             );
             t.by_conn.entry(conn).or_default().insert(id);
@@ -156,8 +184,12 @@ impl Calls {
     }
 
     /// Forgets a call whose caller gave up.
+    /// The caller dropped its handle: if the call was still waiting, the callee is told.
     fn forget(&self, id: &Id) {
-        self.table.lock().remove(id);
+        let gone = self.table.lock().remove(id);
+        if let Some(p) = gone {
+            p.canceller.cancel(*id);
+        }
     }
 
     /// Fails every call sent on `conn` with `err()` (the connection was lost, or its
@@ -204,12 +236,13 @@ impl Calls {
                 }
                 t.deadlines.pop();
                 if let Some(p) = t.remove(&id) {
-                    expired.push(p);
+                    expired.push((id, p));
                 }
             }
             t.deadlines.peek().map(|Reverse((at, _))| *at)
         };
-        for p in expired {
+        for (id, p) in expired {
+            p.canceller.cancel(id);
             p.timed_out();
         }
         next
@@ -362,6 +395,14 @@ impl std::hash::Hasher for IdHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A canceller with no DEALER behind it (these tests have no peer).
+    fn nowhere() -> Canceller {
+        Canceller {
+            dealer: Weak::new(),
+            local: Id::NIL,
+        }
+    }
     use crate::codec::{Header, Kind};
     use bytes::Bytes;
 
@@ -379,8 +420,22 @@ mod tests {
         let calls = Arc::new(Calls::default());
         let later = far_instant_after(Duration::from_secs(60));
         let (a, b) = (Id::new(), Id::new());
-        let call_a = calls.register(a, 1, "x.a".into(), Duration::from_secs(60), later);
-        let mut call_b = calls.register(b, 2, "x.b".into(), Duration::from_secs(60), later);
+        let call_a = calls.register(
+            a,
+            1,
+            "x.a".into(),
+            Duration::from_secs(60),
+            later,
+            nowhere(),
+        );
+        let mut call_b = calls.register(
+            b,
+            2,
+            "x.b".into(),
+            Duration::from_secs(60),
+            later,
+            nowhere(),
+        );
         assert_eq!(
             calls.fail_connection(1, || CallError::Disconnected("1".into())),
             1
@@ -409,10 +464,24 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(Calls::deadline_loop(Arc::downgrade(&calls), cancel.clone()));
         let t = Duration::from_millis(50);
-        let timed_out = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        let timed_out = calls.register(
+            Id::new(),
+            7,
+            "x.y".into(),
+            t,
+            far_instant_after(t),
+            nowhere(),
+        );
         let got = PendingReply::<()>::new(timed_out).recv().await;
         assert!(matches!(got, Err(CallError::Timeout { .. })), "{got:?}");
-        let forgotten = calls.register(Id::new(), 7, "x.y".into(), t, far_instant_after(t));
+        let forgotten = calls.register(
+            Id::new(),
+            7,
+            "x.y".into(),
+            t,
+            far_instant_after(t),
+            nowhere(),
+        );
         assert_eq!(calls.len(), 1);
         drop(forgotten);
         assert_eq!(calls.len(), 0);

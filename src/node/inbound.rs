@@ -230,6 +230,11 @@ impl Core {
                 }
                 self.gathers.deliver(env);
             }
+            Kind::Cancel => {
+                if !self.responder.cancel(&identity, h.correlation_id) {
+                    debug!(cid = %h.correlation_id, "CANCEL for nothing running here (done already)");
+                }
+            }
             Kind::Unknown(k) => self.responder.reply_error(
                 &reply_to(identity),
                 h,

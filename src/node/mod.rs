@@ -161,6 +161,8 @@ pub struct NodeStats {
     /// may (`max_in_flight_per_connection`, `max_in_flight_per_source`,
     /// `max_in_flight_bytes`).
     pub overloaded: u64,
+    /// Handlers stopped because their caller gave up on the request (a CANCEL came).
+    pub cancelled: u64,
     /// HELLOs refused: a catalog past its bounds, a HELLO too large to read, or a new
     /// peer past `max_peers` (see [`MembershipLimits`]).
     pub hellos_refused: u64,
@@ -499,6 +501,7 @@ impl Node {
             replies_dropped: c.responder.replies_dropped(),
             callers_dropped: c.responder.callers_dropped(),
             overloaded: c.responder.overloaded(),
+            cancelled: c.responder.cancelled(),
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),
             dials_deferred: c.membership.dials_deferred(),

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::calls::{far_instant_after, Awaiting};
+use super::calls::{far_instant_after, Awaiting, Canceller};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::{frames, CallError, Core};
@@ -153,8 +153,17 @@ impl Core {
                 // out or is cancelled by the caller dropping this future, its drop
                 // removes it.
                 let awaiting = (kind == Kind::Request).then(|| {
-                    self.calls
-                        .register(id, instance.conn, Arc::from(target), timeout, deadline)
+                    self.calls.register(
+                        id,
+                        instance.conn,
+                        Arc::from(target),
+                        timeout,
+                        deadline,
+                        Canceller {
+                            dealer: Arc::downgrade(&instance.dealer),
+                            local,
+                        },
+                    )
                 });
                 // Waiting for room in the queue counts against the call's deadline too. A
                 // notification has no reply to wait for: its timeout bounds the wait for

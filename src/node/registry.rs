@@ -17,6 +17,7 @@ use futures_util::FutureExt;
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, codes, ErrorBody, Id, Version};
 
@@ -36,6 +37,24 @@ pub struct Context {
     pub headers: BTreeMap<String, String>,
     /// The shard key, if any.
     pub shard_key: Option<String>,
+    /// Cancelled when the caller gives up on this request (see [`Context::cancelled`]).
+    pub(super) cancel: CancellationToken,
+}
+
+impl Context {
+    /// Whether the caller has given up on this request (its deadline passed, or it
+    /// dropped its handle, and said so with a CANCEL). A handler that awaits is dropped
+    /// at that point anyway; this is for work it handed elsewhere (a spawned task, a
+    /// thread) that should stop too.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the caller gives up on this request (see
+    /// [`Context::is_cancelled`]); never, for a notification or a gather request.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
 }
 
 /// An error a handler returns; it travels back to the caller as a remote error.

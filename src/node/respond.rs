@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
@@ -325,10 +326,41 @@ impl Drop for Running {
     }
 }
 
+/// The requests whose handlers await, by caller connection and request id, so that a
+/// CANCEL from that connection can stop one. Bounded by the handlers running.
+#[derive(Default)]
+struct Cancels {
+    running: Mutex<HashMap<(Bytes, Id), CancellationToken>>,
+    cancelled: AtomicU64,
+}
+
+impl Cancels {
+    fn watch(self: &Arc<Self>, key: (Bytes, Id), token: CancellationToken) -> Watched {
+        self.running.lock().insert(key.clone(), token);
+        Watched {
+            cancels: self.clone(),
+            key,
+        }
+    }
+}
+
+/// A running handler's entry in [`Cancels`], removed when the handler ends.
+struct Watched {
+    cancels: Arc<Cancels>,
+    key: (Bytes, Id),
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.cancels.running.lock().remove(&self.key);
+    }
+}
+
 /// Runs handlers and sends their replies. See the [module documentation](self).
 pub(super) struct Responder {
     node_id: Id,
     admission: Arc<Admission>,
+    cancels: Arc<Cancels>,
     /// Bounds handlers running at once; when none is free the inbound loops stop reading
     /// and TCP pushes back on the senders.
     slots: Arc<Semaphore>,
@@ -348,6 +380,7 @@ impl Responder {
                 counts: Mutex::new(Counts::default()),
                 refused: AtomicU64::new(0),
             }),
+            cancels: Arc::default(),
             slots: Arc::new(Semaphore::new(max_in_flight)),
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -402,6 +435,26 @@ impl Responder {
         self.admission.refused.load(Relaxed)
     }
 
+    /// The caller on ROUTER connection `identity` gave up on its request `id`: its
+    /// handler, if still running, is dropped. Only the connection a request came on can
+    /// cancel it. Returns whether one was running.
+    pub(super) fn cancel(&self, identity: &Bytes, id: Id) -> bool {
+        let token = self.cancels.running.lock().remove(&(identity.clone(), id));
+        match token {
+            Some(t) => {
+                t.cancel();
+                self.cancels.cancelled.fetch_add(1, Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handlers stopped because their caller gave up.
+    pub(super) fn cancelled(&self) -> u64 {
+        self.cancels.cancelled.load(Relaxed)
+    }
+
     /// Answers `to` with an error reply at once (no handler runs).
     pub(super) fn reply_error(
         &self,
@@ -448,7 +501,16 @@ impl Responder {
         }
         let answering = Answering::of(&env.header);
         let sender = self.node_id;
-        match start(handler, env) {
+        // A request from a ROUTER connection can be cancelled by its caller (CANCEL,
+        // same connection, `cid` = its id) while its handler awaits.
+        let cancellable = match (&path, env.header.kind) {
+            (ReplyPath::Router(_, identity), Kind::Request) => {
+                Some((identity.clone(), env.header.id))
+            }
+            _ => None,
+        };
+        let cancel = CancellationToken::new();
+        match start(handler, env, cancel.clone()) {
             Ok(out) => {
                 drop(slot);
                 if let Some(reply) = answering.reply(sender, out) {
@@ -459,8 +521,20 @@ impl Responder {
                 let running = self.admission.started(caller, len);
                 let path = path.detach();
                 let undelivered = self.undelivered.clone();
+                let watch = cancellable.map(|key| self.cancels.watch(key, cancel.clone()));
                 self.tasks.spawn(async move {
-                    let out = run.await;
+                    // Dropping the handler's future is what stops it: at its next await.
+                    let out = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => None,
+                        out = run => out,
+                    };
+                    if out.is_none() {
+                        // Cut off at the deadline (or cancelled): work the handler handed
+                        // elsewhere learns it through its context.
+                        cancel.cancel();
+                    }
+                    drop(watch);
                     drop(slot);
                     drop(running);
                     if let Some(reply) = out.and_then(|out| answering.reply(sender, out)) {
@@ -479,7 +553,11 @@ type Finishing = Pin<Box<dyn Future<Output = Option<Result<Bytes, ErrorBody>>> +
 /// deadline, yielding `None` if the deadline passed: the caller has already given up
 /// (its timer started before ours), so no reply is sent at all rather than one that can
 /// only arrive too late.
-fn start(handler: ErasedHandler, env: Envelope) -> Result<Result<Bytes, ErrorBody>, Finishing> {
+fn start(
+    handler: ErasedHandler,
+    env: Envelope,
+    cancel: CancellationToken,
+) -> Result<Result<Bytes, ErrorBody>, Finishing> {
     let h = env.header;
     let deadline = h.deadline();
     let ctx = Context {
@@ -489,6 +567,7 @@ fn start(handler: ErasedHandler, env: Envelope) -> Result<Result<Bytes, ErrorBod
         deadline,
         headers: h.headers,
         shard_key: h.shard_key,
+        cancel,
     };
     let message_id = ctx.message_id;
     let mut fut = handler(env.payload, ctx);
