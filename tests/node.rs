@@ -506,3 +506,114 @@ async fn a_caller_giving_up_stops_the_handler() {
     assert_eq!(created.item, "book");
     assert_eq!(server.stats().cancelled, before + 1);
 }
+
+#[tokio::test]
+async fn a_handler_s_calls_inherit_its_deadline() {
+    init_tracing();
+    // C records the deadline each request brings.
+    let c = start_node("c", &[]).await;
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    c.handle("deadline.seen", V1, move |_: (), ctx| {
+        let _ = tx.send(ctx.deadline);
+        async { Ok(()) }
+    });
+    // B's handler calls C with no timeout of its own (the node's default is 5 s).
+    let b = Arc::new(start_node("b", &[c.endpoint()]).await);
+    wait_service(&b, "deadline.seen", 1).await;
+    let weak = Arc::downgrade(&b);
+    b.handle("mid.op", V1, move |_: (), _| {
+        let weak = weak.clone();
+        async move {
+            let node = weak.upgrade().expect("b is up");
+            node.request::<_, ()>("deadline.seen", &())
+                .await
+                .map_err(|e| peerwire::HandlerError::new("inner", e.to_string()))
+        }
+    });
+    let a = start_node("a", &[b.endpoint()]).await;
+    wait_service(&a, "mid.op", 1).await;
+    a.request_with::<_, ()>(
+        "mid.op",
+        &(),
+        CallOptions::timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    // What C was given is what was left of B's 300 ms, not B's default 5 s.
+    let dl = within("C's deadline", seen.recv()).await.unwrap().unwrap();
+    assert!(
+        dl <= Duration::from_millis(300) && dl > Duration::ZERO,
+        "{dl:?}"
+    );
+    // Outside a handler, the default applies.
+    b.request::<_, ()>("deadline.seen", &()).await.unwrap();
+    let dl = within("C's deadline", seen.recv()).await.unwrap().unwrap();
+    assert!(dl > Duration::from_secs(1), "{dl:?}");
+}
+
+#[tokio::test]
+async fn a_request_whose_deadline_passed_while_queued_is_not_run() {
+    init_tracing();
+    let server = Node::builder("server")
+        .max_in_flight(1)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    server.handle("count.me", V1, move |_: (), _| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    server.handle("hold.slot", V1, move |_: (), _| {
+        let g = g.clone();
+        async move {
+            let _ = g.acquire().await;
+            Ok(())
+        }
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "count.me", 1).await;
+    // The one slot is taken; a request with 100 ms to live waits for it longer than that.
+    let holder = client
+        .request_async_with::<_, ()>(
+            "hold.slot",
+            &(),
+            CallOptions::timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let late = client
+        .request_async_with::<_, ()>(
+            "count.me",
+            &(),
+            CallOptions::timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        within("the late call's timeout", late.recv()).await,
+        Err(CallError::Timeout { .. })
+    ));
+    gate.add_permits(1);
+    within("the holder", holder.recv()).await.unwrap();
+    wait_until("counted as expired", || server.stats().expired == 1).await;
+    // `dl: 0` has passed on arrival: not run either.
+    let raw = Dealer::connect(server.endpoint(), test_opts()).unwrap();
+    let mut h = Header::new(Kind::Request, Id::new(), "count.me");
+    h.deadline_ms = Some(0);
+    let env = codec::Envelope {
+        header: h,
+        payload: codec::encode_payload(&()).unwrap(),
+    };
+    raw.send(Message::from_frames(env.to_frames()))
+        .await
+        .unwrap();
+    wait_until("dl 0 expired", || server.stats().expired == 2).await;
+    // A live one still runs.
+    client.request::<_, ()>("count.me", &()).await.unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "only the live request ran");
+}

@@ -23,6 +23,7 @@ use std::sync::atomic::{
     Ordering::{AcqRel, Acquire, Relaxed},
 };
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
@@ -53,12 +54,19 @@ pub(super) struct Inbound {
     declined: AtomicU64,
     malformed: AtomicU64,
     unexpected: AtomicU64,
+    expired: AtomicU64,
 }
 
 impl Inbound {
     /// Envelopes (or HELLO payloads) that could not be decoded.
     pub(super) fn malformed(&self) -> u64 {
         self.malformed.load(Relaxed)
+    }
+
+    /// Requests and notifications not run: their deadline passed before a handler slot
+    /// was free (or they came with `dl: 0`).
+    pub(super) fn expired(&self) -> u64 {
+        self.expired.load(Relaxed)
     }
 
     /// Envelopes of a kind not expected on the socket they came on.
@@ -85,8 +93,9 @@ impl Inbound {
 
 /// Which socket a message came in on, with what routing it needs.
 pub(super) enum Via<'a> {
-    /// The ROUTER, from the connection with this identity; a handler slot is held.
-    Router(Bytes, OwnedSemaphorePermit),
+    /// The ROUTER, from the connection with this identity; a handler slot is held. The
+    /// instant is when it arrived, if it waited in the queue since (declined).
+    Router(Bytes, OwnedSemaphorePermit, Option<Instant>),
     /// The SUB; a handler slot is held.
     Sub(OwnedSemaphorePermit),
     /// Our DEALER to `endpoint`.
@@ -119,7 +128,7 @@ impl Core {
                     Via::Dealer(endpoint) => {
                         warn!(error = %e, %endpoint, socket = "DEALER", "malformed envelope, dropped")
                     }
-                    Via::Router(ref identity, _) => {
+                    Via::Router(ref identity, ..) => {
                         warn!(error = %e, socket = "ROUTER", "malformed envelope");
                         self.answer_malformed(identity, msg, &e);
                     }
@@ -133,7 +142,7 @@ impl Core {
             if !matches!(via, Via::Dealer(_)) {
                 self.inbound.count_malformed();
                 warn!(error = %e, socket = via.socket(), kind = ?env.header.kind, "payload not decoded");
-                if let (Via::Router(identity, _), Kind::Request) = (&via, env.header.kind) {
+                if let (Via::Router(identity, ..), Kind::Request) = (&via, env.header.kind) {
                     let path = ReplyPath::Router(&self.router, identity.clone());
                     self.responder.reply_error(
                         &path,
@@ -146,10 +155,31 @@ impl Core {
             }
         }
         match via {
-            Via::Router(identity, slot) => self.on_router(identity, env, slot),
+            Via::Router(identity, slot, arrived) => {
+                if self.expired_on_arrival(&env.header, arrived) {
+                    return;
+                }
+                self.on_router(identity, env, slot)
+            }
             Via::Sub(slot) => self.on_published(env, slot),
             Via::Dealer(endpoint) => self.on_dealer(endpoint, env),
         }
+    }
+
+    /// Whether a request or notification's deadline passed before its handler could
+    /// start (it waited for a slot since `arrived`; `dl: 0` has passed on arrival): the
+    /// caller has given up, so it is not run at all, and counted.
+    fn expired_on_arrival(&self, h: &codec::Header, arrived: Option<Instant>) -> bool {
+        let (Some(dl), Kind::Request | Kind::Notification) = (h.deadline_ms, h.kind) else {
+            return false;
+        };
+        let waited = arrived.map(|a| a.elapsed()).unwrap_or_default();
+        if waited < std::time::Duration::from_millis(dl) {
+            return false;
+        }
+        self.inbound.expired.fetch_add(1, Relaxed);
+        debug!(target = ?h.target, waited = ?waited, deadline_ms = dl, "deadline passed before the handler could start: not run");
+        true
     }
 
     /// A ROUTER message whose envelope does not decode: answered `bad_request` if it can
@@ -326,7 +356,7 @@ fn inline_handler(cell: CoreCell, router: bool) -> MessageHandler {
             return Err(msg);
         };
         let via = if router {
-            Via::Router(identity.clone(), slot)
+            Via::Router(identity.clone(), slot, None)
         } else {
             Via::Sub(slot)
         };
@@ -366,7 +396,11 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
         };
         let next = async {
             if router {
-                strong.router.recv().await.map(|(id, m)| (Some(id), m))
+                strong
+                    .router
+                    .recv_declined()
+                    .await
+                    .map(|(id, m, at)| (Some((id, at)), m))
             } else {
                 strong.subscriber.recv().await.map(|m| (None, m))
             }
@@ -381,7 +415,7 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
             s = strong.responder.slot() => match s { Some(s) => s, None => return },
         };
         let via = match identity {
-            Some(id) => Via::Router(id, slot),
+            Some((id, arrived)) => Via::Router(id, slot, arrived),
             None => Via::Sub(slot),
         };
         strong.receive(via, &msg);

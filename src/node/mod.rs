@@ -163,6 +163,9 @@ pub struct NodeStats {
     pub overloaded: u64,
     /// Handlers stopped because their caller gave up on the request (a CANCEL came).
     pub cancelled: u64,
+    /// Requests and notifications not run because their deadline passed before a
+    /// handler could start (they waited for a slot), or came already passed (`dl: 0`).
+    pub expired: u64,
     /// HELLOs refused: a catalog past its bounds, a HELLO too large to read, or a new
     /// peer past `max_peers` (see [`MembershipLimits`]).
     pub hellos_refused: u64,
@@ -502,6 +505,7 @@ impl Node {
             callers_dropped: c.responder.callers_dropped(),
             overloaded: c.responder.overloaded(),
             cancelled: c.responder.cancelled(),
+            expired: c.inbound.expired(),
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),
             dials_deferred: c.membership.dials_deferred(),

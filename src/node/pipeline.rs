@@ -101,7 +101,19 @@ impl Core {
         if call.style == Style::Gather {
             super::pubsub::check_topic(call.target)?;
         }
-        let timeout = call.timeout.unwrap_or(self.default_timeout);
+        let mut timeout = call.timeout.unwrap_or(self.default_timeout);
+        // Inside a handler, a call never outlives the handler's own deadline: its caller
+        // will have given up by then.
+        if let Some(d) = super::registry::inherited_deadline() {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CallError::Timeout {
+                    target: call.target.to_string(),
+                    timeout: left,
+                });
+            }
+            timeout = timeout.min(left);
+        }
         // A request's deadline runs from here; encoding counts against it.
         let deadline = far_instant_after(timeout);
         let payload = codec::encode_payload(call.req)?;

@@ -17,9 +17,23 @@ use futures_util::FutureExt;
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::calls::far_instant_after;
+
 use crate::codec::{self, codes, ErrorBody, Id, Version};
+
+tokio::task_local! {
+    /// The deadline of the handler this task is running, if it has one.
+    static HANDLER_DEADLINE: Option<Instant>;
+}
+
+/// The deadline of the handler the current code runs in (called from inside it), if any:
+/// the calls it makes inherit what is left of it.
+pub(super) fn inherited_deadline() -> Option<Instant> {
+    HANDLER_DEADLINE.try_with(|d| *d).ok().flatten()
+}
 
 /// What a handler learns about the message it handles.
 #[derive(Debug, Clone)]
@@ -109,8 +123,13 @@ where
             // node (or even this connection) down.
             // The call itself is inside the guarded future too: a closure may panic
             // before it returns its future.
-            let out = AssertUnwindSafe(async move { f(req, ctx).await })
-                .catch_unwind()
+            // Calls the handler makes inherit what is left of its deadline.
+            let deadline = ctx.deadline.map(|d| far_instant_after(d));
+            let out = HANDLER_DEADLINE
+                .scope(
+                    deadline,
+                    AssertUnwindSafe(async move { f(req, ctx).await }).catch_unwind(),
+                )
                 .await;
             match out {
                 Ok(Ok(resp)) => codec::encode_payload(&resp).map_err(|e| ErrorBody {

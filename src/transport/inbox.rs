@@ -360,6 +360,7 @@ mod tests {
         Inbound {
             identity: Bytes::from(vec![conn]),
             msg: Message::from(vec![Bytes::from(vec![seq])]),
+            arrived: None,
         }
     }
 

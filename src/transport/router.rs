@@ -194,6 +194,17 @@ impl Router {
         }
     }
 
+    /// [`Router::recv`], with when the message arrived if an inline handler declined it
+    /// (it waited in the queue since).
+    pub(crate) async fn recv_declined(
+        &self,
+    ) -> Result<(Bytes, Message, Option<std::time::Instant>), RecvError> {
+        match self.role.inbound.pop().await {
+            Some(i) => Ok((i.identity, i.msg, i.arrived)),
+            None => Err(RecvError::Closed),
+        }
+    }
+
     /// Queues `msg` for the peer with `identity`, waiting for room while that peer's
     /// queue is full. Fails if no such peer is connected (or it disconnects while we wait).
     pub async fn send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {

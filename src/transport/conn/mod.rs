@@ -80,6 +80,10 @@ impl Cost for OutItem {
 pub(crate) struct Inbound {
     pub identity: Bytes,
     pub msg: Message,
+    /// When it arrived, for messages an inline handler declined (they wait in the
+    /// queue, and whoever takes them may care how long); `None` otherwise, which saves
+    /// reading the clock per message on the common path.
+    pub arrived: Option<std::time::Instant>,
 }
 
 impl Cost for Inbound {

@@ -82,6 +82,7 @@ pub(super) async fn run(
                             let item = Inbound {
                                 identity: att.identity.clone(),
                                 msg,
+                                arrived: None,
                             };
                             if let Err(item) = q.try_push(item) {
                                 pending = Some(item);
@@ -100,6 +101,7 @@ pub(super) async fn run(
                                         let item = Inbound {
                                             identity: att.identity.clone(),
                                             msg,
+                                            arrived: Some(std::time::Instant::now()),
                                         };
                                         if let Err(item) = q.try_push(item) {
                                             pending = Some(item);
