@@ -153,6 +153,26 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
     let body = error_reply(&raw, id).await;
     assert!(body.message.contains("`k`"), "{}", body.message);
 
+    // A kind of the wrong type after a good id: answered (the id was read).
+    let id = Id::new();
+    send(
+        &raw,
+        header(&[
+            ("v", uint(1)),
+            ("id", bin(id.0.as_bytes())),
+            ("k", text("request")),
+        ]),
+        &payload,
+    )
+    .await;
+    let body = error_reply(&raw, id).await;
+    assert_eq!(body.code, codes::BAD_REQUEST);
+
+    // Another major version: a notification is not answered (nothing but a request is).
+    let mut h = Header::new(Kind::Notification, Id::new(), "echo.echo");
+    h.version = 9;
+    send(&raw, codec::encode_header(&h), &payload).await;
+
     // An id of the wrong length: nothing to answer to. Dropped and counted; the next
     // request's reply is the next thing on the connection.
     let before = server.stats().malformed;

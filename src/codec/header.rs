@@ -395,24 +395,22 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
 /// (when that is a valid 16-byte id) and its kind code (when readable). `None` when the
 /// `id` cannot be read: such a message cannot be correlated with anything.
 pub(super) fn salvage(bytes: &[u8]) -> Option<(Id, Option<u8>)> {
+    // (A `k` that is not an unsigned integer reads as "unknown kind": answered.)
     if bytes.len() > MAX_HEADER_BYTES {
         return None;
     }
     let mut r = Rd { b: bytes };
     let n = r.map_len().ok()?;
     let (mut id, mut kind) = (None, None);
+    // Anything unreadable ends the scan: what was read before it stands.
     for _ in 0..n.min(bytes.len()) {
-        match r.key().ok()? {
-            b"id" => id = r.id().ok(),
-            b"k" => kind = r.uint().ok().and_then(|k| u8::try_from(k).ok()),
-            // A value that cannot even be skipped ends the scan: what was read stands.
-            _ => {
-                if r.skip(0).is_err() {
-                    break;
-                }
-            }
-        }
-        if id.is_some() && kind.is_some() {
+        let Ok(key) = r.key() else { break };
+        let read = match key {
+            b"id" => r.id().map(|v| id = Some(v)),
+            b"k" => r.uint().map(|k| kind = u8::try_from(k).ok()),
+            _ => r.skip(0),
+        };
+        if read.is_err() || (id.is_some() && kind.is_some()) {
             break;
         }
     }

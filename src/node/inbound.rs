@@ -18,10 +18,7 @@
 //! of what it rejected. It never runs a handler itself, never keeps a table of its own
 //! and never sends anything but what the parts it calls send.
 
-use std::sync::atomic::{
-    AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed},
-};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
@@ -45,13 +42,6 @@ pub(super) type CoreCell = Arc<OnceLock<Weak<Core>>>;
 /// Counters of what inbound routing rejected, and the count of declined messages.
 #[derive(Default)]
 pub(super) struct Inbound {
-    /// Messages declined by the inline dispatchers and not yet dispatched by the loops.
-    /// While any are outstanding, the inline dispatchers decline too, so that no
-    /// connection's later message overtakes an earlier one (a message taken from the
-    /// socket's queue is only counted off once it is dispatched). Fairness between
-    /// connections while this lasts comes from the socket's queue, which has a lane per
-    /// connection and serves them in turn.
-    declined: AtomicU64,
     malformed: AtomicU64,
     unexpected: AtomicU64,
     expired: AtomicU64,
@@ -80,14 +70,6 @@ impl Inbound {
 
     fn count_unexpected(&self) {
         self.unexpected.fetch_add(1, Relaxed);
-    }
-
-    /// One declined message has been dispatched by a loop.
-    fn undecline(&self) {
-        // Saturating: messages declined before the node was ready were not counted.
-        let _ = self
-            .declined
-            .fetch_update(AcqRel, Acquire, |n| Some(n.saturating_sub(1)));
     }
 }
 
@@ -156,7 +138,8 @@ impl Core {
         }
         match via {
             Via::Router(identity, slot, arrived) => {
-                if self.expired_on_arrival(&env.header, arrived) {
+                let mut env = env;
+                if self.expired_on_arrival(&mut env.header, arrived) {
                     return;
                 }
                 self.on_router(identity, env, slot)
@@ -169,12 +152,15 @@ impl Core {
     /// Whether a request or notification's deadline passed before its handler could
     /// start (it waited for a slot since `arrived`; `dl: 0` has passed on arrival): the
     /// caller has given up, so it is not run at all, and counted.
-    fn expired_on_arrival(&self, h: &codec::Header, arrived: Option<Instant>) -> bool {
+    /// Otherwise the deadline is what is left of it: counted from arrival, not from now.
+    fn expired_on_arrival(&self, h: &mut codec::Header, arrived: Option<Instant>) -> bool {
         let (Some(dl), Kind::Request | Kind::Notification) = (h.deadline_ms, h.kind) else {
             return false;
         };
         let waited = arrived.map(|a| a.elapsed()).unwrap_or_default();
-        if waited < std::time::Duration::from_millis(dl) {
+        let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        if waited_ms < dl {
+            h.deadline_ms = Some(dl - waited_ms);
             return false;
         }
         self.inbound.expired.fetch_add(1, Relaxed);
@@ -211,8 +197,11 @@ impl Core {
                 codec::VERSION_MAJOR
             );
             warn!(node = %self.membership.local().name, version = h.version, "unsupported envelope version");
-            self.responder
-                .reply_error(&reply_to(identity), h, codes::UNSUPPORTED_VERSION, msg);
+            // Answered only if it is a request: nothing else is ever answered.
+            if h.kind == Kind::Request {
+                self.responder
+                    .reply_error(&reply_to(identity), h, codes::UNSUPPORTED_VERSION, msg);
+            }
             return;
         }
         match h.kind {
@@ -328,19 +317,16 @@ impl Core {
     }
 
     /// A handler slot for a message offered to an inline dispatcher, or `None` to
-    /// decline it (counted, so the loops can keep each connection's order): when the
-    /// node is stopping, while earlier declined messages wait, or when no slot is free
-    /// (backpressure).
+    /// decline it: when the node is stopping, or when no slot is free (backpressure). A
+    /// declined message waits in its connection's lane of the socket's queue; the socket
+    /// offers that connection's later messages to no dispatcher until it has been taken
+    /// and dispatched (see `transport::inbox::Taken`), so each connection's order holds,
+    /// while other connections' messages go on being dispatched inline.
     fn inline_slot(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = if self.life.cancel.is_cancelled() || self.inbound.declined.load(Acquire) > 0 {
-            None
-        } else {
-            self.responder.try_slot()
-        };
-        if slot.is_none() {
-            self.inbound.declined.fetch_add(1, AcqRel);
+        if self.life.cancel.is_cancelled() {
+            return None;
         }
-        slot
+        self.responder.try_slot()
     }
 }
 
@@ -400,16 +386,22 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
                     .router
                     .recv_declined()
                     .await
-                    .map(|(id, m, at)| (Some((id, at)), m))
+                    .map(|(id, m, at, taken)| (Some((id, at)), m, taken))
             } else {
-                strong.subscriber.recv().await.map(|m| (None, m))
+                strong
+                    .subscriber
+                    .recv_declined()
+                    .await
+                    .map(|(m, taken)| (None, m, taken))
             }
         };
         let got = tokio::select! {
             _ = cancel.cancelled() => return,
             r = next => r,
         };
-        let Ok((identity, msg)) = got else { return };
+        // `_taken` keeps this connection's later messages queued behind this one until
+        // it is dispatched (dropped at the end of the turn).
+        let Ok((identity, msg, _taken)) = got else { return };
         let slot = tokio::select! {
             _ = cancel.cancelled() => return,
             s = strong.responder.slot() => match s { Some(s) => s, None => return },
@@ -419,6 +411,5 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
             None => Via::Sub(slot),
         };
         strong.receive(via, &msg);
-        strong.inbound.undecline();
     }
 }

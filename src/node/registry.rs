@@ -124,7 +124,7 @@ where
             // The call itself is inside the guarded future too: a closure may panic
             // before it returns its future.
             // Calls the handler makes inherit what is left of its deadline.
-            let deadline = ctx.deadline.map(|d| far_instant_after(d));
+            let deadline = ctx.deadline.map(far_instant_after);
             let out = HANDLER_DEADLINE
                 .scope(
                     deadline,

@@ -51,6 +51,10 @@ struct LaneState {
     detached: bool,
     /// A push failed at the lane's own bound: wake it at the next pop from this lane.
     full: bool,
+    /// Messages taken from the lane whose [`Taken`] is not dropped yet: until then the
+    /// lane still "holds" them, so its connection does not hand later messages to an
+    /// inline handler ahead of them.
+    taken: usize,
     /// In `State::waiting` (a push failed at the total).
     waiting: bool,
 }
@@ -111,6 +115,7 @@ impl Inbox {
                 detached: false,
                 full: false,
                 waiting: false,
+                taken: 0,
             },
         );
         Lane {
@@ -127,7 +132,14 @@ impl Inbox {
     }
 
     /// Takes the next message, one lane after the other; `None` when nothing is held.
-    pub fn try_pop(&self) -> Option<Inbound> {
+    #[cfg(test)]
+    pub fn try_pop(self: &Arc<Self>) -> Option<Inbound> {
+        self.try_take().map(|(item, _)| item)
+    }
+
+    /// [`Inbox::try_pop`], with a [`Taken`]: until it is dropped, the message's lane still
+    /// counts it as held (see [`Lane::holds_messages`]).
+    pub fn try_take(self: &Arc<Self>) -> Option<(Inbound, Taken)> {
         let mut guard = self.state.lock();
         let s = &mut *guard;
         let id = s.ready.pop_front()?;
@@ -138,7 +150,8 @@ impl Inbox {
             .expect("a ready lane holds a message");
         let (n, b) = item.cost();
         lane.bytes -= b;
-        lane.held.store(lane.items.len(), Ordering::Release);
+        lane.taken += 1;
+        lane.held.store(lane.items.len() + lane.taken, Ordering::Release);
         if std::mem::take(&mut lane.full) {
             lane.room.notify_one();
         }
@@ -167,16 +180,27 @@ impl Inbox {
             // Chain the wake-up so a second consumer is not left waiting.
             self.readable.notify_one();
         }
-        Some(item)
+        Some((
+            item,
+            Taken {
+                inbox: self.clone(),
+                lane: id,
+            },
+        ))
     }
 
     /// Waits for and takes the next message; `None` once closed and empty.
-    pub async fn pop(&self) -> Option<Inbound> {
+    pub async fn pop(self: &Arc<Self>) -> Option<Inbound> {
+        self.take().await.map(|(item, _)| item)
+    }
+
+    /// [`Inbox::pop`], with its [`Taken`].
+    pub async fn take(self: &Arc<Self>) -> Option<(Inbound, Taken)> {
         loop {
             let notified = self.readable.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(item) = self.try_pop() {
+            if let Some(item) = self.try_take() {
                 return Some(item);
             }
             if self.closed.load(Ordering::Acquire) {
@@ -201,6 +225,25 @@ impl Inbox {
 }
 
 /// Wakes a lane that waits for room in the total; false if it is gone.
+/// A message taken from a lane and not yet dealt with: while it lives, its connection
+/// offers no later message to an inline handler (they queue behind it), so whoever takes
+/// messages from the queue and dispatches them keeps each connection's order.
+pub(crate) struct Taken {
+    inbox: Arc<Inbox>,
+    lane: u64,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let mut s = self.inbox.state.lock();
+        if let Some(lane) = s.lanes.get_mut(&self.lane) {
+            lane.taken -= 1;
+            lane.held
+                .store(lane.items.len() + lane.taken, Ordering::Release);
+        }
+    }
+}
+
 fn wake_waiting(s: &mut State, id: u64) -> bool {
     match s.lanes.get_mut(&id) {
         Some(lane) => {
@@ -254,7 +297,8 @@ impl Lane {
         }
         lane.items.push_back(item);
         lane.bytes += b;
-        lane.held.store(lane.items.len(), Ordering::Release);
+        lane.held
+            .store(lane.items.len() + lane.taken, Ordering::Release);
         *count += n;
         *bytes += b;
         drop(s);
@@ -262,7 +306,8 @@ impl Lane {
         Ok(())
     }
 
-    /// Whether the lane holds messages not yet taken.
+    /// Whether the lane holds messages not yet taken, or taken and not yet dealt with
+    /// (their [`Taken`] is alive).
     pub fn holds_messages(&self) -> bool {
         self.held.load(Ordering::Acquire) > 0
     }
@@ -364,7 +409,7 @@ mod tests {
         }
     }
 
-    fn pop_conn(inbox: &Inbox) -> (u8, u8) {
+    fn pop_conn(inbox: &Arc<Inbox>) -> (u8, u8) {
         let i = inbox.try_pop().expect("an item");
         (i.identity[0], i.msg.frames()[0][0])
     }
@@ -387,6 +432,17 @@ mod tests {
             (2..10).collect::<Vec<_>>()
         );
         assert!(inbox.try_pop().is_none());
+    }
+
+    #[test]
+    fn a_taken_message_is_held_until_dealt_with() {
+        let inbox = Inbox::new(100, 1 << 20);
+        let a = inbox.lane();
+        a.try_push(item(1, 0)).unwrap();
+        let (_, taken) = inbox.try_take().unwrap();
+        assert!(a.holds_messages(), "taken but not dispatched yet");
+        drop(taken);
+        assert!(!a.holds_messages());
     }
 
     #[test]

@@ -47,7 +47,7 @@ mod dealer;
 mod endpoint;
 mod error;
 mod events;
-mod inbox;
+pub(crate) mod inbox;
 mod options;
 mod publisher;
 pub(crate) mod queue;

@@ -13,7 +13,7 @@ use super::conn::{
     spawn_listener, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
-use super::inbox::{Inbox, Incoming, Intake};
+use super::inbox::{Inbox, Incoming, Intake, Taken};
 use super::queue::{Budget, Queue};
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -196,11 +196,13 @@ impl Router {
 
     /// [`Router::recv`], with when the message arrived if an inline handler declined it
     /// (it waited in the queue since).
+    /// The [`Taken`] keeps the connection's later messages from its inline handler
+    /// until it is dropped (after the message is dispatched), so order is kept.
     pub(crate) async fn recv_declined(
         &self,
-    ) -> Result<(Bytes, Message, Option<std::time::Instant>), RecvError> {
-        match self.role.inbound.pop().await {
-            Some(i) => Ok((i.identity, i.msg, i.arrived)),
+    ) -> Result<(Bytes, Message, Option<std::time::Instant>, Taken), RecvError> {
+        match self.role.inbound.take().await {
+            Some((i, taken)) => Ok((i.identity, i.msg, i.arrived, taken)),
             None => Err(RecvError::Closed),
         }
     }

@@ -11,7 +11,7 @@ use super::conn::{
     spawn_connector, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
 };
 use super::error::{ProtocolViolation, RecvError, TransportError};
-use super::inbox::{Inbox, Incoming, Intake};
+use super::inbox::{Inbox, Incoming, Intake, Taken};
 use super::queue::Queue;
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
@@ -185,6 +185,28 @@ impl Subscriber {
                 .any(|p| first.starts_with(p));
             if wanted {
                 return Ok(i.msg);
+            }
+            self.role.shared.stats.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// [`Subscriber::recv`] for messages an inline handler declined, with the [`Taken`]
+    /// that keeps that publisher's later messages from the handler until it is dropped.
+    pub(crate) async fn recv_declined(&self) -> Result<(Message, Taken), RecvError> {
+        loop {
+            let Some((i, taken)) = self.role.inbound.take().await else {
+                return Err(RecvError::Closed);
+            };
+            let first = &i.msg.frames()[0];
+            let wanted = self
+                .role
+                .topics
+                .lock()
+                .prefixes
+                .iter()
+                .any(|p| first.starts_with(p));
+            if wanted {
+                return Ok((i.msg, taken));
             }
             self.role.shared.stats.dropped.fetch_add(1, Relaxed);
         }

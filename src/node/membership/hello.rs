@@ -186,6 +186,10 @@ impl Membership {
             return Ok(());
         }
         let hello: Hello = codec::decode_payload(payload)?;
+        // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).
+        if let Some(l) = self.state.lock().table.link(endpoint) {
+            l.acked.store(true, Relaxed);
+        }
         if hello.node_id == self.given.local.id {
             // Gossip led us to ourselves: never dial this endpoint again.
             self.state.lock().self_endpoints.insert(endpoint.clone());

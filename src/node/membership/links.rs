@@ -84,6 +84,7 @@ impl Membership {
             conn,
             stop: self.given.life.cancel.child_token(),
             last_error: Arc::default(),
+            acked: Arc::default(),
         };
         st.table.add_link(endpoint.clone(), link.clone());
         drop(st);
@@ -181,6 +182,10 @@ impl Membership {
     fn on_link_event(self: &Arc<Self>, endpoint: &Endpoint, link: &Link, e: SocketEvent) {
         match e {
             SocketEvent::Connected { .. } => {
+                // A new connection: what failed before is history, and the HELLO-ACK that
+                // counts is the one that comes on this connection.
+                *link.last_error.lock() = None;
+                link.acked.store(false, std::sync::atomic::Ordering::Relaxed);
                 // (Re)introduce ourselves: the peer may be new, or restarted.
                 // The peer counts as connected again only once its HELLO-ACK says who it
                 // is now: the endpoint may have been taken by a restarted or other node.
@@ -273,7 +278,7 @@ async fn dealer_loop(
             }
             _ = tokio::time::sleep_until(hello_at) => {
                 let Some(strong) = membership.upgrade() else { return };
-                let acked = matches!(strong.state.lock().table.peer_at(&endpoint), Some((_, true)));
+                let acked = link.acked.load(std::sync::atomic::Ordering::Relaxed);
                 hello_at = far;
                 if !acked && link.dealer.is_connected() && hello_gap <= HELLO_RETRY_LAST {
                     debug!(%endpoint, "no HELLO-ACK yet: HELLO sent again");

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use smallvec::SmallVec;
 
 use super::presence::PeerInfo;
+use std::sync::atomic::Ordering::Relaxed;
+
 use super::Instance;
 use crate::codec::{Catalog, Id, Version};
 use crate::node::balance::{Balance, Candidate};
@@ -28,6 +30,8 @@ pub(super) struct Link {
     /// Why the last connection attempt failed, if one did (set by `dealer_loop`): the
     /// endpoint has been tried, and a client can say why it is unreachable.
     pub(super) last_error: Arc<parking_lot::Mutex<Option<String>>>,
+    /// A HELLO-ACK came back on the current connection (cleared when it drops).
+    pub(super) acked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Peer {
@@ -85,29 +89,17 @@ impl PeerTable {
     /// connection attempt failed. Until then, what the table says may still grow (each
     /// HELLO-ACK names more peers).
     pub(super) fn settled(&self) -> bool {
-        let answered: std::collections::HashSet<&Endpoint> = self
-            .by_id
-            .values()
-            .filter(|p| p.info.connected)
-            .map(|p| &p.info.router_endpoint)
-            .collect();
         self.links
-            .iter()
-            .all(|(ep, l)| answered.contains(ep) || l.last_error.lock().is_some())
+            .values()
+            .all(|l| l.acked.load(Relaxed) || l.last_error.lock().is_some())
     }
 
-    /// Endpoints dialled that no peer answers on, with why the last attempt failed.
+    /// Endpoints dialled that no node has answered on, with why the last attempt failed.
     pub(super) fn unreachable(&self) -> Vec<(Endpoint, String)> {
-        let answered: std::collections::HashSet<&Endpoint> = self
-            .by_id
-            .values()
-            .filter(|p| p.info.connected)
-            .map(|p| &p.info.router_endpoint)
-            .collect();
         let mut out: Vec<_> = self
             .links
             .iter()
-            .filter(|(ep, _)| !answered.contains(ep))
+            .filter(|(_, l)| !l.acked.load(Relaxed))
             .filter_map(|(ep, l)| l.last_error.lock().clone().map(|e| (ep.clone(), e)))
             .collect();
         out.sort_by_key(|(ep, _)| ep.to_string());
