@@ -617,3 +617,33 @@ async fn a_request_whose_deadline_passed_while_queued_is_not_run() {
     client.request::<_, ()>("count.me", &()).await.unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 1, "only the live request ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_s_messages_are_handled_in_order_under_backpressure() {
+    // With one handler slot and handlers that await, most messages are declined and
+    // queued while some go inline: none may overtake an earlier one of its connection.
+    init_tracing();
+    let server = Node::builder("server")
+        .max_in_flight(1)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    server.handle("seq.note", V1, move |n: u32, _| {
+        let _ = tx.send(n);
+        async {
+            tokio::task::yield_now().await;
+            Ok(())
+        }
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "seq.note", 1).await;
+    for n in 0..500u32 {
+        client.notify("seq.note", &n).await.unwrap();
+    }
+    for want in 0..500u32 {
+        let got = within("the next notification", rx.recv()).await.unwrap();
+        assert_eq!(got, want, "handled out of order");
+    }
+}

@@ -401,7 +401,9 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
         };
         // `_taken` keeps this connection's later messages queued behind this one until
         // it is dispatched (dropped at the end of the turn).
-        let Ok((identity, msg, _taken)) = got else { return };
+        let Ok((identity, msg, _taken)) = got else {
+            return;
+        };
         let slot = tokio::select! {
             _ = cancel.cancelled() => return,
             s = strong.responder.slot() => match s { Some(s) => s, None => return },

@@ -151,7 +151,8 @@ impl Inbox {
         let (n, b) = item.cost();
         lane.bytes -= b;
         lane.taken += 1;
-        lane.held.store(lane.items.len() + lane.taken, Ordering::Release);
+        lane.held
+            .store(lane.items.len() + lane.taken, Ordering::Release);
         if std::mem::take(&mut lane.full) {
             lane.room.notify_one();
         }

@@ -185,7 +185,8 @@ impl Membership {
                 // A new connection: what failed before is history, and the HELLO-ACK that
                 // counts is the one that comes on this connection.
                 *link.last_error.lock() = None;
-                link.acked.store(false, std::sync::atomic::Ordering::Relaxed);
+                link.acked
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 // (Re)introduce ourselves: the peer may be new, or restarted.
                 // The peer counts as connected again only once its HELLO-ACK says who it
                 // is now: the endpoint may have been taken by a restarted or other node.
