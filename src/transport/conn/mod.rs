@@ -262,8 +262,9 @@ pub(crate) struct Shared {
     ticker_started: AtomicBool,
     /// Bytes of messages still arriving, all connections (see [`Meter`]).
     recv_held: AtomicUsize,
-    /// Where [`Meter`] times start.
-    epoch: Instant,
+    /// A coarse clock: how many times the socket's ticker has ticked. Reading it costs
+    /// an atomic load, where the real clock would cost a system call per message.
+    ticks: AtomicU64,
 }
 
 /// A running connection: its outgoing queue and its [`Meter`].
@@ -282,23 +283,26 @@ const RECV_COUNT_FROM: usize = 64 * 1024;
 #[derive(Default)]
 pub(crate) struct Meter {
     held: AtomicUsize,
-    /// Nanoseconds since the socket's epoch when the message now arriving began.
+    /// The socket's tick (see [`Shared::ticks`]) when the first byte of the message now
+    /// arriving was read.
     since: AtomicU64,
+    /// The connection is not reading because we are not taking its messages (its queue
+    /// is full): what it holds is our doing, not its slowness, so it is never evicted.
+    blocked: AtomicBool,
     evicted: AtomicBool,
 }
 
 impl Meter {
-    /// Reports `held` bytes now (`completed`: a message was completed since the last
-    /// report, so the one arriving now began just now).
-    pub fn report(&self, shared: &Shared, held: usize, completed: bool) {
+    /// Reports `held` bytes now, of a message whose first byte came at tick `since`;
+    /// `blocked`: we are not reading this connection (its queue is full).
+    pub fn report(&self, shared: &Shared, held: usize, since: u64, blocked: bool) {
         let held = if held >= RECV_COUNT_FROM { held } else { 0 };
         let old = self.held.load(Relaxed);
-        if held == old && !completed {
+        if held == 0 && old == 0 {
             return;
         }
-        if old == 0 || completed {
-            self.since.store(shared.nanos(), Relaxed);
-        }
+        self.since.store(since, Relaxed);
+        self.blocked.store(blocked, Relaxed);
         if held == old || self.evicted.load(Relaxed) {
             return;
         }
@@ -338,12 +342,13 @@ impl Shared {
             live: Mutex::new(Vec::new()),
             ticker_started: AtomicBool::new(false),
             recv_held: AtomicUsize::new(0),
-            epoch: Instant::now(),
+            ticks: AtomicU64::new(0),
         })
     }
 
-    fn nanos(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+    /// The coarse clock (see `ticks`).
+    pub(crate) fn ticks(&self) -> u64 {
+        self.ticks.load(Relaxed)
     }
 
     /// The total of messages still arriving is past the budget: evicts the connection
@@ -355,14 +360,18 @@ impl Shared {
         if self.recv_held.load(Acquire) <= self.opts.recv_buffer_total_bytes {
             return;
         }
-        let now = self.nanos();
+        let now = self.ticks();
+        // Bytes per tick since the message began (a message begun this tick counts as
+        // one tick old).
         let rate = |m: &Meter| {
-            let age = now.saturating_sub(m.since.load(Relaxed)).max(1_000_000);
-            m.held.load(Relaxed) as u128 * 1_000_000_000 / age as u128
+            let age = now.saturating_sub(m.since.load(Relaxed)).max(1);
+            m.held.load(Relaxed) as u64 / age
         };
         let slowest = live
             .iter()
-            .filter(|(_, m)| m.held.load(Relaxed) > 0 && !m.is_evicted())
+            .filter(|(_, m)| {
+                m.held.load(Relaxed) > 0 && !m.is_evicted() && !m.blocked.load(Relaxed)
+            })
             .min_by_key(|(_, m)| rate(m));
         if let Some((out, m)) = slowest {
             if !m.evicted.swap(true, AcqRel) {
@@ -419,6 +428,7 @@ impl Shared {
                 let Some(shared) = shared.upgrade() else {
                     break;
                 };
+                shared.ticks.fetch_add(1, Relaxed);
                 for (q, _) in shared.live.lock().iter() {
                     q.tick();
                 }

@@ -42,6 +42,10 @@ pub(super) async fn run(
     let mut pending: Option<Inbound> = None;
     // The read buffer has been past `READ_AHEAD_MAX` since it was last made fresh.
     let mut grown = false;
+    // Whether nothing of a message is buffered (the next byte read starts one), and the
+    // socket's tick when the message arriving now began (for the receive budget).
+    let mut at_boundary;
+    let mut msg_start = shared.ticks();
     let heartbeat = opts.heartbeat_interval.filter(|_| peer.minor >= 1);
     // Accepted connections only: a connecting socket chose its peer, and a quiet ROUTER
     // or PUB at the other end is not an attack on us.
@@ -175,7 +179,8 @@ pub(super) async fn run(
         // still points into it after the message is cut out): once little is left, the
         // rest moves to a fresh small buffer so the large one goes with the message. An
         // idle connection never keeps megabytes for what it once received.
-        if grown && rbuf.len() < READ_MIN {
+        // (Not while a large frame is still coming: it would be reserved again at once.)
+        if grown && rbuf.len() < READ_MIN && dec.wanted(rbuf.len()) <= READ_AHEAD_MAX {
             let mut fresh = BytesMut::with_capacity(READ_MIN);
             fresh.extend_from_slice(&rbuf);
             rbuf = fresh;
@@ -184,8 +189,10 @@ pub(super) async fn run(
         // What this connection holds of a message still arriving: its buffer's capacity
         // (bytes reserved count as much as bytes read) and the complete frames of a
         // multipart message not finished yet.
-        let held = if grown { rbuf.capacity() } else { rbuf.len() } + dec.partial_bytes();
-        meter.report(shared, held, received > 0);
+        let partial = dec.partial_bytes();
+        let held = if grown { rbuf.capacity() } else { rbuf.len() } + partial;
+        meter.report(shared, held, msg_start, pending.is_some());
+        at_boundary = rbuf.is_empty() && partial == 0;
         if w.chunks.is_empty() {
             w.refill(&att.out);
             // Try the write now: usually the socket has room and this saves a turn of
@@ -264,7 +271,13 @@ pub(super) async fn run(
             },
             r = rd.read_buf(&mut rbuf), if pending.is_none() => match r {
                 Ok(0) => break CloseReason::PeerClosed,
-                Ok(_) => rx_seen = true,
+                Ok(_) => {
+                    rx_seen = true;
+                    if at_boundary {
+                        // The first bytes of a new message.
+                        msg_start = shared.ticks();
+                    }
+                }
                 Err(e) => break e.into(),
             },
             _ = wait_sink(&att.sink), if pending.is_some() => {
