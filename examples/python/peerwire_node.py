@@ -23,6 +23,7 @@ import time
 
 import msgpack
 import zmq
+import zmq.utils.monitor
 
 # Envelope kinds (PROTOCOL.md section 9).
 REQUEST, REPLY, ERROR_REPLY, NOTIFICATION, EVENT = 1, 2, 3, 4, 5
@@ -80,6 +81,10 @@ class Node:
         self.dealers = {}  # ROUTER endpoint -> DEALER socket
         self.pub_endpoints = set()  # PUB endpoints our SUB is connected to
         self.pending = {}  # our request or gather id -> replies received
+        self.monitors = {}  # monitor socket -> the endpoint of the DEALER it watches
+        self.acked = set()  # endpoints whose current connection answered our HELLO
+        self.retry = {}  # endpoint -> (when to send the HELLO again, the next gap)
+        self.introduced = {}  # ROUTER identity -> the node id its HELLO gave
         self.seq = {}  # our topic -> last sequence number published
         self.stopped = False
 
@@ -108,22 +113,27 @@ class Node:
 
     # --- membership ------------------------------------------------------------------
     def dial(self, endpoint):
-        """A DEALER to a peer's ROUTER; a HELLO is the first message on it."""
+        """A DEALER to a peer's ROUTER; a HELLO goes first on each of its connections."""
         if endpoint in self.dealers or endpoint == f"tcp://{self.host}:{self.router_port}":
             return
         d = self.ctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 0)
+        # A HELLO is the first message on every connection, reconnections included: the
+        # monitor says when one comes up (section 12).
+        monitor = d.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.monitors[monitor] = endpoint
+        self.poller.register(monitor, zmq.POLLIN)
         d.connect(endpoint)
         self.dealers[endpoint] = d
         self.poller.register(d, zmq.POLLIN)
-        d.send_multipart([pack(self.header(HELLO)), pack(self.hello())])
 
-    def learn(self, hello):
+    def learn(self, hello, source_host):
         """Records a peer from its HELLO (or HELLO-ACK): dial it, subscribe to its PUB,
-        and follow its gossip."""
+        and follow its gossip. `source_host`: where the HELLO came from, for a peer that
+        listens on an unspecified address."""
         if hello.get("cluster") != self.cluster or hello["node_id"] == self.id:
             return
-        host = hello["host"] if hello["host"] not in ("0.0.0.0", "::") else self.host
+        host = hello["host"] if hello["host"] not in ("0.0.0.0", "::") else source_host
         endpoint = f"tcp://{host}:{hello['router_port']}"
         self.peers[hello["node_id"]] = {
             "name": hello["name"], "endpoint": endpoint, "catalog": hello["catalog"]}
@@ -137,8 +147,31 @@ class Node:
 
     def settled(self):
         """Every endpoint dialled has answered our HELLO (gossip may name more)."""
-        answered = {p["endpoint"] for p in self.peers.values()}
-        return set(self.dealers) <= answered
+        return set(self.dealers) <= self.acked
+
+    def on_monitor(self, monitor):
+        event = zmq.utils.monitor.recv_monitor_message(monitor)
+        endpoint = self.monitors[monitor]
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self.acked.discard(endpoint)
+            self.send_hello(endpoint)
+            self.retry[endpoint] = (time.monotonic() + 1.0, 2.0)
+        else:
+            self.acked.discard(endpoint)
+            self.retry.pop(endpoint, None)
+
+    def send_hello(self, endpoint):
+        self.dealers[endpoint].send_multipart([pack(self.header(HELLO)), pack(self.hello())])
+
+    def retry_hellos(self):
+        """No HELLO-ACK yet on a connection: the HELLO again after 1, 2, 4, 8, 16 s."""
+        now = time.monotonic()
+        for endpoint, (at, gap) in list(self.retry.items()):
+            if endpoint in self.acked or gap > 32:
+                self.retry.pop(endpoint)
+            elif now >= at:
+                self.send_hello(endpoint)
+                self.retry[endpoint] = (now + gap, gap * 2)
 
     def dealer_of(self, node_id):
         peer = self.peers.get(node_id)
@@ -224,78 +257,93 @@ class Node:
         return done()
 
     def poll(self, timeout):
+        self.retry_hellos()
         for sock, _ in self.poller.poll(int(timeout * 1000)):
+            if sock in self.monitors:
+                self.on_monitor(sock)
+                continue
             while True:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                source = frames[-1].get("Peer-Address")
+                frames = [f.bytes for f in frames]
                 try:
                     if sock is self.router:
-                        self.on_router(frames[0], frames[1:])
+                        self.on_router(frames[0], frames[1:], source)
                     elif sock is self.pub:
                         self.on_subscription(frames[0])
                     elif sock is self.sub:
                         self.on_sub(frames)
                     else:
-                        self.on_dealer(frames)
+                        self.on_dealer(sock, frames, source)
                 except (ValueError, KeyError, TypeError, msgpack.ExtraData) as e:
                     print(json.dumps({"dropped": str(e)}), file=sys.stderr)
 
-    def on_router(self, identity, frames):
+    def on_router(self, identity, frames, source):
         if len(frames) != 2:
             return
         h, payload = unpack(frames[0]), frames[1]
         reply = lambda kind, value: self.router.send_multipart(
             [identity, pack(self.header(kind, cid=h["id"])), pack(value)])
+        k = h.get("k")
         if h.get("v") != 1:
-            if h.get("k") == REQUEST:
+            if k == REQUEST:
                 reply(ERROR_REPLY, {"code": "unsupported_version", "message": "v1 only"})
             return
-        k = h["k"]
         if k == HELLO:
             hello = unpack(payload)
             if hello.get("cluster") != self.cluster:
                 # Who we are and our cluster, nothing more.
                 reply(HELLO_ACK, {"node_id": self.id, "cluster": self.cluster})
                 return
+            self.introduced[identity] = hello["node_id"]
             reply(HELLO_ACK, self.hello())
-            self.learn(hello)
+            self.learn(hello, source)
         elif k in (REQUEST, NOTIFICATION):
             fn = self.methods.get(h.get("tgt", ""))
+            fail = lambda code, message: k == REQUEST and reply(
+                ERROR_REPLY, {"code": code, "message": message})
             if fn is None:
-                if k == REQUEST:
-                    reply(ERROR_REPLY, {"code": "no_handler",
-                                        "message": f"no handler for {h.get('tgt')}"})
-                return
+                return fail("no_handler", f"no handler for {h.get('tgt')}")
             if h.get("ct", "application/msgpack") != "application/msgpack":
-                if k == REQUEST:
-                    reply(ERROR_REPLY, {"code": "bad_request",
-                                        "message": f"content type {h['ct']} not supported"})
-                return
+                return fail("bad_request", f"content type {h['ct']} is not supported")
             try:
-                out = fn(unpack(payload), h)
+                value = unpack(payload)
+            except (ValueError, msgpack.ExtraData) as e:
+                return fail("bad_request", f"payload does not decode: {e}")
+            try:
+                out = fn(value, h)
                 if k == REQUEST:
                     reply(REPLY, out)
             except Exception as e:  # a handler's failure is an error reply
-                if k == REQUEST:
-                    reply(ERROR_REPLY, {"code": "handler_failed", "message": str(e)})
+                fail("handler_failed", str(e))
         elif k in (GATHER_REPLY, ERROR_REPLY):
-            if h.get("cid") in self.pending:
+            # Only from a connection that introduced itself as the sender.
+            if h.get("cid") in self.pending and self.introduced.get(identity) == h.get("src"):
                 self.pending[h["cid"]].append((h["src"], k, unpack(payload)))
+        elif k not in (REPLY, HELLO_ACK, EVENT, GATHER_REQUEST, 10):  # 10: cancel
+            reply(ERROR_REPLY, {"code": "unsupported_kind", "message": f"kind {k}"})
 
     def on_subscription(self, frame):
         # XPUB: 1 then the prefix for a subscription, 0 then the prefix for a cancel.
         if frame[:1] in (b"\x01", b"\x00"):
             prefix = frame[1:]
-            self.subs[prefix] = self.subs.get(prefix, 0) + (1 if frame[0] else -1)
+            n = self.subs.get(prefix, 0) + (1 if frame[0] else -1)
+            if n > 0:
+                self.subs[prefix] = n
+            else:
+                self.subs.pop(prefix, None)
 
-    def on_dealer(self, frames):
+    def on_dealer(self, sock, frames, source):
         if len(frames) != 2:
             return
         h, payload = unpack(frames[0]), frames[1]
         if h["k"] == HELLO_ACK:
-            self.learn(unpack(payload))
+            endpoint = next(e for e, d in self.dealers.items() if d is sock)
+            self.acked.add(endpoint)
+            self.learn(unpack(payload), source)
         elif h["k"] in (REPLY, ERROR_REPLY) and h.get("cid") in self.pending:
             self.pending[h["cid"]].append((h["k"], unpack(payload)))
 

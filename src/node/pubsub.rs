@@ -180,11 +180,13 @@ impl PubSub {
             .subscribers_matching_with_labels(topic.as_bytes())
             .into_iter()
             .filter_map(|(identity, labels)| {
+                // The first label that is a well-formed id, else the identity.
+                let id = |raw: &[u8]| uuid::Uuid::from_slice(raw).ok().map(Id);
                 labels
                     .iter()
-                    .find_map(|l| l.strip_prefix(LABEL_PREFIX))
-                    .or(Some(&identity[..]))
-                    .and_then(|raw| uuid::Uuid::from_slice(raw).ok().map(Id))
+                    .filter_map(|l| l.strip_prefix(LABEL_PREFIX))
+                    .find_map(id)
+                    .or_else(|| id(&identity))
             })
             .collect()
     }
