@@ -13,8 +13,9 @@
 //! `recv_queue_bytes`, and one lane at most a quarter of either, so one connection can
 //! never fill the whole queue. A connection whose push fails stops reading (TCP pushes
 //! back on that peer only) and waits on its lane's own wake-up: a pop from its lane if
-//! its lane was full, or its turn among the lanes waiting for room in the total (a FIFO,
-//! so room is handed out fairly too). Waking one lane per pop, rather than every waiter,
+//! its lane was full, or its turn among the lanes waiting for room in the total (a FIFO:
+//! the waiters are woken in the order they started waiting, though a connection that
+//! was not waiting may still take the room first). Waking one lane per pop, rather than every waiter,
 //! keeps a thousand blocked connections from turning each pop into a thousand wake-ups.
 //!
 //! Messages a lane holds when its connection ends are still delivered (events from a
@@ -225,7 +226,8 @@ impl Inbox {
     }
 }
 
-/// Wakes a lane that waits for room in the total; false if it is gone.
+/// Wakes a lane that waits for room in the total; false if it is gone or its
+/// connection ended.
 /// A message taken from a lane and not yet dealt with: while it lives, its connection
 /// offers no later message to an inline handler (they queue behind it), so whoever takes
 /// messages from the queue and dispatches them keeps each connection's order.
@@ -247,12 +249,13 @@ impl Drop for Taken {
 
 fn wake_waiting(s: &mut State, id: u64) -> bool {
     match s.lanes.get_mut(&id) {
-        Some(lane) => {
+        // A lane whose connection ended pushes nothing more: the room goes to the next.
+        Some(lane) if !lane.detached => {
             lane.waiting = false;
             lane.room.notify_one();
             true
         }
-        None => false,
+        _ => false,
     }
 }
 
