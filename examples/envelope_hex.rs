@@ -44,6 +44,8 @@ fn main() {
     let mut grep = mk(Kind::GatherReply, "");
     grep.correlation_id = cid;
     let hello = mk(Kind::Hello, "");
+    let mut cancel = mk(Kind::Cancel, "");
+    cancel.correlation_id = cid;
     let cases: Vec<(Header, Vec<u8>)> = vec![
         (
             req,
@@ -77,6 +79,7 @@ fn main() {
             .unwrap()
             .to_vec(),
         ),
+        (cancel, Vec::new()),
     ];
     for (h, payload) in cases {
         let env = Envelope {
