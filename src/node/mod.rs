@@ -54,6 +54,7 @@
 //! it awaits, goes on in its own task under the caller's deadline.
 
 mod balance;
+mod breaker;
 mod builder;
 mod calls;
 mod error;
