@@ -246,3 +246,89 @@ async fn replicas_with_one_name_are_all_kept() {
         b.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
+    use peerwire::node::{BreakerConfig, BreakerState};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    init_tracing();
+    let failing = Arc::new(AtomicBool::new(true));
+    let bad = start_node("bad", &[]).await;
+    let f = failing.clone();
+    bad.handle("flaky.op", V1, move |_: (), _| {
+        // A panicking handler: `handler_panicked`, which a breaker counts as a failure.
+        assert!(!f.load(Ordering::SeqCst), "boom");
+        async { Ok("bad") }
+    });
+    let good = start_node("good", &[bad.endpoint()]).await;
+    good.handle("flaky.op", V1, |_: (), _| async { Ok("good") });
+    let mut config = BreakerConfig::default();
+    config.window = 4;
+    config.minimum_calls = 4;
+    config.wait_in_open = Duration::from_millis(300);
+    config.permitted_in_half_open = 1;
+    let client = Node::builder("client")
+        .peer(bad.endpoint())
+        .breakers(config)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let mut events = client.breaker_events();
+    wait_service(&client, "flaky.op", 2).await;
+
+    // Round robin sends every other call to `bad`: its fourth failure opens its breaker.
+    for _ in 0..8 {
+        let _ = client.request::<_, String>("flaky.op", &()).await;
+    }
+    let e = within("opened", events.recv()).await.unwrap();
+    assert_eq!(
+        (e.service.as_str(), e.instance, e.from, e.to),
+        ("flaky", bad.id(), BreakerState::Closed, BreakerState::Open)
+    );
+    // From now on `bad` is skipped: every call succeeds on `good`.
+    for _ in 0..10 {
+        let who: String = client.request("flaky.op", &()).await.unwrap();
+        assert_eq!(who, "good");
+    }
+
+    // With `good` gone, the only instance left is open: refused at once, not sent.
+    good.shutdown().await;
+    wait_service(&client, "flaky.op", 1).await;
+    wait_until("good gone", || {
+        client.peers().iter().filter(|p| p.connected).count() == 1
+    })
+    .await;
+    let refused = client.request::<_, String>("flaky.op", &()).await;
+    assert!(
+        matches!(refused, Err(CallError::BreakerOpen(_))),
+        "{refused:?}"
+    );
+    assert!(client.stats().breaker_refused >= 1);
+
+    // `bad` recovers: after the wait, one probe goes through, succeeds, and closes it.
+    failing.store(false, Ordering::SeqCst);
+    let who: String = within("a probe let through", async {
+        loop {
+            match client.request::<_, String>("flaky.op", &()).await {
+                Err(CallError::BreakerOpen(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(who, "bad");
+    let half = within("half-open", events.recv()).await.unwrap();
+    assert_eq!(
+        (half.from, half.to),
+        (BreakerState::Open, BreakerState::HalfOpen)
+    );
+    let closed = within("closed", events.recv()).await.unwrap();
+    assert_eq!(
+        (closed.from, closed.to),
+        (BreakerState::HalfOpen, BreakerState::Closed)
+    );
+}

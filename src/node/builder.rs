@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::balance::RoundRobin;
+use super::breaker::{BreakerConfig, Breakers};
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
@@ -42,6 +43,7 @@ pub struct NodeBuilder {
     max_in_flight_per_connection: usize,
     max_in_flight_per_source: usize,
     max_in_flight_bytes: usize,
+    breakers: Option<BreakerConfig>,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -65,6 +67,7 @@ impl NodeBuilder {
             max_in_flight_per_connection: 256,
             max_in_flight_per_source: 2048,
             max_in_flight_bytes: 256 << 20,
+            breakers: Some(BreakerConfig::default()),
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -198,6 +201,19 @@ impl NodeBuilder {
         self
     }
 
+    /// How the circuit breaker of each service instance this node calls judges it (see
+    /// [`BreakerConfig`] for the defaults). On by default.
+    pub fn breakers(mut self, config: BreakerConfig) -> Self {
+        self.breakers = Some(config);
+        self
+    }
+
+    /// No circuit breakers: every call goes to an instance, however it has fared.
+    pub fn no_breakers(mut self) -> Self {
+        self.breakers = None;
+        self
+    }
+
     /// Transport options for every socket of the node.
     pub fn socket_options(mut self, opts: SocketOptions) -> Self {
         self.socket = opts;
@@ -282,6 +298,7 @@ impl NodeBuilder {
             drain_timeout: self.drain_timeout,
             balance: Box::new(RoundRobin::default()),
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
+            breakers: Breakers::new(self.breakers.clone()),
             router,
             publisher,
             subscriber,

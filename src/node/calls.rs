@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 
+use super::breaker::Ticket;
 use super::frames;
 use super::CallError;
 use crate::codec::{self, Envelope, ErrorBody, Header, Id, Kind};
@@ -53,6 +54,16 @@ struct Pending {
     timeout: Duration,
     /// Where to say that we gave up on it.
     canceller: Canceller,
+    /// Its instance's breaker's permit: told how the call went (dropped unused when the
+    /// caller gives up or the node stops: the outcome is unknown).
+    ticket: Option<Ticket>,
+}
+
+/// What a call's end involves besides its caller: telling the callee if the caller
+/// gives up, and telling the instance's breaker how the call went.
+pub(super) struct Ending {
+    pub(super) canceller: Canceller,
+    pub(super) ticket: Option<Ticket>,
 }
 
 /// How a caller tells the callee that it gave up on a request: a CANCEL envelope on the
@@ -125,8 +136,9 @@ impl Calls {
         target: Arc<str>,
         timeout: Duration,
         deadline: Instant,
-        canceller: Canceller,
+        ending: Ending,
     ) -> Awaiting {
+        let Ending { canceller, ticket } = ending;
         let (tx, rx) = oneshot::channel();
         let earliest = {
             let mut t = self.table.lock();
@@ -138,6 +150,7 @@ impl Calls {
                     target: target.clone(),
                     timeout,
                     canceller,
+                    ticket,
                 },
             );
             t.by_conn.entry(conn).or_default().insert(id);
@@ -175,7 +188,10 @@ impl Calls {
     pub(super) fn complete(&self, correlation: &Id, reply: Envelope) -> bool {
         let p = self.table.lock().remove(correlation);
         match p {
-            Some(p) => {
+            Some(mut p) => {
+                if let Some(t) = p.ticket.take() {
+                    t.reply(&reply);
+                }
                 let _ = p.tx.send(Ok(reply));
                 true
             }
@@ -201,7 +217,10 @@ impl Calls {
             ids.iter().filter_map(|id| t.by_id.remove(id)).collect()
         };
         let n = failed.len();
-        for p in failed {
+        for mut p in failed {
+            if let Some(t) = p.ticket.take() {
+                t.failed();
+            }
             let _ = p.tx.send(Err(err()));
         }
         n
@@ -241,8 +260,11 @@ impl Calls {
             }
             t.deadlines.peek().map(|Reverse((at, _))| *at)
         };
-        for (id, p) in expired {
+        for (id, mut p) in expired {
             p.canceller.cancel(id);
+            if let Some(t) = p.ticket.take() {
+                t.failed();
+            }
             p.timed_out();
         }
         next
@@ -426,7 +448,10 @@ mod tests {
             "x.a".into(),
             Duration::from_secs(60),
             later,
-            nowhere(),
+            Ending {
+                canceller: nowhere(),
+                ticket: None,
+            },
         );
         let mut call_b = calls.register(
             b,
@@ -434,7 +459,10 @@ mod tests {
             "x.b".into(),
             Duration::from_secs(60),
             later,
-            nowhere(),
+            Ending {
+                canceller: nowhere(),
+                ticket: None,
+            },
         );
         assert_eq!(
             calls.fail_connection(1, || CallError::Disconnected("1".into())),
@@ -470,7 +498,10 @@ mod tests {
             "x.y".into(),
             t,
             far_instant_after(t),
-            nowhere(),
+            Ending {
+                canceller: nowhere(),
+                ticket: None,
+            },
         );
         let got = PendingReply::<()>::new(timed_out).recv().await;
         assert!(matches!(got, Err(CallError::Timeout { .. })), "{got:?}");
@@ -480,7 +511,10 @@ mod tests {
             "x.y".into(),
             t,
             far_instant_after(t),
-            nowhere(),
+            Ending {
+                canceller: nowhere(),
+                ticket: None,
+            },
         );
         assert_eq!(calls.len(), 1);
         drop(forgotten);

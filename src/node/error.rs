@@ -70,4 +70,8 @@ pub enum CallError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     Shutdown,
+    /// Every instance serving the target has its circuit breaker open: the call was
+    /// refused at once, without being sent (see `BreakerConfig`).
+    #[error("circuit breaker open for every instance of {0}")]
+    BreakerOpen(String),
 }

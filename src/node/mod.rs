@@ -80,6 +80,7 @@ use tracing::warn;
 use crate::codec::{self, Id, Version};
 use crate::transport::{Endpoint, PublishReport, Publisher, Router, StatsSnapshot, Subscriber};
 
+pub use breaker::{BreakerConfig, BreakerEvent, BreakerState};
 pub use builder::NodeBuilder;
 pub use calls::PendingReply;
 pub use error::{CallError, NodeError};
@@ -164,6 +165,9 @@ pub struct NodeStats {
     pub overloaded: u64,
     /// Handlers stopped because their caller gave up on the request (a CANCEL came).
     pub cancelled: u64,
+    /// Calls refused because the breaker of the instance chosen (or of every instance)
+    /// was open.
+    pub breaker_refused: u64,
     /// Requests and notifications not run because their deadline passed before a
     /// handler could start (they waited for a slot), or came already passed (`dl: 0`).
     pub expired: u64,
@@ -210,6 +214,8 @@ struct Core {
     calls: Arc<Calls>,
     registry: Arc<Registry>,
     membership: Arc<Membership>,
+    /// One circuit breaker per service instance called.
+    breakers: Arc<breaker::Breakers>,
     pubsub: Arc<PubSub>,
     gathers: Arc<Gathers>,
     responder: Responder,
@@ -346,6 +352,11 @@ impl Node {
     /// (connection refused, say).
     pub fn unreachable(&self) -> Vec<(Endpoint, String)> {
         self.core.membership.unreachable()
+    }
+
+    /// The circuit breakers' state changes (see [`BreakerConfig`]).
+    pub fn breaker_events(&self) -> tokio::sync::broadcast::Receiver<BreakerEvent> {
+        self.core.breakers.events()
     }
 
     /// Peers subscribed now to our events on `topic` (their SUB filter matches it).
@@ -506,6 +517,7 @@ impl Node {
             callers_dropped: c.responder.callers_dropped(),
             overloaded: c.responder.overloaded(),
             cancelled: c.responder.cancelled(),
+            breaker_refused: c.breakers.refused(),
             expired: c.inbound.expired(),
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),

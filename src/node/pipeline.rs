@@ -24,9 +24,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::calls::{far_instant_after, Awaiting, Canceller};
+use super::breaker;
+use super::calls::{far_instant_after, Awaiting, Canceller, Ending};
 use super::gather::Opened;
 use super::membership::Instance;
+use super::membership::NotPicked;
 use super::{frames, CallError, Core};
 use crate::codec::{self, Header, Id, Kind, Version};
 
@@ -160,6 +162,12 @@ impl Core {
                     _ => call.asked.map(|t| t.as_millis() as u64),
                 };
                 let id = h.id;
+                // The chosen instance's breaker lets this call through (and learns how it
+                // went), or refuses it after all (its last probe was just taken).
+                let ticket = self
+                    .breakers
+                    .acquire(breaker::service_of(target), instance.id, Instant::now())
+                    .map_err(|_| CallError::BreakerOpen(target.to_string()))?;
                 let msg = frames::message(&h, payload);
                 // From here `awaiting` owns the entry: whether the send below fails, times
                 // out or is cancelled by the caller dropping this future, its drop
@@ -171,9 +179,12 @@ impl Core {
                         Arc::from(target),
                         timeout,
                         deadline,
-                        Canceller {
-                            dealer: Arc::downgrade(&instance.dealer),
-                            local,
+                        Ending {
+                            canceller: Canceller {
+                                dealer: Arc::downgrade(&instance.dealer),
+                                local,
+                            },
+                            ticket,
                         },
                     )
                 });
@@ -231,15 +242,24 @@ impl Core {
             }
             return Ok(Route::All(expected));
         }
+        let refusing = self
+            .breakers
+            .refusing(breaker::service_of(target), Instant::now());
         self.membership
-            .pick(target, wanted, &*self.balance)
+            .pick(target, wanted, &*self.balance, &refusing)
             .map(Route::One)
-            .map_err(|incompatible| match (incompatible, wanted) {
-                (Some(available), Some(wanted)) => CallError::IncompatibleVersion {
-                    target: target.to_string(),
-                    wanted,
-                    available,
-                },
+            .map_err(|why| match (why, wanted) {
+                (NotPicked::Incompatible(available), Some(wanted)) => {
+                    CallError::IncompatibleVersion {
+                        target: target.to_string(),
+                        wanted,
+                        available,
+                    }
+                }
+                (NotPicked::BreakersOpen, _) => {
+                    self.breakers.note_refused();
+                    CallError::BreakerOpen(target.to_string())
+                }
                 _ => CallError::NoResponder(target.to_string()),
             })
     }

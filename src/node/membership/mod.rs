@@ -48,6 +48,7 @@ use discover::Retired;
 use hello::catalog_within_bounds;
 use limits::Rates;
 pub(super) use links::NamedBy;
+pub(super) use table::NotPicked;
 use table::PeerTable;
 
 /// Most endpoints followed from one HELLO's gossip list.
@@ -374,8 +375,12 @@ impl Membership {
         target: &str,
         wanted: Option<Version>,
         balance: &dyn Balance,
-    ) -> Result<Instance, Option<Version>> {
-        self.state.lock().table.pick(target, wanted, balance)
+        refusing: &[Id],
+    ) -> Result<Instance, NotPicked> {
+        self.state
+            .lock()
+            .table
+            .pick(target, wanted, balance, refusing)
     }
 
     /// Peers answering gathers on `topic` at a version compatible with `wanted` and

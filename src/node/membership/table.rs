@@ -20,6 +20,17 @@ use crate::node::balance::{Balance, Candidate};
 use crate::node::calls::ConnId;
 use crate::transport::{Dealer, Endpoint};
 
+/// Why no instance was picked for a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::node) enum NotPicked {
+    /// No connected peer serves the target.
+    NoneServing,
+    /// Peers serve it, none at a compatible version (one that is offered).
+    Incompatible(Version),
+    /// The connected instances that serve it all have their breaker open.
+    BreakersOpen,
+}
+
 /// Our DEALER to one remote ROUTER endpoint, whether or not its HELLO came back yet.
 #[derive(Clone)]
 pub(super) struct Link {
@@ -330,13 +341,17 @@ impl PeerTable {
         target: &str,
         wanted: Option<Version>,
         balance: &dyn Balance,
-    ) -> Result<Instance, Option<Version>> {
+        refusing: &[Id],
+    ) -> Result<Instance, NotPicked> {
         let mut found: SmallVec<[(Candidate, &Arc<Dealer>); 8]> = SmallVec::new();
         let mut incompatible = None;
+        let mut refused = false;
         for p in self.by_id.values() {
             if let Some(v) = p.info.methods.get(target) {
                 if wanted.is_some_and(|w| !v.serves(w)) {
                     incompatible = Some(*v);
+                } else if p.info.connected && refusing.contains(&p.info.id) {
+                    refused = true;
                 } else if p.info.connected {
                     let c = Candidate {
                         id: p.info.id,
@@ -347,7 +362,11 @@ impl PeerTable {
             }
         }
         if found.is_empty() {
-            return Err(incompatible);
+            return Err(match (refused, incompatible) {
+                (true, _) => NotPicked::BreakersOpen,
+                (false, Some(v)) => NotPicked::Incompatible(v),
+                (false, None) => NotPicked::NoneServing,
+            });
         }
         found.sort_unstable_by_key(|(c, _)| c.id);
         let candidates: SmallVec<[Candidate; 8]> = found.iter().map(|(c, _)| *c).collect();

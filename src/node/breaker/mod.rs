@@ -15,10 +15,15 @@
 //! clock itself (every call is given `now`, so tests run it on a paused clock), and tells
 //! its caller about state changes so the node can report them as events.
 
+mod set;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+pub use set::BreakerEvent;
+pub(in crate::node) use set::{service_of, Breakers, Ticket};
 
 /// How a breaker judges an instance. Defaults: a window of 20 calls, at least 10 before
 /// judging, open at 50 % failures or 100 % slow calls (slower than 2 s), 5 s open, then
@@ -91,13 +96,6 @@ pub(super) struct Permit {
     started: Instant,
 }
 
-impl Permit {
-    /// When the call was let through.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-}
-
 #[derive(Debug)]
 enum State {
     Closed {
@@ -158,7 +156,10 @@ impl Breaker {
     pub fn try_acquire(
         &mut self,
         now: Instant,
-    ) -> (Result<Permit, Refused>, Option<(BreakerState, BreakerState)>) {
+    ) -> (
+        Result<Permit, Refused>,
+        Option<(BreakerState, BreakerState)>,
+    ) {
         let mut change = self.expire_probes(now);
         if let State::Open { until } = self.state {
             if now < until {

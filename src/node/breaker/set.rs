@@ -1,0 +1,216 @@
+//! The node's set of breakers, one per (service, instance), and the [`Ticket`] a call
+//! carries from its breaker's permit to its outcome. Owns the map and the events; the
+//! state machine is the parent module's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::{Breaker, BreakerConfig, BreakerState, Outcome, Permit, Refused};
+use crate::codec::{codes, Envelope, ErrorBody, Id, Kind};
+
+/// A breaker changed state, as [`Node::breaker_events`](crate::node::Node::breaker_events)
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerEvent {
+    /// The service (a target's part before its first dot).
+    pub service: String,
+    /// The instance: the node serving it.
+    pub instance: Id,
+    /// The state it left.
+    pub from: BreakerState,
+    /// The state it entered.
+    pub to: BreakerState,
+}
+
+/// Most breakers kept; past it, closed ones (which hold only history) are dropped.
+const MAX_BREAKERS: usize = 4096;
+
+/// The node's breakers, one per (service, instance), made on first use.
+pub(in crate::node) struct Breakers {
+    /// `None`: breakers are off.
+    config: Option<BreakerConfig>,
+    map: Mutex<HashMap<Arc<str>, HashMap<Id, Breaker>>>,
+    events: broadcast::Sender<BreakerEvent>,
+    refused: AtomicU64,
+}
+
+/// The service a target belongs to: its part before the first dot.
+pub(in crate::node) fn service_of(target: &str) -> &str {
+    target.split('.').next().unwrap_or(target)
+}
+
+impl Breakers {
+    pub fn new(config: Option<BreakerConfig>) -> Arc<Breakers> {
+        Arc::new(Breakers {
+            config,
+            map: Mutex::new(HashMap::new()),
+            events: broadcast::channel(256).0,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<BreakerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Counts a call refused because every instance's breaker was open.
+    pub fn note_refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+    }
+
+    /// Calls refused by an open breaker.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Relaxed)
+    }
+
+    /// The instances of `service` whose breaker would refuse a call now.
+    pub fn refusing(&self, service: &str, now: Instant) -> Vec<Id> {
+        if self.config.is_none() {
+            return Vec::new();
+        }
+        let mut map = self.map.lock();
+        let Some(instances) = map.get_mut(service) else {
+            return Vec::new();
+        };
+        instances
+            .iter_mut()
+            .filter_map(|(id, b)| (!b.would_admit(now)).then_some(*id))
+            .collect()
+    }
+
+    /// A permit for a call to `instance` of `service`, as a ticket that records the
+    /// call's outcome (or gives the permit back if it is dropped unused); `Ok(None)` when
+    /// breakers are off.
+    pub fn acquire(
+        self: &Arc<Self>,
+        service: &str,
+        instance: Id,
+        now: Instant,
+    ) -> Result<Option<Ticket>, Refused> {
+        let Some(config) = &self.config else {
+            return Ok(None);
+        };
+        let (result, change) = {
+            let mut map = self.map.lock();
+            if map.values().map(HashMap::len).sum::<usize>() >= MAX_BREAKERS {
+                for instances in map.values_mut() {
+                    instances.retain(|_, b| b.state() != BreakerState::Closed);
+                }
+                map.retain(|_, i| !i.is_empty());
+            }
+            let b = match map.get_mut(service) {
+                Some(i) => i,
+                None => map.entry(Arc::from(service)).or_default(),
+            }
+            .entry(instance)
+            .or_insert_with(|| Breaker::new(config.clone()));
+            b.try_acquire(now)
+        };
+        self.report(service, instance, change);
+        match result {
+            Ok(permit) => Ok(Some(Ticket {
+                breakers: self.clone(),
+                service: Arc::from(service),
+                instance,
+                permit: Some(permit),
+            })),
+            Err(r) => {
+                self.refused.fetch_add(1, Relaxed);
+                Err(r)
+            }
+        }
+    }
+
+    fn report(&self, service: &str, instance: Id, change: Option<(BreakerState, BreakerState)>) {
+        if let Some((from, to)) = change {
+            tracing::info!(service, %instance, ?from, ?to, "circuit breaker");
+            let _ = self.events.send(BreakerEvent {
+                service: service.to_string(),
+                instance,
+                from,
+                to,
+            });
+        }
+    }
+
+    fn with(
+        &self,
+        service: &str,
+        instance: Id,
+        f: impl FnOnce(&mut Breaker) -> Option<(BreakerState, BreakerState)>,
+    ) {
+        let change = {
+            let mut map = self.map.lock();
+            map.get_mut(service)
+                .and_then(|i| i.get_mut(&instance))
+                .and_then(f)
+        };
+        self.report(service, instance, change);
+    }
+}
+
+/// One call's permit from its instance's breaker. Record its outcome with
+/// [`Ticket::reply`] or [`Ticket::failed`]; dropped without, it gives the permit back
+/// (the caller gave up: the outcome is unknown).
+pub(in crate::node) struct Ticket {
+    breakers: Arc<Breakers>,
+    service: Arc<str>,
+    instance: Id,
+    permit: Option<Permit>,
+}
+
+impl Ticket {
+    /// The call was answered with `reply`: a failure if the instance could not serve it
+    /// (overloaded, shutting down, its handler panicked), a success otherwise (a
+    /// business error is an answer); slow if it took longer than the slow-call duration.
+    pub fn reply(mut self, reply: &Envelope) {
+        let failed = reply.header.kind == Kind::ErrorReply
+            && crate::codec::decode_payload::<ErrorBody>(&reply.payload).is_ok_and(|b| {
+                [
+                    codes::OVERLOADED,
+                    codes::SHUTTING_DOWN,
+                    codes::HANDLER_PANICKED,
+                ]
+                .contains(&b.code.as_str())
+            });
+        self.finish(failed);
+    }
+
+    /// The call failed for want of the instance (no reply by the deadline, or its
+    /// connection lost).
+    pub fn failed(mut self) {
+        self.finish(true);
+    }
+
+    fn finish(&mut self, failed: bool) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(config) = &self.breakers.config else {
+            return;
+        };
+        let slow = now.saturating_duration_since(permit.started) > config.slow_call_duration;
+        let outcome = Outcome { failed, slow };
+        self.breakers.with(&self.service, self.instance, |b| {
+            b.record(permit, outcome, now)
+        });
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.breakers.with(&self.service, self.instance, |b| {
+                b.release(permit);
+                None
+            });
+        }
+    }
+}
