@@ -332,3 +332,46 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
         (BreakerState::HalfOpen, BreakerState::Closed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_outstanding_sends_less_to_a_slow_instance() {
+    use peerwire::node::Balancing;
+    init_tracing();
+    let slow = start_node("slow", &[]).await;
+    slow.handle("work.do", V1, |_: (), _| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok("slow")
+    });
+    let fast = start_node("fast", &[slow.endpoint()]).await;
+    fast.handle("work.do", V1, |_: (), _| async { Ok("fast") });
+    let client = Arc::new(
+        Node::builder("client")
+            .peer(slow.endpoint())
+            .balancing(Balancing::LeastOutstanding)
+            .socket_options(test_opts())
+            .start()
+            .await
+            .unwrap(),
+    );
+    wait_service(&client, "work.do", 2).await;
+    // Four callers, twelve calls each, one at a time: round robin would send half to
+    // the slow instance; least outstanding sends it only what finds it idle.
+    let mut lanes = Vec::new();
+    for _ in 0..4 {
+        let c = client.clone();
+        lanes.push(tokio::spawn(async move {
+            let mut to_slow = 0;
+            for _ in 0..12 {
+                let who: String = c.request("work.do", &()).await.unwrap();
+                to_slow += (who == "slow") as usize;
+            }
+            to_slow
+        }));
+    }
+    let mut to_slow = 0;
+    for l in lanes {
+        to_slow += within("a caller's calls", l).await.unwrap();
+    }
+    eprintln!("{to_slow} of 48 calls went to the slow instance");
+    assert!(to_slow < 16, "{to_slow} of 48 to the slow instance");
+}

@@ -17,6 +17,8 @@ pub(crate) struct Candidate {
     pub(crate) id: Id,
     /// The connection a call to it goes out on.
     pub(crate) conn: ConnId,
+    /// Requests sent to it and not answered yet.
+    pub(crate) outstanding: usize,
 }
 
 /// Chooses one instance among those serving a target: the seam where load-balancing
@@ -40,6 +42,52 @@ impl Balance for RoundRobin {
     }
 }
 
+/// How a node chooses among the instances of a service (see
+/// [`NodeBuilder::balancing`](super::NodeBuilder::balancing)). Instances whose circuit
+/// breaker is open are skipped whatever the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balancing {
+    /// Each call to the next instance, in node id order.
+    #[default]
+    RoundRobin,
+    /// Least outstanding requests, by the power of two choices: two instances drawn at
+    /// random, the one with fewer requests awaiting a reply chosen. A slow instance
+    /// accumulates outstanding requests and so gets fewer new ones, without every call
+    /// scanning every instance or all callers herding onto the same one.
+    LeastOutstanding,
+}
+
+impl Balancing {
+    pub(super) fn policy(self) -> Box<dyn Balance> {
+        match self {
+            Balancing::RoundRobin => Box::new(RoundRobin::default()),
+            Balancing::LeastOutstanding => Box::new(LeastOutstanding),
+        }
+    }
+}
+
+/// See [`Balancing::LeastOutstanding`].
+#[derive(Debug, Default)]
+pub(crate) struct LeastOutstanding;
+
+impl Balance for LeastOutstanding {
+    fn choose(&self, _target: &str, candidates: &[Candidate]) -> usize {
+        let n = candidates.len();
+        if n == 1 {
+            return 0;
+        }
+        let a = fastrand::usize(..n);
+        // A second draw among the others.
+        let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+        if candidates[b].outstanding < candidates[a].outstanding {
+            b
+        } else {
+            a
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +100,7 @@ mod tests {
                 .map(|i| Candidate {
                     id: Id::new(),
                     conn: i as ConnId,
+                    outstanding: 0,
                 })
                 .collect()
         };
@@ -60,5 +109,27 @@ mod tests {
         assert_eq!(picks, [1, 2, 0, 1, 2, 0]);
         // One instance: always it.
         assert_eq!(rr.choose("x.y", &c(1)), 0);
+    }
+
+    #[test]
+    fn least_outstanding_avoids_the_busy_one() {
+        let mk = |outstanding: usize| Candidate {
+            id: Id::new(),
+            conn: 0,
+            outstanding,
+        };
+        // Of two, always the one with fewer outstanding.
+        let two = [mk(5), mk(1)];
+        assert!((0..100).all(|_| LeastOutstanding.choose("x.y", &two) == 1));
+        // Of many, the busiest is never chosen (it loses every pair it is drawn in),
+        // and the others share the load.
+        let many = [mk(0), mk(0), mk(0), mk(50)];
+        let mut counts = [0; 4];
+        for _ in 0..1000 {
+            counts[LeastOutstanding.choose("x.y", &many)] += 1;
+        }
+        assert_eq!(counts[3], 0, "{counts:?}");
+        assert!(counts[..3].iter().all(|&c| c > 100), "{counts:?}");
+        assert_eq!(LeastOutstanding.choose("x.y", &[mk(3)]), 0);
     }
 }

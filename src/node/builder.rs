@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::balance::RoundRobin;
+use super::balance::Balancing;
 use super::breaker::{BreakerConfig, Breakers};
 use super::calls::Calls;
 use super::gather::Gathers;
@@ -44,6 +44,7 @@ pub struct NodeBuilder {
     max_in_flight_per_source: usize,
     max_in_flight_bytes: usize,
     breakers: Option<BreakerConfig>,
+    balancing: Balancing,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -68,6 +69,7 @@ impl NodeBuilder {
             max_in_flight_per_source: 2048,
             max_in_flight_bytes: 256 << 20,
             breakers: Some(BreakerConfig::default()),
+            balancing: Balancing::default(),
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -208,6 +210,12 @@ impl NodeBuilder {
         self
     }
 
+    /// How calls choose among the instances of a service (default round robin).
+    pub fn balancing(mut self, balancing: Balancing) -> Self {
+        self.balancing = balancing;
+        self
+    }
+
     /// No circuit breakers: every call goes to an instance, however it has fared.
     pub fn no_breakers(mut self) -> Self {
         self.breakers = None;
@@ -296,7 +304,7 @@ impl NodeBuilder {
             life: life.clone(),
             default_timeout: self.default_timeout,
             drain_timeout: self.drain_timeout,
-            balance: Box::new(RoundRobin::default()),
+            balance: self.balancing.policy(),
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
             breakers: Breakers::new(self.breakers.clone()),
             router,

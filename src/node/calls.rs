@@ -57,6 +57,7 @@ struct Pending {
     /// Its instance's breaker's permit: told how the call went (dropped unused when the
     /// caller gives up or the node stops: the outcome is unknown).
     ticket: Option<Ticket>,
+    _in_flight: Option<InFlight>,
 }
 
 /// What a call's end involves besides its caller: telling the callee if the caller
@@ -64,6 +65,24 @@ struct Pending {
 pub(super) struct Ending {
     pub(super) canceller: Canceller,
     pub(super) ticket: Option<Ticket>,
+    /// The instance's count of requests awaiting a reply, held until this one ends.
+    pub(super) in_flight: Option<InFlight>,
+}
+
+/// One request counted in its instance's outstanding requests until dropped.
+pub(super) struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub(super) fn new(count: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a caller tells the callee that it gave up on a request: a CANCEL envelope on the
@@ -138,7 +157,11 @@ impl Calls {
         deadline: Instant,
         ending: Ending,
     ) -> Awaiting {
-        let Ending { canceller, ticket } = ending;
+        let Ending {
+            canceller,
+            ticket,
+            in_flight,
+        } = ending;
         let (tx, rx) = oneshot::channel();
         let earliest = {
             let mut t = self.table.lock();
@@ -151,6 +174,7 @@ impl Calls {
                     timeout,
                     canceller,
                     ticket,
+                    _in_flight: in_flight,
                 },
             );
             t.by_conn.entry(conn).or_default().insert(id);
@@ -451,6 +475,7 @@ mod tests {
             Ending {
                 canceller: nowhere(),
                 ticket: None,
+                in_flight: None,
             },
         );
         let mut call_b = calls.register(
@@ -462,6 +487,7 @@ mod tests {
             Ending {
                 canceller: nowhere(),
                 ticket: None,
+                in_flight: None,
             },
         );
         assert_eq!(
@@ -501,6 +527,7 @@ mod tests {
             Ending {
                 canceller: nowhere(),
                 ticket: None,
+                in_flight: None,
             },
         );
         let got = PendingReply::<()>::new(timed_out).recv().await;
@@ -514,6 +541,7 @@ mod tests {
             Ending {
                 canceller: nowhere(),
                 ticket: None,
+                in_flight: None,
             },
         );
         assert_eq!(calls.len(), 1);

@@ -80,6 +80,7 @@ use tracing::warn;
 use crate::codec::{self, Id, Version};
 use crate::transport::{Endpoint, PublishReport, Publisher, Router, StatsSnapshot, Subscriber};
 
+pub use balance::Balancing;
 pub use breaker::{BreakerConfig, BreakerEvent, BreakerState};
 pub use builder::NodeBuilder;
 pub use calls::PendingReply;

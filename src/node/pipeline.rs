@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::breaker;
-use super::calls::{far_instant_after, Awaiting, Canceller, Ending};
+use super::calls::{far_instant_after, Awaiting, Canceller, Ending, InFlight};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::membership::NotPicked;
@@ -185,6 +185,7 @@ impl Core {
                                 local,
                             },
                             ticket,
+                            in_flight: Some(InFlight::new(instance.outstanding.clone())),
                         },
                     )
                 });

@@ -85,6 +85,7 @@ impl Membership {
             stop: self.given.life.cancel.child_token(),
             last_error: Arc::default(),
             acked: Arc::default(),
+            outstanding: Arc::default(),
         };
         st.table.add_link(endpoint.clone(), link.clone());
         drop(st);

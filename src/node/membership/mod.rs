@@ -84,6 +84,8 @@ pub(super) struct Instance {
     pub(super) dealer: Arc<Dealer>,
     /// That DEALER's connection id (its calls fail if it drops).
     pub(super) conn: ConnId,
+    /// Requests to it not yet answered.
+    pub(super) outstanding: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Default)]

@@ -43,6 +43,8 @@ pub(super) struct Link {
     pub(super) last_error: Arc<parking_lot::Mutex<Option<String>>>,
     /// A HELLO-ACK came back on the current connection (cleared when it drops).
     pub(super) acked: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests sent on it and not yet answered (for least-outstanding balancing).
+    pub(super) outstanding: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct Peer {
@@ -343,7 +345,7 @@ impl PeerTable {
         balance: &dyn Balance,
         refusing: &[Id],
     ) -> Result<Instance, NotPicked> {
-        let mut found: SmallVec<[(Candidate, &Arc<Dealer>); 8]> = SmallVec::new();
+        let mut found: SmallVec<[(Candidate, &Link); 8]> = SmallVec::new();
         let mut incompatible = None;
         let mut refused = false;
         for p in self.by_id.values() {
@@ -356,8 +358,9 @@ impl PeerTable {
                     let c = Candidate {
                         id: p.info.id,
                         conn: p.link.conn,
+                        outstanding: p.link.outstanding.load(Relaxed),
                     };
-                    found.push((c, &p.link.dealer));
+                    found.push((c, &p.link));
                 }
             }
         }
@@ -370,10 +373,11 @@ impl PeerTable {
         }
         found.sort_unstable_by_key(|(c, _)| c.id);
         let candidates: SmallVec<[Candidate; 8]> = found.iter().map(|(c, _)| *c).collect();
-        let (chosen, dealer) = found[balance.choose(target, &candidates).min(found.len() - 1)];
+        let (chosen, link) = found[balance.choose(target, &candidates).min(found.len() - 1)];
         Ok(Instance {
             id: chosen.id,
-            dealer: dealer.clone(),
+            dealer: link.dealer.clone(),
+            outstanding: link.outstanding.clone(),
             conn: chosen.conn,
         })
     }
