@@ -375,3 +375,56 @@ async fn least_outstanding_sends_less_to_a_slow_instance() {
     eprintln!("{to_slow} of 48 calls went to the slow instance");
     assert!(to_slow < 16, "{to_slow} of 48 to the slow instance");
 }
+
+#[tokio::test]
+async fn a_full_bulkhead_queues_then_fails_fast() {
+    use peerwire::node::BulkheadConfig;
+    init_tracing();
+    let server = start_node("server", &[]).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    server.handle("slow.op", V1, move |_: (), _| {
+        let g = g.clone();
+        async move {
+            let _ = g.acquire().await.map(|p| p.forget());
+            Ok(())
+        }
+    });
+    server.handle("other.op", V1, |_: (), _| async { Ok(()) });
+    // Two in flight to `slow`, one more may wait; other services are not bounded.
+    let client = Arc::new(
+        Node::builder("client")
+            .peer(server.endpoint())
+            .bulkhead_for("slow", BulkheadConfig::new(2, 1))
+            .socket_options(test_opts())
+            .start()
+            .await
+            .unwrap(),
+    );
+    wait_service(&client, "slow.op", 1).await;
+    let long = CallOptions::timeout(Duration::from_secs(10));
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let (c, o) = (client.clone(), long.clone());
+        calls.push(tokio::spawn(async move {
+            c.request_with::<_, ()>("slow.op", &(), o).await
+        }));
+    }
+    // Two run, one waits, and the last finds the queue full: refused at once.
+    wait_until("one refused", || client.stats().bulkhead_rejected == 1).await;
+    // Another service is not held up by it.
+    client.request::<_, ()>("other.op", &()).await.unwrap();
+    gate.add_permits(3);
+    let mut full = 0;
+    for c in calls {
+        match within("a call's end", c).await.unwrap() {
+            Ok(()) => {}
+            Err(CallError::BulkheadFull(s)) => {
+                assert_eq!(s, "slow");
+                full += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(full, 1, "exactly one refused");
+}

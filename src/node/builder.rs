@@ -2,6 +2,7 @@
 //! parts, wires them together and starts their loops. It owns no state once the node
 //! runs.
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -11,6 +12,7 @@ use bytes::Bytes;
 
 use super::balance::Balancing;
 use super::breaker::{BreakerConfig, Breakers};
+use super::bulkhead::{BulkheadConfig, Bulkheads};
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
@@ -45,6 +47,8 @@ pub struct NodeBuilder {
     max_in_flight_bytes: usize,
     breakers: Option<BreakerConfig>,
     balancing: Balancing,
+    bulkhead: Option<BulkheadConfig>,
+    bulkheads: HashMap<String, BulkheadConfig>,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -70,6 +74,8 @@ impl NodeBuilder {
             max_in_flight_bytes: 256 << 20,
             breakers: Some(BreakerConfig::default()),
             balancing: Balancing::default(),
+            bulkhead: None,
+            bulkheads: HashMap::new(),
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -210,6 +216,19 @@ impl NodeBuilder {
         self
     }
 
+    /// A bulkhead for every service this node calls that has none of its own (default:
+    /// none, no bound).
+    pub fn bulkhead(mut self, config: BulkheadConfig) -> Self {
+        self.bulkhead = Some(config);
+        self
+    }
+
+    /// A bulkhead for `service` (a target's part before its first dot).
+    pub fn bulkhead_for(mut self, service: impl Into<String>, config: BulkheadConfig) -> Self {
+        self.bulkheads.insert(service.into(), config);
+        self
+    }
+
     /// How calls choose among the instances of a service (default round robin).
     pub fn balancing(mut self, balancing: Balancing) -> Self {
         self.balancing = balancing;
@@ -307,6 +326,7 @@ impl NodeBuilder {
             balance: self.balancing.policy(),
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
             breakers: Breakers::new(self.breakers.clone()),
+            bulkheads: Bulkheads::new(self.bulkhead, self.bulkheads.clone()),
             router,
             publisher,
             subscriber,

@@ -58,6 +58,7 @@ struct Pending {
     /// caller gives up or the node stops: the outcome is unknown).
     ticket: Option<Ticket>,
     _in_flight: Option<InFlight>,
+    _bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What a call's end involves besides its caller: telling the callee if the caller
@@ -67,6 +68,8 @@ pub(super) struct Ending {
     pub(super) ticket: Option<Ticket>,
     /// The instance's count of requests awaiting a reply, held until this one ends.
     pub(super) in_flight: Option<InFlight>,
+    /// The request's place in its service's bulkhead, held until it ends.
+    pub(super) bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// One request counted in its instance's outstanding requests until dropped.
@@ -161,6 +164,7 @@ impl Calls {
             canceller,
             ticket,
             in_flight,
+            bulkhead,
         } = ending;
         let (tx, rx) = oneshot::channel();
         let earliest = {
@@ -175,6 +179,7 @@ impl Calls {
                     canceller,
                     ticket,
                     _in_flight: in_flight,
+                    _bulkhead: bulkhead,
                 },
             );
             t.by_conn.entry(conn).or_default().insert(id);
@@ -476,6 +481,7 @@ mod tests {
                 canceller: nowhere(),
                 ticket: None,
                 in_flight: None,
+                bulkhead: None,
             },
         );
         let mut call_b = calls.register(
@@ -488,6 +494,7 @@ mod tests {
                 canceller: nowhere(),
                 ticket: None,
                 in_flight: None,
+                bulkhead: None,
             },
         );
         assert_eq!(
@@ -528,6 +535,7 @@ mod tests {
                 canceller: nowhere(),
                 ticket: None,
                 in_flight: None,
+                bulkhead: None,
             },
         );
         let got = PendingReply::<()>::new(timed_out).recv().await;
@@ -542,6 +550,7 @@ mod tests {
                 canceller: nowhere(),
                 ticket: None,
                 in_flight: None,
+                bulkhead: None,
             },
         );
         assert_eq!(calls.len(), 1);

@@ -74,4 +74,8 @@ pub enum CallError {
     /// refused at once, without being sent (see `BreakerConfig`).
     #[error("circuit breaker open for every instance of {0}")]
     BreakerOpen(String),
+    /// The service's bulkhead is full: as many requests to it are in flight as allowed
+    /// and its waiting queue is full (or the call's deadline passed while it waited).
+    #[error("bulkhead full for {0}: too many requests to it in flight")]
+    BulkheadFull(String),
 }

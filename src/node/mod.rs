@@ -56,6 +56,7 @@
 mod balance;
 mod breaker;
 mod builder;
+mod bulkhead;
 mod calls;
 mod error;
 mod frames;
@@ -83,6 +84,7 @@ use crate::transport::{Endpoint, PublishReport, Publisher, Router, StatsSnapshot
 pub use balance::Balancing;
 pub use breaker::{BreakerConfig, BreakerEvent, BreakerState};
 pub use builder::NodeBuilder;
+pub use bulkhead::BulkheadConfig;
 pub use calls::PendingReply;
 pub use error::{CallError, NodeError};
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
@@ -169,6 +171,8 @@ pub struct NodeStats {
     /// Calls refused because the breaker of the instance chosen (or of every instance)
     /// was open.
     pub breaker_refused: u64,
+    /// Requests refused because their service's bulkhead was full.
+    pub bulkhead_rejected: u64,
     /// Requests and notifications not run because their deadline passed before a
     /// handler could start (they waited for a slot), or came already passed (`dl: 0`).
     pub expired: u64,
@@ -217,6 +221,8 @@ struct Core {
     membership: Arc<Membership>,
     /// One circuit breaker per service instance called.
     breakers: Arc<breaker::Breakers>,
+    /// A bound on the requests in flight per service.
+    bulkheads: bulkhead::Bulkheads,
     pubsub: Arc<PubSub>,
     gathers: Arc<Gathers>,
     responder: Responder,
@@ -519,6 +525,7 @@ impl Node {
             overloaded: c.responder.overloaded(),
             cancelled: c.responder.cancelled(),
             breaker_refused: c.breakers.refused(),
+            bulkhead_rejected: c.bulkheads.rejected(),
             expired: c.inbound.expired(),
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),

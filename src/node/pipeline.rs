@@ -86,6 +86,7 @@ struct Admitted<'a> {
     asked: Option<Duration>,
     version: Option<Version>,
     headers: BTreeMap<String, String>,
+    bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Core {
@@ -119,6 +120,12 @@ impl Core {
         // A request's deadline runs from here; encoding counts against it.
         let deadline = far_instant_after(timeout);
         let payload = codec::encode_payload(call.req)?;
+        // A request takes a place in its service's bulkhead first (waiting counts
+        // against its deadline), kept until it ends.
+        let bulkhead = match call.style {
+            Style::Request => self.bulkheads.admit(call.target, deadline).await?,
+            _ => None,
+        };
         // The rest is not generic: one copy of it, whatever the request type.
         self.send(Admitted {
             style: call.style,
@@ -129,6 +136,7 @@ impl Core {
             asked: call.timeout,
             version: call.version,
             headers: call.headers,
+            bulkhead,
         })
         .await
     }
@@ -139,6 +147,7 @@ impl Core {
             timeout,
             deadline,
             payload,
+            bulkhead,
             ..
         } = call;
         // Choose.
@@ -186,6 +195,7 @@ impl Core {
                             },
                             ticket,
                             in_flight: Some(InFlight::new(instance.outstanding.clone())),
+                            bulkhead,
                         },
                     )
                 });
