@@ -428,3 +428,75 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     }
     assert_eq!(full, 1, "exactly one refused");
 }
+
+#[tokio::test]
+async fn idempotent_calls_are_retried_on_another_instance_with_the_same_id() {
+    use peerwire::codec::codes;
+    use peerwire::HandlerError;
+    init_tracing();
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let bad = start_node("bad", &[]).await;
+    let t = tx.clone();
+    bad.handle("stock.read", V1, move |_: (), ctx| {
+        let _ = t.send(("bad", ctx.message_id));
+        async { Err::<String, _>(HandlerError::new(codes::OVERLOADED, "busy")) }
+    });
+    let good = start_node("good", &[bad.endpoint()]).await;
+    let t = tx.clone();
+    good.handle("stock.read", V1, move |_: (), ctx| {
+        let _ = t.send(("good", ctx.message_id));
+        async { Ok("good".to_string()) }
+    });
+    let client = Node::builder("client")
+        .peer(bad.endpoint())
+        .no_breakers()
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    wait_service(&client, "stock.read", 2).await;
+
+    // Without retries, the calls that reach `bad` fail.
+    let mut failed = 0;
+    for _ in 0..4 {
+        failed += client
+            .request::<_, String>("stock.read", &())
+            .await
+            .is_err() as usize;
+    }
+    assert_eq!(failed, 2, "round robin: every other call to `bad`");
+    while seen.try_recv().is_ok() {}
+
+    // Marked idempotent with retries, every call succeeds; a call that reached `bad`
+    // was sent again to `good` under the same message id.
+    let opts = CallOptions::timeout(Duration::from_secs(5)).with_retries(2);
+    for _ in 0..4 {
+        let got: String = client
+            .request_with("stock.read", &(), opts.clone())
+            .await
+            .unwrap();
+        assert_eq!(got, "good");
+    }
+    let mut by_id: std::collections::HashMap<_, Vec<&str>> = Default::default();
+    while let Ok((who, id)) = seen.try_recv() {
+        by_id.entry(id).or_default().push(who);
+    }
+    assert_eq!(
+        by_id.len(),
+        4,
+        "four messages, however many attempts: {by_id:?}"
+    );
+    assert!(by_id.values().any(|w| w == &["bad", "good"]), "{by_id:?}");
+
+    // Not idempotent: not retried, whatever `retries` says.
+    let mut once = CallOptions::timeout(Duration::from_secs(5)).with_retries(2);
+    once.idempotent = false;
+    let mut failed = 0;
+    for _ in 0..4 {
+        failed += client
+            .request_with::<_, String>("stock.read", &(), once.clone())
+            .await
+            .is_err() as usize;
+    }
+    assert_eq!(failed, 2);
+}

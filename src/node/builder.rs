@@ -327,6 +327,7 @@ impl NodeBuilder {
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
             breakers: Breakers::new(self.breakers.clone()),
             bulkheads: Bulkheads::new(self.bulkhead, self.bulkheads.clone()),
+            retry_budget: Default::default(),
             router,
             publisher,
             subscriber,

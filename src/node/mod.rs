@@ -63,10 +63,12 @@ mod frames;
 mod gather;
 mod inbound;
 mod membership;
+mod options;
 mod pipeline;
 mod pubsub;
 mod registry;
 mod respond;
+mod retry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -89,6 +91,7 @@ pub use calls::PendingReply;
 pub use error::{CallError, NodeError};
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
+pub use options::CallOptions;
 pub use pubsub::{Event, Publishing, Subscription};
 pub use registry::{Context, HandlerError};
 
@@ -101,46 +104,6 @@ use pipeline::{Call, Started, Style};
 use pubsub::PubSub;
 use registry::{erase, Registry, Table};
 use respond::Responder;
-
-/// Per-call options.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct CallOptions {
-    /// Deadline for the reply; the node's default when `None`.
-    pub timeout: Option<Duration>,
-    /// Method version the caller was written against; any version when `None`.
-    pub version: Option<Version>,
-    /// String headers to carry (trace context).
-    pub headers: std::collections::BTreeMap<String, String>,
-}
-
-impl CallOptions {
-    /// Options with this timeout.
-    pub fn timeout(t: Duration) -> Self {
-        CallOptions {
-            timeout: Some(t),
-            ..Default::default()
-        }
-    }
-
-    /// Sets the version asked for.
-    pub fn with_version(mut self, v: Version) -> Self {
-        self.version = Some(v);
-        self
-    }
-
-    /// Sets the deadline for the reply.
-    pub fn with_timeout(mut self, t: Duration) -> Self {
-        self.timeout = Some(t);
-        self
-    }
-
-    /// Adds a string header (trace context and the like).
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
-        self
-    }
-}
 
 /// A copy of the node's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -223,6 +186,8 @@ struct Core {
     breakers: Arc<breaker::Breakers>,
     /// A bound on the requests in flight per service.
     bulkheads: bulkhead::Bulkheads,
+    /// What retries may still be made.
+    retry_budget: retry::RetryBudget,
     pubsub: Arc<PubSub>,
     gathers: Arc<Gathers>,
     responder: Responder,
@@ -392,6 +357,9 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        if opts.idempotent && opts.retries > 0 {
+            return retry::request(&self.core, target, req, opts).await;
+        }
         self.request_async_with(target, req, opts)
             .await?
             .recv()
@@ -430,7 +398,7 @@ impl Node {
             .call(call(Style::Request, target, req, opts))
             .await?
         {
-            Started::Reply(awaiting) => Ok(PendingReply::new(awaiting)),
+            Started::Reply(awaiting, _) => Ok(PendingReply::new(awaiting)),
             _ => unreachable!("a request awaits a reply"),
         }
     }
@@ -563,6 +531,8 @@ fn call<'a, T: ?Sized>(
         timeout: opts.timeout,
         version: opts.version,
         headers: opts.headers,
+        id: None,
+        avoid: Vec::new(),
     }
 }
 

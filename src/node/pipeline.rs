@@ -56,12 +56,16 @@ pub(super) struct Call<'a, T: ?Sized> {
     pub(super) timeout: Option<Duration>,
     pub(super) version: Option<Version>,
     pub(super) headers: BTreeMap<String, String>,
+    /// The message id to use (a retry keeps its first attempt's); a new one if `None`.
+    pub(super) id: Option<Id>,
+    /// Instances to avoid if another serves the target (those a retry already tried).
+    pub(super) avoid: Vec<Id>,
 }
 
 /// What a started call left for its handle to await.
 pub(super) enum Started {
-    /// A request in flight.
-    Reply(Awaiting),
+    /// A request in flight, and the instance it went to.
+    Reply(Awaiting, Id),
     /// A notification queued.
     Sent,
     /// A gather published.
@@ -87,6 +91,8 @@ struct Admitted<'a> {
     version: Option<Version>,
     headers: BTreeMap<String, String>,
     bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
+    id: Option<Id>,
+    avoid: Vec<Id>,
 }
 
 impl Core {
@@ -137,6 +143,8 @@ impl Core {
             version: call.version,
             headers: call.headers,
             bulkhead,
+            id: call.id,
+            avoid: call.avoid,
         })
         .await
     }
@@ -151,7 +159,7 @@ impl Core {
             ..
         } = call;
         // Choose.
-        let route = self.choose(call.style, call.target, call.version)?;
+        let route = self.choose(call.style, call.target, call.version, &call.avoid)?;
         // Send.
         let local = self.membership.local().id;
         let target = call.target;
@@ -162,6 +170,9 @@ impl Core {
                     _ => Kind::Notification,
                 };
                 let mut h = Header::new(kind, local, target);
+                if let Some(id) = call.id {
+                    h.id = id;
+                }
                 h.method_version = call.version;
                 h.headers = call.headers;
                 // A request always carries its deadline; a notification only one the
@@ -219,7 +230,7 @@ impl Core {
                 match awaiting {
                     Some(a) => {
                         debug!(target = ?target, peer = %instance.id, %id, "request sent");
-                        Ok(Started::Reply(a))
+                        Ok(Started::Reply(a, instance.id))
                     }
                     None => Ok(Started::Sent),
                 }
@@ -242,6 +253,7 @@ impl Core {
         style: Style,
         target: &str,
         wanted: Option<Version>,
+        avoid: &[Id],
     ) -> Result<Route, CallError> {
         if style == Style::Gather {
             let listening: HashSet<Id> = self.pubsub.subscribers_of(target).into_iter().collect();
@@ -256,8 +268,15 @@ impl Core {
         let refusing = self
             .breakers
             .refusing(breaker::service_of(target), Instant::now());
+        let mut skip = refusing.clone();
+        skip.extend_from_slice(avoid);
+        // Instances to avoid are avoided only while another is there.
         self.membership
-            .pick(target, wanted, &*self.balance, &refusing)
+            .pick(target, wanted, &*self.balance, &skip)
+            .or_else(|_| {
+                self.membership
+                    .pick(target, wanted, &*self.balance, &refusing)
+            })
             .map(Route::One)
             .map_err(|why| match (why, wanted) {
                 (NotPicked::Incompatible(available), Some(wanted)) => {
