@@ -30,8 +30,8 @@ pub mod transport;
 pub use codec::{Id, Version};
 pub use discovery::{DnsSeed, Interfaces, MdnsConfig};
 pub use node::{
-    CallError, CallOptions, Context, Event, Gather, GatherEnd, GatherOptions, GatherOutcome,
-    GatherReply, HandlerError, Node, NodeBuilder, NodeError, NodeStats, PeerInfo, PendingReply,
-    Presence, PresenceEvent, Publishing, Subscription,
+    Answer, CallError, CallOptions, Context, Event, Gather, GatherEnd, GatherOptions,
+    GatherOutcome, GatherReply, HandlerError, Node, NodeBuilder, NodeError, NodeStats, PeerInfo,
+    PendingReply, Presence, PresenceEvent, Publishing, Subscription,
 };
 pub use transport::{Endpoint, SocketOptions};

@@ -500,3 +500,57 @@ async fn idempotent_calls_are_retried_on_another_instance_with_the_same_id() {
     }
     assert_eq!(failed, 2);
 }
+
+#[tokio::test]
+async fn fallbacks_answer_when_no_instance_can_and_say_so() {
+    init_tracing();
+    let server = start_node("server", &[]).await;
+    server.handle("price.quote", V1, |_: (), _| async {
+        std::future::pending::<()>().await;
+        Ok(0u32)
+    });
+    server.handle("price.fail", V1, |_: (), _| async {
+        Err::<u32, _>(peerwire::HandlerError::new("no_price", "unknown item"))
+    });
+    let client = start_node("client", &[server.endpoint()]).await;
+    wait_service(&client, "price.quote", 1).await;
+    let quick = CallOptions::timeout(Duration::from_millis(100));
+
+    // Per call: a timeout is answered by the fallback, which says why.
+    let a = client
+        .request_or("price.quote", &(), quick.clone(), |_| 42u32)
+        .await
+        .unwrap();
+    assert_eq!(a.value, 42);
+    assert!(
+        matches!(a.fallback, Some(CallError::Timeout { .. })),
+        "{a:?}"
+    );
+    // Nobody serves it: the same.
+    let a = client
+        .request_or("nobody.home", &(), quick.clone(), |_| 7u32)
+        .await
+        .unwrap();
+    assert!(matches!(a.fallback, Some(CallError::NoResponder(_))));
+    // The service's own answer, an error, is not replaced.
+    let e = client
+        .request_or("price.fail", &(), quick.clone(), |_| 1u32)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Remote { .. }), "{e:?}");
+
+    // Per service: registered once, used for any of its targets.
+    client.fallback("price", |target, _| format!("cached {target}"));
+    let a: peerwire::Answer<String> = client
+        .request_answer("price.quote", &(), quick.clone())
+        .await
+        .unwrap();
+    assert_eq!(a.value, "cached price.quote");
+    assert!(a.is_fallback());
+    // A service without one: the failure as it is.
+    let e = client
+        .request_answer::<_, u32>("nobody.home", &(), quick)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::NoResponder(_)));
+}

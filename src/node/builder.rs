@@ -328,6 +328,7 @@ impl NodeBuilder {
             breakers: Breakers::new(self.breakers.clone()),
             bulkheads: Bulkheads::new(self.bulkhead, self.bulkheads.clone()),
             retry_budget: Default::default(),
+            fallbacks: Default::default(),
             router,
             publisher,
             subscriber,

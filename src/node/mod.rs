@@ -59,6 +59,7 @@ mod builder;
 mod bulkhead;
 mod calls;
 mod error;
+mod fallback;
 mod frames;
 mod gather;
 mod inbound;
@@ -89,6 +90,7 @@ pub use builder::NodeBuilder;
 pub use bulkhead::BulkheadConfig;
 pub use calls::PendingReply;
 pub use error::{CallError, NodeError};
+pub use fallback::Answer;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use options::CallOptions;
@@ -188,6 +190,8 @@ struct Core {
     bulkheads: bulkhead::Bulkheads,
     /// What retries may still be made.
     retry_budget: retry::RetryBudget,
+    /// Per-service fallbacks.
+    fallbacks: fallback::Fallbacks,
     pubsub: Arc<PubSub>,
     gathers: Arc<Gathers>,
     responder: Responder,
