@@ -220,23 +220,28 @@ fn one_seed_is_enough_for_gather_and_peers() {
     let a = NodeProc::start("seed-a", &[]);
     let b = NodeProc::start("member-b", &["--peer", &a.endpoint]);
     let c = NodeProc::start("member-c", &["--peer", &b.endpoint]);
-    let peers = ok_stdout(&peerwire(&[
-        "peers",
-        "--json",
-        "--peer",
-        &a.endpoint,
-        "--wait",
-        "5000",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
-    let names: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
-    for n in ["seed-a", "member-b", "member-c"] {
-        assert!(names.contains(&n), "{n} missing: {names:?}");
+    // The members join in the background: ask until the seed knows them (bounded).
+    // Each `peers` names everyone it learns by gossip, not only the seed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let peers = ok_stdout(&peerwire(&["peers", "--json", "--peer", &a.endpoint]));
+        let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+        let names: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["name"].as_str().map(String::from))
+            .collect();
+        if ["seed-a", "member-b", "member-c"]
+            .iter()
+            .all(|n| names.iter().any(|m| m == n))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster never showed whole: {names:?}"
+        );
     }
     for _ in 0..3 {
         let g = peerwire(&[
