@@ -72,6 +72,21 @@ async fn slow_subscriber(addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// Writes `batch` over and over until `until`, connecting again whenever the node
+/// closes the connection on us.
+async fn flood(addr: SocketAddr, batch: &[u8], until: Instant) {
+    while Instant::now() < until {
+        let Ok(mut s) = raw(addr, 1).await else {
+            continue;
+        };
+        while Instant::now() < until {
+            if s.write_all(batch).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
 fn frames(parts: &[&[u8]]) -> BytesMut {
     let mut out = BytesMut::new();
     for (i, f) in parts.iter().enumerate() {
@@ -177,16 +192,7 @@ async fn attack(name: &str, target: &Target, until: Instant) -> Result<()> {
             for _ in 0..1000 {
                 batch.put_slice(&junk);
             }
-            while Instant::now() < until {
-                let Ok(mut s) = raw(addr, 1).await else {
-                    continue;
-                };
-                while Instant::now() < until {
-                    if s.write_all(&batch).await.is_err() {
-                        break;
-                    }
-                }
-            }
+            flood(addr, &batch, until).await;
         }
         "slow-subscribers" => {
             // Held for the whole attack; the node drops them when its queues are full.
@@ -229,16 +235,7 @@ async fn attack(name: &str, target: &Target, until: Instant) -> Result<()> {
                     Bytes::from_static(b"\xc0"),
                 ));
             }
-            while Instant::now() < until {
-                let Ok(mut s) = raw(addr, 1).await else {
-                    continue;
-                };
-                while Instant::now() < until {
-                    if s.write_all(&batch).await.is_err() {
-                        break;
-                    }
-                }
-            }
+            flood(addr, &batch, until).await;
         }
         other => bail!("unknown attack {other:?}"),
     }

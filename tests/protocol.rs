@@ -39,10 +39,22 @@ fn text(s: &str) -> Vec<u8> {
     out
 }
 
+/// The next envelope the node sends back on `raw`.
+async fn next_reply(raw: &Dealer) -> codec::Envelope {
+    let reply = within("a reply", raw.recv()).await.unwrap();
+    codec::Envelope::from_frames(reply.frames()).unwrap()
+}
+
+/// Checks that the next reply is `bad_request` to `id`, its message naming `what`.
+async fn expect_bad_request(raw: &Dealer, id: Id, what: &str) {
+    let body = error_reply(raw, id).await;
+    assert_eq!(body.code, codes::BAD_REQUEST);
+    assert!(body.message.contains(what), "{}", body.message);
+}
+
 /// The error reply to the request with `id`: its code and message.
 async fn error_reply(raw: &Dealer, id: Id) -> ErrorBody {
-    let reply = within("an error reply", raw.recv()).await.unwrap();
-    let env = codec::Envelope::from_frames(reply.frames()).unwrap();
+    let env = next_reply(raw).await;
     assert_eq!(env.header.kind, Kind::ErrorReply);
     assert_eq!(
         env.header.correlation_id, id,
@@ -86,33 +98,20 @@ async fn payloads_are_decoded_strictly_and_only_as_msgpack() {
     let mut f = request_fields(id);
     f.push(("ct", text("application/json")));
     send(&raw, header(&f), br#"{"j":1}"#).await;
-    let body = error_reply(&raw, id).await;
-    assert_eq!(body.code, codes::BAD_REQUEST);
-    assert!(
-        body.message.contains("application/json"),
-        "{}",
-        body.message
-    );
+    expect_bad_request(&raw, id, "application/json").await;
 
     // Text sent with no content type: `p` (0x70) is a whole MessagePack value, the
     // integer 112. The bytes after that first value are an error now, never dropped.
     let id = Id::new();
     send(&raw, header(&request_fields(id)), b"plain text").await;
-    let body = error_reply(&raw, id).await;
-    assert_eq!(body.code, codes::BAD_REQUEST);
-    assert!(
-        body.message.contains("after the MessagePack value"),
-        "{}",
-        body.message
-    );
+    expect_bad_request(&raw, id, "after the MessagePack value").await;
 
     // MessagePack said to be MessagePack: served.
     let id = Id::new();
     let mut f = request_fields(id);
     f.push(("ct", text("application/msgpack")));
     send(&raw, header(&f), &codec::encode_payload(&5u8).unwrap()).await;
-    let reply = within("reply", raw.recv()).await.unwrap();
-    let env = codec::Envelope::from_frames(reply.frames()).unwrap();
+    let env = next_reply(&raw).await;
     assert_eq!(
         (env.header.kind, env.header.correlation_id),
         (Kind::Reply, id)
@@ -139,9 +138,7 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
     let mut f = request_fields(id);
     f.push(("src", bin(&[1, 2, 3, 4, 5, 6, 7, 8])));
     send(&raw, header(&f), &payload).await;
-    let body = error_reply(&raw, id).await;
-    assert_eq!(body.code, codes::BAD_REQUEST);
-    assert!(body.message.contains("16 bytes"), "{}", body.message);
+    expect_bad_request(&raw, id, "16 bytes").await;
 
     // A required field missing: answered too.
     let id = Id::new();
@@ -150,8 +147,7 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
         .filter(|(k, _)| *k != "k")
         .collect();
     send(&raw, header(&f), &payload).await;
-    let body = error_reply(&raw, id).await;
-    assert!(body.message.contains("`k`"), "{}", body.message);
+    expect_bad_request(&raw, id, "`k`").await;
 
     // A kind of the wrong type after a good id: answered (the id was read).
     let id = Id::new();
@@ -181,10 +177,7 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
     send(&raw, header(&f), &payload).await;
     let good = Id::new();
     send(&raw, header(&request_fields(good)), &payload).await;
-    let reply = within("the good request's reply", raw.recv())
-        .await
-        .unwrap();
-    let env = codec::Envelope::from_frames(reply.frames()).unwrap();
+    let env = next_reply(&raw).await;
     assert_eq!(
         (env.header.kind, env.header.correlation_id),
         (Kind::Reply, good)
@@ -197,8 +190,7 @@ async fn malformed_headers_are_answered_when_their_id_can_be_read() {
     send(&raw, codec::encode_header(&h), b"hi").await;
     let good = Id::new();
     send(&raw, header(&request_fields(good)), &payload).await;
-    let reply = within("the next reply", raw.recv()).await.unwrap();
-    let env = codec::Envelope::from_frames(reply.frames()).unwrap();
+    let env = next_reply(&raw).await;
     assert_eq!(env.header.correlation_id, good);
 }
 

@@ -447,11 +447,17 @@ impl std::hash::Hasher for IdHasher {
 mod tests {
     use super::*;
 
-    /// A canceller with no DEALER behind it (these tests have no peer).
-    fn nowhere() -> Canceller {
-        Canceller {
-            dealer: Weak::new(),
-            local: Id::NIL,
+    /// A call's end with nothing but its caller: no DEALER to cancel on (these tests
+    /// have no peer), no breaker, no bulkhead.
+    fn nothing_else() -> Ending {
+        Ending {
+            canceller: Canceller {
+                dealer: Weak::new(),
+                local: Id::NIL,
+            },
+            ticket: None,
+            in_flight: None,
+            bulkhead: None,
         }
     }
     use crate::codec::{Header, Kind};
@@ -477,12 +483,7 @@ mod tests {
             "x.a".into(),
             Duration::from_secs(60),
             later,
-            Ending {
-                canceller: nowhere(),
-                ticket: None,
-                in_flight: None,
-                bulkhead: None,
-            },
+            nothing_else(),
         );
         let mut call_b = calls.register(
             b,
@@ -490,12 +491,7 @@ mod tests {
             "x.b".into(),
             Duration::from_secs(60),
             later,
-            Ending {
-                canceller: nowhere(),
-                ticket: None,
-                in_flight: None,
-                bulkhead: None,
-            },
+            nothing_else(),
         );
         assert_eq!(
             calls.fail_connection(1, || CallError::Disconnected("1".into())),
@@ -531,12 +527,7 @@ mod tests {
             "x.y".into(),
             t,
             far_instant_after(t),
-            Ending {
-                canceller: nowhere(),
-                ticket: None,
-                in_flight: None,
-                bulkhead: None,
-            },
+            nothing_else(),
         );
         let got = PendingReply::<()>::new(timed_out).recv().await;
         assert!(matches!(got, Err(CallError::Timeout { .. })), "{got:?}");
@@ -546,12 +537,7 @@ mod tests {
             "x.y".into(),
             t,
             far_instant_after(t),
-            Ending {
-                canceller: nowhere(),
-                ticket: None,
-                in_flight: None,
-                bulkhead: None,
-            },
+            nothing_else(),
         );
         assert_eq!(calls.len(), 1);
         drop(forgotten);

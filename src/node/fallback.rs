@@ -86,28 +86,18 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        match self.request_with(target, req, opts).await {
-            Ok(value) => Ok(Answer {
-                value,
-                fallback: None,
-            }),
-            Err(e) if falls_back(&e) => {
-                let f = self
-                    .core
-                    .fallbacks
-                    .by_service
-                    .read()
-                    .get(service_of(target))
-                    .cloned();
-                let Some(f) = f else { return Err(e) };
-                let value = codec::decode_payload(&f(target, &e)?)?;
-                Ok(Answer {
-                    value,
-                    fallback: Some(e),
-                })
-            }
-            Err(e) => Err(e),
-        }
+        let f = self
+            .core
+            .fallbacks
+            .by_service
+            .read()
+            .get(service_of(target))
+            .cloned();
+        self.request_falling_back(target, req, opts, |e| match f {
+            Some(f) => Ok(codec::decode_payload(&f(target, e)?)?),
+            None => Err(e.clone()),
+        })
+        .await
     }
 
     /// A request whose failure to reach a working instance (timeout, open breakers, full
@@ -124,13 +114,30 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        self.request_falling_back(target, req, opts, |e| Ok(fallback(e)))
+            .await
+    }
+
+    /// The request, and `fallback` for the failures a fallback answers; its own error
+    /// (none to give, or one that does not decode) is returned instead.
+    async fn request_falling_back<Req, Resp>(
+        &self,
+        target: &str,
+        req: &Req,
+        opts: CallOptions,
+        fallback: impl FnOnce(&CallError) -> Result<Resp, CallError>,
+    ) -> Result<Answer<Resp>, CallError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
         match self.request_with(target, req, opts).await {
             Ok(value) => Ok(Answer {
                 value,
                 fallback: None,
             }),
             Err(e) if falls_back(&e) => Ok(Answer {
-                value: fallback(&e),
+                value: fallback(&e)?,
                 fallback: Some(e),
             }),
             Err(e) => Err(e),

@@ -397,14 +397,11 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        match self
+        let (awaiting, _) = self
             .core
-            .call(call(Style::Request, target, req, opts))
-            .await?
-        {
-            Started::Reply(awaiting, _) => Ok(PendingReply::new(awaiting)),
-            _ => unreachable!("a request awaits a reply"),
-        }
+            .request(call(Style::Request, target, req, opts))
+            .await?;
+        Ok(PendingReply::new(awaiting))
     }
 
     /// One-way notification to exactly one instance of `target`. Returns once queued;

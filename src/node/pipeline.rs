@@ -96,6 +96,17 @@ struct Admitted<'a> {
 }
 
 impl Core {
+    /// Sends a request through the pipeline: the pending call and the instance it went to.
+    pub(super) async fn request<T: Serialize + ?Sized>(
+        &self,
+        call: Call<'_, T>,
+    ) -> Result<(Awaiting, Id), CallError> {
+        match self.call(call).await? {
+            Started::Reply(awaiting, instance) => Ok((awaiting, instance)),
+            _ => unreachable!("a request awaits its reply"),
+        }
+    }
+
     /// Runs `call` through the pipeline: admit, choose, send. See the
     /// [module documentation](self) for the order and where later mechanisms plug in.
     pub(super) async fn call<T: Serialize + ?Sized>(

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::calls::PendingReply;
-use super::pipeline::{Call, Started, Style};
+use super::pipeline::{Call, Style};
 use super::{CallError, CallOptions, Core};
 use crate::codec::{codes, Id};
 
@@ -115,12 +115,11 @@ where
             id: Some(id),
             avoid: tried.clone(),
         };
-        let (result, instance) = match core.call(call).await {
-            Ok(Started::Reply(awaiting, instance)) => (
+        let (result, instance) = match core.request(call).await {
+            Ok((awaiting, instance)) => (
                 PendingReply::<Resp>::new(awaiting).recv().await,
                 Some(instance),
             ),
-            Ok(_) => unreachable!("a request awaits its reply"),
             Err(e) => (Err(e), None),
         };
         match result {

@@ -171,23 +171,7 @@ impl Subscriber {
     /// Receives the next message matching a subscription. Publishers filter too; this
     /// check covers those that do not (an XPUB, or messages in flight across a CANCEL).
     pub async fn recv(&self) -> Result<Message, RecvError> {
-        loop {
-            let Some(i) = self.role.inbound.pop().await else {
-                return Err(RecvError::Closed);
-            };
-            let first = &i.msg.frames()[0];
-            let wanted = self
-                .role
-                .topics
-                .lock()
-                .prefixes
-                .iter()
-                .any(|p| first.starts_with(p));
-            if wanted {
-                return Ok(i.msg);
-            }
-            self.role.shared.stats.dropped.fetch_add(1, Relaxed);
-        }
+        self.recv_declined().await.map(|(msg, _)| msg)
     }
 
     /// [`Subscriber::recv`] for messages an inline handler declined, with the [`Taken`]

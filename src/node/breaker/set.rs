@@ -96,27 +96,39 @@ impl Breakers {
         let Some(config) = &self.config else {
             return Ok(None);
         };
-        let (result, change) = {
+        let (result, change, key) = {
             let mut map = self.map.lock();
-            if map.values().map(HashMap::len).sum::<usize>() >= MAX_BREAKERS {
+            let known = map.get(service).is_some_and(|i| i.contains_key(&instance));
+            // Only a new breaker can take the count past the bound, so only then is it
+            // counted (not on every call).
+            if !known && map.values().map(HashMap::len).sum::<usize>() >= MAX_BREAKERS {
                 for instances in map.values_mut() {
                     instances.retain(|_, b| b.state() != BreakerState::Closed);
                 }
                 map.retain(|_, i| !i.is_empty());
             }
-            let b = match map.get_mut(service) {
-                Some(i) => i,
-                None => map.entry(Arc::from(service)).or_default(),
+            if !map.contains_key(service) {
+                map.insert(Arc::from(service), HashMap::new());
             }
-            .entry(instance)
-            .or_insert_with(|| Breaker::new(config.clone()));
-            b.try_acquire(now)
+            // The map's own key, shared with the ticket: no allocation per call.
+            let key = map
+                .get_key_value(service)
+                .expect("inserted above")
+                .0
+                .clone();
+            let b = map
+                .get_mut(service)
+                .expect("inserted above")
+                .entry(instance)
+                .or_insert_with(|| Breaker::new(config.clone()));
+            let (result, change) = b.try_acquire(now);
+            (result, change, key)
         };
         self.report(service, instance, change);
         match result {
             Ok(permit) => Ok(Some(Ticket {
                 breakers: self.clone(),
-                service: Arc::from(service),
+                service: key,
                 instance,
                 permit: Some(permit),
             })),
