@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerwire::node::{CallError, CallOptions, Node};
+use peerwire::node::{CallError, CallOptions, Node, ServicePolicy};
 use support::orders::*;
 use support::*;
 
@@ -267,9 +267,11 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
     config.minimum_calls = 4;
     config.wait_in_open = Duration::from_millis(300);
     config.permitted_in_half_open = 1;
+    // The service's own breaker settings (the node's default would not judge before
+    // ten calls).
     let client = Node::builder("client")
         .peer(bad.endpoint())
-        .breakers(config)
+        .service("flaky", ServicePolicy::new().breaker(config))
         .socket_options(test_opts())
         .start()
         .await
@@ -305,6 +307,14 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
         "{refused:?}"
     );
     assert!(client.stats().breaker_refused >= 1);
+    // A call that bypasses the breakers still reaches it (and is not recorded).
+    let mut past = CallOptions::default();
+    past.bypass_breaker = true;
+    let reached = client.request_with::<_, String>("flaky.op", &(), past).await;
+    assert!(
+        matches!(&reached, Err(CallError::Remote { code, .. }) if code == "handler_panicked"),
+        "{reached:?}"
+    );
 
     // `bad` recovers: after the wait, one probe goes through, succeeds, and closes it.
     failing.store(false, Ordering::SeqCst);
@@ -344,10 +354,14 @@ async fn least_outstanding_sends_less_to_a_slow_instance() {
     });
     let fast = start_node("fast", &[slow.endpoint()]).await;
     fast.handle("work.do", V1, |_: (), _| async { Ok("fast") });
+    // The service's policy (the node's default stays round robin).
     let client = Arc::new(
         Node::builder("client")
             .peer(slow.endpoint())
-            .balancing(Balancing::LeastOutstanding)
+            .service(
+                "work",
+                ServicePolicy::new().balancing(Balancing::LeastOutstanding),
+            )
             .socket_options(test_opts())
             .start()
             .await
@@ -374,6 +388,15 @@ async fn least_outstanding_sends_less_to_a_slow_instance() {
     }
     eprintln!("{to_slow} of 48 calls went to the slow instance");
     assert!(to_slow < 16, "{to_slow} of 48 to the slow instance");
+    // A call can choose otherwise: round robin alternates, whatever the load.
+    let mut rr = CallOptions::default();
+    rr.balancing = Some(Balancing::RoundRobin);
+    let mut to_slow = 0;
+    for _ in 0..6 {
+        let who: String = client.request_with("work.do", &(), rr.clone()).await.unwrap();
+        to_slow += (who == "slow") as usize;
+    }
+    assert_eq!(to_slow, 3, "every other call");
 }
 
 #[tokio::test]
@@ -395,7 +418,7 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     let client = Arc::new(
         Node::builder("client")
             .peer(server.endpoint())
-            .bulkhead_for("slow", BulkheadConfig::new(2, 1))
+            .service("slow", ServicePolicy::new().bulkhead(BulkheadConfig::new(2, 1)))
             .socket_options(test_opts())
             .start()
             .await
@@ -403,15 +426,27 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     );
     wait_service(&client, "slow.op", 1).await;
     let long = CallOptions::timeout(Duration::from_secs(10));
-    let mut calls = Vec::new();
-    for _ in 0..4 {
+    let spawn_call = |calls: &mut Vec<_>| {
         let (c, o) = (client.clone(), long.clone());
         calls.push(tokio::spawn(async move {
             c.request_with::<_, ()>("slow.op", &(), o).await
         }));
+    };
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        spawn_call(&mut calls);
     }
-    // Two run, one waits, and the last finds the queue full: refused at once.
-    wait_until("one refused", || client.stats().bulkhead_rejected == 1).await;
+    wait_until("two in flight", || client.pending_calls() == 2).await;
+    // A call that will not wait is refused at once, though the queue has room.
+    let mut now_or_never = long.clone();
+    now_or_never.fail_fast = true;
+    let refused = client.request_with::<_, ()>("slow.op", &(), now_or_never).await;
+    assert!(matches!(refused, Err(CallError::BulkheadFull(_))), "{refused:?}");
+    for _ in 0..2 {
+        spawn_call(&mut calls);
+    }
+    // One waits, and the last finds the queue full: refused at once.
+    wait_until("one more refused", || client.stats().bulkhead_rejected == 2).await;
     // Another service is not held up by it.
     client.request::<_, ()>("other.op", &()).await.unwrap();
     gate.add_permits(3);

@@ -42,9 +42,11 @@ impl Balance for RoundRobin {
     }
 }
 
-/// How a node chooses among the instances of a service (see
-/// [`NodeBuilder::balancing`](super::NodeBuilder::balancing)). Instances whose circuit
-/// breaker is open are skipped whatever the policy.
+/// How calls choose among the instances of a service: the node's default
+/// ([`NodeBuilder::balancing`](super::NodeBuilder::balancing)), a service's
+/// ([`ServicePolicy::balancing`](super::ServicePolicy::balancing)) or a call's
+/// ([`CallOptions::balancing`](super::CallOptions::balancing)). Instances whose circuit
+/// breaker is open, or that are leaving, are skipped whatever the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Balancing {
@@ -56,15 +58,6 @@ pub enum Balancing {
     /// accumulates outstanding requests and so gets fewer new ones, without every call
     /// scanning every instance or all callers herding onto the same one.
     LeastOutstanding,
-}
-
-impl Balancing {
-    pub(super) fn policy(self) -> Box<dyn Balance> {
-        match self {
-            Balancing::RoundRobin => Box::new(RoundRobin::default()),
-            Balancing::LeastOutstanding => Box::new(LeastOutstanding),
-        }
-    }
 }
 
 /// See [`Balancing::LeastOutstanding`].

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use super::balance::Balancing;
 use super::breaker::{BreakerConfig, Breakers};
 use super::bulkhead::{BulkheadConfig, Bulkheads};
+use super::policy::{self, Policies, ServicePolicy};
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
@@ -48,7 +49,7 @@ pub struct NodeBuilder {
     breakers: Option<BreakerConfig>,
     balancing: Balancing,
     bulkhead: Option<BulkheadConfig>,
-    bulkheads: HashMap<String, BulkheadConfig>,
+    services: HashMap<String, ServicePolicy>,
     limits: MembershipLimits,
     socket: SocketOptions,
 }
@@ -75,7 +76,7 @@ impl NodeBuilder {
             breakers: Some(BreakerConfig::default()),
             balancing: Balancing::default(),
             bulkhead: None,
-            bulkheads: HashMap::new(),
+            services: HashMap::new(),
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
         }
@@ -223,9 +224,11 @@ impl NodeBuilder {
         self
     }
 
-    /// A bulkhead for `service` (a target's part before its first dot).
-    pub fn bulkhead_for(mut self, service: impl Into<String>, config: BulkheadConfig) -> Self {
-        self.bulkheads.insert(service.into(), config);
+    /// How calls to `service` (a target's part before its first dot) are made when
+    /// the caller does not say otherwise: its deadline, retries, breaker, bulkhead and
+    /// balancing (see [`ServicePolicy`]). Replaces an earlier policy for it.
+    pub fn service(mut self, service: impl Into<String>, policy: ServicePolicy) -> Self {
+        self.services.insert(service.into(), policy);
         self
     }
 
@@ -321,12 +324,15 @@ impl NodeBuilder {
         membership.start_announcer();
         let core = Arc::new(Core {
             life: life.clone(),
-            default_timeout: self.default_timeout,
+            policies: Policies::new(
+                self.default_timeout,
+                self.balancing,
+                self.services.clone(),
+            ),
             drain_timeout: self.drain_timeout,
-            balance: self.balancing.policy(),
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
-            breakers: Breakers::new(self.breakers.clone()),
-            bulkheads: Bulkheads::new(self.bulkhead, self.bulkheads.clone()),
+            breakers: Breakers::new(self.breakers.clone(), policy::breakers_of(&self.services)),
+            bulkheads: Bulkheads::new(self.bulkhead, policy::bulkheads_of(&self.services)),
             retry_budget: Default::default(),
             fallbacks: Default::default(),
             router,

@@ -97,11 +97,13 @@ impl Bulkheads {
     }
 
     /// A place for a request to `target` (held until the call ends), waiting in the
-    /// bounded queue until `deadline` at most; `Ok(None)` when the service has no bound.
+    /// bounded queue until `deadline` at most (not at all if `fail_fast`); `Ok(None)`
+    /// when the service has no bound.
     pub async fn admit(
         &self,
         target: &str,
         deadline: Instant,
+        fail_fast: bool,
     ) -> Result<Option<OwnedSemaphorePermit>, CallError> {
         let service = service_of(target);
         let Some(b) = self.bulkhead(service) else {
@@ -112,9 +114,10 @@ impl Bulkheads {
         }
         let full = || CallError::BulkheadFull(service.to_string());
         // Claim a place in the queue, or fail at once.
-        if b.waiting
-            .fetch_update(Relaxed, Relaxed, |w| (w < b.max_waiting).then_some(w + 1))
-            .is_err()
+        if fail_fast
+            || b.waiting
+                .fetch_update(Relaxed, Relaxed, |w| (w < b.max_waiting).then_some(w + 1))
+                .is_err()
         {
             self.rejected.fetch_add(1, Relaxed);
             return Err(full());

@@ -66,6 +66,7 @@ mod inbound;
 mod membership;
 mod options;
 mod pipeline;
+mod policy;
 mod pubsub;
 mod registry;
 mod respond;
@@ -94,15 +95,15 @@ pub use fallback::Answer;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use options::CallOptions;
+pub use policy::ServicePolicy;
 pub use pubsub::{Event, Publishing, Subscription};
 pub use registry::{Context, HandlerError};
 
-use balance::Balance;
 use calls::Calls;
 use gather::Gathers;
 use inbound::Inbound;
 use membership::Membership;
-use pipeline::{Call, Started, Style};
+use pipeline::{Call, Guards, Started, Style};
 use pubsub::PubSub;
 use registry::{erase, Registry, Table};
 use respond::Responder;
@@ -174,10 +175,9 @@ struct Lifecycle {
 /// own lock); this struct only holds them, the sockets they share and the call seam.
 struct Core {
     life: Lifecycle,
-    default_timeout: Duration,
+    /// The node's defaults and the per-service policies (deadline, retries, balancing).
+    policies: policy::Policies,
     drain_timeout: Duration,
-    /// Chooses among instances of a target (round robin by default).
-    balance: Box<dyn Balance>,
     router: Arc<Router>,
     publisher: Arc<Publisher>,
     subscriber: Arc<Subscriber>,
@@ -361,8 +361,9 @@ impl Node {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        if opts.idempotent && opts.retries > 0 {
-            return retry::request(&self.core, target, req, opts).await;
+        let retries = self.core.policies.retries(target, &opts);
+        if retries > 0 {
+            return retry::request(&self.core, target, req, opts, retries).await;
         }
         self.request_async_with(target, req, opts)
             .await?
@@ -529,6 +530,7 @@ fn call<'a, T: ?Sized>(
         style,
         target,
         req,
+        guards: Guards::of(&opts),
         timeout: opts.timeout,
         version: opts.version,
         headers: opts.headers,

@@ -1,30 +1,48 @@
-//! Per-call options: deadline, version, headers, retries.
+//! Per-call options: deadline, version, headers, and the call's own settings of the
+//! resilience mechanisms (retries, balancing, breaker, bulkhead), each of which
+//! overrides its service's policy ([`ServicePolicy`](super::ServicePolicy)) and the
+//! node's default.
 
 use std::time::Duration;
 
+use super::Balancing;
 use crate::codec::Version;
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct CallOptions {
-    /// Deadline for the reply; the node's default when `None`.
+    /// Deadline for the reply; the service's (see
+    /// [`ServicePolicy::timeout`](super::ServicePolicy::timeout)) or else the node's
+    /// default when `None`.
     pub timeout: Option<Duration>,
     /// Method version the caller was written against; any version when `None`.
     pub version: Option<Version>,
     /// String headers to carry (trace context).
     pub headers: std::collections::BTreeMap<String, String>,
-    /// The call may be repeated safely (running it twice does no harm): only such a
-    /// call is retried.
+    /// The call may be repeated safely (running it twice does no harm). A call is
+    /// retried only if it is marked so, or its service declared retries
+    /// ([`ServicePolicy::retries`](super::ServicePolicy::retries)).
     pub idempotent: bool,
     /// Attempts after the first when the instance could not serve the call (its
     /// connection lost, or it answered `overloaded` or `shutting_down`), each on another
     /// instance where there is one, after an exponential backoff with full jitter, all
     /// within the one deadline, and only while the node's retry budget allows (retries
     /// are at most about a fifth of calls). A retry keeps the message id, so a callee
-    /// that deduplicates recognises it. Only for [`Node::request`](super::Node::request)
-    /// and [`Node::request_with`](super::Node::request_with), and only if `idempotent`.
-    pub retries: u32,
+    /// that deduplicates recognises it. `None`: the service's policy (no retries if it
+    /// has none). Only for [`Node::request`](super::Node::request),
+    /// [`Node::request_with`](super::Node::request_with) and the fallback variants.
+    pub retries: Option<u32>,
+    /// How this call chooses among the instances; the service's policy, else the node's
+    /// default, when `None`.
+    pub balancing: Option<Balancing>,
+    /// Ignore the circuit breakers for this call: it may go to an instance whose breaker
+    /// is open, and its outcome is not recorded (for an operator's probe or a health
+    /// check that must reach an instance whatever its record).
+    pub bypass_breaker: bool,
+    /// Fail at once with [`CallError::BulkheadFull`](super::CallError::BulkheadFull)
+    /// when the service's bulkhead is full, rather than wait in its queue.
+    pub fail_fast: bool,
 }
 
 impl CallOptions {
@@ -51,7 +69,7 @@ impl CallOptions {
     /// Marks the call idempotent and allows `n` retries (see [`CallOptions::retries`]).
     pub fn with_retries(mut self, n: u32) -> Self {
         self.idempotent = true;
-        self.retries = n;
+        self.retries = Some(n);
         self
     }
 

@@ -2,18 +2,22 @@
 //! (request, asynchronous request, notification, gather).
 //!
 //! ```text
-//! admit    the node still takes calls; the payload encoded          (bulkhead: here)
-//! choose   the instance (Balance over the membership's candidates)  (breaker: skips here)
-//!          or, for a gather, every expected responder
+//!          (fallback: fallback.rs, around everything)
+//!          (retry: retry.rs, around admit..await, one deadline, same message id)
+//! admit    the node still takes calls; the deadline fixed (call's, service's, node's;
+//!          capped by a handler's own); the payload encoded; a bulkhead place taken
+//! choose   instances whose breaker refuses left out; the balancing policy (call's,
+//!          service's, node's) picks one, or for a gather every expected responder;
+//!          the chosen one's breaker permit taken
 //! send     header filled, correlation registered (calls / gathers),
 //!          queued on the chosen connection under the call's deadline
-//! await    the caller's handle: PendingReply, Gather                (retry: wraps choose..await)
+//! await    the caller's handle: PendingReply, Gather (CANCEL sent if it gives up)
 //! ```
 //!
-//! This module owns that order; an instance is chosen through the `Balance` seam
-//! (`balance.rs`, round robin by default). It never touches a socket's internals, never reads a reply
-//! off the wire (inbound routing hands replies to `calls`), and never decides who is
-//! connected (the membership does).
+//! This module owns that order (ARCHITECTURE.md, "Resilience", says why it is this
+//! one). It never touches a socket's internals, never reads a reply off the wire
+//! (inbound routing hands replies to `calls`), and never decides who is connected (the
+//! membership does).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use super::calls::{far_instant_after, Awaiting, Canceller, Ending, InFlight};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::membership::NotPicked;
-use super::{frames, CallError, Core};
+use super::{frames, Balancing, CallError, CallOptions, Core};
 use crate::codec::{self, Header, Id, Kind, Version};
 
 /// The interaction style of a call.
@@ -60,6 +64,26 @@ pub(super) struct Call<'a, T: ?Sized> {
     pub(super) id: Option<Id>,
     /// Instances to avoid if another serves the target (those a retry already tried).
     pub(super) avoid: Vec<Id>,
+    /// The call's own settings of the breaker, bulkhead and balancing.
+    pub(super) guards: Guards,
+}
+
+/// A call's own settings of the mechanisms inside the pipeline (see [`CallOptions`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Guards {
+    pub(super) balancing: Option<Balancing>,
+    pub(super) bypass_breaker: bool,
+    pub(super) fail_fast: bool,
+}
+
+impl Guards {
+    pub(super) fn of(opts: &CallOptions) -> Guards {
+        Guards {
+            balancing: opts.balancing,
+            bypass_breaker: opts.bypass_breaker,
+            fail_fast: opts.fail_fast,
+        }
+    }
 }
 
 /// What a started call left for its handle to await.
@@ -93,6 +117,7 @@ struct Admitted<'a> {
     bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
     id: Option<Id>,
     avoid: Vec<Id>,
+    guards: Guards,
 }
 
 impl Core {
@@ -121,7 +146,8 @@ impl Core {
         if call.style == Style::Gather {
             super::pubsub::check_topic(call.target)?;
         }
-        let mut timeout = call.timeout.unwrap_or(self.default_timeout);
+        let asked = self.policies.set_timeout(call.target, call.timeout);
+        let mut timeout = self.policies.timeout(call.target, call.timeout);
         // Inside a handler, a call never outlives the handler's own deadline: its caller
         // will have given up by then.
         if let Some(d) = super::registry::inherited_deadline() {
@@ -140,7 +166,11 @@ impl Core {
         // A request takes a place in its service's bulkhead first (waiting counts
         // against its deadline), kept until it ends.
         let bulkhead = match call.style {
-            Style::Request => self.bulkheads.admit(call.target, deadline).await?,
+            Style::Request => {
+                self.bulkheads
+                    .admit(call.target, deadline, call.guards.fail_fast)
+                    .await?
+            }
             _ => None,
         };
         // The rest is not generic: one copy of it, whatever the request type.
@@ -150,27 +180,24 @@ impl Core {
             payload,
             timeout,
             deadline,
-            asked: call.timeout,
+            asked,
             version: call.version,
             headers: call.headers,
             bulkhead,
             id: call.id,
             avoid: call.avoid,
+            guards: call.guards,
         })
         .await
     }
 
     /// Choose and send.
-    async fn send(&self, call: Admitted<'_>) -> Result<Started, CallError> {
-        let Admitted {
-            timeout,
-            deadline,
-            payload,
-            bulkhead,
-            ..
-        } = call;
+    async fn send(&self, mut call: Admitted<'_>) -> Result<Started, CallError> {
         // Choose.
-        let route = self.choose(call.style, call.target, call.version, &call.avoid)?;
+        let route = self.choose(&call)?;
+        let (timeout, deadline) = (call.timeout, call.deadline);
+        let payload = std::mem::take(&mut call.payload);
+        let bulkhead = call.bulkhead.take();
         // Send.
         let local = self.membership.local().id;
         let target = call.target;
@@ -195,10 +222,13 @@ impl Core {
                 let id = h.id;
                 // The chosen instance's breaker lets this call through (and learns how it
                 // went), or refuses it after all (its last probe was just taken).
-                let ticket = self
-                    .breakers
-                    .acquire(breaker::service_of(target), instance.id, Instant::now())
-                    .map_err(|_| CallError::BreakerOpen(target.to_string()))?;
+                let ticket = if call.guards.bypass_breaker {
+                    None
+                } else {
+                    self.breakers
+                        .acquire(breaker::service_of(target), instance.id, Instant::now())
+                        .map_err(|_| CallError::BreakerOpen(target.to_string()))?
+                };
                 let msg = frames::message(&h, payload);
                 // From here `awaiting` owns the entry: whether the send below fails, times
                 // out or is cancelled by the caller dropping this future, its drop
@@ -259,14 +289,9 @@ impl Core {
     }
 
     /// The instance (or, for a gather, every responder) a call goes to.
-    fn choose(
-        &self,
-        style: Style,
-        target: &str,
-        wanted: Option<Version>,
-        avoid: &[Id],
-    ) -> Result<Route, CallError> {
-        if style == Style::Gather {
+    fn choose(&self, call: &Admitted<'_>) -> Result<Route, CallError> {
+        let (target, wanted) = (call.target, call.version);
+        if call.style == Style::Gather {
             let listening: HashSet<Id> = self.pubsub.subscribers_of(target).into_iter().collect();
             let expected = self
                 .membership
@@ -276,18 +301,19 @@ impl Core {
             }
             return Ok(Route::All(expected));
         }
-        let refusing = self
-            .breakers
-            .refusing(breaker::service_of(target), Instant::now());
+        let refusing = match call.guards.bypass_breaker {
+            true => Vec::new(),
+            false => self
+                .breakers
+                .refusing(breaker::service_of(target), Instant::now()),
+        };
+        let balance = self.policies.balance(target, call.guards.balancing);
         let mut skip = refusing.clone();
-        skip.extend_from_slice(avoid);
+        skip.extend_from_slice(&call.avoid);
         // Instances to avoid are avoided only while another is there.
         self.membership
-            .pick(target, wanted, &*self.balance, &skip)
-            .or_else(|_| {
-                self.membership
-                    .pick(target, wanted, &*self.balance, &refusing)
-            })
+            .pick(target, wanted, balance, &skip)
+            .or_else(|_| self.membership.pick(target, wanted, balance, &refusing))
             .map(Route::One)
             .map_err(|why| match (why, wanted) {
                 (NotPicked::Incompatible(available), Some(wanted)) => {

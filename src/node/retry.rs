@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::calls::PendingReply;
-use super::pipeline::{Call, Style};
+use super::pipeline::{Call, Guards, Style};
 use super::{CallError, CallOptions, Core};
 use crate::codec::{codes, Id};
 
@@ -80,18 +80,19 @@ fn backoff(n: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// A request with retries (see [`CallOptions::retries`]).
+/// A request with up to `retries` retries (see [`CallOptions::retries`]).
 pub(super) async fn request<Req, Resp>(
     core: &Core,
     target: &str,
     req: &Req,
     opts: CallOptions,
+    retries: u32,
 ) -> Result<Resp, CallError>
 where
     Req: Serialize + ?Sized,
     Resp: DeserializeOwned,
 {
-    let timeout = opts.timeout.unwrap_or(core.default_timeout);
+    let timeout = core.policies.timeout(target, opts.timeout);
     let deadline = Instant::now() + timeout;
     let id = Id::new();
     let mut tried = Vec::new();
@@ -114,6 +115,7 @@ where
             headers: opts.headers.clone(),
             id: Some(id),
             avoid: tried.clone(),
+            guards: Guards::of(&opts),
         };
         let (result, instance) = match core.request(call).await {
             Ok((awaiting, instance)) => (
@@ -123,7 +125,7 @@ where
             Err(e) => (Err(e), None),
         };
         match result {
-            Err(e) if retryable(&e) && attempt < opts.retries && core.retry_budget.withdraw() => {
+            Err(e) if retryable(&e) && attempt < retries && core.retry_budget.withdraw() => {
                 attempt += 1;
                 tried.extend(instance);
                 let pause =

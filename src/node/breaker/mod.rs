@@ -131,6 +131,11 @@ impl Breaker {
         }
     }
 
+    /// A call slower than this counts as slow.
+    pub fn slow_call_duration(&self) -> Duration {
+        self.config.slow_call_duration
+    }
+
     /// The state now (an open breaker whose wait is over still says open until a call
     /// asks for a permit).
     pub fn state(&self) -> BreakerState {

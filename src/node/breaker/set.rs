@@ -33,8 +33,10 @@ const MAX_BREAKERS: usize = 4096;
 
 /// The node's breakers, one per (service, instance), made on first use.
 pub(in crate::node) struct Breakers {
-    /// `None`: breakers are off.
+    /// For services without a setting of their own; `None`: breakers are off.
     config: Option<BreakerConfig>,
+    /// Per-service settings (`None`: no breaker for that service).
+    per_service: HashMap<String, Option<BreakerConfig>>,
     map: Mutex<HashMap<Arc<str>, HashMap<Id, Breaker>>>,
     events: broadcast::Sender<BreakerEvent>,
     refused: AtomicU64,
@@ -46,9 +48,13 @@ pub(in crate::node) fn service_of(target: &str) -> &str {
 }
 
 impl Breakers {
-    pub fn new(config: Option<BreakerConfig>) -> Arc<Breakers> {
+    pub fn new(
+        config: Option<BreakerConfig>,
+        per_service: HashMap<String, Option<BreakerConfig>>,
+    ) -> Arc<Breakers> {
         Arc::new(Breakers {
             config,
+            per_service,
             map: Mutex::new(HashMap::new()),
             events: broadcast::channel(256).0,
             refused: AtomicU64::new(0),
@@ -69,9 +75,17 @@ impl Breakers {
         self.refused.load(Relaxed)
     }
 
+    /// How `service`'s instances are judged (`None`: no breakers for it).
+    fn config_of(&self, service: &str) -> Option<&BreakerConfig> {
+        match self.per_service.get(service) {
+            Some(own) => own.as_ref(),
+            None => self.config.as_ref(),
+        }
+    }
+
     /// The instances of `service` whose breaker would refuse a call now.
     pub fn refusing(&self, service: &str, now: Instant) -> Vec<Id> {
-        if self.config.is_none() {
+        if self.config_of(service).is_none() {
             return Vec::new();
         }
         let mut map = self.map.lock();
@@ -93,7 +107,7 @@ impl Breakers {
         instance: Id,
         now: Instant,
     ) -> Result<Option<Ticket>, Refused> {
-        let Some(config) = &self.config else {
+        let Some(config) = self.config_of(service) else {
             return Ok(None);
         };
         let (result, change, key) = {
@@ -205,13 +219,9 @@ impl Ticket {
             return;
         };
         let now = Instant::now();
-        let Some(config) = &self.breakers.config else {
-            return;
-        };
-        let slow = now.saturating_duration_since(permit.started) > config.slow_call_duration;
-        let outcome = Outcome { failed, slow };
         self.breakers.with(&self.service, self.instance, |b| {
-            b.record(permit, outcome, now)
+            let slow = now.saturating_duration_since(permit.started) > b.slow_call_duration();
+            b.record(permit, Outcome { failed, slow }, now)
         });
     }
 }
@@ -224,5 +234,34 @@ impl Drop for Ticket {
                 None
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_can_have_its_own_breaker_or_none() {
+        let mut own = BreakerConfig::default();
+        own.window = 2;
+        own.minimum_calls = 2;
+        let per_service = HashMap::from([
+            ("quiet".to_string(), None),
+            ("strict".to_string(), Some(own)),
+        ]);
+        let b = Breakers::new(Some(BreakerConfig::default()), per_service);
+        let now = Instant::now();
+        let (one, two) = (Id::new(), Id::new());
+        // No breaker for `quiet`: no ticket, never refused.
+        assert!(b.acquire("quiet", one, now).unwrap().is_none());
+        // `strict` opens after two failures; the node's default needs ten.
+        for _ in 0..2 {
+            b.acquire("strict", one, now).unwrap().unwrap().failed();
+            b.acquire("other", two, now).unwrap().unwrap().failed();
+        }
+        assert_eq!(b.refusing("strict", Instant::now()), vec![one]);
+        assert!(b.refusing("other", Instant::now()).is_empty());
+        assert!(b.refusing("quiet", Instant::now()).is_empty());
     }
 }
