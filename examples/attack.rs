@@ -113,6 +113,7 @@ fn hello(catalog: Catalog, port: u16) -> BytesMut {
         pub_port: port,
         catalog,
         peers: Vec::new(),
+        leaving: false,
     };
     let payload = codec::encode_payload(&hello).expect("a HELLO encodes");
     envelope(Kind::Hello, hello.node_id, "", payload)

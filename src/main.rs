@@ -61,9 +61,13 @@ enum Command {
         /// PUB port (0: any).
         #[arg(long, default_value_t = 0)]
         pub_port: u16,
-        /// Built-in services to host (available: echo).
+        /// Built-in services to host: echo (echo.echo, echo.upper, echo.log,
+        /// echo.broadcast, echo.ping) and relay (relay.echo, which calls echo.echo
+        /// under a short deadline, a breaker and a fallback). Repeatable.
         #[arg(long)]
         serve: Vec<String>,
+        #[command(flatten)]
+        faults: cli::services::Faults,
         #[command(flatten)]
         net: cli::NodeArgs,
     },
@@ -93,12 +97,8 @@ enum Command {
         target: String,
         /// The request, as JSON.
         json: String,
-        /// Deadline in milliseconds.
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u64,
-        /// Method version wanted, MAJOR.MINOR.
-        #[arg(long)]
-        version: Option<String>,
+        #[command(flatten)]
+        how: cli::call::CallArgs,
         #[command(flatten)]
         net: cli::NodeArgs,
     },
@@ -245,8 +245,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             port,
             pub_port,
             serve,
+            faults,
             net,
-        } => cli::run_node(&net, &name, port, pub_port, &serve).await,
+        } => cli::run_node(&net, &name, port, pub_port, &serve, faults).await,
         Command::Peers {
             json,
             watch: true,
@@ -258,10 +259,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
         Command::Call {
             target,
             json,
-            timeout_ms,
-            version,
+            how,
             net,
-        } => cli::call(&net, &target, &json, timeout_ms, version.as_deref()).await,
+        } => cli::call::call(&net, &target, &json, &how).await,
         Command::Notify { target, json, net } => cli::notify(&net, &target, &json).await,
         Command::Publish { topic, json, net } => cli::publish(&net, &topic, &json).await,
         Command::Subscribe { topic, count, net } => cli::subscribe(&net, &topic, count).await,

@@ -141,6 +141,7 @@ fn fresh_hello(catalog: codec::Catalog) -> codec::Hello {
         pub_port: 9,
         catalog,
         peers: Vec::new(),
+        leaving: false,
     }
 }
 

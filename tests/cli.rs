@@ -51,35 +51,6 @@ fn unreachable_endpoint_fails_within_its_bound() {
     assert!(stderr.contains("not reachable"), "{stderr}");
 }
 
-/// A `peerwire node` process; killed (SIGKILL) when dropped.
-struct NodeProc {
-    child: Child,
-    endpoint: String,
-}
-
-impl NodeProc {
-    fn start(name: &str, extra: &[&str]) -> NodeProc {
-        let mut child = peerwire_cmd()
-            .args(["node", "--name", name, "--serve", "echo"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("endpoint line");
-        let endpoint = line.trim().to_string();
-        assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint:?}");
-        NodeProc { child, endpoint }
-    }
-
-    fn port(&self) -> String {
-        self.endpoint.rsplit(':').next().unwrap().to_string()
-    }
-}
-
 /// A `peerwire node` with both output streams piped: the child, its endpoint (its first
 /// line), and its stdout after that line, still open.
 fn piped_node(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStdout>) {
@@ -95,13 +66,6 @@ fn piped_node(args: &[&str]) -> (Child, String, BufReader<std::process::ChildStd
     let mut line = String::new();
     out.read_line(&mut line).expect("endpoint line");
     (child, line.trim().to_string(), out)
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn ok_stdout(out: &std::process::Output) -> String {

@@ -151,6 +151,11 @@ async fn presence_streams_joins_updates_and_leaves() {
     let mut late = watcher.presence();
     assert!(matches!(next(&mut late).await, PresenceEvent::Joined(p) if p.name == "a"));
     a.shutdown().await;
+    // It says it is leaving first, then its connections close.
+    match next(&mut presence).await {
+        PresenceEvent::Updated(p) => assert!(p.leaving, "{p:?}"),
+        other => panic!("{other:?}"),
+    }
     match next(&mut presence).await {
         PresenceEvent::Left { peer, reason } => {
             assert_eq!(peer.name, "a");
@@ -310,7 +315,9 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
     // A call that bypasses the breakers still reaches it (and is not recorded).
     let mut past = CallOptions::default();
     past.bypass_breaker = true;
-    let reached = client.request_with::<_, String>("flaky.op", &(), past).await;
+    let reached = client
+        .request_with::<_, String>("flaky.op", &(), past)
+        .await;
     assert!(
         matches!(&reached, Err(CallError::Remote { code, .. }) if code == "handler_panicked"),
         "{reached:?}"
@@ -393,7 +400,10 @@ async fn least_outstanding_sends_less_to_a_slow_instance() {
     rr.balancing = Some(Balancing::RoundRobin);
     let mut to_slow = 0;
     for _ in 0..6 {
-        let who: String = client.request_with("work.do", &(), rr.clone()).await.unwrap();
+        let who: String = client
+            .request_with("work.do", &(), rr.clone())
+            .await
+            .unwrap();
         to_slow += (who == "slow") as usize;
     }
     assert_eq!(to_slow, 3, "every other call");
@@ -418,7 +428,10 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     let client = Arc::new(
         Node::builder("client")
             .peer(server.endpoint())
-            .service("slow", ServicePolicy::new().bulkhead(BulkheadConfig::new(2, 1)))
+            .service(
+                "slow",
+                ServicePolicy::new().bulkhead(BulkheadConfig::new(2, 1)),
+            )
             .socket_options(test_opts())
             .start()
             .await
@@ -440,8 +453,13 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     // A call that will not wait is refused at once, though the queue has room.
     let mut now_or_never = long.clone();
     now_or_never.fail_fast = true;
-    let refused = client.request_with::<_, ()>("slow.op", &(), now_or_never).await;
-    assert!(matches!(refused, Err(CallError::BulkheadFull(_))), "{refused:?}");
+    let refused = client
+        .request_with::<_, ()>("slow.op", &(), now_or_never)
+        .await;
+    assert!(
+        matches!(refused, Err(CallError::BulkheadFull(_))),
+        "{refused:?}"
+    );
     for _ in 0..2 {
         spawn_call(&mut calls);
     }

@@ -1,5 +1,6 @@
 //! The `peerwire` command's subcommands. JSON at the edge, MessagePack on the wire.
 
+pub mod call;
 pub mod demo;
 pub mod doctor;
 pub mod isolate;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use peerwire::codec::Version;
 use peerwire::discovery::{DiscoveryError, DnsSeed, MdnsConfig};
-use peerwire::node::{CallOptions, GatherOptions, Node, NodeBuilder, NodeError};
+use peerwire::node::{GatherOptions, Node, NodeBuilder, NodeError};
 use serde_json::Value;
 
 /// How a command's node uses mDNS.
@@ -104,7 +105,7 @@ impl NodeArgs {
         b
     }
 
-    fn wait(&self) -> Duration {
+    pub(crate) fn wait(&self) -> Duration {
         Duration::from_millis(self.wait_ms)
     }
 
@@ -132,7 +133,7 @@ impl NodeArgs {
     /// endpoint named so far, gossip included, has answered or failed, all within
     /// `--wait`. ([`NodeArgs::report_unreachable`] says which `--peer` could not be
     /// reached.)
-    async fn client_node(&self) -> Result<Node> {
+    pub(crate) async fn client_node(&self) -> Result<Node> {
         self.some_source()?;
         let node = self.start(self.builder("peerwire-cli")).await?;
         let deadline = Instant::now() + self.wait();
@@ -145,7 +146,7 @@ impl NodeArgs {
     }
 
     /// Says on stderr which `--peer` could not be reached, and why.
-    fn report_unreachable(&self, node: &Node) {
+    pub(crate) fn report_unreachable(&self, node: &Node) {
         for (endpoint, why) in node.unreachable() {
             if self
                 .peers
@@ -182,7 +183,7 @@ async fn settle(node: &Node, bound: Duration) {
 
 /// Why nobody answers for `target`: the services seen, or, when no peer was reached at
 /// all, the endpoints that could not be and why.
-fn no_responder(node: &Node, target: &str) -> String {
+pub(crate) fn no_responder(node: &Node, target: &str) -> String {
     let unreachable = node.unreachable();
     if node.peers().iter().all(|p| !p.connected) && !unreachable.is_empty() {
         let list: Vec<String> = unreachable
@@ -247,19 +248,28 @@ pub async fn run_node(
     port: u16,
     pub_port: u16,
     serve: &[String],
+    faults: services::Faults,
 ) -> Result<()> {
     logging::keep_heap_small();
+    for s in serve {
+        if !["echo", "relay"].contains(&s.as_str()) {
+            bail!("unknown built-in service {s:?} (available: echo, relay)");
+        }
+    }
+    let relay = serve.iter().any(|s| s == "relay");
     // Listening before the endpoint line is printed: a script that reads it and at
     // once sends SIGTERM must get a graceful stop.
     let mut stop = StopSignal::new();
-    let node = args
-        .start(args.builder(name).router_port(port).pub_port(pub_port))
-        .await?;
-    for s in serve {
-        match s.as_str() {
-            "echo" => services::serve_echo(&node),
-            other => bail!("unknown built-in service {other:?} (available: echo)"),
-        }
+    let mut builder = args.builder(name).router_port(port).pub_port(pub_port);
+    if relay {
+        builder = builder.service("echo", services::relay_policy());
+    }
+    let node = std::sync::Arc::new(args.start(builder).await?);
+    if serve.iter().any(|s| s == "echo") {
+        services::serve_echo(&node, faults);
+    }
+    if relay {
+        services::serve_relay(&node);
     }
     // The first line is the endpoint, for scripts to read.
     outln!("{}", node.endpoint());
@@ -270,6 +280,7 @@ pub async fn run_node(
         node.pub_endpoint()
     );
     let mut presence = node.presence();
+    let mut breakers = node.breaker_events();
     let mut trim = tokio::time::interval(logging::TRIM_EVERY);
     loop {
         tokio::select! {
@@ -279,11 +290,37 @@ pub async fn run_node(
                 Some(e) => logging::stderr().line(&presence_line(&e)),
                 None => break,
             },
+            Ok(e) = breakers.recv() => logging::stderr().line(&format!(
+                "! breaker {} at {}: {:?} -> {:?}",
+                logging::clean(&e.service),
+                e.instance,
+                e.from,
+                e.to
+            )),
             _ = trim.tick() => logging::give_back_memory().await,
         }
     }
+    // The relay's handlers hold the node weakly; one upgraded for a call in flight
+    // lets go when that call ends (within its deadline).
+    let node = {
+        let mut node = node;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::sync::Arc::try_unwrap(node) {
+                Ok(n) => break Some(n),
+                Err(shared) if Instant::now() < deadline => {
+                    node = shared;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => break None,
+            }
+        }
+    };
     logging::stderr().line("shutting down");
-    node.shutdown().await;
+    match node {
+        Some(node) => node.shutdown().await,
+        None => logging::stderr().line("handlers still hold the node: stopped without draining"),
+    }
     for (what, lines) in [("stdout", logging::stdout()), ("stderr", logging::stderr())] {
         if lines.dropped() > 0 {
             logging::stderr().line(&format!(
@@ -365,7 +402,11 @@ pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
                 logging::clean(&p.name),
                 p.id,
                 p.router_endpoint,
-                if p.connected { "connected" } else { "down" }
+                match (p.connected, p.leaving) {
+                    (true, true) => "connected, leaving",
+                    (true, false) => "connected",
+                    (false, _) => "down",
+                }
             );
             for (m, v) in &p.methods {
                 outln!("    {} {v}", logging::clean(m));
@@ -376,34 +417,6 @@ pub async fn peers(args: &NodeArgs, json: bool) -> Result<()> {
         }
     }
     node.shutdown().await;
-    Ok(())
-}
-
-/// `peerwire call`.
-pub async fn call(
-    args: &NodeArgs,
-    target: &str,
-    json: &str,
-    timeout_ms: u64,
-    version: Option<&str>,
-) -> Result<()> {
-    let req = parse_json("the request", json)?;
-    let version = version.map(parse_version).transpose()?;
-    let node = args.client_node().await?;
-    if !node.wait_for_service(target, 1, args.wait()).await {
-        let why = no_responder(&node, target);
-        node.shutdown().await;
-        bail!("{why}");
-    }
-    let mut opts = CallOptions::timeout(Duration::from_millis(timeout_ms));
-    opts.version = version;
-    let started = Instant::now();
-    let out = node.request_with::<_, Value>(target, &req, opts).await;
-    let took = started.elapsed();
-    node.shutdown().await;
-    let reply = out?;
-    outln!("{}", serde_json::to_string_pretty(&reply)?);
-    errln!("({} µs)", took.as_micros());
     Ok(())
 }
 

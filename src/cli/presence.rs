@@ -15,6 +15,7 @@ pub(super) fn peer_json(p: &PeerInfo) -> Value {
         "router": p.router_endpoint,
         "pub": p.pub_endpoint,
         "connected": p.connected,
+        "leaving": p.leaving,
         "methods": p.methods.iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect::<serde_json::Map<_, _>>(),
         "gathers": p.gathers.keys().collect::<Vec<_>>(),
     })
@@ -29,6 +30,12 @@ pub(super) fn presence_line(e: &PresenceEvent) -> String {
             p.id,
             p.router_endpoint,
             p.methods.len()
+        ),
+        PresenceEvent::Updated(p) if p.leaving => format!(
+            "~ leaving {} ({}) at {}: draining, new calls go elsewhere",
+            logging::clean(&p.name),
+            p.id,
+            p.router_endpoint,
         ),
         PresenceEvent::Updated(p) => format!(
             "~ updated {} ({}) at {}: {} method(s)",

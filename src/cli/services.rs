@@ -1,10 +1,54 @@
-//! The built-in demo services a node hosts with `peerwire node --serve echo`.
+//! The built-in demo services a node hosts with `peerwire node --serve echo|relay`, and
+//! the faults `echo` can be told to inject, for trying callers' resilience with real
+//! processes.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use peerwire::codec::Version;
-use peerwire::node::{HandlerError, Node};
+use peerwire::codec::{codes, Version};
+use peerwire::node::{BreakerConfig, CallOptions, HandlerError, Node, ServicePolicy};
 use serde_json::{json, Value};
+
+/// Faults the `echo` service injects (`peerwire node --serve echo --delay-ms 300`).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// `echo.echo` and `echo.upper` answer only after this many milliseconds: a slow
+    /// instance.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub delay_ms: u64,
+    /// The share (0.0 to 1.0) of `echo.echo` and `echo.upper` requests answered
+    /// `overloaded`: a failing instance (callers' breakers count it, and idempotent
+    /// calls are retried elsewhere).
+    #[arg(long, default_value_t = 0.0, value_name = "RATE", value_parser = rate)]
+    pub fail_rate: f64,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a rate between 0.0 and 1.0")),
+    }
+}
+
+impl Faults {
+    /// Applies the faults to one request: fails it, or delays it.
+    async fn inject(self) -> Result<(), HandlerError> {
+        if self.fail_rate > 0.0 && fastrand::f64() < self.fail_rate {
+            return Err(HandlerError::new(
+                codes::OVERLOADED,
+                "injected fault (--fail-rate)",
+            ));
+        }
+        if self.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+        }
+        Ok(())
+    }
+
+    fn any(self) -> bool {
+        self.delay_ms > 0 || self.fail_rate > 0.0
+    }
+}
 
 /// Registers the `echo` services:
 /// - `echo.echo` (request): returns its input;
@@ -13,10 +57,19 @@ use serde_json::{json, Value};
 /// - `echo.broadcast` (request): publishes its input as an event on `echo.events` and
 ///   answers with how many subscribers took it and how many had no room;
 /// - `echo.ping` (gather): answers with this node's name and clock.
-pub fn serve_echo(node: &Node) {
+pub fn serve_echo(node: &Node, faults: Faults) {
     let v1 = Version::new(1, 0);
-    node.handle("echo.echo", v1, |v: Value, _| async move { Ok(v) });
-    node.handle("echo.upper", v1, |v: Value, _| async move {
+    if faults.any() {
+        node.handle("echo.echo", v1, move |v: Value, _| async move {
+            faults.inject().await?;
+            Ok(v)
+        });
+    } else {
+        // No fault: answered where it arrives, with no task of its own.
+        node.handle("echo.echo", v1, |v: Value, _| async move { Ok(v) });
+    }
+    node.handle("echo.upper", v1, move |v: Value, _| async move {
+        faults.inject().await?;
         match v {
             Value::String(s) => Ok(Value::String(s.to_uppercase())),
             other => Err(HandlerError::new(
@@ -55,6 +108,55 @@ pub fn serve_echo(node: &Node) {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             Ok(json!({ "node": name, "unix_ms": ms }))
+        }
+    });
+}
+
+/// How the relay calls `echo`: a short deadline of its own (within what is left of its
+/// caller's), and a breaker that judges quickly and probes again soon.
+pub fn relay_policy() -> ServicePolicy {
+    let mut breaker = BreakerConfig::default();
+    breaker.window = 10;
+    breaker.minimum_calls = 5;
+    breaker.wait_in_open = Duration::from_secs(2);
+    breaker.permitted_in_half_open = 2;
+    breaker.probe_timeout = Duration::from_millis(500);
+    ServicePolicy::new()
+        .timeout(Duration::from_millis(250))
+        .breaker(breaker)
+}
+
+/// Registers the `relay` service, the middle of a chain A → relay → echo:
+/// - `relay.echo` (request): calls `echo.echo` with its input (under [`relay_policy`]
+///   and what is left of its own deadline) and answers `{"via": NAME, "reply": ...}`,
+///   or, when no `echo` instance could answer (deadline, open breakers, none there),
+///   `{"via": NAME, "fallback": true, "why": ...}`.
+pub fn serve_relay(node: &Arc<Node>) {
+    let weak: Weak<Node> = Arc::downgrade(node);
+    let name = node.name().to_string();
+    node.handle("relay.echo", Version::new(1, 0), move |v: Value, _| {
+        let (weak, name) = (weak.clone(), name.clone());
+        async move {
+            let node = weak
+                .upgrade()
+                .ok_or_else(|| HandlerError::new(codes::SHUTTING_DOWN, "the node is stopping"))?;
+            let answer = node
+                .request_or(
+                    "echo.echo",
+                    &v,
+                    CallOptions::default(),
+                    |e| json!({ "fallback": true, "why": e.to_string() }),
+                )
+                .await
+                .map_err(|e| HandlerError::new("relay_failed", e.to_string()))?;
+            Ok(match answer.fallback {
+                None => json!({ "via": name, "reply": answer.value }),
+                Some(_) => {
+                    let mut v = answer.value;
+                    v["via"] = json!(name);
+                    v
+                }
+            })
         }
     });
 }

@@ -334,6 +334,11 @@ pub struct Hello {
     /// ROUTER endpoints of the peers it is connected to, so that a node reached through
     /// one seed learns of the others (gossip).
     pub peers: Vec<String>,
+    /// The node is stopping: it still serves what reaches it, but peers should send new
+    /// calls to other instances. Never cleared: a node that leaves does not come back
+    /// (a restart is a new node id). Absent (false) from nodes that predate it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// Why an envelope could not be decoded.

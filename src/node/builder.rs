@@ -13,11 +13,11 @@ use bytes::Bytes;
 use super::balance::Balancing;
 use super::breaker::{BreakerConfig, Breakers};
 use super::bulkhead::{BulkheadConfig, Bulkheads};
-use super::policy::{self, Policies, ServicePolicy};
 use super::calls::Calls;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
 use super::membership::{Local, Membership, MembershipLimits, Setup};
+use super::policy::{self, Policies, ServicePolicy};
 use super::pubsub::{self, PubSub};
 use super::registry::Registry;
 use super::respond::{AdmitLimits, Responder};
@@ -324,11 +324,7 @@ impl NodeBuilder {
         membership.start_announcer();
         let core = Arc::new(Core {
             life: life.clone(),
-            policies: Policies::new(
-                self.default_timeout,
-                self.balancing,
-                self.services.clone(),
-            ),
+            policies: Policies::new(self.default_timeout, self.balancing, self.services.clone()),
             drain_timeout: self.drain_timeout,
             pubsub: Arc::new(PubSub::new(id, publisher.clone(), subscriber.clone())),
             breakers: Breakers::new(self.breakers.clone(), policy::breakers_of(&self.services)),

@@ -274,7 +274,10 @@ impl Core {
                 self.calls.complete(&correlation, env);
             }
             Kind::HelloAck => {
-                if let Err(e) = self.membership.on_hello_ack(endpoint, &env.payload) {
+                if let Err(e) = self
+                    .membership
+                    .on_hello_ack(endpoint, &env.header, &env.payload)
+                {
                     self.inbound.count_malformed();
                     warn!(error = %e, "malformed HELLO-ACK");
                 }

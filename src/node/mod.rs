@@ -80,7 +80,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::codec::{self, Id, Version};
 use crate::transport::{Endpoint, PublishReport, Publisher, Router, StatsSnapshot, Subscriber};
@@ -160,6 +160,12 @@ pub struct NodeStats {
     pub subscriber: StatsSnapshot,
 }
 
+/// How long a stopping node waits for its peers to acknowledge that it is leaving.
+const LEAVE_ACK_WAIT: Duration = Duration::from_secs(1);
+/// A stopping node stops taking work once no request has arrived for this long (or
+/// half its drain timeout has passed).
+const QUIET_BEFORE_STOP: Duration = Duration::from_millis(50);
+
 /// The node's tasks and the tokens that end them.
 #[derive(Clone)]
 struct Lifecycle {
@@ -199,12 +205,32 @@ struct Core {
 }
 
 impl Core {
-    /// Stops the node: goodbye first (so peers stop sending us work), then the drain,
-    /// then every call still waiting fails, every socket closes, every task ends.
+    /// Stops the node gracefully: it tells its peers it is leaving (and says goodbye
+    /// on mDNS), so they send new calls elsewhere; it serves what they sent before they
+    /// knew, until requests stop coming; then it stops taking work (late requests are
+    /// answered `shutting_down`), lets the handlers in flight finish, and closes. All of
+    /// it within the drain timeout.
     async fn shutdown(&self) {
-        self.responder.stop_taking_work();
+        let started = tokio::time::Instant::now();
+        let until = started + self.drain_timeout;
         self.life.leave.cancel();
-        if !self.responder.drain(self.drain_timeout).await {
+        let told = self
+            .membership
+            .leave(LEAVE_ACK_WAIT.min(self.drain_timeout))
+            .await;
+        if !told {
+            debug!(node = %self.membership.local().name, "not every peer acknowledged that we are leaving");
+        }
+        // Requests a peer sent before it knew are on their way; a node that serves
+        // nothing has none coming.
+        if !self.registry.catalog().methods.is_empty() {
+            let quiet_until = started + self.drain_timeout / 2;
+            self.responder
+                .wait_quiet(QUIET_BEFORE_STOP, quiet_until)
+                .await;
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if !self.responder.drain(left).await {
             warn!(node = %self.membership.local().name, "handlers still running after the drain timeout");
         }
         self.life.cancel.cancel();
@@ -511,9 +537,12 @@ impl Node {
         self.core.calls.len()
     }
 
-    /// Stops taking work (new requests get a `shutting_down` error reply), lets handlers
-    /// in flight finish for up to the drain timeout, fails calls still waiting for a
-    /// reply, closes every socket and returns once every task has ended.
+    /// Stops gracefully, within the drain timeout: tells its peers it is leaving (they
+    /// send new calls to other instances, and to this one only if there is no other),
+    /// serves the requests they sent before they knew until requests stop coming, then
+    /// stops taking work (later requests get a `shutting_down` error reply), lets
+    /// handlers in flight finish, fails calls still waiting for a reply, closes every
+    /// socket and returns once every task has ended.
     pub async fn shutdown(self) {
         self.core.shutdown().await;
     }

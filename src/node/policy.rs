@@ -210,13 +210,17 @@ mod tests {
         // The service declared them.
         assert_eq!(p.retries("inventory.get", &plain), 2);
         // The call asks for fewer, or none.
-        let mut none = CallOptions::default();
-        none.retries = Some(0);
+        let none = CallOptions {
+            retries: Some(0),
+            ..Default::default()
+        };
         assert_eq!(p.retries("inventory.get", &none), 0);
         // Another service: only a call marked idempotent is retried.
         assert_eq!(p.retries("orders.create", &plain), 0);
-        let mut unvouched = CallOptions::default();
-        unvouched.retries = Some(3);
+        let unvouched = CallOptions {
+            retries: Some(3),
+            ..Default::default()
+        };
         assert_eq!(p.retries("orders.create", &unvouched), 0);
         assert_eq!(
             p.retries("orders.create", &CallOptions::default().with_retries(3)),

@@ -367,6 +367,9 @@ pub(super) struct Responder {
     tasks: TaskTracker,
     draining: AtomicBool,
     undelivered: Arc<Undelivered>,
+    /// Requests, notifications and gather requests handed to `respond` so far (a node
+    /// that is leaving waits for them to stop coming before it stops taking work).
+    arrived: AtomicU64,
 }
 
 impl Responder {
@@ -385,6 +388,7 @@ impl Responder {
             tasks: TaskTracker::new(),
             draining: AtomicBool::new(false),
             undelivered: Arc::default(),
+            arrived: AtomicU64::new(0),
         }
     }
 
@@ -406,6 +410,20 @@ impl Responder {
     /// Stops taking work: requests arriving from now on are answered `shutting_down`.
     pub(super) fn stop_taking_work(&self) {
         self.draining.store(true, Relaxed);
+    }
+
+    /// Waits until no request has arrived for `quiet`, or until `until`.
+    pub(super) async fn wait_quiet(&self, quiet: Duration, until: tokio::time::Instant) {
+        let mut seen = self.arrived.load(Relaxed);
+        loop {
+            let wake = (tokio::time::Instant::now() + quiet).min(until);
+            tokio::time::sleep_until(wake).await;
+            let now = self.arrived.load(Relaxed);
+            if now == seen || wake >= until {
+                return;
+            }
+            seen = now;
+        }
     }
 
     /// Stops taking work and waits up to `within` for the handlers in flight. Returns
@@ -482,6 +500,7 @@ impl Responder {
         path: ReplyPath<'_>,
         slot: OwnedSemaphorePermit,
     ) {
+        self.arrived.fetch_add(1, Relaxed);
         let caller = match &path {
             ReplyPath::Router(router, identity) => Some(Caller {
                 identity: identity.clone(),

@@ -342,6 +342,83 @@ pub fn peerwire_cmd() -> std::process::Command {
     c
 }
 
+/// A `peerwire node` process on loopback (mDNS off), its stderr followed line by line;
+/// killed (SIGKILL) when dropped.
+pub struct NodeProc {
+    pub child: std::process::Child,
+    /// Its ROUTER endpoint (the first line it prints).
+    pub endpoint: String,
+    /// Its stderr: presence, breaker and log lines.
+    pub stderr: Lines,
+}
+
+impl NodeProc {
+    /// A node called `name` serving `echo`, with `extra` arguments.
+    pub fn start(name: &str, extra: &[&str]) -> NodeProc {
+        let mut args = vec!["--serve", "echo"];
+        args.extend_from_slice(extra);
+        NodeProc::start_with(name, &args)
+    }
+
+    /// A node called `name` with exactly these arguments after `node --name NAME`.
+    pub fn start_with(name: &str, args: &[&str]) -> NodeProc {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = peerwire_cmd()
+            .args(["node", "--name", name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node");
+        let stderr = Lines::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("endpoint line");
+        let endpoint = line.trim().to_string();
+        assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint:?}");
+        NodeProc {
+            child,
+            endpoint,
+            stderr,
+        }
+    }
+
+    /// Its ROUTER port.
+    pub fn port(&self) -> String {
+        self.endpoint.rsplit(':').next().unwrap().to_string()
+    }
+
+    /// Sends it `sig` (SIGSTOP to make it hang, SIGCONT to let it go on, ...).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for it to end; returns whether it ended well.
+    pub fn terminate(&mut self, bound: Duration) -> bool {
+        self.signal(libc::SIGTERM);
+        let deadline = std::time::Instant::now() + bound;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("node did not stop within {bound:?} of SIGTERM");
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A simulated LAN: one network namespace per host, each with `eth0` (10.77.0.N/24) on a
 /// bridge that lives in a namespace of its own, so nothing touches the real host's
 /// interfaces. Torn down on drop. Needs root and `ip` (iproute2).

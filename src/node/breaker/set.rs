@@ -243,9 +243,11 @@ mod tests {
 
     #[test]
     fn a_service_can_have_its_own_breaker_or_none() {
-        let mut own = BreakerConfig::default();
-        own.window = 2;
-        own.minimum_calls = 2;
+        let own = BreakerConfig {
+            window: 2,
+            minimum_calls: 2,
+            ..Default::default()
+        };
         let per_service = HashMap::from([
             ("quiet".to_string(), None),
             ("strict".to_string(), Some(own)),

@@ -29,14 +29,20 @@ impl Membership {
             pub_port: self.given.local.pub_port,
             catalog: self.given.registry.catalog(),
             peers: self.state.lock().table.connected_endpoints(),
+            leaving: self.is_leaving(),
         }
     }
 
     pub(super) fn hello_message(&self, kind: Kind, correlation: Id) -> Message {
+        self.hello_envelope(kind, correlation).1
+    }
+
+    /// Our HELLO as a message, and its message id (which the ACK's `cid` will carry).
+    pub(super) fn hello_envelope(&self, kind: Kind, correlation: Id) -> (Id, Message) {
         let mut h = Header::new(kind, self.given.local.id, "");
         h.correlation_id = correlation;
         let payload = codec::encode_payload(&self.hello()).expect("a HELLO always encodes");
-        frames::message(&h, payload)
+        (h.id, frames::message(&h, payload))
     }
 
     /// Asks for a fresh HELLO to every peer (our catalog or our peers changed). Sent by
@@ -180,12 +186,18 @@ impl Membership {
     pub(in crate::node) fn on_hello_ack(
         self: &Arc<Self>,
         endpoint: &Endpoint,
+        header: &Header,
         payload: &[u8],
     ) -> Result<(), CodecError> {
         if !self.hello_size_ok(payload) {
             return Ok(());
         }
         let hello: Hello = codec::decode_payload(payload)?;
+        // The peer now knows we are leaving (see `leave`).
+        if *self.leave_hello.lock() == Some(header.correlation_id) {
+            self.leave_acks.fetch_add(1, Relaxed);
+            self.changed.notify_waiters();
+        }
         // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).
         if let Some(l) = self.state.lock().table.link(endpoint) {
             l.acked.store(true, Relaxed);

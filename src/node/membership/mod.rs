@@ -25,7 +25,7 @@ mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ use super::balance::Balance;
 use super::calls::{far_instant_after, Calls, ConnId};
 use super::registry::Registry;
 use super::Lifecycle;
-use crate::codec::{Hello, Id, Version};
+use crate::codec::{Hello, Id, Kind, Version};
 use crate::discovery::{DnsSeed, Mdns};
 use crate::transport::{Dealer, Endpoint, Message, SocketOptions, Subscriber};
 use discover::Retired;
@@ -49,7 +49,7 @@ use hello::catalog_within_bounds;
 use limits::Rates;
 pub(super) use links::NamedBy;
 pub(super) use table::NotPicked;
-use table::PeerTable;
+use table::{Heard, PeerTable};
 
 /// Most endpoints followed from one HELLO's gossip list.
 const MAX_GOSSIP: usize = 64;
@@ -128,6 +128,11 @@ pub(super) struct Membership {
     /// Set when an announcement is wanted; the announcer sends it.
     announce_wanted: AtomicBool,
     announce_wake: Notify,
+    /// Set when the node starts to stop: our HELLO says so from then on.
+    leaving: AtomicBool,
+    /// The HELLO that said so, and how many peers have acknowledged it.
+    leave_hello: Mutex<Option<Id>>,
+    leave_acks: AtomicUsize,
 }
 
 /// What the membership is given: who we are, the parts it works with, its settings.
@@ -169,6 +174,9 @@ impl Membership {
             rates: Mutex::new(rates),
             announce_wanted: AtomicBool::new(false),
             announce_wake: Notify::new(),
+            leaving: AtomicBool::new(false),
+            leave_hello: Mutex::new(None),
+            leave_acks: AtomicUsize::new(0),
         }
     }
 
@@ -288,14 +296,15 @@ impl Membership {
             let mut st = self.state.lock();
             let before = st.table.info(&hello.node_id).cloned();
             let was_up = before.as_ref().is_some_and(|p| p.connected);
-            let up = st.table.upsert(
-                hello.node_id,
-                hello.name,
-                router_ep,
-                pub_ep,
-                hello.catalog,
-                link,
-            );
+            let heard = Heard {
+                id: hello.node_id,
+                name: hello.name,
+                router_endpoint: router_ep,
+                pub_endpoint: pub_ep,
+                catalog: hello.catalog,
+                leaving: hello.leaving,
+            };
+            let up = st.table.upsert(heard, link);
             for peer in up.replaced {
                 let _ = self.presence.send(PresenceEvent::Left {
                     peer,
@@ -476,6 +485,42 @@ impl Membership {
     /// New endpoints not dialled (yet): the dial rate, or too many dials in progress.
     pub(super) fn dials_deferred(&self) -> u64 {
         self.dials_deferred.load(Relaxed)
+    }
+
+    /// Tells every peer that this node is leaving (a HELLO saying so, sent now), so
+    /// that they choose other instances for new calls, and waits until each peer
+    /// connected now has acknowledged it, or `within` passes. Returns whether all did.
+    pub(in crate::node) async fn leave(&self, within: Duration) -> bool {
+        self.leaving.store(true, Relaxed);
+        let (id, msg) = self.hello_envelope(Kind::Hello, Id::NIL);
+        *self.leave_hello.lock() = Some(id);
+        let dealers: Vec<Arc<Dealer>> = self
+            .state
+            .lock()
+            .table
+            .dealers()
+            .filter(|d| d.is_connected())
+            .cloned()
+            .collect();
+        let mut expected = 0;
+        for d in &dealers {
+            expected += d.try_send(msg.clone()).is_ok() as usize;
+        }
+        let deadline = far_instant_after(within);
+        loop {
+            let notified = self.changed.notified();
+            if self.leave_acks.load(Relaxed) >= expected {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether this node is leaving.
+    pub(super) fn is_leaving(&self) -> bool {
+        self.leaving.load(Relaxed)
     }
 
     /// Closes every DEALER (the node is stopping), waiting for each.

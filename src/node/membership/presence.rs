@@ -26,6 +26,9 @@ pub struct PeerInfo {
     pub gathers: BTreeMap<String, Version>,
     /// Whether our connection to its ROUTER is up.
     pub connected: bool,
+    /// It said it is stopping (it drains what it has, then closes): calls go to it only
+    /// when no other instance serves them.
+    pub leaving: bool,
 }
 
 /// A change in the peer table, as streamed by [`Node::presence`](crate::node::Node::presence).

@@ -61,6 +61,17 @@ struct Peer {
     refused: bool,
 }
 
+/// What a peer's HELLO told us, as [`PeerTable::upsert`] records it.
+pub(super) struct Heard {
+    pub(super) id: Id,
+    pub(super) name: String,
+    pub(super) router_endpoint: Endpoint,
+    pub(super) pub_endpoint: Endpoint,
+    pub(super) catalog: Catalog,
+    /// It said it is stopping.
+    pub(super) leaving: bool,
+}
+
 /// What [`PeerTable::upsert`] changed.
 pub(super) struct Upserted {
     /// The peer was not known before.
@@ -186,15 +197,15 @@ impl PeerTable {
     /// Records (or refreshes) a peer from its HELLO. A different node id on an endpoint
     /// we knew (the peer restarted) replaces the old entry, so calls never go to a node
     /// that no longer exists.
-    pub(super) fn upsert(
-        &mut self,
-        id: Id,
-        name: String,
-        router_endpoint: Endpoint,
-        pub_endpoint: Endpoint,
-        catalog: Catalog,
-        link: Link,
-    ) -> Upserted {
+    pub(super) fn upsert(&mut self, heard: Heard, link: Link) -> Upserted {
+        let Heard {
+            id,
+            name,
+            router_endpoint,
+            pub_endpoint,
+            catalog,
+            leaving,
+        } = heard;
         let (mut stale_pubs, replaced) = self.remove_at(&router_endpoint, Some(id));
         let known = self.by_id.get(&id);
         if let Some(p) = known {
@@ -222,6 +233,8 @@ impl PeerTable {
             methods,
             gathers,
             connected,
+            // Once it said so, it stays so: a late HELLO from before cannot undo it.
+            leaving: leaving || known.is_some_and(|p| p.info.leaving),
         };
         let new = self
             .by_id
@@ -345,7 +358,7 @@ impl PeerTable {
         balance: &dyn Balance,
         refusing: &[Id],
     ) -> Result<Instance, NotPicked> {
-        let mut found: SmallVec<[(Candidate, &Link); 8]> = SmallVec::new();
+        let mut found: SmallVec<[(Candidate, &Link, bool); 8]> = SmallVec::new();
         let mut incompatible = None;
         let mut refused = false;
         for p in self.by_id.values() {
@@ -360,9 +373,14 @@ impl PeerTable {
                         conn: p.link.conn,
                         outstanding: p.link.outstanding.load(Relaxed),
                     };
-                    found.push((c, &p.link));
+                    found.push((c, &p.link, p.info.leaving));
                 }
             }
+        }
+        // A leaving instance still serves what reaches it, but gets new calls only when
+        // no other can take them.
+        if found.iter().any(|(_, _, leaving)| !leaving) {
+            found.retain(|(_, _, leaving)| !*leaving);
         }
         if found.is_empty() {
             return Err(match (refused, incompatible) {
@@ -371,9 +389,9 @@ impl PeerTable {
                 (false, None) => NotPicked::NoneServing,
             });
         }
-        found.sort_unstable_by_key(|(c, _)| c.id);
-        let candidates: SmallVec<[Candidate; 8]> = found.iter().map(|(c, _)| *c).collect();
-        let (chosen, link) = found[balance.choose(target, &candidates).min(found.len() - 1)];
+        found.sort_unstable_by_key(|(c, _, _)| c.id);
+        let candidates: SmallVec<[Candidate; 8]> = found.iter().map(|(c, _, _)| *c).collect();
+        let (chosen, link, _) = found[balance.choose(target, &candidates).min(found.len() - 1)];
         Ok(Instance {
             id: chosen.id,
             dealer: link.dealer.clone(),
