@@ -98,6 +98,11 @@ fn demo_runs_and_shows_every_style() {
         "publish/subscribe",
         "publish/async responses",
         "silent: inventory-3",
+        "the caller's CANCEL",
+        "(fallback: list price)",
+        "breaker of pricing at inventory-2: Closed → Open",
+        "from inventory-2",
+        "breaker of pricing at inventory-2: HalfOpen → Closed",
         "demo finished",
     ] {
         assert!(stdout.contains(s), "missing {s:?} in:\n{stdout}");

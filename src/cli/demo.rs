@@ -1,7 +1,7 @@
 //! `peerwire demo`: several nodes on loopback in this process, each interaction style in
 //! turn, with what was sent, by whom, what came back and how long it took.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,8 @@ use peerwire::codec::Version;
 use peerwire::discovery::MdnsConfig;
 use peerwire::node::{GatherOptions, HandlerError, Node};
 use serde::{Deserialize, Serialize};
+
+use super::demo_resilience as resilience;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Reserve {
@@ -30,9 +32,9 @@ struct StockLow {
     left: u32,
 }
 
-const V1: Version = Version::new(1, 0);
+pub(super) const V1: Version = Version::new(1, 0);
 
-fn micros(d: Duration) -> String {
+pub(super) fn micros(d: Duration) -> String {
     if d < Duration::from_millis(10) {
         format!("{} µs", d.as_micros())
     } else {
@@ -40,7 +42,7 @@ fn micros(d: Duration) -> String {
     }
 }
 
-fn section(title: &str) {
+pub(super) fn section(title: &str) {
     outln!("\n── {title} ──");
 }
 
@@ -118,8 +120,14 @@ pub async fn run(net: Result<(), String>) -> Result<()> {
     let inv1 = inventory("inventory-1", 10, false, mdns).await?;
     let inv2 = inventory("inventory-2", 10, false, mdns).await?;
     let inv3 = inventory("inventory-3", 10, true, mdns).await?;
+    // Pricing, for part 6: on inventory-1 and inventory-2, the second made to hang.
+    let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    let hung = Arc::new(AtomicBool::new(false));
+    resilience::serve_pricing(&inv1, Arc::new(AtomicBool::new(false)), stopped_tx.clone());
+    resilience::serve_pricing(&inv2, hung.clone(), stopped_tx);
     let watcher = builder("watcher", mdns, &[&inv1]).start().await?;
     let client = builder("client", mdns, &[&inv1, &inv2, &inv3])
+        .service("pricing", resilience::pricing_policy())
         .start()
         .await?;
     for n in [&inv1, &inv2, &inv3, &watcher, &client] {
@@ -268,6 +276,8 @@ pub async fn run(net: Result<(), String>) -> Result<()> {
         micros(t.elapsed()),
         super::names(&out.silent)
     );
+
+    resilience::run(&client, &hung, &mut stopped).await?;
 
     section("shutdown");
     for n in [client, watcher, inv1, inv2, inv3] {

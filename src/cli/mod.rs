@@ -2,6 +2,7 @@
 
 pub mod call;
 pub mod demo;
+mod demo_resilience;
 pub mod doctor;
 pub mod isolate;
 pub mod logging;
