@@ -44,7 +44,22 @@ async fn transport_pingpong(n: usize, warm: usize, h: &mut Histogram<u64>) {
     server.abort();
 }
 
+/// What the client's call pipeline does besides choosing and sending.
+#[derive(Clone, Copy)]
+enum Guards {
+    /// The defaults: a circuit breaker per instance, no bulkhead.
+    Default,
+    /// No breakers either.
+    Bare,
+    /// Breakers and a bulkhead on the service.
+    Bulkhead,
+}
+
 async fn nodes(responders: usize) -> (Node, Vec<Node>) {
+    nodes_with(responders, Guards::Default).await
+}
+
+async fn nodes_with(responders: usize, guards: Guards) -> (Node, Vec<Node>) {
     let mut rs = Vec::new();
     for i in 0..responders {
         let n = Node::builder(format!("r{i}"))
@@ -63,6 +78,15 @@ async fn nodes(responders: usize) -> (Node, Vec<Node>) {
         rs.push(n);
     }
     let mut b = Node::builder("client").socket_options(opts());
+    b = match guards {
+        Guards::Default => b,
+        Guards::Bare => b.no_breakers(),
+        Guards::Bulkhead => b.service(
+            "bench",
+            peerwire::node::ServicePolicy::new()
+                .bulkhead(peerwire::node::BulkheadConfig::new(1024, 1024)),
+        ),
+    };
     for r in &rs {
         b = b.peer(r.endpoint());
     }
@@ -81,7 +105,11 @@ async fn nodes(responders: usize) -> (Node, Vec<Node>) {
 }
 
 async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
-    let (client, rs) = nodes(1).await;
+    node_request_with(Guards::Default, n, warm, h).await
+}
+
+async fn node_request_with(guards: Guards, n: usize, warm: usize, h: &mut Histogram<u64>) {
+    let (client, rs) = nodes_with(1, guards).await;
     let payload = Bytes::from(vec![3u8; 64]);
     let o = CallOptions::timeout(Duration::from_secs(10));
     for i in 0..warm + n {
@@ -282,7 +310,8 @@ fn main() {
         (20_000, 2000, 5000)
     };
     let which = std::env::var("BENCH_RUNTIME").unwrap_or_default();
-    let only_request = std::env::var("BENCH_ONLY").as_deref() == Ok("request");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only_request = only == "request";
     for (multi, name) in [
         (false, "current-thread runtime"),
         (true, "multi-thread runtime (2 workers)"),
@@ -295,6 +324,23 @@ fn main() {
             let (mut tp, mut nr, mut g1, mut g4) = (hist(), hist(), hist(), hist());
             if only_request {
                 node_request(n * 5, warm, &mut nr).await;
+                return;
+            }
+            if only == "guards" {
+                // The cost of the resilience mechanisms on the request path.
+                let (mut bare, mut bh) = (hist(), hist());
+                for _ in 0..ROUNDS {
+                    node_request_with(Guards::Bare, n, warm, &mut bare).await;
+                    node_request_with(Guards::Default, n, warm, &mut nr).await;
+                    node_request_with(Guards::Bulkhead, n, warm, &mut bh).await;
+                }
+                println!("\n## Node request/reply and its guards, 64 B, {name} (µs)\n");
+                println!("| what | p50 | p99 | p99.9 | max | p50 ratio |");
+                println!("|---|---|---|---|---|---|");
+                let base = bare.value_at_quantile(0.5);
+                println!("{}", row("no breakers, no bulkhead (base)", &bare, base));
+                println!("{}", row("breakers (the default)", &nr, base));
+                println!("{}", row("breakers and a bulkhead", &bh, base));
                 return;
             }
             for _ in 0..ROUNDS {
