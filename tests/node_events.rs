@@ -148,7 +148,7 @@ async fn a_handler_publishes_through_a_publishing_handle() {
         .unwrap();
     let e = within("event", created.recv()).await.unwrap().unwrap();
     assert_eq!((e.value.item.as_str(), e.publisher), ("book", server.id()));
-    // The handle does not keep the node alive: once it is gone, publishing says so.
+    // Once the node has stopped, publishing through the handle says so.
     let handle = server.publishing();
     server.shutdown().await;
     assert!(matches!(

@@ -301,27 +301,8 @@ pub async fn run_node(
             _ = trim.tick() => logging::give_back_memory().await,
         }
     }
-    // The relay's handlers hold the node weakly; one upgraded for a call in flight
-    // lets go when that call ends (within its deadline).
-    let node = {
-        let mut node = node;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match std::sync::Arc::try_unwrap(node) {
-                Ok(n) => break Some(n),
-                Err(shared) if Instant::now() < deadline => {
-                    node = shared;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(_) => break None,
-            }
-        }
-    };
     logging::stderr().line("shutting down");
-    match node {
-        Some(node) => node.shutdown().await,
-        None => logging::stderr().line("handlers still hold the node: stopped without draining"),
-    }
+    node.shutdown().await;
     for (what, lines) in [("stdout", logging::stdout()), ("stderr", logging::stderr())] {
         if lines.dropped() > 0 {
             logging::stderr().line(&format!(
@@ -504,14 +485,20 @@ pub async fn gather(
     let req = parse_json("the request", json)?;
     let node = args.client_node().await?;
     args.report_unreachable(&node);
-    // Responders subscribe to this node's PUB once they have its HELLO.
+    // Responders subscribe to this node's PUB once they have its HELLO: wait until every
+    // peer known to answer `topic` is among the subscribers (by id, not by count: one
+    // subscribed early must not stand in for another not yet subscribed).
     let deadline = Instant::now() + args.wait();
-    let expected = node
-        .peers()
-        .iter()
-        .filter(|p| p.gathers.contains_key(topic))
-        .count();
-    while node.subscribers_of(topic).len() < expected && Instant::now() < deadline {
+    loop {
+        let listening = node.subscribers_of(topic);
+        let all_listen = node
+            .peers()
+            .iter()
+            .filter(|p| p.gathers.contains_key(topic))
+            .all(|p| listening.contains(&p.id));
+        if all_listen || Instant::now() >= deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut opts = GatherOptions::within(Duration::from_millis(within_ms));

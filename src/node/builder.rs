@@ -348,6 +348,7 @@ impl NodeBuilder {
                 },
             ),
             inbound: Inbound::default(),
+            stopped: tokio::sync::OnceCell::new(),
         });
         membership.watch_router(&core.router, router_events);
         let weak = Arc::downgrade(&core);

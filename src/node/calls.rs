@@ -346,6 +346,13 @@ pub(super) struct Awaiting {
     _guard: CallGuard,
 }
 
+impl Awaiting {
+    /// The request's message id.
+    pub(super) fn id(&self) -> Id {
+        self.id
+    }
+}
+
 /// A reply envelope as the caller's type, or the remote error it carries.
 pub(super) fn decode_reply<Resp: DeserializeOwned>(env: Envelope) -> Result<Resp, CallError> {
     codec::check_content_type(&env.header)?;

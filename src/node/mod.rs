@@ -162,9 +162,12 @@ pub struct NodeStats {
 
 /// How long a stopping node waits for its peers to acknowledge that it is leaving.
 const LEAVE_ACK_WAIT: Duration = Duration::from_secs(1);
-/// A stopping node stops taking work once no request has arrived for this long (or
-/// half its drain timeout has passed).
+/// A stopping node stops taking work once no request has arrived for this long, or
+/// `QUIET_AT_MOST` (at most half its drain timeout) has passed: callers that cannot go
+/// elsewhere (a sole instance) or do not know (plain clients) keep sending, and a request
+/// refused then is answered `shutting_down`, which any caller may send elsewhere.
 const QUIET_BEFORE_STOP: Duration = Duration::from_millis(50);
+const QUIET_AT_MOST: Duration = Duration::from_millis(500);
 
 /// The node's tasks and the tokens that end them.
 #[derive(Clone)]
@@ -202,6 +205,8 @@ struct Core {
     gathers: Arc<Gathers>,
     responder: Responder,
     inbound: Inbound,
+    /// Set once the node has stopped (see `shutdown`).
+    stopped: tokio::sync::OnceCell<()>,
 }
 
 impl Core {
@@ -211,8 +216,13 @@ impl Core {
     /// answered `shutting_down`), lets the handlers in flight finish, and closes. All of
     /// it within the drain timeout.
     async fn shutdown(&self) {
+        // Once, whoever asks first; others wait for it.
+        self.stopped.get_or_init(|| self.stop()).await;
+    }
+
+    async fn stop(&self) {
         let started = tokio::time::Instant::now();
-        let until = started + self.drain_timeout;
+        let until = calls::far_instant_after(self.drain_timeout);
         self.life.leave.cancel();
         let told = self
             .membership
@@ -224,7 +234,7 @@ impl Core {
         // Requests a peer sent before it knew are on their way; a node that serves
         // nothing has none coming.
         if !self.registry.catalog().methods.is_empty() {
-            let quiet_until = started + self.drain_timeout / 2;
+            let quiet_until = started + (self.drain_timeout / 2).min(QUIET_AT_MOST);
             self.responder
                 .wait_quiet(QUIET_BEFORE_STOP, quiet_until)
                 .await;
@@ -234,6 +244,7 @@ impl Core {
             warn!(node = %self.membership.local().name, "handlers still running after the drain timeout");
         }
         self.life.cancel.cancel();
+        self.pubsub.stop();
         self.calls.fail_all(|| CallError::Shutdown);
         self.gathers.clear();
         self.membership.close().await;
@@ -388,13 +399,7 @@ impl Node {
         Resp: DeserializeOwned,
     {
         let retries = self.core.policies.retries(target, &opts);
-        if retries > 0 {
-            return retry::request(&self.core, target, req, opts, retries).await;
-        }
-        self.request_async_with(target, req, opts)
-            .await?
-            .recv()
-            .await
+        retry::request(&self.core, target, req, opts, retries).await
     }
 
     /// Asynchronous request/response: returns as soon as the request is queued; the
@@ -462,6 +467,9 @@ impl Node {
         topic: &str,
         event: &T,
     ) -> Result<PublishReport, CallError> {
+        if self.core.pubsub.is_stopped() {
+            return Err(CallError::Shutdown);
+        }
         pubsub::check_topic(topic)?;
         let payload = codec::encode_payload(event)?;
         Ok(self.core.pubsub.publish(topic, payload)?)
@@ -543,7 +551,11 @@ impl Node {
     /// stops taking work (later requests get a `shutting_down` error reply), lets
     /// handlers in flight finish, fails calls still waiting for a reply, closes every
     /// socket and returns once every task has ended.
-    pub async fn shutdown(self) {
+    ///
+    /// Takes `&self` so that a node shared with its own handlers (through a `Weak`, say)
+    /// can be stopped; calling it again, or concurrently, waits for the one stop. A
+    /// stopped node refuses calls with [`CallError::Shutdown`].
+    pub async fn shutdown(&self) {
         self.core.shutdown().await;
     }
 }

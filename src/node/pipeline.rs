@@ -146,8 +146,11 @@ impl Core {
         if call.style == Style::Gather {
             super::pubsub::check_topic(call.target)?;
         }
-        let asked = self.policies.set_timeout(call.target, call.timeout);
-        let mut timeout = self.policies.timeout(call.target, call.timeout);
+        let asked = call.timeout;
+        let mut timeout = match call.style {
+            Style::Gather => self.policies.node_timeout(call.timeout),
+            _ => self.policies.timeout(call.target, call.timeout),
+        };
         // Inside a handler, a call never outlives the handler's own deadline: its caller
         // will have given up by then.
         if let Some(d) = super::registry::inherited_deadline() {
@@ -251,6 +254,15 @@ impl Core {
                         },
                     )
                 });
+                // Its connection may have dropped since it was chosen, before the call was
+                // registered (so the membership, failing that connection's calls, missed
+                // it): fail it now rather than let it wait for a reconnection until its
+                // deadline. (A drop after registering fails it through the membership.)
+                if awaiting.is_some() && !instance.dealer.is_connected() {
+                    return Err(CallError::Disconnected(
+                        instance.dealer.endpoint().to_string(),
+                    ));
+                }
                 // Waiting for room in the queue counts against the call's deadline too. A
                 // notification has no reply to wait for: its timeout bounds the wait for
                 // room alone.

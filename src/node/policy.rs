@@ -48,15 +48,16 @@ impl ServicePolicy {
         Self::default()
     }
 
-    /// The deadline of its calls that set none.
+    /// The deadline of its requests that set none (a notification carries only a
+    /// deadline its caller set to its handler; this one bounds its wait for room).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
         self
     }
 
-    /// Declares every method of the service idempotent and retries a call that an
-    /// instance could not serve up to `n` times (see [`CallOptions::retries`]). A call
-    /// can still ask for fewer (`CallOptions::retries = Some(0)`).
+    /// Declares every method of the service idempotent (if `n > 0`) and retries a call
+    /// that an instance could not serve up to `n` times (see [`CallOptions::retries`]).
+    /// A call can still ask for fewer (`CallOptions::retries = Some(0)`) or more.
     pub fn retries(mut self, n: u32) -> Self {
         self.retries = Some(n);
         self
@@ -123,16 +124,17 @@ impl Policies {
             .unwrap_or(self.default_timeout)
     }
 
-    /// Whether a call to `target` set its own deadline or its service has one (either
-    /// way, a notification carries it to the handler).
-    pub fn set_timeout(&self, target: &str, asked: Option<Duration>) -> Option<Duration> {
-        asked.or_else(|| self.of(target).and_then(|p| p.timeout))
+    /// The deadline of a call that asked for `asked`, whatever its service (gathers:
+    /// their topic names no service).
+    pub fn node_timeout(&self, asked: Option<Duration>) -> Duration {
+        asked.unwrap_or(self.default_timeout)
     }
 
     /// Retries a request to `target` with `opts` may make: the call's count if it is
     /// marked idempotent, else its service's if the service declared retries.
     pub fn retries(&self, target: &str, opts: &CallOptions) -> u32 {
-        let service = self.of(target).and_then(|p| p.retries);
+        // A service that declared retries (more than none) vouched for idempotence.
+        let service = self.of(target).and_then(|p| p.retries).filter(|n| *n > 0);
         match (opts.retries, service) {
             // The call said how many; it is retried only if someone vouched that it
             // may be repeated (the call, or its service by declaring retries).
@@ -188,6 +190,7 @@ mod tests {
                 .retries(2),
         );
         services.insert("orders".to_string(), ServicePolicy::new());
+        services.insert("audit".to_string(), ServicePolicy::new().retries(0));
         Policies::new(Duration::from_secs(5), Balancing::RoundRobin, services)
     }
 
@@ -199,8 +202,7 @@ mod tests {
         assert_eq!(p.timeout("inventory.get", Some(ms(50))), ms(50));
         assert_eq!(p.timeout("orders.create", None), Duration::from_secs(5));
         assert_eq!(p.timeout("unknown.x", None), Duration::from_secs(5));
-        assert_eq!(p.set_timeout("orders.create", None), None);
-        assert_eq!(p.set_timeout("inventory.get", None), Some(ms(300)));
+        assert_eq!(p.node_timeout(None), Duration::from_secs(5));
     }
 
     #[test]
@@ -226,5 +228,7 @@ mod tests {
             p.retries("orders.create", &CallOptions::default().with_retries(3)),
             3
         );
+        // Declaring no retries vouches for nothing.
+        assert_eq!(p.retries("audit.log", &unvouched), 0);
     }
 }

@@ -74,6 +74,9 @@ impl Publishing {
         event: &T,
     ) -> Result<PublishReport, super::CallError> {
         let pubsub = self.pubsub.upgrade().ok_or(super::CallError::Shutdown)?;
+        if pubsub.is_stopped() {
+            return Err(super::CallError::Shutdown);
+        }
         check_topic(topic)?;
         let payload = codec::encode_payload(event)?;
         Ok(pubsub.publish(topic, payload)?)
@@ -89,6 +92,8 @@ pub(super) struct PubSub {
     topic_seq: Mutex<HashMap<String, u64>>,
     next_sub: AtomicU64,
     dropped: AtomicU64,
+    /// Set when the node stops: publishing is refused from then on.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl PubSub {
@@ -101,7 +106,17 @@ impl PubSub {
             topic_seq: Mutex::new(HashMap::new()),
             next_sub: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            stopped: Default::default(),
         }
+    }
+
+    /// The node stopped: publishing is refused from now on.
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, Relaxed);
+    }
+
+    pub(super) fn is_stopped(&self) -> bool {
+        self.stopped.load(Relaxed)
     }
 
     /// Publishes an event, numbered in its topic's sequence.

@@ -5,6 +5,10 @@
 //! retry keeps the message id of the first attempt (a deduplicating callee sees one
 //! message).
 //!
+//! A request refused unrun by an instance that is stopping (`shutting_down`) is sent to
+//! another instance whether or not it is idempotent: it was never run. That is what
+//! makes rolling restarts cost no call.
+//!
 //! This module owns the budget and the loop; each attempt goes through the one call
 //! pipeline like any other call.
 
@@ -61,6 +65,15 @@ impl RetryBudget {
     }
 }
 
+/// Attempts after the first for a request refused unrun (see [`not_run`]).
+const NOT_RUN_RETRIES: u32 = 2;
+
+/// Whether a failure says the request was not run at all: the instance was stopping
+/// (PROTOCOL.md: a node answers `shutting_down` only for requests it did not run).
+fn not_run(e: &CallError) -> bool {
+    matches!(e, CallError::Remote { code, .. } if code == codes::SHUTTING_DOWN)
+}
+
 /// Whether a failure says the instance could not serve the call (another may), rather
 /// than what the service answered or that the deadline passed.
 fn retryable(e: &CallError) -> bool {
@@ -80,7 +93,10 @@ fn backoff(n: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// A request with up to `retries` retries (see [`CallOptions::retries`]).
+/// A request with up to `retries` retries (see [`CallOptions::retries`]; 0 for a call
+/// that is not idempotent), and up to [`NOT_RUN_RETRIES`] for refusals of requests that
+/// were not run, whatever the call. Every request takes this path: a first attempt
+/// costs what a plain request costs (the budget is touched only with retries).
 pub(super) async fn request<Req, Resp>(
     core: &Core,
     target: &str,
@@ -93,11 +109,14 @@ where
     Resp: DeserializeOwned,
 {
     let timeout = core.policies.timeout(target, opts.timeout);
-    let deadline = Instant::now() + timeout;
-    let id = Id::new();
+    let deadline = super::calls::far_instant_after(timeout);
+    // The first attempt's id, kept by the others.
+    let mut id: Option<Id> = None;
     let mut tried = Vec::new();
-    core.retry_budget.deposit();
-    let mut attempt = 0u32;
+    if retries > 0 {
+        core.retry_budget.deposit();
+    }
+    let (mut attempt, mut unrun) = (0u32, 0u32);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -113,24 +132,33 @@ where
             timeout: Some(left),
             version: opts.version,
             headers: opts.headers.clone(),
-            id: Some(id),
+            id,
             avoid: tried.clone(),
             guards: Guards::of(&opts),
         };
         let (result, instance) = match core.request(call).await {
-            Ok((awaiting, instance)) => (
-                PendingReply::<Resp>::new(awaiting).recv().await,
-                Some(instance),
-            ),
+            Ok((awaiting, instance)) => {
+                id.get_or_insert(awaiting.id());
+                (
+                    PendingReply::<Resp>::new(awaiting).recv().await,
+                    Some(instance),
+                )
+            }
             Err(e) => (Err(e), None),
         };
         match result {
+            // Not run: another instance right away (its refusal was immediate).
+            Err(e) if not_run(&e) && unrun < NOT_RUN_RETRIES => {
+                unrun += 1;
+                tried.extend(instance);
+                tracing::debug!(target, ?id, error = %e, "not run there; sending it elsewhere");
+            }
             Err(e) if retryable(&e) && attempt < retries && core.retry_budget.withdraw() => {
                 attempt += 1;
                 tried.extend(instance);
                 let pause =
                     backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
-                tracing::debug!(target, %id, attempt, error = %e, ?pause, "retrying");
+                tracing::debug!(target, ?id, attempt, error = %e, ?pause, "retrying");
                 tokio::time::sleep(pause).await;
             }
             other => return other,

@@ -15,10 +15,16 @@ use super::queue::Queue;
 use super::socket::{socket_handle_methods, SocketCore};
 use super::{Endpoint, IntoEndpoint, Message, SocketOptions, SocketType};
 
+/// Makes the message a DEALER sends first on every connection (see
+/// [`Dealer::connect_with_first_message`]); `None` sends nothing first.
+pub type FirstMessage = Arc<dyn Fn() -> Option<Message> + Send + Sync>;
+
 struct DealerRole {
     shared: Arc<Shared>,
     /// When set, received messages go to this function instead of `inbound`.
     handler: Option<MessageHandler>,
+    /// When set, what it makes is written first on every connection.
+    first: Option<FirstMessage>,
     /// One queue for the socket's whole life, so messages queued while disconnected (and
     /// those not fully written when a connection dropped) go out on the next connection.
     out: Arc<Queue<OutItem>>,
@@ -31,6 +37,11 @@ struct DealerRole {
 impl Role for DealerRole {
     fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
         *self.peer_addr.lock() = Some(peer.addr);
+        // Before the writer starts: ahead of what was queued while disconnected, and of
+        // anything sent once `connected` is seen.
+        if let Some(msg) = self.first.as_ref().and_then(|f| f()) {
+            self.out.push_front_unbounded(OutItem::Msg(msg));
+        }
         self.connected.store(true, Relaxed);
         Ok(Attached {
             out: self.out.clone(),
@@ -78,7 +89,7 @@ impl Dealer {
         endpoint: impl IntoEndpoint,
         opts: SocketOptions,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint.into_endpoint()?, opts, None)
+        Self::start(endpoint.into_endpoint()?, opts, None, None)
     }
 
     /// Like [`Dealer::connect_with_events`], but every received message is passed to
@@ -91,13 +102,27 @@ impl Dealer {
         opts: SocketOptions,
         handler: MessageHandler,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
-        Self::start(endpoint.into_endpoint()?, opts, Some(handler))
+        Self::start(endpoint.into_endpoint()?, opts, Some(handler), None)
+    }
+
+    /// Like [`Dealer::connect_with_handler`], and on every connection (reconnections
+    /// included) the message `first` makes is the first one written, ahead of
+    /// anything queued before or sent meanwhile: a peer that must hear who we are
+    /// before anything else (a HELLO) does, whoever else sends on this socket.
+    pub fn connect_with_first_message(
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+        handler: MessageHandler,
+        first: FirstMessage,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
+        Self::start(endpoint.into_endpoint()?, opts, Some(handler), Some(first))
     }
 
     fn start(
         endpoint: Endpoint,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
+        first: Option<FirstMessage>,
     ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
         if let Some(id) = &opts.identity {
             // What every ROUTER would refuse anyway (ZMTP: 1..=255 bytes; a leading zero
@@ -113,6 +138,7 @@ impl Dealer {
         let role = Arc::new(DealerRole {
             shared: shared.clone(),
             handler,
+            first,
             out,
             inbound,
             connected: AtomicBool::new(false),

@@ -65,7 +65,7 @@ use smallvec::SmallVec;
 const INLINE_FRAMES: usize = 3;
 
 pub use conn::MessageHandler;
-pub use dealer::Dealer;
+pub use dealer::{Dealer, FirstMessage};
 pub use endpoint::{Endpoint, IntoEndpoint};
 pub use error::{
     display_identity, CloseReason, ProtocolViolation, RecvError, SendError, TransportError,

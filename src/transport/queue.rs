@@ -234,6 +234,21 @@ impl<T: Cost> Queue<T> {
         self.wake_consumer();
     }
 
+    /// Pushes in front of everything queued, regardless of the bounds: a message that
+    /// must open a connection (a DEALER's first message), ahead of what waited for one.
+    pub fn push_front_unbounded(&self, item: T) {
+        let (n, b) = item.cost();
+        {
+            let mut s = self.state.lock();
+            s.count += n;
+            s.bytes += b;
+            self.charge(b);
+            s.items.push_front(item);
+            self.has_items.store(true, Ordering::Release);
+        }
+        self.wake_consumer();
+    }
+
     fn charge(&self, bytes: usize) {
         if let Some(g) = &self.budget {
             g.used.fetch_add(bytes, Ordering::Relaxed);

@@ -97,16 +97,15 @@ impl Membership {
         if let Some(addr) = source {
             self.introduce(router, identity, hello.node_id, addr);
         }
-        if hello.cluster != self.given.local.cluster {
-            send_ack(router, identity, self.wrong_cluster_ack(header.id));
-        } else {
-            send_ack(
-                router,
-                identity,
-                self.hello_message(Kind::HelloAck, header.id),
-            );
-        }
+        // Learned before it is acknowledged: a node that waits for our ACK (one that is
+        // leaving, say) knows that we know when the ACK comes.
+        let ours = hello.cluster == self.given.local.cluster;
         self.learn(hello, source.map(|a| a.ip()));
+        let ack = match ours {
+            true => self.hello_message(Kind::HelloAck, header.id),
+            false => self.wrong_cluster_ack(header.id),
+        };
+        send_ack(router, identity, ack);
         Ok(())
     }
 
@@ -193,15 +192,8 @@ impl Membership {
             return Ok(());
         }
         let hello: Hello = codec::decode_payload(payload)?;
-        // The peer now knows we are leaving (see `leave`).
-        if *self.leave_hello.lock() == Some(header.correlation_id) {
-            self.leave_acks.fetch_add(1, Relaxed);
-            self.changed.notify_waiters();
-        }
-        // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).
-        if let Some(l) = self.state.lock().table.link(endpoint) {
-            l.acked.store(true, Relaxed);
-        }
+        // If this acknowledges our leaving, that peer knows (see `leave`).
+        self.leave_acknowledged(endpoint, header.correlation_id);
         if hello.node_id == self.given.local.id {
             // Gossip led us to ourselves: never dial this endpoint again.
             self.state.lock().self_endpoints.insert(endpoint.clone());
@@ -226,6 +218,13 @@ impl Membership {
                 .or_else(|| endpoint.ip());
             self.learn(hello, ip);
         }
+        // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).
+        // Only now that what it said is recorded: a client waiting for the table to
+        // settle must find the peer in it (and the endpoints its gossip named dialled).
+        if let Some(l) = self.state.lock().table.link(endpoint) {
+            l.acked.store(true, Relaxed);
+        }
+        self.changed.notify_waiters();
         Ok(())
     }
 }

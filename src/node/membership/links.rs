@@ -14,7 +14,9 @@ use super::{Membership, PresenceEvent};
 use crate::codec::{Id, Kind};
 use crate::node::calls::far_instant_after;
 use crate::node::CallError;
-use crate::transport::{Dealer, Endpoint, Message, MessageHandler, SocketEvent, TransportError};
+use crate::transport::{
+    Dealer, Endpoint, FirstMessage, Message, MessageHandler, SocketEvent, TransportError,
+};
 
 /// Who named an endpoint to dial: what decides whether the dial rate applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +77,27 @@ impl Membership {
             sink(&ep, msg);
             Ok(())
         });
-        let (dealer, events) =
-            Dealer::connect_with_handler(endpoint, self.given.socket.clone(), on_message)?;
+        let acked: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        // (Re)introduce ourselves first thing on every connection (PROTOCOL.md: the first
+        // message on every DEALER connection), ahead of replies, requests or CANCELs
+        // queued meanwhile: a gatherer ignores gather replies on a connection whose
+        // sender has not said HELLO on it. Made as the connection comes up.
+        let first: FirstMessage = {
+            let (me, acked) = (Arc::downgrade(self), acked.clone());
+            Arc::new(move || {
+                // The HELLO-ACK that counts is the one answering this HELLO; it may come
+                // back before `dealer_loop` hears of the connection, so this is where the
+                // previous connection's is forgotten.
+                acked.store(false, std::sync::atomic::Ordering::Relaxed);
+                Some(me.upgrade()?.hello_message(Kind::Hello, Id::NIL))
+            })
+        };
+        let (dealer, events) = Dealer::connect_with_first_message(
+            endpoint,
+            self.given.socket.clone(),
+            on_message,
+            first,
+        )?;
         // Its loop ends with the node, or when this endpoint is forgotten: a loop that
         // outlived its dealer would act on whatever dealer the endpoint has later.
         let link = Link {
@@ -84,7 +105,7 @@ impl Membership {
             conn,
             stop: self.given.life.cancel.child_token(),
             last_error: Arc::default(),
-            acked: Arc::default(),
+            acked,
             outstanding: Arc::default(),
         };
         st.table.add_link(endpoint.clone(), link.clone());
@@ -183,17 +204,11 @@ impl Membership {
     fn on_link_event(self: &Arc<Self>, endpoint: &Endpoint, link: &Link, e: SocketEvent) {
         match e {
             SocketEvent::Connected { .. } => {
-                // A new connection: what failed before is history, and the HELLO-ACK that
-                // counts is the one that comes on this connection.
+                // A new connection: what failed before is history. (Our HELLO went first
+                // on it: the DEALER's first message. The peer counts as connected again only
+                // once its HELLO-ACK says who it is now: the endpoint may have been taken
+                // by a restarted or other node.)
                 *link.last_error.lock() = None;
-                link.acked
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                // (Re)introduce ourselves: the peer may be new, or restarted.
-                // The peer counts as connected again only once its HELLO-ACK says who it
-                // is now: the endpoint may have been taken by a restarted or other node.
-                let _ = link
-                    .dealer
-                    .try_send(self.hello_message(Kind::Hello, Id::NIL));
             }
             SocketEvent::Disconnected { reason, .. } => {
                 {

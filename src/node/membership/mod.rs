@@ -25,7 +25,7 @@ mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,9 +130,9 @@ pub(super) struct Membership {
     announce_wake: Notify,
     /// Set when the node starts to stop: our HELLO says so from then on.
     leaving: AtomicBool,
-    /// The HELLO that said so, and how many peers have acknowledged it.
-    leave_hello: Mutex<Option<Id>>,
-    leave_acks: AtomicUsize,
+    /// The HELLO that said so, and the endpoints whose acknowledgement we wait for
+    /// (at most one per link).
+    leave_hello: Mutex<Option<(Id, HashSet<Endpoint>)>>,
 }
 
 /// What the membership is given: who we are, the parts it works with, its settings.
@@ -176,7 +176,6 @@ impl Membership {
             announce_wake: Notify::new(),
             leaving: AtomicBool::new(false),
             leave_hello: Mutex::new(None),
-            leave_acks: AtomicUsize::new(0),
         }
     }
 
@@ -271,6 +270,10 @@ impl Membership {
                 return;
             }
         }
+        // A node on its way out makes no new links.
+        if self.is_leaving() && self.state.lock().table.link(&router_ep).is_none() {
+            return;
+        }
         // A node speaking for its own address (the one it reached us from) is dialled at
         // once; an endpoint elsewhere is hearsay, dialled within the dial rate.
         let named_by = if source_ip.is_none_or(|ip| ip == host) {
@@ -302,7 +305,9 @@ impl Membership {
                 router_endpoint: router_ep,
                 pub_endpoint: pub_ep,
                 catalog: hello.catalog,
-                leaving: hello.leaving,
+                // Believed only from the host it speaks for (the flag cannot be
+                // taken back, so a third party must not be able to set it).
+                leaving: hello.leaving && source_ip.is_none_or(|ip| ip == host),
             };
             let up = st.table.upsert(heard, link);
             for peer in up.replaced {
@@ -339,7 +344,9 @@ impl Membership {
         self.drop_subscriptions(stale_pubs);
         self.supersede(superseded);
         self.changed.notify_waiters();
-        self.follow_gossip(gossip);
+        if !self.is_leaving() {
+            self.follow_gossip(gossip);
+        }
         if announce {
             self.announce();
         }
@@ -428,10 +435,17 @@ impl Membership {
 
     /// Waits until `enough` holds of the peer table, or `within` passes.
     async fn wait_until(&self, within: Duration, enough: impl Fn(&PeerTable) -> bool) -> bool {
+        self.wait_for(within, || enough(&self.state.lock().table))
+            .await
+    }
+
+    /// Waits until `done` holds (checked whenever the membership changes), or `within`
+    /// passes.
+    async fn wait_for(&self, within: Duration, done: impl Fn() -> bool) -> bool {
         let deadline = far_instant_after(within);
         loop {
             let notified = self.changed.notified();
-            if enough(&self.state.lock().table) {
+            if done() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -493,27 +507,32 @@ impl Membership {
     pub(in crate::node) async fn leave(&self, within: Duration) -> bool {
         self.leaving.store(true, Relaxed);
         let (id, msg) = self.hello_envelope(Kind::Hello, Id::NIL);
-        *self.leave_hello.lock() = Some(id);
-        let dealers: Vec<Arc<Dealer>> = self
-            .state
-            .lock()
-            .table
-            .dealers()
-            .filter(|d| d.is_connected())
-            .cloned()
-            .collect();
-        let mut expected = 0;
-        for d in &dealers {
-            expected += d.try_send(msg.clone()).is_ok() as usize;
-        }
-        let deadline = far_instant_after(within);
-        loop {
-            let notified = self.changed.notified();
-            if self.leave_acks.load(Relaxed) >= expected {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
+        let waiting: HashSet<Endpoint> = {
+            let st = self.state.lock();
+            st.table
+                .connected_dealers()
+                .filter(|(_, d)| d.try_send(msg.clone()).is_ok())
+                .map(|(e, _)| e.clone())
+                .collect()
+        };
+        *self.leave_hello.lock() = Some((id, waiting));
+        self.wait_for(within, || {
+            self.leave_hello
+                .lock()
+                .as_ref()
+                .is_none_or(|(_, waiting)| waiting.is_empty())
+        })
+        .await
+    }
+
+    /// A HELLO-ACK for `correlation` came on our DEALER to `endpoint`: if it
+    /// acknowledges our leaving, that peer knows.
+    pub(super) fn leave_acknowledged(&self, endpoint: &Endpoint, correlation: Id) {
+        let mut leave = self.leave_hello.lock();
+        if let Some((id, waiting)) = leave.as_mut() {
+            if *id == correlation && waiting.remove(endpoint) && waiting.is_empty() {
+                drop(leave);
+                self.changed.notify_waiters();
             }
         }
     }

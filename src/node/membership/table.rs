@@ -143,6 +143,14 @@ impl PeerTable {
         self.links.values().map(|l| &l.dealer)
     }
 
+    /// The DEALERs connected now, with their endpoints.
+    pub(super) fn connected_dealers(&self) -> impl Iterator<Item = (&Endpoint, &Arc<Dealer>)> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.dealer.is_connected())
+            .map(|(e, l)| (e, &l.dealer))
+    }
+
     /// Peers known (connected or not).
     pub(super) fn len(&self) -> usize {
         self.by_id.len()
@@ -337,7 +345,9 @@ impl PeerTable {
         self.by_id
             .values()
             .filter(|p| {
-                p.info.connected
+                // A leaving node is not counted on to answer.
+                !p.info.leaving
+                    && p.info.connected
                     && p.info
                         .methods
                         .get(target)
@@ -412,10 +422,12 @@ impl PeerTable {
             .by_id
             .values()
             .filter(|p| {
-                p.info
-                    .gathers
-                    .get(topic)
-                    .is_some_and(|v| wanted.is_none_or(|w| v.serves(w)))
+                // A leaving node is not counted on to answer.
+                !p.info.leaving
+                    && p.info
+                        .gathers
+                        .get(topic)
+                        .is_some_and(|v| wanted.is_none_or(|w| v.serves(w)))
                     && listening.contains(&p.info.id)
             })
             .map(|p| (p.info.id, p.info.name.clone()))
