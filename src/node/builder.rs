@@ -136,13 +136,16 @@ impl NodeBuilder {
         self
     }
 
-    /// Deadline of calls that set none (default 5 s).
+    /// Deadline of calls that set none and whose service has none of its own
+    /// ([`ServicePolicy::timeout`]) (default 5 s).
     pub fn default_timeout(mut self, t: Duration) -> Self {
         self.default_timeout = t;
         self
     }
 
-    /// How long [`Node::shutdown`] lets in-flight handlers finish (default 5 s).
+    /// How long [`Node::shutdown`] may take in all (default 5 s): telling the peers it is
+    /// leaving (at most 1 s), serving what they sent before they knew (at most 500 ms),
+    /// and letting the handlers in flight finish with what is left.
     pub fn drain_timeout(mut self, t: Duration) -> Self {
         self.drain_timeout = t;
         self
@@ -210,7 +213,8 @@ impl NodeBuilder {
         self
     }
 
-    /// How the circuit breaker of each service instance this node calls judges it (see
+    /// How the circuit breaker of each service instance this node calls judges it,
+    /// unless its service sets its own ([`ServicePolicy::breaker`]; see
     /// [`BreakerConfig`] for the defaults). On by default.
     pub fn breakers(mut self, config: BreakerConfig) -> Self {
         self.breakers = Some(config);
@@ -232,13 +236,15 @@ impl NodeBuilder {
         self
     }
 
-    /// How calls choose among the instances of a service (default round robin).
+    /// How calls choose among the instances of a service that sets no policy of its own
+    /// (default round robin).
     pub fn balancing(mut self, balancing: Balancing) -> Self {
         self.balancing = balancing;
         self
     }
 
-    /// No circuit breakers: every call goes to an instance, however it has fared.
+    /// No circuit breakers for services that do not set their own
+    /// ([`ServicePolicy::breaker`]): every call goes to an instance, however it has fared.
     pub fn no_breakers(mut self) -> Self {
         self.breakers = None;
         self

@@ -56,7 +56,8 @@ pub(super) struct Call<'a, T: ?Sized> {
     /// The request, encoded once the call is admitted (a stopped node refuses before any
     /// user serialisation code runs).
     pub(super) req: &'a T,
-    /// The caller's deadline; the node's default when `None`.
+    /// The caller's deadline; its service's, else the node's default, when `None`
+    /// (gathers: the node's).
     pub(super) timeout: Option<Duration>,
     pub(super) version: Option<Version>,
     pub(super) headers: BTreeMap<String, String>,
@@ -107,7 +108,8 @@ struct Admitted<'a> {
     style: Style,
     target: &'a str,
     payload: Bytes,
-    /// The deadline in force (the caller's or the node's default) and when it ends.
+    /// The deadline in force (the caller's, its service's or the node's, capped by a
+    /// handler's own) and when it ends.
     timeout: Duration,
     deadline: Instant,
     /// The caller's own deadline, if it set one.

@@ -11,7 +11,7 @@ use super::{Command, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, FLAG_RESERVED, MAX_COMM
 use crate::transport::error::ProtocolViolation;
 use crate::transport::Message;
 
-/// Limits the decoder enforces; a copy of the relevant part of [`SocketOptions`](super::SocketOptions).
+/// Limits the decoder enforces; a copy of the relevant part of [`SocketOptions`](crate::transport::SocketOptions).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
     /// Largest frame body accepted.
