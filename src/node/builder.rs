@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::admission::AdmitLimits;
 use super::balance::Balancing;
 use super::breaker::{BreakerConfig, Breakers};
 use super::bulkhead::{BulkheadConfig, Bulkheads};
@@ -20,7 +21,7 @@ use super::membership::{Local, Membership, MembershipLimits, Setup};
 use super::policy::{self, Policies, ServicePolicy};
 use super::pubsub::{self, PubSub};
 use super::registry::Registry;
-use super::respond::{AdmitLimits, Responder};
+use super::respond::Responder;
 use super::{Core, Lifecycle, Node, NodeError};
 use crate::codec::Id;
 use crate::discovery::{Announcement, DnsSeed, Mdns, MdnsConfig};

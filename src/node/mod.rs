@@ -53,6 +53,7 @@
 //! polled once where its request arrives (most finish there, with no task hop) and, if
 //! it awaits, goes on in its own task under the caller's deadline.
 
+mod admission;
 mod balance;
 mod breaker;
 mod builder;

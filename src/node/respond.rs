@@ -15,9 +15,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::admission::{Admission, AdmitLimits, Caller};
 use super::frames;
 use super::registry::{Context, ErasedHandler};
 use parking_lot::Mutex;
@@ -198,134 +198,6 @@ impl Undelivered {
     }
 }
 
-/// What one caller (a ROUTER connection, and the address it comes from) may hold in
-/// handlers that await; see [`Admission`].
-#[derive(Debug, Clone, Copy)]
-pub(super) struct AdmitLimits {
-    /// Handlers that await, per caller connection.
-    pub per_connection: usize,
-    /// Handlers that await, per caller address (IPv6: per /64).
-    pub per_source: usize,
-    /// Request bytes held by handlers that await, all callers together; a quarter of it
-    /// per caller address.
-    pub bytes: usize,
-}
-
-/// Handlers that await, counted per caller connection and per caller address, and the
-/// bytes of their requests (per address and in total): so that no caller, however many
-/// connections it opens, can take every handler slot, and requests waiting on slow
-/// handlers cannot hold unbounded memory. Counted only for handlers that await: one that
-/// finishes when first polled holds nothing.
-struct Admission {
-    limits: AdmitLimits,
-    /// Handlers that await, all callers; while low enough, no caller can be at a limit
-    /// and the maps are not even looked at (the common case costs two atomic loads).
-    running: AtomicUsize,
-    bytes: AtomicUsize,
-    counts: Mutex<Counts>,
-    refused: AtomicU64,
-}
-
-#[derive(Default)]
-struct Counts {
-    by_connection: HashMap<Bytes, usize>,
-    /// Handlers and request bytes per caller address.
-    by_source: HashMap<IpAddr, (usize, usize)>,
-}
-
-/// Who a request came from, for [`Admission`]: its ROUTER connection and address.
-struct Caller {
-    identity: Bytes,
-    source: Option<IpAddr>,
-}
-
-impl Admission {
-    fn per_source_bytes(&self) -> usize {
-        self.limits.bytes / 4
-    }
-
-    /// Whether a handler for a request of `len` bytes from `caller` (none: a gather
-    /// request on our DEALER) may start. A request larger than a bound is still admitted
-    /// when its caller (or everyone) holds nothing, as queues admit one message larger
-    /// than their bound.
-    fn admits(&self, caller: Option<&Caller>, len: usize) -> bool {
-        let bytes = self.bytes.load(Relaxed);
-        if bytes > 0 && bytes + len > self.limits.bytes {
-            return false;
-        }
-        let Some(caller) = caller else {
-            return true;
-        };
-        let l = &self.limits;
-        if self.running.load(Relaxed) < l.per_connection.min(l.per_source)
-            && bytes + len <= self.per_source_bytes()
-        {
-            return true;
-        }
-        let counts = self.counts.lock();
-        let conn = counts.by_connection.get(&caller.identity).copied();
-        if conn.unwrap_or(0) >= l.per_connection {
-            return false;
-        }
-        match caller.source.and_then(|s| counts.by_source.get(&s)) {
-            Some(&(n, b)) => n < l.per_source && (b == 0 || b + len <= self.per_source_bytes()),
-            None => true,
-        }
-    }
-
-    fn started(self: &Arc<Self>, caller: Option<Caller>, len: usize) -> Running {
-        self.running.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(len, Relaxed);
-        if let Some(c) = &caller {
-            let mut counts = self.counts.lock();
-            *counts.by_connection.entry(c.identity.clone()).or_default() += 1;
-            if let Some(s) = c.source {
-                let e = counts.by_source.entry(s).or_default();
-                e.0 += 1;
-                e.1 += len;
-            }
-        }
-        Running {
-            counts: self.clone(),
-            caller,
-            len,
-        }
-    }
-}
-
-/// One handler that awaits, counted against its caller until dropped.
-struct Running {
-    counts: Arc<Admission>,
-    caller: Option<Caller>,
-    len: usize,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.counts.running.fetch_sub(1, Relaxed);
-        self.counts.bytes.fetch_sub(self.len, Relaxed);
-        let Some(c) = &self.caller else {
-            return;
-        };
-        let mut counts = self.counts.counts.lock();
-        if let Some(n) = counts.by_connection.get_mut(&c.identity) {
-            *n -= 1;
-            if *n == 0 {
-                counts.by_connection.remove(&c.identity);
-            }
-        }
-        if let Some(s) = c.source {
-            if let Some(e) = counts.by_source.get_mut(&s) {
-                e.0 -= 1;
-                e.1 -= self.len;
-                if e.0 == 0 {
-                    counts.by_source.remove(&s);
-                }
-            }
-        }
-    }
-}
-
 /// The requests whose handlers await, by caller connection and request id, so that a
 /// CANCEL from that connection can stop one. Bounded by the handlers running.
 #[derive(Default)]
@@ -376,13 +248,7 @@ impl Responder {
     pub(super) fn new(node_id: Id, max_in_flight: usize, limits: AdmitLimits) -> Self {
         Responder {
             node_id,
-            admission: Arc::new(Admission {
-                limits,
-                running: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                counts: Mutex::new(Counts::default()),
-                refused: AtomicU64::new(0),
-            }),
+            admission: Arc::new(Admission::new(limits)),
             cancels: Arc::default(),
             slots: Arc::new(Semaphore::new(max_in_flight)),
             tasks: TaskTracker::new(),
@@ -450,7 +316,7 @@ impl Responder {
     /// or address) had as many handlers or request bytes held as it may, or all callers
     /// together did.
     pub(super) fn overloaded(&self) -> u64 {
-        self.admission.refused.load(Relaxed)
+        self.admission.refused()
     }
 
     /// The caller on ROUTER connection `identity` gave up on its request `id`: its
@@ -510,7 +376,7 @@ impl Responder {
         };
         let len = env.payload.len();
         if !self.admission.admits(caller.as_ref(), len) {
-            self.admission.refused.fetch_add(1, Relaxed);
+            self.admission.refuse();
             debug!(target = ?env.header.target, "not run: its caller holds as many handlers or bytes as it may");
             if env.header.kind != Kind::Notification {
                 let msg = "too many requests of this caller are running; retry later";
