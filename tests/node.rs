@@ -598,6 +598,10 @@ async fn a_request_whose_deadline_passed_while_queued_is_not_run() {
         within("the late call's timeout", late.recv()).await,
         Err(CallError::Timeout { .. })
     ));
+    // The server counts the deadline from the request's arrival, a little after the
+    // client started its clock: let the deadline pass on the server's clock too (time
+    // passing is what this test is about).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     gate.add_permits(1);
     within("the holder", holder.recv()).await.unwrap();
     wait_until("counted as expired", || server.stats().expired == 1).await;
