@@ -17,18 +17,6 @@ use support::*;
 
 const BOUND: Duration = Duration::from_secs(15);
 
-/// Whether `python3` can import zmq and msgpack; why not, if not.
-fn python_missing() -> Option<String> {
-    match Command::new("python3")
-        .args(["-c", "import zmq, msgpack"])
-        .output()
-    {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-        Err(e) => Some(format!("python3: {e}")),
-    }
-}
-
 /// A Rust node serving `rust.echo`, `rust.note` (counted) and the gather `rust.ping`.
 async fn rust_node(name: &'static str, peers: &[String], notes: Arc<AtomicUsize>) -> Node {
     let node = start_node(name, peers).await;
@@ -69,11 +57,7 @@ fn json_line(l: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_node_is_a_full_member() {
-    if let Some(why) = python_missing() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the Python node test cannot run: {why}");
-        }
-        eprintln!("SKIPPED: the Python node test needs python3 with pyzmq and msgpack ({why})");
+    if !python_ready("the Python node test") {
         return;
     }
     init_tracing();

@@ -81,6 +81,27 @@ pub enum ProtocolViolation {
     /// The peer sent an ERROR command.
     #[error("peer sent ERROR: {0}")]
     PeerError(String),
+    /// The peer announced another security mechanism than ours (NULL against CURVE).
+    #[error("the peer uses the {theirs} security mechanism, this socket {ours}")]
+    MechanismMismatch {
+        /// Ours.
+        ours: &'static str,
+        /// Theirs.
+        theirs: String,
+    },
+    /// A CURVE command or boxed frame has the wrong shape or size.
+    #[error("malformed CURVE traffic: {0}")]
+    CurveMalformed(&'static str),
+    /// A CURVE box did not open, or opened to the wrong content: the peer does not hold
+    /// the key it claims, or the bytes were altered.
+    #[error("CURVE authentication failed: {0}")]
+    CurveCrypto(&'static str),
+    /// A CURVE nonce did not increase (a replayed or reordered frame).
+    #[error("CURVE nonce not increasing (replayed or reordered)")]
+    CurveNonce,
+    /// The client's long-term key is not one this server accepts.
+    #[error("client key not authorized")]
+    NotAuthorized,
     /// The greeting did not arrive in time.
     #[error("greeting not received within the greeting timeout")]
     GreetingTimeout,
@@ -124,6 +145,11 @@ impl ProtocolViolation {
             ProtocolViolation::InvalidIdentity => "invalid_identity",
             ProtocolViolation::TooManySubscriptions { .. } => "too_many_subscriptions",
             ProtocolViolation::PeerError(_) => "peer_error",
+            ProtocolViolation::MechanismMismatch { .. } => "mechanism_mismatch",
+            ProtocolViolation::CurveMalformed(_) => "curve_malformed",
+            ProtocolViolation::CurveCrypto(_) => "curve_crypto",
+            ProtocolViolation::CurveNonce => "curve_nonce",
+            ProtocolViolation::NotAuthorized => "not_authorized",
             ProtocolViolation::GreetingTimeout => "greeting_timeout",
             ProtocolViolation::HandshakeTimeout => "handshake_timeout",
             ProtocolViolation::HeartbeatTimeout => "heartbeat_timeout",

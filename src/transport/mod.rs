@@ -43,6 +43,7 @@
 //! ARCHITECTURE.md for the task layout.
 
 mod conn;
+pub mod curve;
 mod dealer;
 mod endpoint;
 mod error;

@@ -28,6 +28,7 @@ use super::wire::DecodeLimits;
 /// | `reconnect_initial` / `reconnect_max` | 100 ms / 5 s, with jitter |
 /// | `linger` | 1 s |
 /// | `max_subscriptions` / `max_subscription_bytes` | 10 000 / 1 MiB per subscriber |
+/// | `curve` | `None` (the NULL mechanism) |
 ///
 /// Build one from the defaults with the `with_*` setters (new options may be added, so
 /// outside this crate it cannot be written as a struct literal):
@@ -105,6 +106,10 @@ pub struct SocketOptions {
     /// Identity announced in READY (DEALER, SUB); `None` lets the ROUTER assign one.
     /// 1 to 255 bytes, not starting with a zero byte.
     pub identity: Option<Bytes>,
+    /// The CURVE mechanism (authenticated, encrypted connections; see
+    /// [`curve`](super::curve)); `None`: the NULL mechanism, as ZeroMQ's default. A
+    /// socket with CURVE refuses peers without it, and the other way round.
+    pub curve: Option<super::curve::Curve>,
     /// Most topic prefixes one subscriber may hold on a PUB.
     pub max_subscriptions: usize,
     /// Most bytes of topic prefixes one subscriber may hold on a PUB.
@@ -137,6 +142,7 @@ impl Default for SocketOptions {
             reconnect_max: Duration::from_secs(5),
             linger: Duration::from_secs(1),
             identity: None,
+            curve: None,
             max_subscriptions: 10_000,
             max_subscription_bytes: 1 << 20,
         }
@@ -289,6 +295,13 @@ impl SocketOptions {
     #[must_use]
     pub fn with_identity(mut self, v: Option<Bytes>) -> Self {
         self.identity = v;
+        self
+    }
+
+    /// Sets [`curve`](Self::curve) (default `None`: the NULL mechanism).
+    #[must_use]
+    pub fn with_curve(mut self, v: Option<super::curve::Curve>) -> Self {
+        self.curve = v;
         self
     }
 

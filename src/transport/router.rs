@@ -22,6 +22,8 @@ struct Route {
     out: Arc<Queue<OutItem>>,
     addr: SocketAddr,
     alive: Arc<AtomicBool>,
+    /// With CURVE: the client's long-term public key, as its handshake proved it.
+    key: Option<[u8; 32]>,
 }
 
 struct RouterRole {
@@ -76,6 +78,7 @@ impl Role for RouterRole {
                 out: out.clone(),
                 addr: peer.addr,
                 alive: Arc::new(AtomicBool::new(true)),
+                key: peer.curve_key,
             },
         );
         Ok(Attached {
@@ -281,6 +284,13 @@ impl Router {
     /// The address of the connected peer with `identity`, if any.
     pub fn peer_addr(&self, identity: &[u8]) -> Option<SocketAddr> {
         self.role.routes.lock().get(identity).map(|r| r.addr)
+    }
+
+    /// With CURVE, the long-term public key the peer connected as `identity` proved in
+    /// its handshake (what to attribute its messages to); `None` without CURVE or if no
+    /// such peer is connected.
+    pub fn peer_key(&self, identity: &[u8]) -> Option<[u8; 32]> {
+        self.role.routes.lock().get(identity).and_then(|r| r.key)
     }
 
     /// Closes the connection of one peer, after flushing what is queued for it (at most

@@ -444,6 +444,24 @@ pub fn lan_unavailable() -> Option<String> {
 
 /// Skips the calling test (returns `None`) when a LAN cannot be built, saying why; with
 /// CI=true that is a failure instead, so CI never passes by skipping.
+/// Whether `python3` can import zmq and msgpack here. If not, says that `what` was
+/// skipped, or, with CI=true (where `.ci/run` installs them), fails.
+pub fn python_ready(what: &str) -> bool {
+    let why = match std::process::Command::new("python3")
+        .args(["-c", "import zmq, msgpack"])
+        .output()
+    {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("python3: {e}"),
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} cannot run: {why}");
+    }
+    eprintln!("SKIPPED: {what} needs python3 with pyzmq and msgpack ({why})");
+    false
+}
+
 pub fn lan_or_skip(hosts: usize) -> Option<Lan> {
     if let Some(why) = lan_unavailable() {
         if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {

@@ -1,5 +1,7 @@
-//! The handshake: our greeting and READY, the peer's greeting and READY, checked
-//! against our socket type; and how a failed handshake is reported.
+//! The handshake: our greeting, the peer's, then the mechanism's exchange (NULL: READY
+//! both ways; CURVE: HELLO, WELCOME, INITIATE, READY, see [`crate::transport::curve`]),
+//! the peer's metadata checked against our socket type; and how a failed handshake is
+//! reported.
 //!
 //! It never reads past the peer's READY into a buffer it drops: bytes that arrive with
 //! the READY are handed on to the connection loop. It never waits without a bound (the
@@ -15,11 +17,17 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::warn;
 
+use crate::transport::curve::{
+    ClientHandshake, Curve, CurveSession, ServerHandshake, MECHANISM_CURVE,
+};
 use crate::transport::error::{CloseReason, ProtocolViolation};
 use crate::transport::events::SocketEvent;
 use crate::transport::wire::{
-    check_greeting_prefix, encode_greeting, parse_greeting, Command, Decoded, Decoder, GREETING_LEN,
+    check_greeting_prefix, encode_frame_header, encode_greeting_with, encode_metadata,
+    parse_greeting_any, parse_metadata, Command, Decoded, Decoder, FLAG_COMMAND, GREETING_LEN,
+    MECHANISM_NULL,
 };
+use crate::transport::Endpoint;
 
 use super::{PeerInfo, Shared, READ_MIN};
 
@@ -35,25 +43,38 @@ pub(super) fn handshake_failed(shared: &Shared, addr: SocketAddr, reason: CloseR
     shared.emit(SocketEvent::HandshakeFailed { addr, reason });
 }
 
-/// Greeting and READY exchange. Returns the peer's details and any bytes it sent after
-/// its READY (which belong to the first messages).
+/// What a completed handshake gives the connection: the peer's details, any bytes it
+/// sent after its last handshake command (they belong to the first messages), and with
+/// CURVE the session that boxes and unboxes every frame from now on.
+pub(super) struct Handshaken {
+    pub peer: PeerInfo,
+    pub rbuf: BytesMut,
+    pub curve: Option<CurveSession>,
+}
+
+/// The handshake of a connection we accepted (`dialled: None`) or dialled.
 pub(super) async fn handshake(
     stream: &mut TcpStream,
     shared: &Shared,
-) -> Result<(PeerInfo, BytesMut), CloseReason> {
+    dialled: Option<&Endpoint>,
+) -> Result<Handshaken, CloseReason> {
     let addr = stream.peer_addr()?;
-    // Greeting and READY go out together: with the NULL mechanism nothing we send depends
-    // on the peer's greeting, and this saves a round trip.
+    let curve = shared.opts.curve.as_ref();
+    let ours: &[u8] = if curve.is_some() {
+        MECHANISM_CURVE
+    } else {
+        MECHANISM_NULL
+    };
     let mut out = BytesMut::with_capacity(128);
-    out.put_slice(&encode_greeting(false));
-    let mut props = vec![(
-        "Socket-Type".to_string(),
-        Bytes::from_static(shared.socket_type.as_str().as_bytes()),
-    )];
-    if let Some(id) = &shared.opts.identity {
-        props.push(("Identity".to_string(), id.clone()));
+    out.put_slice(&encode_greeting_with(
+        ours,
+        dialled.is_none() && curve.is_some(),
+    ));
+    if curve.is_none() {
+        // Greeting and READY go out together: with the NULL mechanism nothing we send
+        // depends on the peer's greeting, and this saves a round trip.
+        Command::Ready(our_metadata(shared)).encode(&mut out);
     }
-    Command::Ready(props).encode(&mut out);
     stream.write_all(&out).await?;
 
     let mut g = [0u8; GREETING_LEN];
@@ -72,8 +93,26 @@ pub(super) async fn handshake(
     timeout(shared.opts.greeting_timeout, read_greeting)
         .await
         .unwrap_or(Err(ProtocolViolation::GreetingTimeout.into()))?;
-    let greeting = parse_greeting(&g)?;
-    match ready_exchange(stream, shared, addr, greeting.minor).await {
+    let exchange = async {
+        let greeting = parse_greeting_any(&g)?;
+        if greeting.mechanism != ours {
+            return Err(ProtocolViolation::MechanismMismatch {
+                ours: if curve.is_some() { "CURVE" } else { "NULL" },
+                theirs: String::from_utf8_lossy(&greeting.mechanism).into_owned(),
+            }
+            .into());
+        }
+        match curve {
+            None => ready_exchange(stream, shared, addr, greeting.minor).await,
+            Some(c) => match dialled {
+                Some(endpoint) => {
+                    curve_client(stream, shared, c, endpoint, addr, greeting.minor).await
+                }
+                None => curve_server(stream, shared, c, addr, greeting.minor).await,
+            },
+        }
+    };
+    match exchange.await {
         Err(CloseReason::Violation(v)) => {
             // The peer speaks ZMTP: tell it why, as the spec asks, before closing.
             let mut out = BytesMut::new();
@@ -85,13 +124,111 @@ pub(super) async fn handshake(
     }
 }
 
-/// Reads the peer's READY and checks its properties.
+/// The metadata our READY (or CURVE's INITIATE and READY) carries.
+fn our_metadata(shared: &Shared) -> Vec<(String, Bytes)> {
+    let mut props = vec![(
+        "Socket-Type".to_string(),
+        Bytes::from_static(shared.socket_type.as_str().as_bytes()),
+    )];
+    if let Some(id) = &shared.opts.identity {
+        props.push(("Identity".to_string(), id.clone()));
+    }
+    props
+}
+
+/// Reads the next handshake command's body (CURVE's commands are not ZMTP's own).
+async fn read_command(
+    stream: &mut TcpStream,
+    dec: &mut Decoder,
+    rbuf: &mut BytesMut,
+) -> Result<Bytes, CloseReason> {
+    loop {
+        if let Some(body) = dec.decode_command_body(rbuf)? {
+            return Ok(body);
+        }
+        rbuf.reserve(dec.wanted(rbuf.len()).clamp(64, READ_MIN));
+        if stream.read_buf(rbuf).await? == 0 {
+            return Err(CloseReason::PeerClosed);
+        }
+    }
+}
+
+async fn write_command(stream: &mut TcpStream, body: &[u8]) -> Result<(), CloseReason> {
+    let mut out = BytesMut::with_capacity(9 + body.len());
+    encode_frame_header(&mut out, FLAG_COMMAND, body.len());
+    out.put_slice(body);
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+fn metadata_bytes(shared: &Shared) -> BytesMut {
+    let mut m = BytesMut::new();
+    encode_metadata(&our_metadata(shared), &mut m);
+    m
+}
+
+/// CURVE as the client: HELLO, WELCOME, INITIATE, READY.
+async fn curve_client(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    curve: &Curve,
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    minor: u8,
+) -> Result<Handshaken, CloseReason> {
+    let server = curve
+        .server_key_for(endpoint)
+        .ok_or(ProtocolViolation::CurveMalformed(
+            "no server key known for this endpoint",
+        ))?;
+    let mut hs = ClientHandshake::new(&curve.keys, server);
+    let (mut dec, mut rbuf) = (Decoder::commands_only(), BytesMut::with_capacity(512));
+    write_command(stream, &hs.hello()).await?;
+    hs.welcome(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    write_command(stream, &hs.initiate(&metadata_bytes(shared))?).await?;
+    let (metadata, session) = hs.ready(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    let peer = peer_info(shared, addr, minor, parse_metadata(metadata)?)?;
+    Ok(Handshaken {
+        peer,
+        rbuf,
+        curve: Some(session),
+    })
+}
+
+/// CURVE as the server: HELLO, WELCOME, INITIATE, then READY if the client's key is
+/// accepted (an ERROR, in clear, if not).
+async fn curve_server(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    curve: &Curve,
+    addr: SocketAddr,
+    minor: u8,
+) -> Result<Handshaken, CloseReason> {
+    let mut hs = ServerHandshake::new(&curve.keys);
+    let (mut dec, mut rbuf) = (Decoder::commands_only(), BytesMut::with_capacity(512));
+    let welcome = hs.hello(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    write_command(stream, &welcome).await?;
+    let (client, metadata) = hs.initiate(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    if !curve.allows(&client) {
+        return Err(ProtocolViolation::NotAuthorized.into());
+    }
+    let peer = peer_info(shared, addr, minor, parse_metadata(metadata)?)?;
+    let (ready, session) = hs.ready(&metadata_bytes(shared), client)?;
+    write_command(stream, &ready).await?;
+    Ok(Handshaken {
+        peer,
+        rbuf,
+        curve: Some(session),
+    })
+}
+
+/// Reads the peer's READY (the NULL mechanism) and checks its properties.
 async fn ready_exchange(
     stream: &mut TcpStream,
     shared: &Shared,
     addr: SocketAddr,
     minor: u8,
-) -> Result<(PeerInfo, BytesMut), CloseReason> {
+) -> Result<Handshaken, CloseReason> {
     let mut dec = Decoder::commands_only();
     let mut rbuf = BytesMut::with_capacity(512);
     let props = loop {
@@ -113,6 +250,21 @@ async fn ready_exchange(
             return Err(CloseReason::PeerClosed);
         }
     };
+    let peer = peer_info(shared, addr, minor, props)?;
+    Ok(Handshaken {
+        peer,
+        rbuf,
+        curve: None,
+    })
+}
+
+/// The peer as its metadata describes it, if its socket type can talk to ours.
+fn peer_info(
+    shared: &Shared,
+    addr: SocketAddr,
+    minor: u8,
+    props: Vec<(String, Bytes)>,
+) -> Result<PeerInfo, ProtocolViolation> {
     let prop = |name: &str| {
         props
             .iter()
@@ -125,17 +277,14 @@ async fn ready_exchange(
         return Err(ProtocolViolation::IncompatibleSocketType {
             ours: shared.socket_type.as_str(),
             theirs: socket_type,
-        }
-        .into());
+        });
     }
     let identity = prop("Identity").unwrap_or_default();
-    Ok((
-        PeerInfo {
-            addr,
-            minor,
-            socket_type,
-            identity,
-        },
-        rbuf,
-    ))
+    Ok(PeerInfo {
+        addr,
+        minor,
+        socket_type,
+        identity,
+        curve_key: None,
+    })
 }

@@ -46,7 +46,7 @@ use super::inbox::Intake;
 use super::options::SocketOptions;
 use super::queue::{Cost, Queue};
 use super::wire::Command;
-use super::{Message, SocketType};
+use super::{Endpoint, Message, SocketType};
 
 pub(crate) use spawn::{spawn_connector, spawn_listener};
 pub(crate) use subscriptions::Subscriptions;
@@ -137,6 +137,8 @@ pub(crate) struct PeerInfo {
     pub minor: u8,
     pub socket_type: String,
     pub identity: Bytes,
+    /// With CURVE: the peer's long-term public key, as the handshake proved it.
+    pub curve_key: Option<[u8; 32]>,
 }
 
 /// The per-socket-type part of a connection's life.
@@ -414,16 +416,24 @@ pub(crate) async fn serve(
     shared: &Arc<Shared>,
     role: &dyn Role,
     admitted: Option<&mut spawn::Admitted>,
+    dialled: Option<&Endpoint>,
 ) -> bool {
     let _ = stream.set_nodelay(true);
     let hs = tokio::select! {
         _ = shared.cancel.cancelled() => Err(CloseReason::Shutdown),
-        r = timeout(shared.opts.handshake_timeout, handshake(&mut stream, shared)) => {
+        r = timeout(shared.opts.handshake_timeout, handshake(&mut stream, shared, dialled)) => {
             r.unwrap_or(Err(ProtocolViolation::HandshakeTimeout.into()))
         }
     };
-    let (peer, rbuf) = match hs {
-        Ok(ok) => ok,
+    let (peer, rbuf, curve) = match hs {
+        Ok(h) => (
+            PeerInfo {
+                curve_key: h.curve.as_ref().map(|c| c.peer_key()),
+                ..h.peer
+            },
+            h.rbuf,
+            h.curve,
+        ),
         Err(reason) => {
             handshake_failed(shared, addr, reason);
             return false;
@@ -455,7 +465,7 @@ pub(crate) async fn serve(
     });
     let meter = Arc::new(Meter::default());
     shared.register(&attached.out, &meter);
-    let reason = run(stream, rbuf, &peer, shared, &attached, &meter).await;
+    let reason = run(stream, rbuf, &peer, shared, &attached, &meter, curve).await;
     shared.unregister(&attached.out, &meter);
     role.detach(&peer, &attached);
     shared.stats.disconnects.fetch_add(1, Relaxed);

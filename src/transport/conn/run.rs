@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::transport::curve::{CurveReader, CurveSession, MESSAGE_OVERHEAD};
 use crate::transport::error::{CloseReason, ProtocolViolation};
 use crate::transport::wire::{Command, Decoded, Decoder};
 use crate::transport::SocketType;
@@ -34,11 +35,26 @@ pub(super) async fn run(
     shared: &Shared,
     att: &Attached,
     meter: &Meter,
+    curve: Option<CurveSession>,
 ) -> CloseReason {
     let opts = &shared.opts;
     let (mut rd, mut wr) = stream.split();
-    let mut dec = Decoder::new(opts.decode_limits());
-    let mut w = Writer::new(peer.minor);
+    let (sealer, mut reader, mut dec) = match curve {
+        None => (None, None, Decoder::new(opts.decode_limits())),
+        Some(session) => {
+            // Boxed frames arrive one per outer frame, each a little larger than what it
+            // carries; the reader applies the socket's limits to what they carry.
+            let (sealer, opener) = session.split();
+            let mut outer = opts.decode_limits();
+            outer.max_frame_size = outer.max_frame_size.saturating_add(MESSAGE_OVERHEAD);
+            outer.max_message_size = outer.max_frame_size;
+            outer.max_frames = 1;
+            let reader =
+                CurveReader::new(opener, opts.max_message_size, opts.max_frames_per_message);
+            (Some(sealer), Some(reader), Decoder::new(outer))
+        }
+    };
+    let mut w = Writer::new(peer.minor, sealer);
     let mut pending: Option<Inbound> = None;
     // The read buffer has been past `READ_AHEAD_MAX` since it was last made fresh.
     let mut grown = false;
@@ -77,7 +93,11 @@ pub(super) async fn run(
         let mut received = 0u64;
         dec.copy_small_frames(grown);
         while pending.is_none() {
-            match dec.decode(&mut rbuf) {
+            let next = match &mut reader {
+                Some(r) => r.decode(&mut dec, &mut rbuf),
+                None => dec.decode(&mut rbuf),
+            };
+            match next {
                 Ok(None) => break,
                 Ok(Some(Decoded::Message(msg))) => {
                     received += 1;
@@ -189,7 +209,7 @@ pub(super) async fn run(
         // What this connection holds of a message still arriving: its buffer's capacity
         // (bytes reserved count as much as bytes read) and the complete frames of a
         // multipart message not finished yet.
-        let partial = dec.partial_bytes();
+        let partial = dec.partial_bytes() + reader.as_ref().map_or(0, |r| r.partial_bytes());
         let held = if grown { rbuf.capacity() } else { rbuf.len() } + partial;
         meter.report(shared, held, msg_start, pending.is_some());
         at_boundary = rbuf.is_empty() && partial == 0;

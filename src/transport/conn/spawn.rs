@@ -162,7 +162,7 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
             shared.stats.accepted.fetch_add(1, Relaxed);
             let (shared2, role2) = (shared.clone(), role.clone());
             shared.tracker.spawn(async move {
-                serve(stream, addr, &shared2, &*role2, Some(&mut admitted)).await;
+                serve(stream, addr, &shared2, &*role2, Some(&mut admitted), None).await;
                 drop(admitted);
             });
         }
@@ -196,7 +196,7 @@ pub(crate) fn spawn_connector(
             match res {
                 Ok(Ok((stream, addr))) => {
                     shared.stats.accepted.fetch_add(1, Relaxed);
-                    if serve(stream, addr, &shared, &*role, None).await {
+                    if serve(stream, addr, &shared, &*role, None, Some(&endpoint)).await {
                         delay = opts.reconnect_initial;
                     }
                 }

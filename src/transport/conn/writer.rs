@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::WriteHalf;
 use tokio::time::timeout;
 
+use crate::transport::curve::CurveSealer;
 use crate::transport::queue::{shrink_if_empty, Cost, Queue};
 use crate::transport::wire::{encode_frame_header, Command, FLAG_MORE};
 
@@ -37,10 +38,12 @@ pub(super) struct Writer {
     pub(super) appended: u64,
     pub(super) written: u64,
     minor: u8,
+    /// With CURVE: boxes every frame and command.
+    curve: Option<CurveSealer>,
 }
 
 impl Writer {
-    pub(super) fn new(minor: u8) -> Self {
+    pub(super) fn new(minor: u8, curve: Option<CurveSealer>) -> Self {
         Writer {
             chunks: VecDeque::new(),
             staging: BytesMut::new(),
@@ -49,6 +52,7 @@ impl Writer {
             appended: 0,
             written: 0,
             minor,
+            curve,
         }
     }
 
@@ -88,6 +92,15 @@ impl Writer {
 
     fn frame(&mut self, flags: u8, body: &Bytes) {
         let before = self.staging.len();
+        if let Some(c) = &mut self.curve {
+            // Boxed in place in the staging buffer: no zero-copy path under CURVE.
+            c.seal_frame(&mut self.staging, flags & FLAG_MORE != 0, body);
+            self.appended += (self.staging.len() - before) as u64;
+            if self.staging.len() >= ZERO_COPY_THRESHOLD {
+                self.flush_staging();
+            }
+            return;
+        }
         if self.staging.capacity() - before < 9 + ZERO_COPY_THRESHOLD {
             self.staging.reserve(9 + ZERO_COPY_THRESHOLD);
         }
@@ -103,7 +116,10 @@ impl Writer {
 
     pub(super) fn command(&mut self, c: &Command) {
         let before = self.staging.len();
-        c.encode(&mut self.staging);
+        match &mut self.curve {
+            Some(s) => s.seal_command(&mut self.staging, c),
+            None => c.encode(&mut self.staging),
+        }
         self.appended += (self.staging.len() - before) as u64;
     }
 

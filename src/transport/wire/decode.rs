@@ -114,6 +114,35 @@ impl Decoder {
     /// `Ok(None)` means more input is needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, ProtocolViolation> {
         loop {
+            let Some((flags, body)) = self.frame(buf)? else {
+                return Ok(None);
+            };
+            if flags & FLAG_COMMAND != 0 {
+                return Command::decode(body).map(|c| Some(Decoded::Command(c)));
+            }
+            self.message_bytes += body.len();
+            self.frames.push(body);
+            if flags & FLAG_MORE == 0 {
+                self.message_bytes = 0;
+                let msg: Message = self.frames.drain(..).collect();
+                return Ok(Some(Decoded::Message(msg)));
+            }
+        }
+    }
+
+    /// The next command frame's body, unparsed (for a handshake whose commands are the
+    /// mechanism's own, CURVE's). Meant for a [`commands_only`](Self::commands_only)
+    /// decoder, which refuses data frames at their header.
+    pub fn decode_command_body(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Bytes>, ProtocolViolation> {
+        Ok(self.frame(buf)?.map(|(_, body)| body))
+    }
+
+    /// Cuts the next complete frame out of `buf`: its flags and body.
+    fn frame(&mut self, buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, ProtocolViolation> {
+        {
             let (flags, len, hdr) = match self.pending {
                 Some((flags, len)) => (flags, len, header_len(flags)),
                 None => {
@@ -149,16 +178,7 @@ impl Decoder {
             } else {
                 buf.split_to(len).freeze()
             };
-            if flags & FLAG_COMMAND != 0 {
-                return Command::decode(body).map(|c| Some(Decoded::Command(c)));
-            }
-            self.frames.push(body);
-            self.message_bytes += len;
-            if flags & FLAG_MORE == 0 {
-                self.message_bytes = 0;
-                let msg: Message = self.frames.drain(..).collect();
-                return Ok(Some(Decoded::Message(msg)));
-            }
+            Ok(Some((flags, body)))
         }
     }
 

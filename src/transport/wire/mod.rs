@@ -32,7 +32,7 @@ const FLAG_RESERVED: u8 = !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND);
 /// subscriptions); a larger one is refused before it is buffered.
 pub const MAX_COMMAND_SIZE: usize = 64 * 1024;
 
-/// The security mechanism a greeting announces. Only NULL is implemented.
+/// The NULL security mechanism's name (CURVE's is in [`crate::transport::curve`]).
 pub const MECHANISM_NULL: &[u8] = b"NULL";
 
 /// What a peer announced in its greeting.
@@ -48,7 +48,8 @@ pub struct Greeting {
     pub as_server: bool,
 }
 
-/// Encodes our greeting: ZMTP 3.1, NULL mechanism.
+/// Encodes our greeting: ZMTP 3.1, NULL mechanism (see [`encode_greeting_with`] for
+/// another).
 ///
 /// ```
 /// use peerwire::transport::wire::{encode_greeting, parse_greeting};
@@ -57,12 +58,18 @@ pub struct Greeting {
 /// assert_eq!(parse_greeting(&g).unwrap().mechanism, b"NULL");
 /// ```
 pub fn encode_greeting(as_server: bool) -> [u8; GREETING_LEN] {
+    encode_greeting_with(MECHANISM_NULL, as_server)
+}
+
+/// Encodes our greeting: ZMTP 3.1 with `mechanism` (at most 20 bytes).
+pub fn encode_greeting_with(mechanism: &[u8], as_server: bool) -> [u8; GREETING_LEN] {
     let mut g = [0u8; GREETING_LEN];
     g[0] = 0xFF;
     g[9] = 0x7F;
     g[10] = 3;
     g[11] = 1;
-    g[12..12 + MECHANISM_NULL.len()].copy_from_slice(MECHANISM_NULL);
+    let m = &mechanism[..mechanism.len().min(20)];
+    g[12..12 + m.len()].copy_from_slice(m);
     g[32] = as_server as u8;
     g
 }
@@ -90,6 +97,18 @@ pub fn check_greeting_prefix(bytes: &[u8]) -> Result<(), ProtocolViolation> {
 
 /// Parses a complete greeting and checks that it announces ZMTP 3.x with NULL.
 pub fn parse_greeting(bytes: &[u8; GREETING_LEN]) -> Result<Greeting, ProtocolViolation> {
+    let g = parse_greeting_any(bytes)?;
+    if g.mechanism != MECHANISM_NULL {
+        return Err(ProtocolViolation::UnsupportedMechanism(
+            String::from_utf8_lossy(&g.mechanism).into_owned(),
+        ));
+    }
+    Ok(g)
+}
+
+/// Parses a complete greeting announcing ZMTP 3.x, whatever its mechanism (the caller
+/// checks it against its own).
+pub fn parse_greeting_any(bytes: &[u8; GREETING_LEN]) -> Result<Greeting, ProtocolViolation> {
     check_greeting_prefix(bytes)?;
     let major = bytes[10];
     let minor = bytes[11];
@@ -101,11 +120,6 @@ pub fn parse_greeting(bytes: &[u8; GREETING_LEN]) -> Result<Greeting, ProtocolVi
     let mech = &bytes[12..32];
     let end = mech.iter().position(|&b| b == 0).unwrap_or(mech.len());
     let mechanism = mech[..end].to_vec();
-    if mechanism != MECHANISM_NULL {
-        return Err(ProtocolViolation::UnsupportedMechanism(
-            String::from_utf8_lossy(&mechanism).into_owned(),
-        ));
-    }
     Ok(Greeting {
         major,
         minor,
@@ -203,6 +217,13 @@ impl Command {
     /// Encodes this command as a complete frame (header included) into `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         let mut body = BytesMut::new();
+        self.encode_body(&mut body);
+        encode_frame_header(out, FLAG_COMMAND, body.len());
+        out.put_slice(&body);
+    }
+
+    /// Encodes this command's body (name and data, no frame header) into `body`.
+    pub fn encode_body(&self, body: &mut BytesMut) {
         let mut name = |n: &[u8]| {
             body.put_u8(n.len() as u8);
             body.put_slice(n);
@@ -210,12 +231,7 @@ impl Command {
         match self {
             Command::Ready(props) => {
                 name(b"READY");
-                for (k, v) in props {
-                    body.put_u8(k.len() as u8);
-                    body.put_slice(k.as_bytes());
-                    body.put_u32(v.len() as u32);
-                    body.put_slice(v);
-                }
+                encode_metadata(props, body);
             }
             Command::Error(reason) => {
                 name(b"ERROR");
@@ -242,13 +258,22 @@ impl Command {
             }
             Command::Unknown(n) => name(&n.as_bytes()[..n.len().min(255)]),
         }
-        encode_frame_header(out, FLAG_COMMAND, body.len());
-        out.put_slice(&body);
+    }
+}
+
+/// Encodes metadata properties: `name-len(1) name value-len(4, BE) value`, repeated (as
+/// READY carries them, and CURVE's INITIATE and READY inside their boxes).
+pub fn encode_metadata(props: &[(String, Bytes)], out: &mut BytesMut) {
+    for (k, v) in props {
+        out.put_u8(k.len() as u8);
+        out.put_slice(k.as_bytes());
+        out.put_u32(v.len() as u32);
+        out.put_slice(v);
     }
 }
 
 /// Parses READY metadata: `name-len(1) name value-len(4, BE) value`, repeated.
-fn parse_metadata(mut body: Bytes) -> Result<Vec<(String, Bytes)>, ProtocolViolation> {
+pub fn parse_metadata(mut body: Bytes) -> Result<Vec<(String, Bytes)>, ProtocolViolation> {
     let mut props = Vec::new();
     while body.has_remaining() {
         let name_len = body.get_u8() as usize;
