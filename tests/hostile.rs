@@ -113,11 +113,17 @@ async fn unsupported_mechanism_and_version() {
     let (router, mut events) = router(test_opts()).await;
     let heap0 = heap_bytes();
     let mut g = encode_greeting(false);
-    g[12..17].copy_from_slice(b"CURVE");
+    g[12..17].copy_from_slice(b"PLAIN");
     let mut p = RawPeer::connect(router.local_addr()).await;
     p.send(&g).await.unwrap();
     let v = expect_failure(&mut events, "unsupported_mechanism").await;
-    assert_eq!(v, ProtocolViolation::UnsupportedMechanism("CURVE".into()));
+    assert_eq!(v, ProtocolViolation::UnsupportedMechanism("PLAIN".into()));
+    // CURVE is known, but this socket is not using it.
+    let mut g = encode_greeting(false);
+    g[12..17].copy_from_slice(b"CURVE");
+    let mut pc = RawPeer::connect(router.local_addr()).await;
+    pc.send(&g).await.unwrap();
+    expect_failure(&mut events, "mechanism_mismatch").await;
     let mut g = encode_greeting(false);
     g[10] = 2;
     let mut p2 = RawPeer::connect(router.local_addr()).await;

@@ -95,6 +95,12 @@ pub(super) async fn handshake(
         .unwrap_or(Err(ProtocolViolation::GreetingTimeout.into()))?;
     let exchange = async {
         let greeting = parse_greeting_any(&g)?;
+        if greeting.mechanism != MECHANISM_NULL && greeting.mechanism != MECHANISM_CURVE {
+            return Err(ProtocolViolation::UnsupportedMechanism(
+                String::from_utf8_lossy(&greeting.mechanism).into_owned(),
+            )
+            .into());
+        }
         if greeting.mechanism != ours {
             return Err(ProtocolViolation::MechanismMismatch {
                 ours: if curve.is_some() { "CURVE" } else { "NULL" },
