@@ -152,3 +152,38 @@ mod envelopes {
         }
     }
 }
+
+mod curve {
+    use super::*;
+    use peerwire::transport::curve::{ClientHandshake, CurveKeys, CurveReader, ServerHandshake};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Arbitrary bytes as any CURVE handshake command, at any step, or as boxed
+        /// frames after it: refused, never a panic, never accepted.
+        #[test]
+        fn forged_curve_traffic_is_refused(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
+            prop_assert!(ServerHandshake::new(&server).hello(&data).is_err());
+            let mut c = ClientHandshake::new(&client, server.public());
+            let mut s = ServerHandshake::new(&server);
+            let welcome = s.hello(&c.hello()).unwrap();
+            prop_assert!(s.initiate(&data).is_err());
+            prop_assert!(ClientHandshake::new(&client, server.public()).welcome(&data).is_err());
+            c.welcome(&welcome).unwrap();
+            prop_assert!(ClientHandshake::new(&client, server.public()).ready(&data).is_err());
+            let (who, _) = s.initiate(&c.initiate(b"").unwrap()).unwrap();
+            let (_, session) = s.ready(b"", who).unwrap();
+            let (_, opener) = session.split();
+            let mut r = CurveReader::new(opener, 1 << 16, 16);
+            let mut d = Decoder::new(DecodeLimits {
+                max_frame_size: (1 << 16) + 33,
+                max_message_size: (1 << 16) + 33,
+                max_frames: 1,
+            });
+            let mut buf = BytesMut::from(&data[..]);
+            prop_assert!(!matches!(r.decode(&mut d, &mut buf), Ok(Some(_))));
+        }
+    }
+}
