@@ -94,9 +94,18 @@ async fn raw_tcp(plan: &Plan, h: &mut Histogram<u64>) {
 
 async fn peerwire_pingpong(plan: &Plan, h: &mut Histogram<u64>) {
     let opts = SocketOptions::default().with_heartbeat_interval(None);
-    let router = Router::bind("tcp://127.0.0.1:0", opts.clone())
-        .await
-        .unwrap();
+    pingpong_with(plan, h, opts.clone(), opts).await
+}
+
+/// The ping-pong with these options for the ROUTER and the DEALER.
+async fn pingpong_with(
+    plan: &Plan,
+    h: &mut Histogram<u64>,
+    server: SocketOptions,
+    client: SocketOptions,
+) {
+    let opts = client;
+    let router = Router::bind("tcp://127.0.0.1:0", server).await.unwrap();
     let endpoint = format!("tcp://{}", router.local_addr());
     let server = tokio::spawn(async move {
         while let Ok((id, m)) = router.recv().await {
@@ -253,6 +262,57 @@ async fn latency(quick: bool) {
     }
 }
 
+/// CURVE against NULL: the round trip at each size, and a connection's set-up (connect,
+/// handshake, first round trip).
+async fn curve_cost(quick: bool) {
+    use peerwire::transport::curve::{Curve, CurveKeys};
+    let base = SocketOptions::default().with_heartbeat_interval(None);
+    let (sk, ck) = (CurveKeys::generate(), CurveKeys::generate());
+    let server = base.clone().with_curve(Some(Curve::new(sk.clone())));
+    let client = base
+        .clone()
+        .with_curve(Some(Curve::new(ck).server_key(sk.public())));
+    println!("| mechanism | size | p50 | p99 | p99.9 | max | p50 vs NULL |");
+    println!("|---|---|---|---|---|---|---|");
+    for plan in plans(quick) {
+        let (mut null, mut curve) = (hist(), hist());
+        for _ in 0..ROUNDS {
+            pingpong_with(&plan, &mut null, base.clone(), base.clone()).await;
+            pingpong_with(&plan, &mut curve, server.clone(), client.clone()).await;
+        }
+        let b = null.value_at_quantile(0.5);
+        println!("{}", row("NULL", plan.size, &null, b));
+        println!("{}", row("CURVE", plan.size, &curve, b));
+    }
+    // Set-up: a fresh DEALER each time, to its first reply.
+    let n = if quick { 20 } else { 200 };
+    let (mut null, mut curve) = (hist(), hist());
+    for (opts_s, opts_c, h) in [
+        (base.clone(), base.clone(), &mut null),
+        (server.clone(), client.clone(), &mut curve),
+    ] {
+        let router = Router::bind("tcp://127.0.0.1:0", opts_s).await.unwrap();
+        let endpoint = format!("tcp://{}", router.local_addr());
+        let echo = tokio::spawn(async move {
+            while let Ok((id, m)) = router.recv().await {
+                let _ = router.send(&id, m).await;
+            }
+        });
+        for _ in 0..n {
+            let t = Instant::now();
+            let d = Dealer::connect(&endpoint, opts_c.clone()).unwrap();
+            d.send(Message::from(Bytes::from_static(b"x"))).await.unwrap();
+            d.recv().await.unwrap();
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+            d.close().await;
+        }
+        echo.abort();
+    }
+    let b = null.value_at_quantile(0.5);
+    println!("{}", row("NULL: connect, handshake, first round trip", 1, &null, b));
+    println!("{}", row("CURVE: connect, handshake, first round trip", 1, &curve, b));
+}
+
 async fn throughput(quick: bool) {
     let n = if quick { 50_000 } else { 500_000 };
     println!("| implementation | msg/s | received | vs zeromq |");
@@ -297,6 +357,11 @@ fn main() {
             continue;
         }
         let rt = runtime(multi);
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("curve") {
+            println!("\n## CURVE against NULL, DEALER/ROUTER, {name} (µs)\n");
+            rt.block_on(curve_cost(quick));
+            continue;
+        }
         if !only_throughput {
             println!("\n## Round-trip latency, one message in flight, {name} (µs)\n");
             rt.block_on(latency(quick));
