@@ -301,7 +301,9 @@ async fn curve_cost(quick: bool) {
         for _ in 0..n {
             let t = Instant::now();
             let d = Dealer::connect(&endpoint, opts_c.clone()).unwrap();
-            d.send(Message::from(Bytes::from_static(b"x"))).await.unwrap();
+            d.send(Message::from(Bytes::from_static(b"x")))
+                .await
+                .unwrap();
             d.recv().await.unwrap();
             h.record(t.elapsed().as_nanos() as u64).unwrap();
             d.close().await;
@@ -309,8 +311,14 @@ async fn curve_cost(quick: bool) {
         echo.abort();
     }
     let b = null.value_at_quantile(0.5);
-    println!("{}", row("NULL: connect, handshake, first round trip", 1, &null, b));
-    println!("{}", row("CURVE: connect, handshake, first round trip", 1, &curve, b));
+    println!(
+        "{}",
+        row("NULL: connect, handshake, first round trip", 1, &null, b)
+    );
+    println!(
+        "{}",
+        row("CURVE: connect, handshake, first round trip", 1, &curve, b)
+    );
 }
 
 async fn throughput(quick: bool) {

@@ -145,6 +145,11 @@ enum Command {
         #[command(flatten)]
         net: cli::NodeArgs,
     },
+    /// CURVE key pairs: create one (`keys new NAME`), show a public key (`keys show FILE`).
+    Keys {
+        #[command(subcommand)]
+        what: cli::keys::KeysCommand,
+    },
     /// Connect to a ZMTP endpoint, complete the handshake, and print what the peer announced.
     Probe {
         /// Endpoint, e.g. tcp://127.0.0.1:5555.
@@ -239,6 +244,7 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             timeout_ms,
         } => probe(&endpoint, as_type, Duration::from_millis(timeout_ms)).await,
         Command::ZmtpEcho { bind } => echo(&bind).await,
+        Command::Keys { what } => cli::keys::run(&what),
         Command::Demo => cli::demo::run(demo_net.unwrap_or(Err("not the demo".into()))).await,
         Command::Node {
             name,

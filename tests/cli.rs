@@ -554,3 +554,33 @@ async fn a_flood_of_bad_messages_is_not_a_flood_of_log_lines() {
         "colour codes in a pipe"
     );
 }
+
+#[test]
+fn keys_are_made_shown_and_never_overwritten() {
+    let dir = std::env::temp_dir().join(format!("pw-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = dir.join("node");
+    let name = name.to_str().unwrap();
+    let made = ok_stdout(&peerwire(&["keys", "new", name]));
+    let public = made.trim();
+    assert_eq!(public.len(), 40, "{made}");
+    for file in [format!("{name}.key"), format!("{name}.key_secret")] {
+        assert_eq!(
+            ok_stdout(&peerwire(&["keys", "show", &file])).trim(),
+            public
+        );
+    }
+    // The secret file is the owner's only, and a second `new` does not replace it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(format!("{name}.key_secret"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(one_line_error(&peerwire(&["keys", "new", name])).contains("exists"));
+    assert!(
+        one_line_error(&peerwire(&["keys", "show", "/nonexistent/x.key"])).contains("No such file")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

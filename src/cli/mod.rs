@@ -5,6 +5,7 @@ pub mod demo;
 mod demo_resilience;
 pub mod doctor;
 pub mod isolate;
+pub mod keys;
 pub mod logging;
 mod presence;
 pub mod services;

@@ -1,0 +1,414 @@
+//! CURVE: ZeroMQ's security mechanism (ZMTP-CURVE, rfc.zeromq.org spec 25; CurveZMQ,
+//! spec 26), wire-compatible with libzmq. A connection is authenticated (each side proves
+//! it holds the secret key of the public key the other expects or accepts) and every
+//! frame after the handshake is encrypted and authenticated.
+//!
+//! This module owns the keys, the handshake's commands (built and checked, no I/O) and
+//! the boxing of frames once the handshake is done. It never touches a socket (the
+//! connection's handshake and loop do) and writes no cryptography: the boxes are
+//! RustCrypto's `crypto_box` (X25519, XSalsa20-Poly1305, as libsodium makes them) and the
+//! cookie its `crypto_secretbox`.
+//!
+//! Roles follow the connection: the side that accepted it is the CURVE server (it proves
+//! the key it is configured with and judges the client's), the side that dialled is the
+//! client (it must know the server's public key before it can say anything).
+//!
+//! On the wire, after both greetings announce `CURVE`:
+//!
+//! ```text
+//! client  HELLO     C' + Box[64 zero bytes](C'->S)
+//! server  WELCOME   Box[S' + cookie](S->C')          cookie = secretbox[C' + s'] (key K)
+//! client  INITIATE  cookie + Box[C + vouch + metadata](C'->S'),  vouch = Box[C' + S](C->S')
+//! server  READY     Box[metadata](S'->C')            (or ERROR, in clear)
+//! then    MESSAGE   nonce + Box[flags + frame](C'<->S'), one per frame, nonces rising
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use crypto_box::aead::generic_array::GenericArray;
+use crypto_box::aead::{AeadInPlace, OsRng};
+use crypto_box::{PublicKey, SalsaBox, SecretKey};
+
+use super::error::ProtocolViolation;
+use super::wire::{encode_frame_header, Command, Decoded, Decoder};
+use super::{Endpoint, Message};
+
+mod cert;
+mod handshake;
+
+pub use cert::{read_certificate, write_certificate, Certificate};
+pub use handshake::{ClientHandshake, ServerHandshake};
+
+/// The mechanism name a CURVE greeting announces.
+pub const MECHANISM_CURVE: &[u8] = b"CURVE";
+
+/// Bytes a boxed frame adds to the frame it carries: `\x07MESSAGE`, the nonce, the MAC
+/// and the flags byte.
+pub const MESSAGE_OVERHEAD: usize = 8 + 8 + 16 + 1;
+
+const MAC: usize = 16;
+const HELLO_LEN: usize = 200;
+const WELCOME_LEN: usize = 168;
+const INITIATE_MIN: usize = 257;
+const READY_MIN: usize = 30;
+const COOKIE_LEN: usize = 96;
+
+/// Inner flags of a boxed frame (inside the box, not the outer frame's flags).
+const INNER_MORE: u8 = 0x01;
+const INNER_COMMAND: u8 = 0x02;
+
+/// A long-term key pair (X25519). The secret never appears in `Debug` output.
+#[derive(Clone)]
+pub struct CurveKeys {
+    secret: SecretKey,
+    public: PublicKey,
+}
+
+impl fmt::Debug for CurveKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CurveKeys(public {})", encode_key(&self.public()))
+    }
+}
+
+impl CurveKeys {
+    /// A new key pair from the operating system's random source.
+    pub fn generate() -> Self {
+        Self::of(SecretKey::generate(&mut OsRng))
+    }
+
+    /// The key pair of a stored secret key.
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self::of(SecretKey::from(secret))
+    }
+
+    fn of(secret: SecretKey) -> Self {
+        CurveKeys {
+            public: secret.public_key(),
+            secret,
+        }
+    }
+
+    /// The public key.
+    pub fn public(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    /// The secret key, for storing (keep it private).
+    pub fn secret(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+}
+
+/// Why a text key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a key: expected 40 characters of Z85 (ZeroMQ's text form of a 32-byte key)")]
+pub struct KeyError;
+
+/// A 32-byte key as Z85 text (40 characters), as ZeroMQ's tools print keys.
+pub fn encode_key(key: &[u8; 32]) -> String {
+    z85::encode(key)
+}
+
+/// A key from its Z85 text (a trailing NUL, as some tools write, is ignored).
+pub fn decode_key(text: &str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim().trim_end_matches('\0');
+    if text.len() != 40 {
+        return Err(KeyError);
+    }
+    let bytes = z85::decode(text).map_err(|_| KeyError)?;
+    bytes.try_into().map_err(|_| KeyError)
+}
+
+/// Decides whether a client's long-term public key may connect (a server's ZAP, in
+/// libzmq's terms). Called once per handshake.
+pub type Authorizer = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
+
+/// The public key of the server at an endpoint, for a socket that dials several.
+pub type ServerKeyOf = Arc<dyn Fn(&Endpoint) -> Option<[u8; 32]> + Send + Sync>;
+
+/// A socket's CURVE settings (see [`SocketOptions::with_curve`](super::SocketOptions::with_curve)).
+#[derive(Clone)]
+pub struct Curve {
+    pub(crate) keys: CurveKeys,
+    server_key: Option<ServerKeyOf>,
+    authorize: Option<Authorizer>,
+}
+
+impl fmt::Debug for Curve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Curve")
+            .field("keys", &self.keys)
+            .field("server_key", &self.server_key.is_some())
+            .field("authorize", &self.authorize.is_some())
+            .finish()
+    }
+}
+
+impl Curve {
+    /// CURVE with this key pair. A socket that accepts connections proves it and, with
+    /// no [`authorize`](Self::authorize), accepts any client that completes the
+    /// handshake; a socket that dials needs its server's public key
+    /// ([`server_key`](Self::server_key)).
+    pub fn new(keys: CurveKeys) -> Self {
+        Curve {
+            keys,
+            server_key: None,
+            authorize: None,
+        }
+    }
+
+    /// The public key of the server every connection of this socket dials.
+    pub fn server_key(mut self, key: [u8; 32]) -> Self {
+        self.server_key = Some(Arc::new(move |_| Some(key)));
+        self
+    }
+
+    /// The public key of the server at each endpoint dialled (`None`: that endpoint is
+    /// not dialled: the handshake fails at once).
+    pub fn server_key_of(mut self, f: ServerKeyOf) -> Self {
+        self.server_key = Some(f);
+        self
+    }
+
+    /// Which clients an accepting socket lets in, by long-term public key.
+    pub fn authorize(mut self, f: Authorizer) -> Self {
+        self.authorize = Some(f);
+        self
+    }
+
+    /// Whether a client with this long-term key may connect.
+    pub(crate) fn allows(&self, client: &[u8; 32]) -> bool {
+        self.authorize.as_ref().is_none_or(|f| f(client))
+    }
+
+    /// The server key for a dial of `endpoint`.
+    pub(crate) fn server_key_for(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
+        self.server_key.as_ref().and_then(|f| f(endpoint))
+    }
+}
+
+fn nonce(prefix: &[u8], rest: &[u8]) -> GenericArray<u8, crypto_box::aead::consts::U24> {
+    let mut n = [0u8; 24];
+    n[..prefix.len()].copy_from_slice(prefix);
+    n[prefix.len()..].copy_from_slice(rest);
+    n.into()
+}
+
+fn random16() -> [u8; 16] {
+    let mut r = [0u8; 16];
+    getrandom_fill(&mut r);
+    r
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    use crypto_box::aead::rand_core::RngCore;
+    OsRng.fill_bytes(buf);
+}
+
+fn malformed(what: &'static str) -> ProtocolViolation {
+    ProtocolViolation::CurveMalformed(what)
+}
+
+fn crypto(what: &'static str) -> ProtocolViolation {
+    ProtocolViolation::CurveCrypto(what)
+}
+
+/// Seals and opens the frames of one connection after its handshake.
+pub struct CurveSession {
+    /// The peer's transient public key and ours secret: the boxes of every frame.
+    their: PublicKey,
+    mine: SecretKey,
+    tx_prefix: &'static [u8; 16],
+    tx_nonce: u64,
+    rx_prefix: &'static [u8; 16],
+    rx_last: u64,
+    peer_key: [u8; 32],
+}
+
+impl fmt::Debug for CurveSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CurveSession(peer {})", encode_key(&self.peer_key))
+    }
+}
+
+impl CurveSession {
+    /// The peer's long-term public key, as the handshake proved it.
+    pub fn peer_key(&self) -> [u8; 32] {
+        self.peer_key
+    }
+
+    /// The sealing half (for the writer) and the opening half (for the reader).
+    pub fn split(self) -> (CurveSealer, CurveOpener) {
+        (
+            CurveSealer {
+                shared: SalsaBox::new(&self.their, &self.mine),
+                prefix: self.tx_prefix,
+                nonce: self.tx_nonce,
+            },
+            CurveOpener {
+                shared: SalsaBox::new(&self.their, &self.mine),
+                prefix: self.rx_prefix,
+                last: self.rx_last,
+            },
+        )
+    }
+}
+
+/// Boxes the frames a connection sends.
+pub struct CurveSealer {
+    shared: SalsaBox,
+    prefix: &'static [u8; 16],
+    nonce: u64,
+}
+
+impl CurveSealer {
+    /// Appends one frame (`more`: others of its message follow) as a boxed MESSAGE frame.
+    pub fn seal_frame(&mut self, out: &mut BytesMut, more: bool, body: &[u8]) {
+        self.seal(out, if more { INNER_MORE } else { 0 }, body);
+    }
+
+    /// Appends a command (PING, PONG, SUBSCRIBE, CANCEL) as a boxed MESSAGE frame.
+    pub fn seal_command(&mut self, out: &mut BytesMut, c: &Command) {
+        let mut body = BytesMut::new();
+        c.encode_body(&mut body);
+        self.seal(out, INNER_COMMAND, &body);
+    }
+
+    fn seal(&mut self, out: &mut BytesMut, flags: u8, body: &[u8]) {
+        let short = self.nonce.to_be_bytes();
+        // Never reused: a connection would need 2^64 frames to wrap.
+        self.nonce += 1;
+        encode_frame_header(out, 0, MESSAGE_OVERHEAD + body.len());
+        out.put_slice(b"\x07MESSAGE");
+        out.put_slice(&short);
+        let mac_at = out.len();
+        out.put_bytes(0, MAC);
+        let text_at = out.len();
+        out.put_u8(flags);
+        out.put_slice(body);
+        let tag = self
+            .shared
+            .encrypt_in_place_detached(&nonce(self.prefix, &short), b"", &mut out[text_at..])
+            .expect("boxing cannot fail");
+        out[mac_at..text_at].copy_from_slice(&tag);
+    }
+}
+
+/// Opens the frames a connection receives, refusing any whose nonce does not rise.
+pub struct CurveOpener {
+    shared: SalsaBox,
+    prefix: &'static [u8; 16],
+    last: u64,
+}
+
+impl CurveOpener {
+    /// Opens one MESSAGE frame body: its inner flags and the frame it carries.
+    fn open(&mut self, frame: &[u8]) -> Result<(u8, Bytes), ProtocolViolation> {
+        if frame.len() < MESSAGE_OVERHEAD || &frame[..8] != b"\x07MESSAGE" {
+            return Err(malformed("not a CURVE MESSAGE"));
+        }
+        let short = &frame[8..16];
+        let n = u64::from_be_bytes(short.try_into().expect("8 bytes"));
+        if n <= self.last {
+            return Err(ProtocolViolation::CurveNonce);
+        }
+        let tag = GenericArray::clone_from_slice(&frame[16..32]);
+        let mut text = BytesMut::from(&frame[32..]);
+        self.shared
+            .decrypt_in_place_detached(&nonce(self.prefix, short), b"", &mut text, &tag)
+            .map_err(|_| crypto("MESSAGE box does not open"))?;
+        self.last = n;
+        let flags = text[0];
+        if flags & !(INNER_MORE | INNER_COMMAND) != 0 {
+            return Err(ProtocolViolation::ReservedFlags(flags));
+        }
+        text.advance(1);
+        Ok((flags, text.freeze()))
+    }
+}
+
+/// Reads a CURVE connection after its handshake: boxed frames in, plain messages and
+/// commands out, with the socket's limits applied to what the boxes carry.
+pub struct CurveReader {
+    opener: CurveOpener,
+    parts: Vec<Bytes>,
+    bytes: usize,
+    max_message: usize,
+    max_frames: usize,
+}
+
+impl CurveReader {
+    /// Reads with `opener`, refusing messages over `max_message` bytes or `max_frames`
+    /// frames.
+    pub fn new(opener: CurveOpener, max_message: usize, max_frames: usize) -> Self {
+        CurveReader {
+            opener,
+            parts: Vec::new(),
+            bytes: 0,
+            max_message,
+            max_frames,
+        }
+    }
+
+    /// Bytes held of a message whose last frame has not arrived.
+    pub fn partial_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The next message or command in `buf` (decoded by `dec`, whose limits must allow
+    /// [`MESSAGE_OVERHEAD`] more than the socket's), or `None` if more bytes are needed.
+    pub fn decode(
+        &mut self,
+        dec: &mut Decoder,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Decoded>, ProtocolViolation> {
+        loop {
+            let frames = match dec.decode(buf)? {
+                None => return Ok(None),
+                Some(Decoded::Message(m)) => m,
+                Some(Decoded::Command(Command::Error(r))) => {
+                    return Err(ProtocolViolation::PeerError(r))
+                }
+                Some(Decoded::Command(_)) => {
+                    return Err(ProtocolViolation::Unexpected("command outside a CURVE box"))
+                }
+            };
+            // libzmq sends one boxed frame per outer frame, never with MORE outside.
+            let [frame] = frames.frames() else {
+                return Err(malformed("boxed frames must be sent one per message"));
+            };
+            {
+                let (flags, body) = self.opener.open(frame)?;
+                if flags & INNER_COMMAND != 0 {
+                    if !self.parts.is_empty() {
+                        return Err(ProtocolViolation::Unexpected("command inside a message"));
+                    }
+                    return Ok(Some(Decoded::Command(Command::decode(body)?)));
+                }
+                self.bytes += body.len();
+                if self.bytes > self.max_message {
+                    return Err(ProtocolViolation::MessageTooLarge {
+                        size: self.bytes as u64,
+                        max: self.max_message,
+                    });
+                }
+                if self.parts.len() >= self.max_frames {
+                    return Err(ProtocolViolation::TooManyFrames {
+                        max: self.max_frames,
+                    });
+                }
+                self.parts.push(body);
+                if flags & INNER_MORE == 0 {
+                    self.bytes = 0;
+                    let parts = std::mem::take(&mut self.parts);
+                    return Ok(Some(Decoded::Message(Message::from_frames(parts))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
