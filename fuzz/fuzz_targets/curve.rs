@@ -12,14 +12,14 @@ fuzz_target!(|data: &[u8]| {
     let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
     // As a HELLO, and as an INITIATE after a real HELLO.
     assert!(ServerHandshake::new(&server).hello(data).is_err() || data.len() == 200);
-    let mut c = ClientHandshake::new(&client, server.public());
+    let mut c = ClientHandshake::new(&client, server.public()).unwrap();
     let mut s = ServerHandshake::new(&server);
     let welcome = s.hello(&c.hello()).unwrap();
     assert!(s.initiate(data).is_err());
     // As a WELCOME, and as a READY after a real WELCOME.
-    let _ = ClientHandshake::new(&client, server.public()).welcome(data);
+    let _ = ClientHandshake::new(&client, server.public()).unwrap().welcome(data);
     c.welcome(&welcome).unwrap();
-    assert!(ClientHandshake::new(&client, server.public()).ready(data).is_err());
+    assert!(ClientHandshake::new(&client, server.public()).unwrap().ready(data).is_err());
     // As boxed frames on an established session.
     let (who, _) = s.initiate(&c.initiate(b"").unwrap()).unwrap();
     let (_, session) = s.ready(b"", who).unwrap();

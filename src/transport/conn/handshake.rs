@@ -120,9 +120,16 @@ pub(super) async fn handshake(
     };
     match exchange.await {
         Err(CloseReason::Violation(v)) => {
-            // The peer speaks ZMTP: tell it why, as the spec asks, before closing.
+            // The peer speaks ZMTP: tell it why, as the spec asks, before closing; but
+            // not which CURVE check failed (that would guide a prober), as libzmq.
+            let reason = match v {
+                ProtocolViolation::CurveCrypto(_)
+                | ProtocolViolation::CurveNonce
+                | ProtocolViolation::CurveMalformed(_) => "CURVE handshake failed".to_string(),
+                ref v => v.to_string(),
+            };
             let mut out = BytesMut::new();
-            Command::Error(v.to_string()).encode(&mut out);
+            Command::Error(reason).encode(&mut out);
             let _ = timeout(Duration::from_millis(200), stream.write_all(&out)).await;
             Err(v.into())
         }
@@ -187,7 +194,7 @@ async fn curve_client(
         .ok_or(ProtocolViolation::CurveMalformed(
             "no server key known for this endpoint",
         ))?;
-    let mut hs = ClientHandshake::new(&curve.keys, server);
+    let mut hs = ClientHandshake::new(&curve.keys, server)?;
     let (mut dec, mut rbuf) = (Decoder::commands_only(), BytesMut::with_capacity(512));
     write_command(stream, &hs.hello()).await?;
     hs.welcome(&read_command(stream, &mut dec, &mut rbuf).await?)?;

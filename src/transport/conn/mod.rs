@@ -448,9 +448,13 @@ pub(crate) async fn serve(
     }) {
         Ok(a) => a,
         Err(v) => {
-            let mut out = BytesMut::new();
-            Command::Error(v.to_string()).encode(&mut out);
-            let _ = timeout(Duration::from_millis(200), stream.write_all(&out)).await;
+            // With CURVE everything after READY is boxed: a clear ERROR would only look
+            // like an attack to the peer, so the connection just closes.
+            if curve.is_none() {
+                let mut out = BytesMut::new();
+                Command::Error(v.to_string()).encode(&mut out);
+                let _ = timeout(Duration::from_millis(200), stream.write_all(&out)).await;
+            }
             handshake_failed(shared, addr, v.into());
             return false;
         }

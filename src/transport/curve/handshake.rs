@@ -6,8 +6,10 @@ use crypto_box::aead::{Aead, KeyInit, OsRng};
 use crypto_box::{PublicKey, SalsaBox, SecretKey};
 use crypto_secretbox::XSalsa20Poly1305;
 
+use zeroize::Zeroizing;
+
 use super::{
-    crypto, getrandom_fill, malformed, nonce, random16, CurveKeys, CurveSession, COOKIE_LEN,
+    crypto, getrandom_fill, malformed, nonce, random16, weak, CurveKeys, CurveSession, COOKIE_LEN,
     HELLO_LEN, INITIATE_MIN, READY_MIN, WELCOME_LEN,
 };
 use crate::transport::error::ProtocolViolation;
@@ -17,7 +19,10 @@ fn command<'a>(body: &'a [u8], name: &[u8]) -> Result<&'a [u8], ProtocolViolatio
     let n = *body.first().ok_or(malformed("empty command"))? as usize;
     if body.len() < 1 + n || &body[1..1 + n] != name {
         if body.get(1..1 + n) == Some(b"ERROR".as_slice()) {
-            let reason = body.get(1 + n + 1..).unwrap_or_default();
+            // ERROR: a one-byte length, then the reason (at most 255 bytes).
+            let len = body.get(1 + n).copied().unwrap_or(0) as usize;
+            let reason = body.get(2 + n..).unwrap_or_default();
+            let reason = &reason[..len.min(reason.len())];
             return Err(ProtocolViolation::PeerError(
                 String::from_utf8_lossy(reason).into_owned(),
             ));
@@ -44,15 +49,20 @@ pub struct ClientHandshake {
 }
 
 impl ClientHandshake {
-    /// A handshake with the server whose long-term public key is `server`.
-    pub fn new(keys: &CurveKeys, server: [u8; 32]) -> Self {
-        ClientHandshake {
+    /// A handshake with the server whose long-term public key is `server` (refused if
+    /// it is of low order: all zeros, say, a placeholder anyone could answer for).
+    pub fn new(keys: &CurveKeys, server: [u8; 32]) -> Result<Self, ProtocolViolation> {
+        let (server, transient) = (PublicKey::from(server), SecretKey::generate(&mut OsRng));
+        if weak(&transient, &server) {
+            return Err(crypto("the server key is of low order"));
+        }
+        Ok(ClientHandshake {
             keys: keys.clone(),
-            server: PublicKey::from(server),
-            transient: SecretKey::generate(&mut OsRng),
+            server,
+            transient,
             server_transient: None,
             cookie: [0; COOKIE_LEN],
-        }
+        })
     }
 
     /// HELLO (its body: name and data), nonce 1.
@@ -81,7 +91,11 @@ impl ClientHandshake {
             .decrypt(&nonce(b"WELCOME-", n), sealed)
             .map_err(|_| crypto("WELCOME box does not open (not the server we know)"))?;
         let s_transient: [u8; 32] = open[..32].try_into().expect("128 bytes opened");
-        self.server_transient = Some(PublicKey::from(s_transient));
+        let s_transient = PublicKey::from(s_transient);
+        if weak(&self.transient, &s_transient) {
+            return Err(crypto("WELCOME with a low-order transient key"));
+        }
+        self.server_transient = Some(s_transient);
         self.cookie.copy_from_slice(&open[32..]);
         Ok(())
     }
@@ -96,11 +110,11 @@ impl ClientHandshake {
         let mut vouched = [0u8; 64];
         vouched[..32].copy_from_slice(self.transient.public_key().as_bytes());
         vouched[32..].copy_from_slice(self.server.as_bytes());
-        let vouch = SalsaBox::new(s_transient, &self.keys.secret)
+        let vouch = SalsaBox::new(s_transient, self.keys.secret_key())
             .encrypt(&nonce(b"VOUCH---", &vouch_nonce), &vouched[..])
             .expect("boxing cannot fail");
         let mut plain = Vec::with_capacity(32 + 16 + 80 + metadata.len());
-        plain.extend_from_slice(self.keys.public.as_bytes());
+        plain.extend_from_slice(self.keys.public_key().as_bytes());
         plain.extend_from_slice(&vouch_nonce);
         plain.extend_from_slice(&vouch);
         plain.extend_from_slice(metadata);
@@ -149,15 +163,15 @@ pub struct ServerHandshake {
     keys: CurveKeys,
     client_transient: Option<PublicKey>,
     transient: Option<SecretKey>,
-    cookie_key: [u8; 32],
+    cookie_key: Zeroizing<[u8; 32]>,
     hello_nonce: u64,
 }
 
 impl ServerHandshake {
     /// A handshake proving `keys`.
     pub fn new(keys: &CurveKeys) -> Self {
-        let mut cookie_key = [0u8; 32];
-        getrandom_fill(&mut cookie_key);
+        let mut cookie_key = Zeroizing::new([0u8; 32]);
+        getrandom_fill(&mut cookie_key[..]);
         ServerHandshake {
             keys: keys.clone(),
             client_transient: None,
@@ -179,7 +193,10 @@ impl ServerHandshake {
         let c_transient: [u8; 32] = data[74..106].try_into().expect("in bounds");
         let c_transient = PublicKey::from(c_transient);
         let short = &data[106..114];
-        let open = SalsaBox::new(&c_transient, &self.keys.secret)
+        if weak(self.keys.secret_key(), &c_transient) {
+            return Err(crypto("HELLO from a low-order transient key"));
+        }
+        let open = SalsaBox::new(&c_transient, self.keys.secret_key())
             .decrypt(&nonce(b"CurveZMQHELLO---", short), &data[114..])
             .map_err(|_| crypto("HELLO box does not open (the client has another server key)"))?;
         if open.iter().any(|&b| b != 0) {
@@ -187,13 +204,14 @@ impl ServerHandshake {
         }
         self.hello_nonce = u64::from_be_bytes(short.try_into().expect("8 bytes"));
         let transient = SecretKey::generate(&mut OsRng);
-        // The cookie: what we need back in INITIATE, sealed with a key only we hold, so
-        // we keep nothing a flood of HELLOs could grow (beyond this connection's state).
+        // The cookie: sealed with a key only this connection's state holds, it binds the
+        // INITIATE to this HELLO's transient keys. (Stateless servers put s' in it; we
+        // keep s' in the connection's state, so the cookie carries only public keys.)
         let cookie_nonce = random16();
         let mut inner = [0u8; 64];
         inner[..32].copy_from_slice(c_transient.as_bytes());
-        inner[32..].copy_from_slice(&transient.to_bytes());
-        let sealed_cookie = XSalsa20Poly1305::new(&self.cookie_key.into())
+        inner[32..].copy_from_slice(transient.public_key().as_bytes());
+        let sealed_cookie = XSalsa20Poly1305::new((&*self.cookie_key).into())
             .encrypt(&nonce(b"COOKIE--", &cookie_nonce), &inner[..])
             .expect("boxing cannot fail");
         let mut plain = Vec::with_capacity(32 + COOKIE_LEN);
@@ -201,7 +219,7 @@ impl ServerHandshake {
         plain.extend_from_slice(&cookie_nonce);
         plain.extend_from_slice(&sealed_cookie);
         let welcome_nonce = random16();
-        let sealed = SalsaBox::new(&c_transient, &self.keys.secret)
+        let sealed = SalsaBox::new(&c_transient, self.keys.secret_key())
             .encrypt(&nonce(b"WELCOME-", &welcome_nonce), &plain[..])
             .expect("boxing cannot fail");
         self.client_transient = Some(c_transient);
@@ -222,10 +240,12 @@ impl ServerHandshake {
             return Err(malformed("INITIATE before HELLO"));
         };
         let (cookie, rest) = data.split_at(COOKIE_LEN);
-        let inner = XSalsa20Poly1305::new(&self.cookie_key.into())
+        let inner = XSalsa20Poly1305::new((&*self.cookie_key).into())
             .decrypt(&nonce(b"COOKIE--", &cookie[..16]), &cookie[16..])
             .map_err(|_| crypto("INITIATE cookie does not open"))?;
-        if inner[..32] != *c_transient.as_bytes() || inner[32..] != transient.to_bytes() {
+        if inner[..32] != *c_transient.as_bytes()
+            || inner[32..] != *transient.public_key().as_bytes()
+        {
             return Err(crypto("INITIATE cookie is not this connection's"));
         }
         let (short, sealed) = rest.split_at(8);
@@ -240,10 +260,21 @@ impl ServerHandshake {
             return Err(malformed("INITIATE box too short"));
         }
         let client: [u8; 32] = plain[..32].try_into().expect("in bounds");
-        let vouch = SalsaBox::new(&PublicKey::from(client), transient)
+        // X25519 ignores the top bit: with it set, one secret key would prove two
+        // different public keys (and slip past a list of refused ones).
+        if client[31] & 0x80 != 0 {
+            return Err(crypto("client key out of range"));
+        }
+        let client_key = PublicKey::from(client);
+        if weak(transient, &client_key) {
+            return Err(crypto("client key of low order"));
+        }
+        let vouch = SalsaBox::new(&client_key, transient)
             .decrypt(&nonce(b"VOUCH---", &plain[32..48]), &plain[48..128])
             .map_err(|_| crypto("vouch does not open (the client does not hold its key)"))?;
-        if vouch[..32] != *c_transient.as_bytes() || vouch[32..] != *self.keys.public.as_bytes() {
+        if vouch[..32] != *c_transient.as_bytes()
+            || vouch[32..] != *self.keys.public_key().as_bytes()
+        {
             return Err(crypto("vouch is for another connection or server"));
         }
         self.hello_nonce = short_n;

@@ -30,9 +30,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crypto_box::aead::generic_array::GenericArray;
 use crypto_box::aead::{AeadInPlace, OsRng};
 use crypto_box::{PublicKey, SalsaBox, SecretKey};
+use zeroize::Zeroizing;
 
 use super::error::ProtocolViolation;
-use super::wire::{encode_frame_header, Command, Decoded, Decoder};
+use super::wire::{encode_frame_header, Command, Decoded, Decoder, MAX_COMMAND_SIZE};
 use super::{Endpoint, Message};
 
 mod cert;
@@ -59,9 +60,13 @@ const COOKIE_LEN: usize = 96;
 const INNER_MORE: u8 = 0x01;
 const INNER_COMMAND: u8 = 0x02;
 
-/// A long-term key pair (X25519). The secret never appears in `Debug` output.
+/// A long-term key pair (X25519). The secret never appears in `Debug` output, and
+/// clones share one copy of it (held behind an `Arc`), so that no clone leaves another
+/// behind in freed memory.
 #[derive(Clone)]
-pub struct CurveKeys {
+pub struct CurveKeys(Arc<KeyPair>);
+
+struct KeyPair {
     secret: SecretKey,
     public: PublicKey,
 }
@@ -84,21 +89,38 @@ impl CurveKeys {
     }
 
     fn of(secret: SecretKey) -> Self {
-        CurveKeys {
+        CurveKeys(Arc::new(KeyPair {
             public: secret.public_key(),
             secret,
-        }
+        }))
     }
 
     /// The public key.
     pub fn public(&self) -> [u8; 32] {
-        *self.public.as_bytes()
+        *self.0.public.as_bytes()
     }
 
-    /// The secret key, for storing (keep it private).
-    pub fn secret(&self) -> [u8; 32] {
-        self.secret.to_bytes()
+    /// The secret key, for storing (keep it private; wiped when dropped).
+    pub fn secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.secret.to_bytes())
     }
+
+    pub(crate) fn secret_key(&self) -> &SecretKey {
+        &self.0.secret
+    }
+
+    pub(crate) fn public_key(&self) -> &PublicKey {
+        &self.0.public
+    }
+}
+
+/// Whether the X25519 result of `mine` with `theirs` is all zeros: `theirs` is of low
+/// order, and the box between them would be under a key anyone can compute. libsodium
+/// refuses such keys (crypto_box does not check); so do we, for every key a peer
+/// sends and every server key we are given.
+pub(crate) fn weak(mine: &SecretKey, theirs: &PublicKey) -> bool {
+    let shared = Zeroizing::new(x25519_dalek::x25519(mine.to_bytes(), *theirs.as_bytes()));
+    shared.iter().all(|&b| b == 0)
 }
 
 /// Why a text key was refused.
@@ -368,9 +390,7 @@ impl CurveReader {
             let frames = match dec.decode(buf)? {
                 None => return Ok(None),
                 Some(Decoded::Message(m)) => m,
-                Some(Decoded::Command(Command::Error(r))) => {
-                    return Err(ProtocolViolation::PeerError(r))
-                }
+                // Even ERROR: anyone on the path could inject a clear one.
                 Some(Decoded::Command(_)) => {
                     return Err(ProtocolViolation::Unexpected("command outside a CURVE box"))
                 }
@@ -382,6 +402,12 @@ impl CurveReader {
             {
                 let (flags, body) = self.opener.open(frame)?;
                 if flags & INNER_COMMAND != 0 {
+                    if body.len() > MAX_COMMAND_SIZE {
+                        return Err(ProtocolViolation::FrameTooLarge {
+                            size: body.len() as u64,
+                            max: MAX_COMMAND_SIZE,
+                        });
+                    }
                     if !self.parts.is_empty() {
                         return Err(ProtocolViolation::Unexpected("command inside a message"));
                     }

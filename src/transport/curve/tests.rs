@@ -5,7 +5,7 @@ use crate::transport::wire::DecodeLimits;
 
 fn handshake() -> (CurveSession, CurveSession, [u8; 32], [u8; 32]) {
     let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
-    let mut c = ClientHandshake::new(&client, server.public());
+    let mut c = ClientHandshake::new(&client, server.public()).unwrap();
     let mut s = ServerHandshake::new(&server);
     let welcome = s.hello(&c.hello()).unwrap();
     c.welcome(&welcome).unwrap();
@@ -80,7 +80,7 @@ fn a_flipped_bit_a_replay_and_a_wrong_key_are_refused() {
 
     // A client that has another server key: the server cannot open its HELLO.
     let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
-    let c = ClientHandshake::new(&client, CurveKeys::generate().public());
+    let c = ClientHandshake::new(&client, CurveKeys::generate().public()).unwrap();
     let mut s = ServerHandshake::new(&server);
     assert!(matches!(
         s.hello(&c.hello()),
@@ -91,7 +91,7 @@ fn a_flipped_bit_a_replay_and_a_wrong_key_are_refused() {
 #[test]
 fn truncated_and_replayed_handshake_commands_are_refused() {
     let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
-    let mut c = ClientHandshake::new(&client, server.public());
+    let mut c = ClientHandshake::new(&client, server.public()).unwrap();
     let mut s = ServerHandshake::new(&server);
     let hello = c.hello();
     for n in [0, 1, 6, 100, 199] {
@@ -110,7 +110,11 @@ fn truncated_and_replayed_handshake_commands_are_refused() {
     // An INITIATE replayed on another connection: its cookie is not that one's.
     let mut other = ServerHandshake::new(&server);
     other
-        .hello(&ClientHandshake::new(&client, server.public()).hello())
+        .hello(
+            &ClientHandshake::new(&client, server.public())
+                .unwrap()
+                .hello(),
+        )
         .unwrap();
     assert!(other.initiate(&initiate).is_err());
     s.initiate(&initiate).unwrap();
@@ -125,7 +129,7 @@ fn keys_read_and_write_as_z85() {
     assert_eq!(decode_key(&format!("{text}\0")).unwrap(), k.public());
     assert!(decode_key("too short").is_err());
     assert!(decode_key(&"~".repeat(40)).is_err());
-    assert_eq!(CurveKeys::from_secret(k.secret()).public(), k.public());
+    assert_eq!(CurveKeys::from_secret(*k.secret()).public(), k.public());
     // The rfc 32 test vector.
     let v = [0x86, 0x4F, 0xD2, 0x6F, 0xB5, 0x59, 0xF7, 0x5B];
     assert_eq!(z85::encode(v), "HelloWorld");
@@ -156,4 +160,38 @@ fn certificates_round_trip_and_guard_their_secret() {
         assert!(e.contains("readable by others"), "{e}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn low_order_and_out_of_range_keys_are_refused() {
+    let (server, client) = (CurveKeys::generate(), CurveKeys::generate());
+    // A server key of all zeros (a placeholder): the box would be under a key anyone
+    // can compute.
+    assert!(matches!(
+        ClientHandshake::new(&client, [0; 32]),
+        Err(ProtocolViolation::CurveCrypto(_))
+    ));
+    // A HELLO whose transient key is of low order (zero, or the point of order 1).
+    for low in [[0u8; 32], {
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        one
+    }] {
+        let mut hello = ClientHandshake::new(&client, server.public())
+            .unwrap()
+            .hello()
+            .to_vec();
+        hello[80..112].copy_from_slice(&low);
+        let e = ServerHandshake::new(&server).hello(&hello).unwrap_err();
+        assert!(e.to_string().contains("low-order"), "{e}");
+    }
+    assert!(weak(
+        client.secret_key(),
+        &PublicKey::from({
+            let mut k = [0u8; 32];
+            k[0] = 1;
+            k
+        })
+    ));
+    assert!(!weak(client.secret_key(), server.public_key()));
 }
