@@ -44,6 +44,19 @@ impl Id {
         Id(Uuid::now_v7())
     }
 
+    /// The id of the node whose CURVE public key is `key`: the first 16 bytes of
+    /// SHA-256 over a domain tag and the key, as a UUIDv8. Nobody can claim it without
+    /// the key's secret, which the connection's CURVE handshake proves.
+    pub fn of_key(key: &[u8; 32]) -> Id {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"peerwire node id v1\0");
+        h.update(key);
+        let digest = h.finalize();
+        let bytes: [u8; 16] = digest[..16].try_into().expect("32-byte digest");
+        Id(Uuid::new_v8(bytes))
+    }
+
     /// The nil id (all zeros), used where none applies.
     pub const NIL: Id = Id(Uuid::nil());
 

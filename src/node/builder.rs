@@ -22,9 +22,11 @@ use super::policy::{self, Policies, ServicePolicy};
 use super::pubsub::{self, PubSub};
 use super::registry::Registry;
 use super::respond::Responder;
+use super::security::{KeyBook, Security};
 use super::{Core, Lifecycle, Node, NodeError};
 use crate::codec::Id;
 use crate::discovery::{Announcement, DnsSeed, Mdns, MdnsConfig};
+use crate::transport::curve::CurveKeys;
 use crate::transport::{Endpoint, Publisher, Router, SocketOptions, Subscriber};
 
 /// Builds a [`Node`].
@@ -53,6 +55,9 @@ pub struct NodeBuilder {
     services: HashMap<String, ServicePolicy>,
     limits: MembershipLimits,
     socket: SocketOptions,
+    security: Option<Security>,
+    /// Keys of static peers' endpoints (secured nodes).
+    peer_keys: Vec<(String, [u8; 32])>,
 }
 
 impl NodeBuilder {
@@ -80,6 +85,8 @@ impl NodeBuilder {
             services: HashMap::new(),
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
+            security: None,
+            peer_keys: Vec::new(),
         }
     }
 
@@ -251,6 +258,42 @@ impl NodeBuilder {
         self
     }
 
+    /// Secures the node with CURVE (authenticated, encrypted connections, as ZeroMQ's
+    /// CURVE mechanism): its id becomes a hash of `keys`' public key, so no other node
+    /// can claim it; a HELLO whose node id is not the one its connection's key proves is
+    /// refused (counted in `hellos_refused`). Any client key is let in unless
+    /// [`allow`](Self::allow) lists them. A secured node dials only peers whose key it
+    /// knows: static peers given with [`peer_with_key`](Self::peer_with_key), and
+    /// peers that connected to it (their key proven by their handshake). Nodes without
+    /// CURVE cannot connect to it, nor it to them.
+    pub fn secure(mut self, keys: CurveKeys) -> Self {
+        self.security = Some(Security {
+            keys,
+            allowed: None,
+        });
+        self
+    }
+
+    /// Lets in only the listed client keys (repeatable); for a node made
+    /// [`secure`](Self::secure). Other clients are refused in the handshake, before
+    /// they learn anything (counted as `not_authorized` in the sockets' violations).
+    pub fn allow(mut self, key: [u8; 32]) -> Self {
+        if let Some(s) = &mut self.security {
+            let mut set = s.allowed.as_deref().cloned().unwrap_or_default();
+            set.insert(key);
+            s.allowed = Some(Arc::new(set));
+        }
+        self
+    }
+
+    /// A static peer of a secured node, with the public key it must prove.
+    pub fn peer_with_key(mut self, endpoint: impl Into<String>, key: [u8; 32]) -> Self {
+        let endpoint = endpoint.into();
+        self.peers.push(endpoint.clone());
+        self.peer_keys.push((endpoint, key));
+        self
+    }
+
     /// Transport options for every socket of the node.
     pub fn socket_options(mut self, opts: SocketOptions) -> Self {
         self.socket = opts;
@@ -271,7 +314,21 @@ impl NodeBuilder {
             .iter()
             .map(|p| Endpoint::parse(p))
             .collect::<Result<Vec<Endpoint>, _>>()?;
-        let id = Id::new();
+        let id = self.security.as_ref().map_or_else(Id::new, |s| s.id());
+        let keys = self.security.as_ref().map(|_| Arc::new(KeyBook::default()));
+        for (endpoint, key) in &self.peer_keys {
+            if let Some(book) = &keys {
+                book.learn(Endpoint::parse(endpoint)?, *key);
+            }
+        }
+        // Accepting sockets prove our key; dialling ones expect each peer's.
+        let (server_opts, client_opts) = match (&self.security, &keys) {
+            (Some(s), Some(book)) => (
+                s.server(self.socket.clone()),
+                s.client(self.socket.clone(), book),
+            ),
+            _ => (self.socket.clone(), self.socket.clone()),
+        };
         let host = self.host.unwrap_or(match &self.mdns {
             Some(m) if m.reaches_other_hosts() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -282,15 +339,14 @@ impl NodeBuilder {
         let cell: CoreCell = Arc::new(OnceLock::new());
         let router = Router::bind_with_handler(
             SocketAddr::new(host, self.router_port),
-            self.socket.clone(),
+            server_opts.clone(),
             inbound::router_handler(cell.clone()),
         )
         .await?;
-        let publisher =
-            Publisher::bind(SocketAddr::new(host, self.pub_port), self.socket.clone()).await?;
+        let publisher = Publisher::bind(SocketAddr::new(host, self.pub_port), server_opts).await?;
         // The SUB announces our node id, so a publisher can tell which peers subscribe.
         let subscriber = Subscriber::with_handler(
-            self.socket
+            client_opts
                 .clone()
                 .with_identity(Some(Bytes::copy_from_slice(id.0.as_bytes()))),
             inbound::subscriber_handler(cell.clone()),
@@ -321,12 +377,13 @@ impl NodeBuilder {
             registry: registry.clone(),
             calls: calls.clone(),
             subscriber: subscriber.clone(),
-            socket: self.socket,
+            socket: client_opts,
             dealer_sink: inbound::dealer_sink(cell.clone()),
             life: life.clone(),
             forget_after: self.forget_after,
             static_endpoints: static_peers.iter().cloned().collect::<HashSet<_>>(),
             limits: self.limits,
+            keys,
         }));
         membership.start_announcer();
         let core = Arc::new(Core {

@@ -72,6 +72,7 @@ mod pubsub;
 mod registry;
 mod respond;
 mod retry;
+mod security;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -428,15 +428,15 @@ mod tests {
             st.table.set_down(&a_ep);
             st.table.set_down(&b_ep);
         }
-        m.learn(b.core.membership.hello(), None);
+        m.learn(b.core.membership.hello(), None, None);
         assert!(!retired(a.id()));
         assert!(m.state.lock().table.link(&a_ep).is_some());
         // Once a's endpoint refuses connections (its process ended), it is.
         m.state.lock().table.set_refused(&a_ep);
-        m.learn(b.core.membership.hello(), None);
+        m.learn(b.core.membership.hello(), None, None);
         assert!(retired(a.id()));
         // And a HELLO from a retired id (it was alive after all) brings it back.
-        m.learn(a.core.membership.hello(), None);
+        m.learn(a.core.membership.hello(), None, None);
         assert!(!retired(a.id()));
         for n in [client, a, b] {
             n.shutdown().await;

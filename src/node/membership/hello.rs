@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 use super::{Membership, MembershipLimits, MAX_INTRODUCED};
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind};
 use crate::node::frames;
+use crate::node::security::claims_its_own_id;
 use crate::transport::{Endpoint, Message, Router, SocketEvent};
 
 impl Membership {
@@ -100,7 +101,14 @@ impl Membership {
         // Learned before it is acknowledged: a node that waits for our ACK (one that is
         // leaving, say) knows that we know when the ACK comes.
         let ours = hello.cluster == self.given.local.cluster;
-        self.learn(hello, source.map(|a| a.ip()));
+        // Secured: the key this connection proved decides whose HELLO it can be.
+        let key = router.peer_key(identity);
+        if self.given.keys.is_some() && !claims_its_own_id(hello.node_id, key) {
+            self.hellos_refused.fetch_add(1, Relaxed);
+            warn!(addr = ?source, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
+            return Ok(());
+        }
+        self.learn(hello, source.map(|a| a.ip()), key);
         let ack = match ours {
             true => self.hello_message(Kind::HelloAck, header.id),
             false => self.wrong_cluster_ack(header.id),
@@ -216,7 +224,8 @@ impl Membership {
                 .and_then(|l| l.dealer.peer_addr())
                 .map(|a| a.ip())
                 .or_else(|| endpoint.ip());
-            self.learn(hello, ip);
+            let key = self.given.keys.as_ref().and_then(|b| b.key_of(endpoint));
+            self.learn(hello, ip, key);
         }
         // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).
         // Only now that what it said is recorded: a client waiting for the table to

@@ -46,6 +46,15 @@ impl Membership {
         if let Some(l) = st.table.link(endpoint) {
             return Ok(l.clone());
         }
+        // A secured node dials only endpoints whose key it knows (its handshake needs it):
+        // gossip and discovery naming others cannot make it dial at all.
+        if let Some(book) = &self.given.keys {
+            if book.key_of(endpoint).is_none() {
+                return Err(TransportError::InvalidEndpoint(format!(
+                    "{endpoint}: no key known for it (a secured node dials only peers whose key it knows)"
+                )));
+            }
+        }
         if st.table.link_count() >= self.given.limits.max_peers {
             return Err(TransportError::InvalidEndpoint(format!(
                 "{endpoint}: the peer limit ({}) is reached",

@@ -40,6 +40,7 @@ pub use presence::{PeerInfo, Presence, PresenceEvent};
 use super::balance::Balance;
 use super::calls::{far_instant_after, Calls, ConnId};
 use super::registry::Registry;
+use super::security::{claims_its_own_id, KeyBook};
 use super::Lifecycle;
 use crate::codec::{Hello, Id, Kind, Version};
 use crate::discovery::{DnsSeed, Mdns};
@@ -154,6 +155,8 @@ pub(super) struct Setup {
     pub(super) static_endpoints: HashSet<Endpoint>,
     /// Its bounds.
     pub(super) limits: MembershipLimits,
+    /// For a secured node: the key expected at each peer endpoint (`None`: not secured).
+    pub(super) keys: Option<Arc<KeyBook>>,
 }
 
 impl Membership {
@@ -229,7 +232,26 @@ impl Membership {
 
     /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
     /// DEALER), connecting to it if it is new, and follows its gossip.
-    pub(super) fn learn(self: &Arc<Self>, mut hello: Hello, source_ip: Option<IpAddr>) {
+    pub(super) fn learn(
+        self: &Arc<Self>,
+        hello: Hello,
+        source_ip: Option<IpAddr>,
+        key: Option<[u8; 32]>,
+    ) {
+        if !claims_its_own_id(hello.node_id, key) {
+            self.hellos_refused.fetch_add(1, Relaxed);
+            warn!(peer = ?hello.name, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
+            return;
+        }
+        self.learn_checked(hello, source_ip, key)
+    }
+
+    fn learn_checked(
+        self: &Arc<Self>,
+        mut hello: Hello,
+        source_ip: Option<IpAddr>,
+        key: Option<[u8; 32]>,
+    ) {
         if hello.cluster != self.given.local.cluster {
             self.other_cluster.fetch_add(1, Relaxed);
             debug!(peer = ?hello.name, cluster = ?hello.cluster, "ignoring a node of another cluster");
@@ -250,6 +272,11 @@ impl Membership {
         };
         let router_ep = Endpoint::from_addr((host, hello.router_port).into());
         let pub_ep = Endpoint::from_addr((host, hello.pub_port).into());
+        // A secured node dials a peer only with the key it proved.
+        if let (Some(book), Some(key)) = (&self.given.keys, key) {
+            book.learn(router_ep.clone(), key);
+            book.learn(pub_ep.clone(), key);
+        }
         {
             let mut st = self.state.lock();
             // Whoever speaks is alive: an id retired by mistake is dialled again.

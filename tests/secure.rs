@@ -1,0 +1,136 @@
+//! Secured nodes (`NodeBuilder::secure`): CURVE on every connection, node ids derived
+//! from keys, allow lists, and what an outsider, a plain node and an impostor get.
+
+mod support;
+
+use std::time::Duration;
+
+use peerwire::codec::{self, Header, Id, Kind};
+use peerwire::node::{Node, NodeBuilder};
+use peerwire::transport::curve::{Curve, CurveKeys};
+use peerwire::transport::{Dealer, Message};
+use serde_json::{json, Value};
+use support::orders::V1;
+use support::*;
+
+fn secured(name: &str, keys: &CurveKeys) -> NodeBuilder {
+    Node::builder(name)
+        .secure(keys.clone())
+        .socket_options(test_opts())
+}
+
+async fn echo_node(b: NodeBuilder, service: &str) -> Node {
+    let n = b.start().await.unwrap();
+    n.handle(service, V1, |v: Value, _| async move { Ok(v) });
+    n
+}
+
+#[tokio::test]
+async fn secured_nodes_find_and_call_each_other_under_ids_their_keys_prove() {
+    init_tracing();
+    let (ka, kb) = (CurveKeys::generate(), CurveKeys::generate());
+    let a = echo_node(secured("a", &ka), "a.echo").await;
+    // B knows A's key; A learns B's from B's handshake and dials it back.
+    let b = echo_node(
+        secured("b", &kb).peer_with_key(a.endpoint(), ka.public()),
+        "b.echo",
+    )
+    .await;
+    assert_eq!(a.id(), Id::of_key(&ka.public()));
+    assert_eq!(b.id(), Id::of_key(&kb.public()));
+    wait_service(&b, "a.echo", 1).await;
+    wait_service(&a, "b.echo", 1).await;
+    let r: Value = b.request("a.echo", &json!({"n": 1})).await.unwrap();
+    assert_eq!(r, json!({"n": 1}));
+    let r: Value = a.request("b.echo", &json!("back")).await.unwrap();
+    assert_eq!(r, json!("back"));
+    // Events too (the SUB dials the PUB with the same key).
+    let mut events = b.subscribe::<u32>("tick");
+    wait_until("subscribed", || !a.subscribers_of("tick").is_empty()).await;
+    a.publish("tick", &7u32).unwrap();
+    let e = within("the event", events.recv()).await.unwrap().unwrap();
+    assert_eq!((e.value, e.publisher), (7, a.id()));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_outsider_a_plain_node_and_an_impostor_learn_nothing() {
+    init_tracing();
+    let (ka, kb, kc) = (
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+    );
+    // A lets in only B.
+    let a = echo_node(secured("a", &ka).allow(kb.public()), "a.echo").await;
+    let b = echo_node(
+        secured("b", &kb).peer_with_key(a.endpoint(), ka.public()),
+        "b.echo",
+    )
+    .await;
+    wait_service(&b, "a.echo", 1).await;
+
+    // C holds a key A does not list: refused in the handshake.
+    let c = secured("c", &kc)
+        .peer_with_key(a.endpoint(), ka.public())
+        .start()
+        .await
+        .unwrap();
+    wait_until("C refused", || {
+        a.stats()
+            .router
+            .violations
+            .get("not_authorized")
+            .is_some_and(|n| *n >= 1)
+    })
+    .await;
+    // A plain node: refused too (another mechanism).
+    let plain = start_node("plain", &[a.endpoint()]).await;
+    wait_until("the plain node refused", || {
+        a.stats()
+            .router
+            .violations
+            .get("mechanism_mismatch")
+            .is_some_and(|n| *n >= 1)
+    })
+    .await;
+    assert!(!c.wait_for_peers(1, Duration::from_millis(300)).await);
+    assert!(plain.peers().iter().all(|p| !p.connected));
+
+    // B's key, but a HELLO claiming another node's id: refused and counted, not answered.
+    let d = Dealer::connect(
+        a.endpoint(),
+        test_opts().with_curve(Some(Curve::new(kb.clone()).server_key(ka.public()))),
+    )
+    .unwrap();
+    let before = a.stats().hellos_refused;
+    let hello = codec::Hello {
+        node_id: Id::of_key(&kc.public()),
+        name: "impostor".into(),
+        cluster: "default".into(),
+        host: "127.0.0.3".into(),
+        router_port: 9,
+        pub_port: 9,
+        ..Default::default()
+    };
+    let env = codec::Envelope {
+        header: Header::new(Kind::Hello, hello.node_id, ""),
+        payload: codec::encode_payload(&hello).unwrap(),
+    };
+    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    wait_until("the impostor's HELLO refused", || {
+        a.stats().hellos_refused > before
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), d.recv())
+            .await
+            .is_err(),
+        "no HELLO-ACK for an impostor"
+    );
+    assert!(a.peers().iter().all(|p| p.name != "impostor"));
+    for n in [a, b, c, plain] {
+        n.shutdown().await;
+    }
+}
