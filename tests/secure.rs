@@ -134,3 +134,30 @@ async fn an_outsider_a_plain_node_and_an_impostor_learn_nothing() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn one_seed_leads_a_secured_node_to_the_whole_cluster() {
+    init_tracing();
+    let keys: Vec<CurveKeys> = (0..3).map(|_| CurveKeys::generate()).collect();
+    let seed = echo_node(secured("seed", &keys[0]), "seed.echo").await;
+    let mut members = Vec::new();
+    for (i, k) in keys[1..].iter().enumerate() {
+        let n = echo_node(
+            secured(&format!("m{i}"), k).peer_with_key(seed.endpoint(), keys[0].public()),
+            &format!("m{i}.echo"),
+        )
+        .await;
+        members.push(n);
+    }
+    // The members know only the seed's key; the seed's HELLOs name each with its key.
+    wait_service(&members[0], "m1.echo", 1).await;
+    wait_service(&members[1], "m0.echo", 1).await;
+    let r: Value = members[0].request("m1.echo", &json!(1)).await.unwrap();
+    assert_eq!(r, json!(1));
+    let ids: Vec<Id> = members[1].peers().iter().map(|p| p.id).collect();
+    assert!(ids.contains(&Id::of_key(&keys[1].public())), "{ids:?}");
+    seed.shutdown().await;
+    for m in members {
+        m.shutdown().await;
+    }
+}

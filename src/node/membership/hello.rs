@@ -29,9 +29,25 @@ impl Membership {
             router_port: self.given.local.router_port,
             pub_port: self.given.local.pub_port,
             catalog: self.given.registry.catalog(),
-            peers: self.state.lock().table.connected_endpoints(),
+            peers: self.gossip_entries(),
             leaving: self.is_leaving(),
         }
+    }
+
+    /// Our peers as HELLO names them: ROUTER endpoints, each with `#` and its key (Z85)
+    /// when this node is secured, so that a peer can dial them (PROTOCOL.md section 9).
+    fn gossip_entries(&self) -> Vec<String> {
+        let endpoints = self.state.lock().table.connected_endpoints();
+        let Some(book) = &self.given.keys else {
+            return endpoints.iter().map(ToString::to_string).collect();
+        };
+        endpoints
+            .iter()
+            .filter_map(|e| {
+                let key = book.key_of(e)?;
+                Some(format!("{e}#{}", crate::transport::curve::encode_key(&key)))
+            })
+            .collect()
     }
 
     pub(super) fn hello_message(&self, kind: Kind, correlation: Id) -> Message {

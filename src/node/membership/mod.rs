@@ -383,11 +383,29 @@ impl Membership {
     /// than MAX_GOSSIP connections, nor grow the table past `max_peers`.
     fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
         let own = Endpoint::from_addr((self.given.local.host, self.given.local.router_port).into());
-        for ep in gossip.into_iter().take(MAX_GOSSIP) {
-            let Ok(ep) = Endpoint::parse(&ep) else {
-                debug!(endpoint = %ep.escape_debug(), "not following gossip: not an endpoint");
+        for entry in gossip.into_iter().take(MAX_GOSSIP) {
+            // `tcp://host:port`, with `#KEY` from a secured node.
+            let (ep, key) = match entry.split_once('#') {
+                Some((ep, key)) => (ep, Some(key)),
+                None => (entry.as_str(), None),
+            };
+            let Ok(ep) = Endpoint::parse(ep) else {
+                debug!(endpoint = %entry.escape_debug(), "not following gossip: not an endpoint");
                 continue;
             };
+            // A key named by a peer (a member that proved its own) is taken for an
+            // endpoint we know no key of; it never replaces one we know. A wrong one
+            // costs a handshake that fails.
+            if let (Some(book), Some(key)) = (&self.given.keys, key) {
+                match crate::transport::curve::decode_key(key) {
+                    Ok(k) if book.key_of(&ep).is_none() => book.learn(ep.clone(), k),
+                    Ok(_) => {}
+                    Err(_) => {
+                        debug!(endpoint = %entry.escape_debug(), "not following gossip: a bad key");
+                        continue;
+                    }
+                }
+            }
             {
                 let st = self.state.lock();
                 if st.table.link_count() >= self.given.limits.max_peers {

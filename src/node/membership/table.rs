@@ -174,11 +174,11 @@ impl PeerTable {
     }
 
     /// ROUTER endpoints of the connected peers (the gossip in our HELLO).
-    pub(super) fn connected_endpoints(&self) -> Vec<String> {
+    pub(super) fn connected_endpoints(&self) -> Vec<Endpoint> {
         self.by_id
             .values()
             .filter(|p| p.info.connected)
-            .map(|p| p.info.router_endpoint.to_string())
+            .map(|p| p.info.router_endpoint.clone())
             .collect()
     }
 
