@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use peerwire::codec::Version;
 use peerwire::discovery::MdnsConfig;
 use peerwire::node::{GatherOptions, HandlerError, Node};
+use peerwire::transport::curve::CurveKeys;
 use serde::{Deserialize, Serialize};
 
 use super::demo_resilience as resilience;
@@ -46,15 +47,18 @@ pub(super) fn section(title: &str) {
     outln!("\n── {title} ──");
 }
 
-/// A node of the demo: found by mDNS on the private loopback when there is one,
-/// otherwise through static seeds.
+/// A node of the demo: secured with a key pair made for this run (CURVE on every
+/// connection, its id derived from its key), found by mDNS on the private loopback when
+/// there is one (its key in the announcement), otherwise through static seeds and their
+/// keys.
 fn builder(name: &str, mdns: bool, seeds: &[&Node]) -> peerwire::node::NodeBuilder {
-    let mut b = Node::builder(name);
+    let mut b = Node::builder(name).secure(CurveKeys::generate());
     if mdns {
         b = b.mdns(MdnsConfig::loopback());
     } else {
         for s in seeds {
-            b = b.peer(s.endpoint());
+            let key = s.public_key().expect("demo nodes are secured");
+            b = b.peer_with_key(s.endpoint(), key);
         }
     }
     b
@@ -117,6 +121,10 @@ pub async fn run(net: Result<(), String>) -> Result<()> {
         ),
         Err(why) => outln!("  discovery: static seeds (no private network for mDNS: {why})"),
     }
+    outln!(
+        "  security: CURVE on every connection, a key pair generated for each node of this \
+         run, node ids derived from the keys"
+    );
     let inv1 = inventory("inventory-1", 10, false, mdns).await?;
     let inv2 = inventory("inventory-2", 10, false, mdns).await?;
     let inv3 = inventory("inventory-3", 10, true, mdns).await?;

@@ -74,6 +74,7 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
             cluster: args.cluster.clone(),
             router_port,
             pub_port: port_of(&node.pub_endpoint()),
+            key: None,
         };
         match Mdns::start(cfg, &me) {
             Err(e) => problems.push(format!("mDNS cannot start: {e}")),

@@ -29,6 +29,8 @@ pub struct Announcement {
     pub router_port: u16,
     /// PUB port.
     pub pub_port: u16,
+    /// A secured node's public key (TXT `pk`, Z85), so that peers can dial it.
+    pub key: Option<[u8; 32]>,
 }
 
 /// What mDNS saw of another node.
@@ -68,6 +70,8 @@ pub struct Seen {
     pub router: Option<Endpoint>,
     /// Every address it announced.
     pub addresses: Vec<IpAddr>,
+    /// A secured node's public key, from TXT `pk` (`None` if missing or not a key).
+    pub key: Option<[u8; 32]>,
 }
 
 /// The mDNS instance name for a node: its name (at most 40 bytes, cut at a character
@@ -169,7 +173,7 @@ impl Mdns {
         // Everything that can be refused is checked before the daemon (a thread) exists.
         let instance = instance_name(&me.name, me.node_id);
         let host = format!("{instance}.local.");
-        let props = [
+        let mut props = vec![
             ("id", me.node_id.to_string()),
             ("name", truncate(&me.name, 100).to_string()),
             (
@@ -180,6 +184,9 @@ impl Mdns {
             ("pp", me.pub_port.to_string()),
             ("v", VERSION_MAJOR.to_string()),
         ];
+        if let Some(k) = &me.key {
+            props.push(("pk", crate::transport::curve::encode_key(k)));
+        }
         let info = ServiceInfo::new(
             SERVICE_TYPE,
             &instance,
@@ -273,6 +280,7 @@ impl Mdns {
             version: txt("v").and_then(|v| v.parse().ok()),
             router: ip.map(|ip| Endpoint::from_addr(SocketAddr::new(ip, port))),
             addresses,
+            key: txt("pk").and_then(|k| crate::transport::curve::decode_key(&k).ok()),
         }
     }
 

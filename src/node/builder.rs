@@ -371,6 +371,7 @@ impl NodeBuilder {
             host,
             router_port: router.local_addr().port(),
             pub_port: publisher.local_addr().port(),
+            key: self.security.as_ref().map(|s| s.keys.public()),
         };
         let membership = Arc::new(Membership::new(Setup {
             local,
@@ -436,6 +437,7 @@ impl NodeBuilder {
                     cluster: l.cluster.clone(),
                     router_port: l.router_port,
                     pub_port: l.pub_port,
+                    key: l.key,
                 };
                 match Mdns::start(cfg, &me) {
                     Ok(m) => Some(m),

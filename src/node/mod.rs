@@ -276,6 +276,12 @@ impl Node {
         self.core.membership.local().id
     }
 
+    /// A secured node's public key (see [`NodeBuilder::secure`]); its id is derived
+    /// from it. `None` for a node without CURVE.
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        self.core.membership.local().key
+    }
+
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.core.membership.local().name

@@ -44,6 +44,19 @@ impl KeyBook {
         }
     }
 
+    /// Records `key` for `endpoint` unless one is known (what others name, as gossip or
+    /// mDNS, never replaces what a handshake proved or the operator gave).
+    pub(super) fn learn_if_unknown(&self, endpoint: Endpoint, key: [u8; 32]) {
+        if self.key_of(&endpoint).is_none() {
+            self.learn(endpoint, key);
+        }
+    }
+
+    /// Forgets the key of an endpoint no longer dialled.
+    pub(super) fn forget(&self, endpoint: &Endpoint) {
+        self.0.write().remove(endpoint);
+    }
+
     /// The key expected at `endpoint`.
     pub(super) fn key_of(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
         self.0.read().get(endpoint).copied()

@@ -236,6 +236,11 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                         m.forget_later(old, "moved");
                     }
                 }
+                // A secured node's key, for an endpoint whose key we do not know yet (a
+                // wrong one costs a handshake that fails, until the endpoint is forgotten).
+                if let (Some(book), Some(key)) = (&m.given.keys, seen.key) {
+                    book.learn_if_unknown(ep.clone(), key);
+                }
                 debug!(node = %m.given.local.name, instance = ?seen.instance, endpoint = %ep, "mDNS: found a peer");
                 if let Err(e) = m.dial(&ep, super::NamedBy::Hearsay) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");

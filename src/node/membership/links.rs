@@ -186,8 +186,20 @@ impl Membership {
             if let Some(l) = &link {
                 l.stop.cancel();
             }
+            // A key learned for it (from gossip or mDNS, perhaps wrong) goes with it;
+            // an operator's static peer keeps its key.
+            if let Some(book) = &self.given.keys {
+                if !self.given.static_endpoints.contains(endpoint) {
+                    book.forget(endpoint);
+                }
+            }
             st.unannounced.remove(endpoint);
             let (pubs, left) = st.table.remove_at(endpoint, None);
+            if let Some(book) = &self.given.keys {
+                for p in &pubs {
+                    book.forget(p);
+                }
+            }
             for peer in left {
                 let _ = self.presence.send(PresenceEvent::Left {
                     peer,

@@ -71,6 +71,8 @@ pub(super) struct Local {
     pub(super) host: IpAddr,
     pub(super) router_port: u16,
     pub(super) pub_port: u16,
+    /// A secured node's public key (its id is derived from it).
+    pub(super) key: Option<[u8; 32]>,
 }
 
 /// Where the messages a DEALER receives go (inbound routing): called inline by the
@@ -398,8 +400,7 @@ impl Membership {
             // costs a handshake that fails.
             if let (Some(book), Some(key)) = (&self.given.keys, key) {
                 match crate::transport::curve::decode_key(key) {
-                    Ok(k) if book.key_of(&ep).is_none() => book.learn(ep.clone(), k),
-                    Ok(_) => {}
+                    Ok(k) => book.learn_if_unknown(ep.clone(), k),
                     Err(_) => {
                         debug!(endpoint = %entry.escape_debug(), "not following gossip: a bad key");
                         continue;
