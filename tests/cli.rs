@@ -584,3 +584,66 @@ fn keys_are_made_shown_and_never_overwritten() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_secured_node_answers_callers_that_know_its_key_and_only_those_it_allows() {
+    let dir = std::env::temp_dir().join(format!("pw-secure-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    // The caller's key pair, made first: the node lets only it in.
+    let caller_public = ok_stdout(&peerwire(&["keys", "new", &path("caller")]));
+    let caller_public = caller_public.trim();
+    let node = NodeProc::start_with(
+        "vault",
+        &[
+            "--serve",
+            "echo",
+            "--key",
+            &path("vault.key_secret"),
+            "--allow",
+            caller_public,
+        ],
+    );
+    // Its endpoint line carries its key, as --peer takes it.
+    let (at, key) = node
+        .endpoint
+        .split_once('#')
+        .expect("a key in the endpoint line");
+    assert_eq!(key.len(), 40);
+    let call = |extra: &[&str]| {
+        let mut args = vec![
+            "call",
+            "echo.echo",
+            "7",
+            "--wait",
+            "1500",
+            "--timeout-ms",
+            "1000",
+        ];
+        args.extend_from_slice(extra);
+        peerwire(&args)
+    };
+    let ok = call(&[
+        "--peer",
+        &node.endpoint,
+        "--key",
+        &path("caller.key_secret"),
+    ]);
+    assert_eq!(ok_stdout(&ok).trim(), "7");
+    // A key the node does not allow, and a caller without CURVE: no answer.
+    assert!(!call(&["--peer", &node.endpoint]).status.success());
+    assert!(!call(&["--peer", at]).status.success());
+    // --allow without security is a mistake, said at once.
+    let err = one_line_error(&peerwire(&[
+        "call",
+        "x.y",
+        "1",
+        "--peer",
+        at,
+        "--allow",
+        caller_public,
+    ]));
+    assert!(err.contains("--allow needs a secured node"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use peerwire::transport::curve::{encode_key, read_certificate, write_certificate, CurveKeys};
+use anyhow::{anyhow, bail, Context, Result};
+use peerwire::node::NodeBuilder;
+use peerwire::transport::curve::{
+    decode_key, encode_key, read_certificate, write_certificate, CurveKeys,
+};
+
+use super::NodeArgs;
 
 /// What `peerwire keys` does.
 #[derive(clap::Subcommand, Debug)]
@@ -52,4 +57,69 @@ fn with_ext(name: &Path, ext: &str) -> PathBuf {
     s.push(".");
     s.push(ext);
     PathBuf::from(s)
+}
+
+/// Adds the peers and, when asked for (--key, --secure, or a --peer with a key), the
+/// node's security to `b`.
+pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> Result<NodeBuilder> {
+    let mut keyed = false;
+    for p in &args.peers {
+        match p.split_once('#') {
+            Some((ep, key)) => {
+                let key = decode_key(key).map_err(|e| anyhow!("--peer {p}: {e}"))?;
+                b = b.peer_with_key(ep, key);
+                keyed = true;
+            }
+            None => b = b.peer(p.clone()),
+        }
+    }
+    let keys = match &args.key {
+        Some(path) => Some(node_keys(path, create_key)?),
+        None if args.secure || keyed => Some(CurveKeys::generate()),
+        None => None,
+    };
+    let Some(keys) = keys else {
+        if !args.allow.is_empty() {
+            bail!("--allow needs a secured node (--key FILE or --secure)");
+        }
+        return Ok(b);
+    };
+    b = b.secure(keys);
+    for a in &args.allow {
+        b = b.allow(allowed_key(a)?);
+    }
+    Ok(b)
+}
+
+/// The key pair in `path` (a secret certificate), made there first if `create`.
+fn node_keys(path: &Path, create: bool) -> Result<CurveKeys> {
+    if create && !path.exists() {
+        let keys = CurveKeys::generate();
+        write_certificate(path, &keys, true)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        errln!(
+            "created {} (this node's key pair); its public key: {}",
+            path.display(),
+            encode_key(&keys.public())
+        );
+        return Ok(keys);
+    }
+    let cert = read_certificate(path).with_context(|| format!("--key {}", path.display()))?;
+    cert.keys.ok_or_else(|| {
+        anyhow!(
+            "--key {}: a public certificate; a node needs its secret one (.key_secret)",
+            path.display()
+        )
+    })
+}
+
+/// A key given to --allow: Z85 text, or a certificate file.
+fn allowed_key(text: &str) -> Result<[u8; 32]> {
+    if let Ok(k) = decode_key(text) {
+        return Ok(k);
+    }
+    let cert = read_certificate(Path::new(text)).with_context(|| {
+        format!("--allow {text}: neither a key (40 characters of Z85) nor a certificate")
+    })?;
+    Ok(cert.public)
 }

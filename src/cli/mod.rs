@@ -36,9 +36,23 @@ pub enum MdnsMode {
 /// Options shared by every command that runs a node.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
-    /// A peer's ROUTER endpoint, tcp://host:port (repeatable).
+    /// A peer's ROUTER endpoint, tcp://host:port, or tcp://host:port#KEY for a secured
+    /// peer (KEY: its public key in Z85, as `peerwire keys show` prints it). Repeatable.
     #[arg(long = "peer", value_name = "ENDPOINT")]
     pub peers: Vec<String>,
+    /// Secure this node with CURVE using the key pair in FILE (a ZeroMQ secret
+    /// certificate, as `peerwire keys new` writes; `peerwire node` creates it if
+    /// missing): every connection authenticated and encrypted, the node id derived from
+    /// the key.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<std::path::PathBuf>,
+    /// Secure this node with a key pair made for this run (implied by a --peer with #KEY).
+    #[arg(long)]
+    pub secure: bool,
+    /// With security, let in only these client keys (Z85, or a certificate file).
+    /// Repeatable.
+    #[arg(long = "allow", value_name = "KEY")]
+    pub allow: Vec<String>,
     /// A DNS name whose every address is a peer, NAME:PORT (repeatable), resolved again
     /// every --dns-every ms: a Kubernetes headless service, say.
     #[arg(long = "dns", value_name = "NAME:PORT")]
@@ -87,7 +101,8 @@ impl NodeArgs {
         Some(cfg.with_port(self.mdns_port))
     }
 
-    fn builder(&self, name: &str) -> NodeBuilder {
+    /// The node these options describe; `create_key`: a missing --key file is created.
+    fn builder(&self, name: &str, create_key: bool) -> Result<NodeBuilder> {
         let mut b = Node::builder(name)
             .cluster(self.cluster.clone())
             .dns_every(Duration::from_millis(self.dns_every))
@@ -98,13 +113,10 @@ impl NodeArgs {
         if let Some(m) = self.mdns_config() {
             b = b.mdns(m);
         }
-        for p in &self.peers {
-            b = b.peer(p.clone());
-        }
         for d in &self.dns {
             b = b.dns(d.clone());
         }
-        b
+        keys::secure(self, b, create_key)
     }
 
     pub(crate) fn wait(&self) -> Duration {
@@ -137,7 +149,7 @@ impl NodeArgs {
     /// reached.)
     pub(crate) async fn client_node(&self) -> Result<Node> {
         self.some_source()?;
-        let node = self.start(self.builder("peerwire-cli")).await?;
+        let node = self.start(self.builder("peerwire-cli", false)?).await?;
         let deadline = Instant::now() + self.wait();
         if !(self.dns.is_empty() && self.mdns_config().is_none()) {
             settle(&node, self.wait()).await;
@@ -262,7 +274,10 @@ pub async fn run_node(
     // Listening before the endpoint line is printed: a script that reads it and at
     // once sends SIGTERM must get a graceful stop.
     let mut stop = StopSignal::new();
-    let mut builder = args.builder(name).router_port(port).pub_port(pub_port);
+    let mut builder = args
+        .builder(name, true)?
+        .router_port(port)
+        .pub_port(pub_port);
     if relay {
         builder = builder.service("echo", services::relay_policy());
     }
@@ -273,8 +288,22 @@ pub async fn run_node(
     if relay {
         services::serve_relay(&node);
     }
-    // The first line is the endpoint, for scripts to read.
-    outln!("{}", node.endpoint());
+    // The first line is the endpoint, for scripts to read: with its key when secured, as
+    // other commands' --peer takes it.
+    match node.public_key() {
+        Some(k) => outln!(
+            "{}#{}",
+            node.endpoint(),
+            peerwire::transport::curve::encode_key(&k)
+        ),
+        None => {
+            outln!("{}", node.endpoint());
+            errln!(
+                "warning: running without security (no --key): anyone who can reach this \
+                 node's ports can call it and read its traffic"
+            );
+        }
+    }
     errln!(
         "node {name} ({}) listening: router {} pub {}",
         node.id(),

@@ -85,7 +85,7 @@ fn presence_json(e: &PresenceEvent) -> Value {
 pub async fn watch(args: &NodeArgs, json: bool, count: Option<u64>) -> Result<()> {
     args.some_source()?;
     let mut stop = StopSignal::new();
-    let node = args.start(args.builder("peerwire-watch")).await?;
+    let node = args.start(args.builder("peerwire-watch", false)?).await?;
     let mut presence = node.presence();
     if !json {
         errln!("watching for peers (Ctrl-C to stop)");
