@@ -274,10 +274,15 @@ impl Membership {
         };
         let router_ep = Endpoint::from_addr((host, hello.router_port).into());
         let pub_ep = Endpoint::from_addr((host, hello.pub_port).into());
-        // A secured node dials a peer only with the key it proved.
+        // A secured node dials a peer only with the key it proved, at the endpoints it
+        // names for itself: only from the address it speaks from (a member naming
+        // another host's endpoints would otherwise make us expect its key there, and
+        // cut us off from the node that really listens there).
         if let (Some(book), Some(key)) = (&self.given.keys, key) {
-            book.learn(router_ep.clone(), key);
-            book.learn(pub_ep.clone(), key);
+            if source_ip.is_none_or(|ip| ip == host) {
+                book.learn(router_ep.clone(), key);
+                book.learn(pub_ep.clone(), key);
+            }
         }
         {
             let mut st = self.state.lock();
