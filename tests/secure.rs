@@ -130,7 +130,21 @@ async fn an_outsider_a_plain_node_and_an_impostor_learn_nothing() {
         "no HELLO-ACK for an impostor"
     );
     assert!(a.peers().iter().all(|p| p.name != "impostor"));
-    for n in [a, b, c, plain] {
+
+    // The allow list holds both ways: told of C with its key, A still does not dial it
+    // (C would hear A's HELLO, its catalog and its peers).
+    let a2 = secured("a2", &ka)
+        .allow(kb.public())
+        .peer_with_key(c.endpoint(), kc.public())
+        .start()
+        .await
+        .unwrap();
+    let _ = c.wait_for_peers(1, Duration::from_millis(500)).await;
+    assert!(c.peers().is_empty(), "{:?}", c.peers());
+    assert!(a2.peers().is_empty());
+    // And a list without security is a mistake, refused at start.
+    assert!(Node::builder("x").allow(kb.public()).start().await.is_err());
+    for n in [a, a2, b, c, plain] {
         n.shutdown().await;
     }
 }

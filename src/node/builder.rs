@@ -56,6 +56,8 @@ pub struct NodeBuilder {
     limits: MembershipLimits,
     socket: SocketOptions,
     security: Option<Security>,
+    /// Client keys let in (secured nodes); empty: any.
+    allowed: HashSet<[u8; 32]>,
     /// Keys of static peers' endpoints (secured nodes).
     peer_keys: Vec<(String, [u8; 32])>,
 }
@@ -86,6 +88,7 @@ impl NodeBuilder {
             limits: MembershipLimits::default(),
             socket: SocketOptions::default(),
             security: None,
+            allowed: HashSet::new(),
             peer_keys: Vec::new(),
         }
     }
@@ -274,15 +277,12 @@ impl NodeBuilder {
         self
     }
 
-    /// Lets in only the listed client keys (repeatable); for a node made
-    /// [`secure`](Self::secure). Other clients are refused in the handshake, before
+    /// Lets in only the listed client keys (repeatable), and dials only peers holding
+    /// one of them; for a node made [`secure`](Self::secure) (a node that is not
+    /// refuses to start with a list). Other clients are refused in the handshake, before
     /// they learn anything (counted as `not_authorized` in the sockets' violations).
     pub fn allow(mut self, key: [u8; 32]) -> Self {
-        if let Some(s) = &mut self.security {
-            let mut set = s.allowed.as_deref().cloned().unwrap_or_default();
-            set.insert(key);
-            s.allowed = Some(Arc::new(set));
-        }
+        self.allowed.insert(key);
         self
     }
 
@@ -301,7 +301,7 @@ impl NodeBuilder {
     }
 
     /// Binds the sockets, connects to the static peers and starts the node.
-    pub async fn start(self) -> Result<Node, NodeError> {
+    pub async fn start(mut self) -> Result<Node, NodeError> {
         if self.cluster.is_empty() || self.cluster.len() > crate::discovery::MAX_CLUSTER_LEN {
             return Err(NodeError::Config(format!(
                 "the cluster name must be 1 to {} bytes, not {}",
@@ -314,11 +314,21 @@ impl NodeBuilder {
             .iter()
             .map(|p| Endpoint::parse(p))
             .collect::<Result<Vec<Endpoint>, _>>()?;
+        if !self.allowed.is_empty() {
+            match &mut self.security {
+                Some(s) => s.allowed = Some(Arc::new(self.allowed.clone())),
+                None => {
+                    return Err(NodeError::Config(
+                        "an allow list needs a secured node (NodeBuilder::secure)".into(),
+                    ))
+                }
+            }
+        }
         let id = self.security.as_ref().map_or_else(Id::new, |s| s.id());
         let keys = self.security.as_ref().map(|_| Arc::new(KeyBook::default()));
         for (endpoint, key) in &self.peer_keys {
             if let Some(book) = &keys {
-                book.learn(Endpoint::parse(endpoint)?, *key);
+                book.given(Endpoint::parse(endpoint)?, *key);
             }
         }
         // Accepting sockets prove our key; dialling ones expect each peer's.

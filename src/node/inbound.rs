@@ -78,8 +78,9 @@ pub(super) enum Via<'a> {
     /// The ROUTER, from the connection with this identity; a handler slot is held. The
     /// instant is when it arrived, if it waited in the queue since (declined).
     Router(Bytes, OwnedSemaphorePermit, Option<Instant>),
-    /// The SUB; a handler slot is held.
-    Sub(OwnedSemaphorePermit),
+    /// The SUB, from the publisher connection with this identity (with CURVE, the key
+    /// it proved); a handler slot is held.
+    Sub(OwnedSemaphorePermit, Bytes),
     /// Our DEALER to `endpoint`.
     Dealer(&'a Endpoint),
 }
@@ -88,7 +89,7 @@ impl Via<'_> {
     fn socket(&self) -> &'static str {
         match self {
             Via::Router(..) => "ROUTER",
-            Via::Sub(_) => "SUB",
+            Via::Sub(..) => "SUB",
             Via::Dealer(_) => "DEALER",
         }
     }
@@ -99,7 +100,7 @@ impl Core {
     /// envelope the node receives is decoded.
     pub(super) fn receive(self: &Arc<Self>, via: Via<'_>, msg: &Message) {
         let framing = match via {
-            Via::Sub(_) => Framing::Published,
+            Via::Sub(..) => Framing::Published,
             _ => Framing::Direct,
         };
         let env = match frames::decode(framing, msg) {
@@ -144,7 +145,7 @@ impl Core {
                 }
                 self.on_router(identity, env, slot)
             }
-            Via::Sub(slot) => self.on_published(env, slot),
+            Via::Sub(slot, publisher) => self.on_published(env, slot, &publisher),
             Via::Dealer(endpoint) => self.on_dealer(endpoint, env),
         }
     }
@@ -289,7 +290,22 @@ impl Core {
         }
     }
 
-    fn on_published(self: &Arc<Self>, env: Envelope, slot: OwnedSemaphorePermit) {
+    fn on_published(
+        self: &Arc<Self>,
+        env: Envelope,
+        slot: OwnedSemaphorePermit,
+        publisher: &Bytes,
+    ) {
+        // Secured: an event or a gather request is the node's whose key its connection
+        // proved, whatever its header says.
+        if self.membership.is_secured()
+            && !<[u8; 32]>::try_from(&publisher[..])
+                .is_ok_and(|k| crate::codec::Id::of_key(&k) == env.header.sender)
+        {
+            self.inbound.count_unexpected();
+            warn!(sender = %env.header.sender, "published in another node's name, dropped");
+            return;
+        }
         match env.header.kind {
             Kind::Event => self.pubsub.deliver(env),
             Kind::GatherRequest => {
@@ -347,7 +363,7 @@ fn inline_handler(cell: CoreCell, router: bool) -> MessageHandler {
         let via = if router {
             Via::Router(identity.clone(), slot, None)
         } else {
-            Via::Sub(slot)
+            Via::Sub(slot, identity.clone())
         };
         core.receive(via, &msg);
         Ok(())
@@ -389,13 +405,13 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
                     .router
                     .recv_declined()
                     .await
-                    .map(|(id, m, at, taken)| (Some((id, at)), m, taken))
+                    .map(|(id, m, at, taken)| (Ok((id, at)), m, taken))
             } else {
                 strong
                     .subscriber
                     .recv_declined()
                     .await
-                    .map(|(m, taken)| (None, m, taken))
+                    .map(|(publisher, m, taken)| (Err(publisher), m, taken))
             }
         };
         let got = tokio::select! {
@@ -412,8 +428,8 @@ pub(super) async fn declined_loop(core: Weak<Core>, cancel: CancellationToken, r
             s = strong.responder.slot() => match s { Some(s) => s, None => return },
         };
         let via = match identity {
-            Some((id, arrived)) => Via::Router(id, slot, arrived),
-            None => Via::Sub(slot),
+            Ok((id, arrived)) => Via::Router(id, slot, arrived),
+            Err(publisher) => Via::Sub(slot, publisher),
         };
         strong.receive(via, &msg);
     }

@@ -17,49 +17,96 @@ use crate::transport::curve::{Curve, CurveKeys};
 use crate::transport::{Endpoint, SocketOptions};
 
 /// Most endpoint keys kept: two per peer (ROUTER and PUB) up to well past the peer
-/// limit's default; past it, keys of new endpoints are not learned (their dials fail).
+/// limit's default.
 const MAX_KEYS: usize = 4096;
+/// Most of them named by others (gossip, mDNS) and not proven yet: what others name can
+/// never crowd out what handshakes proved or the operator gave.
+const MAX_HEARSAY: usize = 1024;
+
+/// How the key of an endpoint became known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Given by the operator (a static peer): never replaced or forgotten.
+    Given,
+    /// Proven by the node there, in a handshake, for the endpoints it named as its own.
+    Proven,
+    /// Named by another node's gossip or an mDNS announcement.
+    Hearsay,
+}
+
+/// Client keys a node lets in (see [`NodeBuilder::allow`](super::NodeBuilder::allow)).
+pub(super) type Allowed = Arc<HashSet<[u8; 32]>>;
 
 /// How a secured node authenticates (see [`NodeBuilder::secure`](super::NodeBuilder::secure)).
 #[derive(Debug, Clone)]
 pub(super) struct Security {
     pub(super) keys: CurveKeys,
-    /// Client keys let in; `None`: any key that completes the handshake.
-    pub(super) allowed: Option<Arc<HashSet<[u8; 32]>>>,
+    /// Client keys let in, and the only servers dialled; `None`: any key.
+    pub(super) allowed: Option<Allowed>,
 }
 
 /// Which public key each peer endpoint (ROUTER or PUB) is expected to prove.
 #[derive(Default)]
-pub(super) struct KeyBook(RwLock<HashMap<Endpoint, [u8; 32]>>);
+pub(super) struct KeyBook(RwLock<HashMap<Endpoint, ([u8; 32], Origin)>>);
 
 impl KeyBook {
-    /// Records that `endpoint` is served by the holder of `key` (a later record for the
-    /// same endpoint replaces it: a node restarted there with another key).
+    /// A static peer's key, as the operator gave it.
+    pub(super) fn given(&self, endpoint: Endpoint, key: [u8; 32]) {
+        self.0.write().insert(endpoint, (key, Origin::Given));
+    }
+
+    /// Records that `endpoint` is served by the holder of `key`, as that node proved (a
+    /// node restarted there with another key replaces the old one; what the operator
+    /// gave is kept). When the book is full, a key named by others makes room.
     pub(super) fn learn(&self, endpoint: Endpoint, key: [u8; 32]) {
         let mut book = self.0.write();
-        if book.len() < MAX_KEYS || book.contains_key(&endpoint) {
-            book.insert(endpoint, key);
-        } else {
-            tracing::warn!(%endpoint, "key book full: this endpoint's key is not recorded");
+        match book.get(&endpoint) {
+            Some((_, Origin::Given)) => return,
+            Some(_) => {}
+            None if book.len() >= MAX_KEYS => {
+                let hearsay = book
+                    .iter()
+                    .find(|(_, (_, o))| *o == Origin::Hearsay)
+                    .map(|(e, _)| e.clone());
+                match hearsay {
+                    Some(e) => {
+                        book.remove(&e);
+                    }
+                    None => {
+                        tracing::warn!(%endpoint, "key book full: this endpoint's key is not recorded");
+                        return;
+                    }
+                }
+            }
+            None => {}
         }
+        book.insert(endpoint, (key, Origin::Proven));
     }
 
-    /// Records `key` for `endpoint` unless one is known (what others name, as gossip or
-    /// mDNS, never replaces what a handshake proved or the operator gave).
+    /// Records `key` for `endpoint` as others named it, unless a key is known there:
+    /// what others name never replaces what was proven or given, and is bounded.
     pub(super) fn learn_if_unknown(&self, endpoint: Endpoint, key: [u8; 32]) {
-        if self.key_of(&endpoint).is_none() {
-            self.learn(endpoint, key);
+        let mut book = self.0.write();
+        if book.contains_key(&endpoint) || book.len() >= MAX_KEYS {
+            return;
         }
+        if book.values().filter(|(_, o)| *o == Origin::Hearsay).count() >= MAX_HEARSAY {
+            return;
+        }
+        book.insert(endpoint, (key, Origin::Hearsay));
     }
 
-    /// Forgets the key of an endpoint no longer dialled.
+    /// Forgets the key of an endpoint no longer dialled (unless the operator gave it).
     pub(super) fn forget(&self, endpoint: &Endpoint) {
-        self.0.write().remove(endpoint);
+        let mut book = self.0.write();
+        if book.get(endpoint).is_some_and(|(_, o)| *o != Origin::Given) {
+            book.remove(endpoint);
+        }
     }
 
     /// The key expected at `endpoint`.
     pub(super) fn key_of(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
-        self.0.read().get(endpoint).copied()
+        self.0.read().get(endpoint).map(|(k, _)| *k)
     }
 }
 
@@ -81,14 +128,23 @@ impl Security {
 
     /// Options for the sockets that dial (DEALERs, SUB): each endpoint's key from `book`.
     pub(super) fn client(&self, opts: SocketOptions, book: &Arc<KeyBook>) -> SocketOptions {
-        let book = book.clone();
-        let curve = Curve::new(self.keys.clone()).server_key_of(Arc::new(move |e| book.key_of(e)));
+        // With an allow list, only the keys it lists: nobody outside it can make us dial
+        // it and hear our HELLO (our catalog, our peers).
+        let (book, allowed) = (book.clone(), self.allowed.clone());
+        let curve = Curve::new(self.keys.clone()).server_key_of(Arc::new(move |e| {
+            book.key_of(e)
+                .filter(|k| allowed.as_ref().is_none_or(|a| a.contains(k)))
+        }));
         opts.with_curve(Some(curve))
     }
 }
 
-/// Whether a HELLO naming `node_id` may be believed from a connection that proved `key`
-/// (`None`: the node is not secured, nothing to check).
-pub(super) fn claims_its_own_id(node_id: Id, key: Option<[u8; 32]>) -> bool {
-    key.is_none_or(|k| Id::of_key(&k) == node_id)
+/// Whether a HELLO naming `node_id` may be believed from a connection that proved `key`.
+/// A secured node believes nothing from a connection whose key it cannot tell (one gone
+/// since, say); an unsecured one has nothing to check.
+pub(super) fn claims_its_own_id(secured: bool, node_id: Id, key: Option<[u8; 32]>) -> bool {
+    match key {
+        Some(k) => Id::of_key(&k) == node_id,
+        None => !secured,
+    }
 }

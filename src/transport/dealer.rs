@@ -32,11 +32,14 @@ struct DealerRole {
     connected: AtomicBool,
     /// Address of the peer of the current (or last) connection.
     peer_addr: parking_lot::Mutex<Option<std::net::SocketAddr>>,
+    /// With CURVE, the server key the current (or last) connection's handshake proved.
+    peer_key: parking_lot::Mutex<Option<[u8; 32]>>,
 }
 
 impl Role for DealerRole {
     fn attach(&self, peer: &PeerInfo) -> Result<Attached, ProtocolViolation> {
         *self.peer_addr.lock() = Some(peer.addr);
+        *self.peer_key.lock() = peer.curve_key;
         // Before the writer starts: ahead of what was queued while disconnected, and of
         // anything sent once `connected` is seen.
         if let Some(msg) = self.first.as_ref().and_then(|f| f()) {
@@ -143,6 +146,7 @@ impl Dealer {
             inbound,
             connected: AtomicBool::new(false),
             peer_addr: parking_lot::Mutex::new(None),
+            peer_key: parking_lot::Mutex::new(None),
         });
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
@@ -163,6 +167,12 @@ impl Dealer {
     /// The address the current (or last) connection reached: the endpoint resolved.
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         *self.role.peer_addr.lock()
+    }
+
+    /// With CURVE, the long-term key the server of the current (or last) connection
+    /// proved in its handshake.
+    pub fn peer_key(&self) -> Option<[u8; 32]> {
+        *self.role.peer_key.lock()
     }
 
     /// Whether a connection is up (handshake completed) right now.

@@ -52,7 +52,12 @@ impl Role for SubRole {
                 Some(f) => Sink::Handler(f.clone(), Some(lane)),
                 None => Sink::Deliver(lane),
             },
-            identity: peer.identity.clone(),
+            // With CURVE, the publisher is known by the key its handshake proved (what
+            // its events are attributed to); PUBs announce no identity otherwise.
+            identity: match peer.curve_key {
+                Some(k) => Bytes::copy_from_slice(&k),
+                None => peer.identity.clone(),
+            },
         })
     }
 
@@ -171,12 +176,14 @@ impl Subscriber {
     /// Receives the next message matching a subscription. Publishers filter too; this
     /// check covers those that do not (an XPUB, or messages in flight across a CANCEL).
     pub async fn recv(&self) -> Result<Message, RecvError> {
-        self.recv_declined().await.map(|(msg, _)| msg)
+        self.recv_declined().await.map(|(_, msg, _)| msg)
     }
 
-    /// [`Subscriber::recv`] for messages an inline handler declined, with the [`Taken`]
-    /// that keeps that publisher's later messages from the handler until it is dropped.
-    pub(crate) async fn recv_declined(&self) -> Result<(Message, Taken), RecvError> {
+    /// [`Subscriber::recv`] for messages an inline handler declined, with the identity
+    /// of the connection it came on (with CURVE, the publisher's proven key) and the
+    /// [`Taken`] that keeps that publisher's later messages from the handler until it is
+    /// dropped.
+    pub(crate) async fn recv_declined(&self) -> Result<(Bytes, Message, Taken), RecvError> {
         loop {
             let Some((i, taken)) = self.role.inbound.take().await else {
                 return Err(RecvError::Closed);
@@ -190,7 +197,7 @@ impl Subscriber {
                 .iter()
                 .any(|p| first.starts_with(p));
             if wanted {
-                return Ok((i.msg, taken));
+                return Ok((i.identity, i.msg, taken));
             }
             self.role.shared.stats.dropped.fetch_add(1, Relaxed);
         }

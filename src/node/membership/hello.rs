@@ -111,19 +111,20 @@ impl Membership {
             return Ok(());
         }
         let hello: Hello = codec::decode_payload(payload)?;
+        // Secured: the key this connection proved decides whose HELLO it can be, before
+        // anything of it is believed (who sent what on this connection included).
+        let key = router.peer_key(identity);
+        if !claims_its_own_id(self.is_secured(), hello.node_id, key) {
+            self.hellos_refused.fetch_add(1, Relaxed);
+            warn!(addr = ?source, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
+            return Ok(());
+        }
         if let Some(addr) = source {
             self.introduce(router, identity, hello.node_id, addr);
         }
         // Learned before it is acknowledged: a node that waits for our ACK (one that is
         // leaving, say) knows that we know when the ACK comes.
         let ours = hello.cluster == self.given.local.cluster;
-        // Secured: the key this connection proved decides whose HELLO it can be.
-        let key = router.peer_key(identity);
-        if self.given.keys.is_some() && !claims_its_own_id(hello.node_id, key) {
-            self.hellos_refused.fetch_add(1, Relaxed);
-            warn!(addr = ?source, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
-            return Ok(());
-        }
         self.learn(hello, source.map(|a| a.ip()), key);
         let ack = match ours {
             true => self.hello_message(Kind::HelloAck, header.id),
@@ -240,7 +241,13 @@ impl Membership {
                 .and_then(|l| l.dealer.peer_addr())
                 .map(|a| a.ip())
                 .or_else(|| endpoint.ip());
-            let key = self.given.keys.as_ref().and_then(|b| b.key_of(endpoint));
+            // The key this DEALER's connection proved (not what the book says now).
+            let key = self
+                .state
+                .lock()
+                .table
+                .link(endpoint)
+                .and_then(|l| l.dealer.peer_key());
             self.learn(hello, ip, key);
         }
         // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).

@@ -240,7 +240,7 @@ impl Membership {
         source_ip: Option<IpAddr>,
         key: Option<[u8; 32]>,
     ) {
-        if !claims_its_own_id(hello.node_id, key) {
+        if !claims_its_own_id(self.is_secured(), hello.node_id, key) {
             self.hellos_refused.fetch_add(1, Relaxed);
             warn!(peer = ?hello.name, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
             return;
@@ -431,6 +431,9 @@ impl Membership {
     /// Disconnects our SUB from PUB endpoints no peer uses any more.
     fn drop_subscriptions(&self, pubs: Vec<Endpoint>) {
         for p in pubs {
+            if let Some(book) = &self.given.keys {
+                book.forget(&p);
+            }
             self.given.subscriber.disconnect(&p);
             self.state.lock().sub_endpoints.remove(&p);
         }
@@ -586,6 +589,11 @@ impl Membership {
                 self.changed.notify_waiters();
             }
         }
+    }
+
+    /// Whether this node is secured (CURVE, ids derived from keys).
+    pub(in crate::node) fn is_secured(&self) -> bool {
+        self.given.keys.is_some()
     }
 
     /// Whether this node is leaving.
