@@ -175,3 +175,64 @@ async fn one_seed_leads_a_secured_node_to_the_whole_cluster() {
         m.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn events_are_the_publishers_whose_key_their_connection_proved() {
+    use peerwire::transport::Publisher;
+    init_tracing();
+    let (kn, kx) = (CurveKeys::generate(), CurveKeys::generate());
+    let n = secured("n", &kn).start().await.unwrap();
+    let mut events = n.subscribe::<u32>("t");
+    // X: a PUB with its own key, and a HELLO (from X's key) naming that PUB, so that
+    // N's SUB dials it.
+    let xpub = Publisher::bind(
+        "tcp://127.0.0.1:0",
+        test_opts().with_curve(Some(Curve::new(kx.clone()))),
+    )
+    .await
+    .unwrap();
+    let d = Dealer::connect(
+        n.endpoint(),
+        test_opts().with_curve(Some(Curve::new(kx.clone()).server_key(kn.public()))),
+    )
+    .unwrap();
+    let x_id = Id::of_key(&kx.public());
+    let hello = codec::Hello {
+        node_id: x_id,
+        name: "x".into(),
+        cluster: "default".into(),
+        host: "127.0.0.1".into(),
+        router_port: 9,
+        pub_port: xpub.local_addr().port(),
+        ..Default::default()
+    };
+    let env = codec::Envelope {
+        header: Header::new(Kind::Hello, x_id, ""),
+        payload: codec::encode_payload(&hello).unwrap(),
+    };
+    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    wait_until("N subscribed to X", || {
+        xpub.subscribers()
+            .iter()
+            .any(|s| !s.subscriptions.is_empty())
+    })
+    .await;
+    let event = |sender: Id, v: u32| {
+        let mut h = Header::new(Kind::Event, sender, "t");
+        h.seq = 1;
+        Message::from_frames(vec![
+            bytes::Bytes::from_static(b"t"),
+            codec::encode_header(&h),
+            codec::encode_payload(&v).unwrap(),
+        ])
+    };
+    // In another node's name: dropped and counted.
+    let before = n.stats().unexpected;
+    xpub.publish(event(n.id(), 1)).unwrap();
+    wait_until("dropped", || n.stats().unexpected > before).await;
+    // In its own: delivered, as X's.
+    xpub.publish(event(x_id, 2)).unwrap();
+    let e = within("X's event", events.recv()).await.unwrap().unwrap();
+    assert_eq!((e.value, e.publisher), (2, x_id));
+    n.shutdown().await;
+}
