@@ -236,3 +236,91 @@ async fn events_are_the_publishers_whose_key_their_connection_proved() {
     assert_eq!((e.value, e.publisher), (2, x_id));
     n.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_gather_reply_in_another_nodes_name_does_not_count() {
+    use peerwire::node::GatherOptions;
+    use peerwire::transport::Subscriber;
+    init_tracing();
+    let (kg, kv, kx) = (
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+    );
+    let g = secured("g", &kg).start().await.unwrap();
+    let v = secured("v", &kv)
+        .peer_with_key(g.endpoint(), kg.public())
+        .start()
+        .await
+        .unwrap();
+    // V answers, a little late: X's forgery would come first.
+    v.handle_gather("q", V1, |_: Value, _| async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok("real".to_string())
+    });
+    wait_gatherable(&g, "q", 1).await;
+    // X: a SUB on G's PUB (to see the gather's id) and a DEALER to G's ROUTER, on which
+    // it claims V's id (refused) and then answers in V's name.
+    let client =
+        |k: &CurveKeys| test_opts().with_curve(Some(Curve::new(k.clone()).server_key(kg.public())));
+    let xsub = Subscriber::new(client(&kx));
+    xsub.subscribe("q".to_string());
+    xsub.connect(g.pub_endpoint()).unwrap();
+    let xd = Dealer::connect(g.endpoint(), client(&kx)).unwrap();
+    let claim = codec::Hello {
+        node_id: v.id(),
+        name: "v".into(),
+        cluster: "default".into(),
+        host: "127.0.0.1".into(),
+        router_port: 9,
+        pub_port: 9,
+        ..Default::default()
+    };
+    let before = g.stats().hellos_refused;
+    let env = codec::Envelope {
+        header: Header::new(Kind::Hello, v.id(), ""),
+        payload: codec::encode_payload(&claim).unwrap(),
+    };
+    xd.send(Message::from_frames(env.to_frames()))
+        .await
+        .unwrap();
+    wait_until("the claim refused", || g.stats().hellos_refused > before).await;
+    // G gathers until X has seen a request (its subscription may still be on its way).
+    let (gather, request) = within("X seeing a gather request", async {
+        loop {
+            let gather = g
+                .gather::<_, String>(
+                    "q",
+                    &json!(1),
+                    GatherOptions::within(Duration::from_secs(2)),
+                )
+                .await
+                .unwrap();
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(300), xsub.recv()).await {
+                return (
+                    gather,
+                    codec::Envelope::from_pub_frames(m.frames()).unwrap(),
+                );
+            }
+        }
+    })
+    .await;
+    let mut forged = Header::new(Kind::GatherReply, v.id(), "");
+    forged.correlation_id = request.header.id;
+    let forged = codec::Envelope {
+        header: forged,
+        payload: codec::encode_payload(&"forged").unwrap(),
+    };
+    xd.send(Message::from_frames(forged.to_frames()))
+        .await
+        .unwrap();
+    let out = within("the gather", gather.finish()).await;
+    let got: Vec<String> = out
+        .replies
+        .into_iter()
+        .filter_map(|r| r.result.ok())
+        .collect();
+    assert_eq!(got, ["real"], "only V's own reply counts");
+    g.shutdown().await;
+    v.shutdown().await;
+}
