@@ -324,3 +324,28 @@ async fn a_gather_reply_in_another_nodes_name_does_not_count() {
     g.shutdown().await;
     v.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_secured_node_of_another_cluster_learns_only_that() {
+    init_tracing();
+    let (ka, kb) = (CurveKeys::generate(), CurveKeys::generate());
+    let a = echo_node(secured("a", &ka), "a.echo").await;
+    let b = secured("b", &kb)
+        .cluster("elsewhere")
+        .peer_with_key(a.endpoint(), ka.public())
+        .start()
+        .await
+        .unwrap();
+    wait_until("A told B it is of another cluster", || {
+        b.stats().other_cluster >= 1 && a.stats().other_cluster >= 1
+    })
+    .await;
+    assert!(a.peers().is_empty(), "{:?}", a.peers());
+    assert!(
+        b.peers().iter().all(|p| p.methods.is_empty()),
+        "{:?}",
+        b.peers()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
