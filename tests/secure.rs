@@ -349,3 +349,40 @@ async fn a_secured_node_of_another_cluster_learns_only_that() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_in_another_nodes_name_is_refused() {
+    init_tracing();
+    let (ka, kx) = (CurveKeys::generate(), CurveKeys::generate());
+    let a = echo_node(secured("a", &ka), "a.echo").await;
+    let d = Dealer::connect(
+        a.endpoint(),
+        test_opts().with_curve(Some(Curve::new(kx.clone()).server_key(ka.public()))),
+    )
+    .unwrap();
+    let request = |sender: Id| {
+        let mut h = Header::new(Kind::Request, sender, "a.echo");
+        h.deadline_ms = Some(5000);
+        codec::Envelope {
+            header: h,
+            payload: codec::encode_payload(&json!(1)).unwrap(),
+        }
+    };
+    // As a node it is not: refused, with a reply that says why.
+    d.send(Message::from_frames(request(a.id()).to_frames()))
+        .await
+        .unwrap();
+    let r =
+        codec::Envelope::from_frames(within("a reply", d.recv()).await.unwrap().frames()).unwrap();
+    assert_eq!(r.header.kind, Kind::ErrorReply);
+    // As itself (the id its key proves): served.
+    d.send(Message::from_frames(
+        request(Id::of_key(&kx.public())).to_frames(),
+    ))
+    .await
+    .unwrap();
+    let r =
+        codec::Envelope::from_frames(within("a reply", d.recv()).await.unwrap().frames()).unwrap();
+    assert_eq!(r.header.kind, Kind::Reply);
+    a.shutdown().await;
+}

@@ -191,6 +191,29 @@ impl Core {
     fn on_router(self: &Arc<Self>, identity: Bytes, env: Envelope, slot: OwnedSemaphorePermit) {
         let h = &env.header;
         let reply_to = |identity| ReplyPath::Router(&self.router, identity);
+        // Secured: whatever comes on a connection is the node's whose key it proved (a
+        // handler's `Context::sender` can be trusted); another sender is refused. (A
+        // HELLO is judged by the id it carries, in `on_hello`.)
+        if self.membership.is_secured()
+            && h.kind != Kind::Hello
+            && self
+                .router
+                .peer_key(&identity)
+                .is_none_or(|k| crate::codec::Id::of_key(&k) != h.sender)
+        {
+            self.inbound.count_unexpected();
+            warn!(sender = %h.sender, kind = ?h.kind, "sent in another node's name, refused");
+            if h.kind == Kind::Request {
+                let msg = "the sender is not the node this connection's key proves";
+                self.responder.reply_error(
+                    &reply_to(identity.clone()),
+                    h,
+                    codes::BAD_REQUEST,
+                    msg.into(),
+                );
+            }
+            return;
+        }
         if h.version != codec::VERSION_MAJOR {
             let msg = format!(
                 "envelope version {} is not supported (this node speaks {})",
