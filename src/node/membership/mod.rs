@@ -18,6 +18,7 @@
 
 mod discover;
 mod hello;
+mod leave;
 mod limits;
 mod links;
 mod presence;
@@ -42,7 +43,7 @@ use super::calls::{far_instant_after, Calls, ConnId};
 use super::registry::Registry;
 use super::security::{claims_its_own_id, KeyBook};
 use super::Lifecycle;
-use crate::codec::{Hello, Id, Kind, Version};
+use crate::codec::{Hello, Id, Version};
 use crate::discovery::{DnsSeed, Mdns};
 use crate::transport::{Dealer, Endpoint, Message, SocketOptions, Subscriber};
 use discover::Retired;
@@ -553,42 +554,6 @@ impl Membership {
     /// New endpoints not dialled (yet): the dial rate, or too many dials in progress.
     pub(super) fn dials_deferred(&self) -> u64 {
         self.dials_deferred.load(Relaxed)
-    }
-
-    /// Tells every peer that this node is leaving (a HELLO saying so, sent now), so
-    /// that they choose other instances for new calls, and waits until each peer
-    /// connected now has acknowledged it, or `within` passes. Returns whether all did.
-    pub(in crate::node) async fn leave(&self, within: Duration) -> bool {
-        self.leaving.store(true, Relaxed);
-        let (id, msg) = self.hello_envelope(Kind::Hello, Id::NIL);
-        let waiting: HashSet<Endpoint> = {
-            let st = self.state.lock();
-            st.table
-                .connected_dealers()
-                .filter(|(_, d)| d.try_send(msg.clone()).is_ok())
-                .map(|(e, _)| e.clone())
-                .collect()
-        };
-        *self.leave_hello.lock() = Some((id, waiting));
-        self.wait_for(within, || {
-            self.leave_hello
-                .lock()
-                .as_ref()
-                .is_none_or(|(_, waiting)| waiting.is_empty())
-        })
-        .await
-    }
-
-    /// A HELLO-ACK for `correlation` came on our DEALER to `endpoint`: if it
-    /// acknowledges our leaving, that peer knows.
-    pub(super) fn leave_acknowledged(&self, endpoint: &Endpoint, correlation: Id) {
-        let mut leave = self.leave_hello.lock();
-        if let Some((id, waiting)) = leave.as_mut() {
-            if *id == correlation && waiting.remove(endpoint) && waiting.is_empty() {
-                drop(leave);
-                self.changed.notify_waiters();
-            }
-        }
     }
 
     /// Whether this node is secured (CURVE, ids derived from keys).
