@@ -166,6 +166,7 @@ fn separate_processes(n: usize, warm: usize) {
     for i in 0..4 {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"))
             .env("PEERWIRE_MDNS", "off")
+            .env("PEERWIRE_INSECURE", "1")
             .args(["node", "--name", &format!("p{i}"), "--serve", "echo"])
             .args(node_args.split_whitespace())
             .stdout(std::process::Stdio::piped())

@@ -13,6 +13,8 @@
 # Everything stays on this machine: the victim listens on 127.0.0.1 with mDNS off, and
 # the attacker only ever connects to it (and the HELLOs it forges name 127.0.0.3).
 set -euo pipefail
+# These nodes run without security, by explicit choice (PROTOCOL.md 10a; SECURITY.md).
+export PEERWIRE_INSECURE=1
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 attacks=${ATTACKS:-"silent-conns unread-replies hello-flood big-catalogs malformed slow-subscribers log-flood log-flood-pipe"}

@@ -11,6 +11,8 @@
 # own clock ("t", Unix ms), and the script notes the time just before it acts, so a
 # measurement is (event t) - (action time), process start-up included.
 set -euo pipefail
+# These nodes run without security, by explicit choice (PROTOCOL.md 10a; SECURITY.md).
+export PEERWIRE_INSECURE=1
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-10}
 HOSTS=${2:-4}

@@ -6,6 +6,8 @@
 #
 #   sudo scripts/lan-demo.sh [N]        (KEEP=1 leaves the LAN and nodes running)
 set -euo pipefail
+# These nodes run without security, by explicit choice (PROTOCOL.md 10a; SECURITY.md).
+export PEERWIRE_INSECURE=1
 cd "$(dirname "$0")/.."
 N=${1:-4}
 [ "$N" -ge 3 ] || { echo "lan-demo: at least 3 hosts" >&2; exit 2; }

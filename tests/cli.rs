@@ -647,3 +647,17 @@ fn a_secured_node_answers_callers_that_know_its_key_and_only_those_it_allows() {
     assert!(err.contains("--allow needs a secured node"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn security_is_never_off_by_omission() {
+    let out = peerwire_cmd()
+        .env_remove("PEERWIRE_INSECURE")
+        .args(["node", "--name", "x"])
+        .output()
+        .expect("run peerwire");
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("no security chosen") && err.contains("--insecure"),
+        "{err}"
+    );
+}

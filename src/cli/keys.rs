@@ -76,7 +76,12 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
     let keys = match &args.key {
         Some(path) => Some(node_keys(path, create_key)?),
         None if args.secure || keyed => Some(CurveKeys::generate()),
-        None => None,
+        None if args.insecure => None,
+        None => bail!(
+            "no security chosen: give --key FILE (the node's key pair, created if missing) \
+             or --secure (a key pair for this run), or --insecure to run without \
+             security (PEERWIRE_INSECURE=1 does the same)"
+        ),
     };
     let Some(keys) = keys else {
         if !args.allow.is_empty() {

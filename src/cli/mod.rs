@@ -49,6 +49,15 @@ pub struct NodeArgs {
     /// Secure this node with a key pair made for this run (implied by a --peer with #KEY).
     #[arg(long)]
     pub secure: bool,
+    /// Run without security (the NULL mechanism: anyone who reaches the node can call
+    /// it, read its traffic and claim any id) when no --key, --secure or #KEY is given.
+    /// One of them is required: security is never off by omission.
+    #[arg(
+        long,
+        env = "PEERWIRE_INSECURE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub insecure: bool,
     /// With security, let in only these client keys (Z85, or a certificate file).
     /// Repeatable.
     #[arg(long = "allow", value_name = "KEY")]
@@ -299,8 +308,8 @@ pub async fn run_node(
         None => {
             outln!("{}", node.endpoint());
             errln!(
-                "warning: running without security (no --key): anyone who can reach this \
-                 node's ports can call it and read its traffic"
+                "warning: running without security (--insecure): anyone who can reach this \
+                 node's ports can call it, read its traffic and claim any node id"
             );
         }
     }

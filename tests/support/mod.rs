@@ -338,7 +338,8 @@ pub async fn wait_service(node: &peerwire::node::Node, target: &str, n: usize) {
 /// interfaces (those that want mDNS run it in a network namespace of their own).
 pub fn peerwire_cmd() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peerwire"));
-    c.env("PEERWIRE_MDNS", "off");
+    // Security is chosen explicitly; tests that want it give --key or #KEY, which win.
+    c.env("PEERWIRE_MDNS", "off").env("PEERWIRE_INSECURE", "1");
     c
 }
 
@@ -554,6 +555,7 @@ impl Lan {
         ])
         .args(args)
         .env("PEERWIRE_MDNS", "lan")
+        .env("PEERWIRE_INSECURE", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
