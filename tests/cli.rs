@@ -633,7 +633,12 @@ fn a_secured_node_answers_callers_that_know_its_key_and_only_those_it_allows() {
     assert_eq!(ok_stdout(&ok).trim(), "7");
     // A key the node does not allow, and a caller without CURVE: no answer.
     assert!(!call(&["--peer", &node.endpoint]).status.success());
-    assert!(!call(&["--peer", at]).status.success());
+    let plain = call(&["--peer", at]);
+    let why = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        !plain.status.success() && why.contains("the peer is secured"),
+        "{why}"
+    );
     // --allow without security is a mistake, said at once.
     let err = one_line_error(&peerwire(&[
         "call",

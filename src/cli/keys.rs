@@ -62,7 +62,7 @@ fn with_ext(name: &Path, ext: &str) -> PathBuf {
 /// Adds the peers and, when asked for (--key, --secure, or a --peer with a key), the
 /// node's security to `b`.
 pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> Result<NodeBuilder> {
-    let mut keyed = false;
+    let (mut keyed, mut keyless) = (false, None);
     for p in &args.peers {
         match p.split_once('#') {
             Some((ep, key)) => {
@@ -70,7 +70,10 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
                 b = b.peer_with_key(ep, key);
                 keyed = true;
             }
-            None => b = b.peer(p.clone()),
+            None => {
+                keyless.get_or_insert(p.clone());
+                b = b.peer(p.clone());
+            }
         }
     }
     let keys = match &args.key {
@@ -89,6 +92,9 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
         }
         return Ok(b);
     };
+    if let Some(p) = keyless {
+        bail!("--peer {p}: a secured node dials a peer only with its key: --peer {p}#KEY");
+    }
     b = b.secure(keys);
     for a in &args.allow {
         b = b.allow(allowed_key(a)?);

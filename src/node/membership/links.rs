@@ -270,6 +270,23 @@ impl Membership {
                 };
                 self.supersede(old);
             }
+            // The peer answered but the handshake failed (another security mechanism,
+            // a key that does not match, not let in): say why, as for a failed connect.
+            SocketEvent::HandshakeFailed { ref reason, .. } => {
+                let why = match reason {
+                    crate::transport::CloseReason::Violation(
+                        crate::transport::ProtocolViolation::MechanismMismatch { ours, theirs },
+                    ) if *ours == "NULL" => format!(
+                        "the peer is secured ({theirs}) and this node is not: dial it with its key"
+                    ),
+                    crate::transport::CloseReason::Violation(
+                        crate::transport::ProtocolViolation::MechanismMismatch { theirs, .. },
+                    ) => format!("the peer is not secured ({theirs}) and this node is"),
+                    other => other.to_string(),
+                };
+                *link.last_error.lock() = Some(why);
+                self.changed.notify_waiters();
+            }
             _ => {}
         }
     }
