@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use peerwire::codec::{self, codes, Header, Id, Kind, Version};
 use peerwire::node::{CallOptions, MembershipLimits, Node, Rate};
-use peerwire::transport::{Dealer, Message, Router};
+use peerwire::transport::{Dealer, Router};
 use support::orders::*;
 use support::*;
 
@@ -117,11 +117,7 @@ async fn a_caller_that_never_reads_its_replies_delays_nobody() {
 /// which is returned.
 async fn introduce(node: &Node, hello: &codec::Hello) -> (Dealer, codec::Hello) {
     let d = Dealer::connect(node.endpoint(), test_opts()).unwrap();
-    let env = codec::Envelope {
-        header: Header::new(Kind::Hello, hello.node_id, ""),
-        payload: codec::encode_payload(hello).unwrap(),
-    };
-    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    send_hello(&d, hello).await;
     let ack = within("HELLO-ACK", d.recv()).await.unwrap();
     let ack = codec::Envelope::from_frames(ack.frames()).unwrap();
     assert_eq!(ack.header.kind, Kind::HelloAck);
@@ -267,11 +263,7 @@ async fn a_hello_flood_is_rate_limited() {
     for i in 0..1000u16 {
         let mut hello = fresh_hello(codec::Catalog::default());
         hello.router_port = 30_000 + i;
-        let env = codec::Envelope {
-            header: Header::new(Kind::Hello, hello.node_id, ""),
-            payload: codec::encode_payload(&hello).unwrap(),
-        };
-        d.send(Message::from_frames(env.to_frames())).await.unwrap();
+        send_hello(&d, &hello).await;
     }
     wait_until("limited", || server.stats().hellos_limited >= 900).await;
     assert!(server.peers().len() <= 30, "{} peers", server.peers().len());
@@ -296,11 +288,7 @@ async fn a_hello_lost_to_the_rate_limit_is_sent_again() {
     // Someone else at this address takes the burst.
     let d = Dealer::connect(server.endpoint(), test_opts()).unwrap();
     let hello = fresh_hello(codec::Catalog::default());
-    let env = codec::Envelope {
-        header: Header::new(Kind::Hello, hello.node_id, ""),
-        payload: codec::encode_payload(&hello).unwrap(),
-    };
-    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    send_hello(&d, &hello).await;
     wait_until("the burst taken", || server.peers().len() == 1).await;
     let client = start_node("client", &[server.endpoint()]).await;
     wait_until("the first HELLO dropped", || {

@@ -223,13 +223,7 @@ async fn a_pyzmq_curve_sub_receives_our_events() {
     });
     tokio::task::block_in_place(|| py.next("the subscriber's key"));
     // Its SUBSCRIBE came boxed: once it is in, what we publish on news. reaches it.
-    wait_until("subscribed", || {
-        publisher
-            .subscribers()
-            .iter()
-            .any(|s| !s.subscriptions.is_empty())
-    })
-    .await;
+    wait_subscribed(&publisher).await;
     let events: [(&'static [u8], &'static [u8]); 4] = [
         (b"news.a", b"1"),
         (b"other", b"x"),

@@ -114,11 +114,7 @@ async fn an_outsider_a_plain_node_and_an_impostor_learn_nothing() {
         pub_port: 9,
         ..Default::default()
     };
-    let env = codec::Envelope {
-        header: Header::new(Kind::Hello, hello.node_id, ""),
-        payload: codec::encode_payload(&hello).unwrap(),
-    };
-    d.send(Message::from_frames(env.to_frames())).await.unwrap();
+    send_hello(&d, &hello).await;
     wait_until("the impostor's HELLO refused", || {
         a.stats().hellos_refused > before
     })
@@ -206,17 +202,8 @@ async fn events_are_the_publishers_whose_key_their_connection_proved() {
         pub_port: xpub.local_addr().port(),
         ..Default::default()
     };
-    let env = codec::Envelope {
-        header: Header::new(Kind::Hello, x_id, ""),
-        payload: codec::encode_payload(&hello).unwrap(),
-    };
-    d.send(Message::from_frames(env.to_frames())).await.unwrap();
-    wait_until("N subscribed to X", || {
-        xpub.subscribers()
-            .iter()
-            .any(|s| !s.subscriptions.is_empty())
-    })
-    .await;
+    send_hello(&d, &hello).await;
+    wait_subscribed(&xpub).await;
     let event = |sender: Id, v: u32| {
         let mut h = Header::new(Kind::Event, sender, "t");
         h.seq = 1;
@@ -277,13 +264,7 @@ async fn a_gather_reply_in_another_nodes_name_does_not_count() {
         ..Default::default()
     };
     let before = g.stats().hellos_refused;
-    let env = codec::Envelope {
-        header: Header::new(Kind::Hello, v.id(), ""),
-        payload: codec::encode_payload(&claim).unwrap(),
-    };
-    xd.send(Message::from_frames(env.to_frames()))
-        .await
-        .unwrap();
+    send_hello(&xd, &claim).await;
     wait_until("the claim refused", || g.stats().hellos_refused > before).await;
     // G gathers until X has seen a request (its subscription may still be on its way).
     let (gather, request) = within("X seeing a gather request", async {

@@ -333,13 +333,7 @@ async fn subscriber_reconnects_and_resubscribes() {
     let sub = Subscriber::new(test_opts());
     sub.subscribe("t");
     sub.connect(ep(addr)).unwrap();
-    wait_until("subscribed", || {
-        publisher
-            .subscribers()
-            .iter()
-            .any(|s| !s.subscriptions.is_empty())
-    })
-    .await;
+    wait_subscribed(&publisher).await;
     publisher.publish("t1".into()).unwrap();
     assert_eq!(
         &within("t1", sub.recv()).await.unwrap().frames()[0][..],

@@ -34,11 +34,19 @@ pub fn greeting_and_ready_as(minor: u8, socket_type: &str) -> BytesMut {
     out
 }
 
-/// A fresh SUB subscribed to `topic` receives what `publisher` publishes on it.
-pub async fn pub_serves(publisher: &peerwire::transport::Publisher, topic: &str) {
-    let sub = peerwire::transport::Subscriber::new(test_opts());
-    sub.subscribe(topic.to_string());
-    sub.connect(ep(publisher.local_addr())).unwrap();
+/// Sends `hello` on `d` as a HELLO envelope from its own node id.
+pub async fn send_hello(d: &peerwire::transport::Dealer, hello: &peerwire::codec::Hello) {
+    let env = peerwire::codec::Envelope {
+        header: peerwire::codec::Header::new(peerwire::codec::Kind::Hello, hello.node_id, ""),
+        payload: peerwire::codec::encode_payload(hello).unwrap(),
+    };
+    d.send(peerwire::transport::Message::from_frames(env.to_frames()))
+        .await
+        .unwrap();
+}
+
+/// Waits (bounded) until some subscriber of `publisher` holds a subscription.
+pub async fn wait_subscribed(publisher: &peerwire::transport::Publisher) {
     wait_until("subscribed", || {
         publisher
             .subscribers()
@@ -46,6 +54,14 @@ pub async fn pub_serves(publisher: &peerwire::transport::Publisher, topic: &str)
             .any(|s| !s.subscriptions.is_empty())
     })
     .await;
+}
+
+/// A fresh SUB subscribed to `topic` receives what `publisher` publishes on it.
+pub async fn pub_serves(publisher: &peerwire::transport::Publisher, topic: &str) {
+    let sub = peerwire::transport::Subscriber::new(test_opts());
+    sub.subscribe(topic.to_string());
+    sub.connect(ep(publisher.local_addr())).unwrap();
+    wait_subscribed(publisher).await;
     publisher
         .publish(peerwire::transport::Message::from(Bytes::copy_from_slice(
             topic.as_bytes(),
