@@ -44,7 +44,11 @@ pub struct ClientHandshake {
     keys: CurveKeys,
     server: PublicKey,
     transient: SecretKey,
+    /// C' with S: HELLO and WELCOME. Each box is set up once (an X25519 operation).
+    long: SalsaBox,
     server_transient: Option<PublicKey>,
+    /// C' with S': INITIATE, READY, then the session's frames.
+    short: Option<SalsaBox>,
     cookie: [u8; COOKIE_LEN],
 }
 
@@ -58,9 +62,11 @@ impl ClientHandshake {
         }
         Ok(ClientHandshake {
             keys: keys.clone(),
+            long: SalsaBox::new(&server, &transient),
             server,
             transient,
             server_transient: None,
+            short: None,
             cookie: [0; COOKIE_LEN],
         })
     }
@@ -73,7 +79,8 @@ impl ClientHandshake {
         b.put_slice(self.transient.public_key().as_bytes());
         let short = 1u64.to_be_bytes();
         b.put_slice(&short);
-        let sealed = SalsaBox::new(&self.server, &self.transient)
+        let sealed = self
+            .long
             .encrypt(&nonce(b"CurveZMQHELLO---", &short), &[0u8; 64][..])
             .expect("boxing cannot fail");
         b.put_slice(&sealed);
@@ -87,7 +94,8 @@ impl ClientHandshake {
             return Err(malformed("WELCOME of the wrong size"));
         }
         let (n, sealed) = data.split_at(16);
-        let open = SalsaBox::new(&self.server, &self.transient)
+        let open = self
+            .long
             .decrypt(&nonce(b"WELCOME-", n), sealed)
             .map_err(|_| crypto("WELCOME box does not open (not the server we know)"))?;
         let s_transient: [u8; 32] = open[..32].try_into().expect("128 bytes opened");
@@ -95,6 +103,7 @@ impl ClientHandshake {
         if weak(&self.transient, &s_transient) {
             return Err(crypto("WELCOME with a low-order transient key"));
         }
+        self.short = Some(SalsaBox::new(&s_transient, &self.transient));
         self.server_transient = Some(s_transient);
         self.cookie.copy_from_slice(&open[32..]);
         Ok(())
@@ -102,10 +111,9 @@ impl ClientHandshake {
 
     /// INITIATE (nonce 2) carrying our long-term key, its vouch and `metadata`.
     pub fn initiate(&self, metadata: &[u8]) -> Result<Bytes, ProtocolViolation> {
-        let s_transient = self
-            .server_transient
-            .as_ref()
-            .ok_or(malformed("INITIATE before WELCOME"))?;
+        let (Some(s_transient), Some(short_box)) = (&self.server_transient, &self.short) else {
+            return Err(malformed("INITIATE before WELCOME"));
+        };
         let vouch_nonce = random16();
         let mut vouched = [0u8; 64];
         vouched[..32].copy_from_slice(self.transient.public_key().as_bytes());
@@ -119,7 +127,7 @@ impl ClientHandshake {
         plain.extend_from_slice(&vouch);
         plain.extend_from_slice(metadata);
         let short = 2u64.to_be_bytes();
-        let sealed = SalsaBox::new(s_transient, &self.transient)
+        let sealed = short_box
             .encrypt(&nonce(b"CurveZMQINITIATE", &short), &plain[..])
             .expect("boxing cannot fail");
         let mut b = named(b"INITIATE", COOKIE_LEN + 8 + sealed.len());
@@ -135,17 +143,18 @@ impl ClientHandshake {
         if body.len() < READY_MIN {
             return Err(malformed("READY too short"));
         }
-        let s_transient = self
-            .server_transient
-            .ok_or(malformed("READY before WELCOME"))?;
+        let (Some(s_transient), Some(short_box)) = (self.server_transient, self.short) else {
+            return Err(malformed("READY before WELCOME"));
+        };
         let (short, sealed) = data.split_at(8);
-        let metadata = SalsaBox::new(&s_transient, &self.transient)
+        let metadata = short_box
             .decrypt(&nonce(b"CurveZMQREADY---", short), sealed)
             .map_err(|_| crypto("READY box does not open"))?;
         let last = u64::from_be_bytes(short.try_into().expect("8 bytes"));
         Ok((
             Bytes::from(metadata),
             CurveSession {
+                shared: short_box,
                 their: s_transient,
                 mine: self.transient,
                 tx_prefix: b"CurveZMQMESSAGEC",
@@ -163,6 +172,8 @@ pub struct ServerHandshake {
     keys: CurveKeys,
     client_transient: Option<PublicKey>,
     transient: Option<SecretKey>,
+    /// C' with s': INITIATE, READY, then the session's frames (set up once).
+    short: Option<SalsaBox>,
     cookie_key: Zeroizing<[u8; 32]>,
     hello_nonce: u64,
 }
@@ -176,6 +187,7 @@ impl ServerHandshake {
             keys: keys.clone(),
             client_transient: None,
             transient: None,
+            short: None,
             cookie_key,
             hello_nonce: 0,
         }
@@ -196,7 +208,9 @@ impl ServerHandshake {
         if weak(self.keys.secret_key(), &c_transient) {
             return Err(crypto("HELLO from a low-order transient key"));
         }
-        let open = SalsaBox::new(&c_transient, self.keys.secret_key())
+        // One box (C' with our long-term key) opens HELLO and seals WELCOME.
+        let with_client = SalsaBox::new(&c_transient, self.keys.secret_key());
+        let open = with_client
             .decrypt(&nonce(b"CurveZMQHELLO---", short), &data[114..])
             .map_err(|_| crypto("HELLO box does not open (the client has another server key)"))?;
         if open.iter().any(|&b| b != 0) {
@@ -219,9 +233,10 @@ impl ServerHandshake {
         plain.extend_from_slice(&cookie_nonce);
         plain.extend_from_slice(&sealed_cookie);
         let welcome_nonce = random16();
-        let sealed = SalsaBox::new(&c_transient, self.keys.secret_key())
+        let sealed = with_client
             .encrypt(&nonce(b"WELCOME-", &welcome_nonce), &plain[..])
             .expect("boxing cannot fail");
+        self.short = Some(SalsaBox::new(&c_transient, &transient));
         self.client_transient = Some(c_transient);
         self.transient = Some(transient);
         let mut b = named(b"WELCOME", WELCOME_LEN);
@@ -236,7 +251,9 @@ impl ServerHandshake {
         if body.len() < INITIATE_MIN {
             return Err(malformed("INITIATE too short"));
         }
-        let (Some(c_transient), Some(transient)) = (&self.client_transient, &self.transient) else {
+        let (Some(c_transient), Some(transient), Some(short_box)) =
+            (&self.client_transient, &self.transient, &self.short)
+        else {
             return Err(malformed("INITIATE before HELLO"));
         };
         let (cookie, rest) = data.split_at(COOKIE_LEN);
@@ -253,7 +270,7 @@ impl ServerHandshake {
         if short_n <= self.hello_nonce {
             return Err(ProtocolViolation::CurveNonce);
         }
-        let plain = SalsaBox::new(c_transient, transient)
+        let plain = short_box
             .decrypt(&nonce(b"CurveZMQINITIATE", short), sealed)
             .map_err(|_| crypto("INITIATE box does not open"))?;
         if plain.len() < 32 + 16 + 80 {
@@ -288,11 +305,13 @@ impl ServerHandshake {
         metadata: &[u8],
         client: [u8; 32],
     ) -> Result<(Bytes, CurveSession), ProtocolViolation> {
-        let (Some(c_transient), Some(transient)) = (self.client_transient, self.transient) else {
+        let (Some(c_transient), Some(transient), Some(short_box)) =
+            (self.client_transient, self.transient, self.short)
+        else {
             return Err(malformed("READY before HELLO"));
         };
         let short = 1u64.to_be_bytes();
-        let sealed = SalsaBox::new(&c_transient, &transient)
+        let sealed = short_box
             .encrypt(&nonce(b"CurveZMQREADY---", &short), metadata)
             .expect("boxing cannot fail");
         let mut b = named(b"READY", 8 + sealed.len());
@@ -301,6 +320,7 @@ impl ServerHandshake {
         Ok((
             b.freeze(),
             CurveSession {
+                shared: short_box,
                 their: c_transient,
                 mine: transient,
                 tx_prefix: b"CurveZMQMESSAGES",

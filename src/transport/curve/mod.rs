@@ -239,7 +239,10 @@ fn crypto(what: &'static str) -> ProtocolViolation {
 
 /// Seals and opens the frames of one connection after its handshake.
 pub struct CurveSession {
-    /// The peer's transient public key and ours secret: the boxes of every frame.
+    /// The handshake's box between the transient keys: it seals every frame we send.
+    shared: SalsaBox,
+    /// The peer's transient public key and ours secret: the opening half's own box (the
+    /// crate's boxes cannot be cloned).
     their: PublicKey,
     mine: SecretKey,
     tx_prefix: &'static [u8; 16],
@@ -265,7 +268,7 @@ impl CurveSession {
     pub fn split(self) -> (CurveSealer, CurveOpener) {
         (
             CurveSealer {
-                shared: SalsaBox::new(&self.their, &self.mine),
+                shared: self.shared,
                 prefix: self.tx_prefix,
                 nonce: self.tx_nonce,
             },
