@@ -267,11 +267,10 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
     });
     let good = start_node("good", &[bad.endpoint()]).await;
     good.handle("flaky.op", V1, |_: (), _| async { Ok("good") });
-    let mut config = BreakerConfig::default();
-    config.window = 4;
-    config.minimum_calls = 4;
-    config.wait_in_open = Duration::from_millis(300);
-    config.permitted_in_half_open = 1;
+    let config = BreakerConfig::default()
+        .with_window(4, 4)
+        .with_wait_in_open(Duration::from_millis(300))
+        .with_probes(1, Duration::from_secs(2));
     // The service's own breaker settings (the node's default would not judge before
     // ten calls).
     let client = Node::builder("client")

@@ -118,12 +118,10 @@ async fn a_slow_instance_is_left_out_by_its_breaker() {
     let fast = NodeProc::start("fast", &[]);
     let _other = NodeProc::start("fast2", &["--peer", &fast.endpoint]);
     let _slow = NodeProc::start("slow", &["--peer", &fast.endpoint, "--delay-ms", "1000"]);
-    let mut breaker = BreakerConfig::default();
-    breaker.window = 4;
-    breaker.minimum_calls = 2;
-    breaker.slow_call_duration = Duration::from_millis(100);
-    breaker.slow_call_rate = 0.5;
-    breaker.wait_in_open = Duration::from_secs(60);
+    let breaker = BreakerConfig::default()
+        .with_window(4, 2)
+        .with_slow_calls(0.5, Duration::from_millis(100))
+        .with_wait_in_open(Duration::from_secs(60));
     let a = caller(&fast.endpoint, ServicePolicy::new().breaker(breaker)).await;
     wait_service(&a, "echo.echo", 3).await;
     let slow = id_of(&a, "slow");
@@ -188,12 +186,10 @@ async fn a_flapping_instance_is_fenced_off_and_taken_back() {
     init_tracing();
     let steady = NodeProc::start("steady", &[]);
     let flappy = NodeProc::start("flappy", &["--peer", &steady.endpoint]);
-    let mut breaker = BreakerConfig::default();
-    breaker.window = 4;
-    breaker.minimum_calls = 2;
-    breaker.wait_in_open = Duration::from_millis(500);
-    breaker.permitted_in_half_open = 1;
-    breaker.probe_timeout = Duration::from_millis(200);
+    let breaker = BreakerConfig::default()
+        .with_window(4, 2)
+        .with_wait_in_open(Duration::from_millis(500))
+        .with_probes(1, Duration::from_millis(200));
     let policy = ServicePolicy::new()
         .timeout(Duration::from_millis(150))
         .breaker(breaker);

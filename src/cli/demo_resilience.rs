@@ -14,12 +14,10 @@ use super::demo::{micros, section, V1};
 /// How the demo's client calls `pricing`: a short deadline, a breaker that judges after
 /// two calls and probes again after half a second.
 pub fn pricing_policy() -> ServicePolicy {
-    let mut breaker = BreakerConfig::default();
-    breaker.window = 4;
-    breaker.minimum_calls = 2;
-    breaker.wait_in_open = Duration::from_millis(500);
-    breaker.permitted_in_half_open = 1;
-    breaker.probe_timeout = Duration::from_millis(200);
+    let breaker = BreakerConfig::default()
+        .with_window(4, 2)
+        .with_wait_in_open(Duration::from_millis(500))
+        .with_probes(1, Duration::from_millis(200));
     ServicePolicy::new()
         .timeout(Duration::from_millis(150))
         .breaker(breaker)

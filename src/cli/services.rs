@@ -115,12 +115,10 @@ pub fn serve_echo(node: &Node, faults: Faults) {
 /// How the relay calls `echo`: a short deadline of its own (within what is left of its
 /// caller's), and a breaker that judges quickly and probes again soon.
 pub fn relay_policy() -> ServicePolicy {
-    let mut breaker = BreakerConfig::default();
-    breaker.window = 10;
-    breaker.minimum_calls = 5;
-    breaker.wait_in_open = Duration::from_secs(2);
-    breaker.permitted_in_half_open = 2;
-    breaker.probe_timeout = Duration::from_millis(500);
+    let breaker = BreakerConfig::default()
+        .with_window(10, 5)
+        .with_wait_in_open(Duration::from_secs(2))
+        .with_probes(2, Duration::from_millis(500));
     ServicePolicy::new()
         .timeout(Duration::from_millis(250))
         .breaker(breaker)

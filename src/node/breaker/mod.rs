@@ -64,6 +64,41 @@ impl Default for BreakerConfig {
     }
 }
 
+impl BreakerConfig {
+    /// Judges the last `window` calls, once at least `minimum_calls` are in.
+    #[must_use]
+    pub fn with_window(mut self, window: usize, minimum_calls: usize) -> Self {
+        self.window = window;
+        self.minimum_calls = minimum_calls;
+        self
+    }
+
+    /// Opens when at least `rate` (0.0–1.0) of the calls judged took longer than
+    /// `slower_than`.
+    #[must_use]
+    pub fn with_slow_calls(mut self, rate: f64, slower_than: Duration) -> Self {
+        self.slow_call_rate = rate;
+        self.slow_call_duration = slower_than;
+        self
+    }
+
+    /// Stays open this long before letting probes through.
+    #[must_use]
+    pub fn with_wait_in_open(mut self, wait: Duration) -> Self {
+        self.wait_in_open = wait;
+        self
+    }
+
+    /// Lets `permitted` probes through in half-open, each failed if it takes longer
+    /// than `timeout`.
+    #[must_use]
+    pub fn with_probes(mut self, permitted: usize, timeout: Duration) -> Self {
+        self.permitted_in_half_open = permitted;
+        self.probe_timeout = timeout;
+        self
+    }
+}
+
 /// A breaker's state, as reported in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
