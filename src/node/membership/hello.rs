@@ -125,7 +125,8 @@ impl Membership {
         // Learned before it is acknowledged: a node that waits for our ACK (one that is
         // leaving, say) knows that we know when the ACK comes.
         let ours = hello.cluster == self.given.local.cluster;
-        self.learn(hello, source.map(|a| a.ip()), key);
+        // Its id is checked above: learned as it is.
+        self.learn_checked(hello, source.map(|a| a.ip()), key);
         let ack = match ours {
             true => self.hello_message(Kind::HelloAck, header.id),
             false => self.wrong_cluster_ack(header.id),

@@ -249,7 +249,8 @@ impl Membership {
         self.learn_checked(hello, source_ip, key)
     }
 
-    fn learn_checked(
+    /// [`learn`](Self::learn) for a HELLO whose id was checked against its key already.
+    pub(super) fn learn_checked(
         self: &Arc<Self>,
         mut hello: Hello,
         source_ip: Option<IpAddr>,
