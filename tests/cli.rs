@@ -666,3 +666,45 @@ fn security_is_never_off_by_omission() {
         "{err}"
     );
 }
+
+#[test]
+fn members_holding_the_cluster_secret_call_each_other_and_nobody_else_can() {
+    let dir = std::env::temp_dir().join(format!("pw-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    for name in ["ours", "theirs"] {
+        assert!(peerwire(&["keys", "secret", &path(name)]).status.success());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path("ours")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(one_line_error(&peerwire(&["keys", "secret", &path("ours")])).contains("exists"));
+
+    let node = NodeProc::start_with(
+        "member",
+        &["--serve", "echo", "--cluster-secret", &path("ours")],
+    );
+    let (at, _) = node.endpoint.split_once('#').expect("a secured node's line");
+    let call = |secret: &str| {
+        peerwire(&[
+            "call",
+            "echo.echo",
+            "7",
+            "--wait",
+            "1500",
+            "--timeout-ms",
+            "1000",
+            "--peer",
+            at,
+            "--cluster-secret",
+            secret,
+        ])
+    };
+    // A member needs no key for its seed: the secret is enough.
+    assert_eq!(ok_stdout(&call(&path("ours"))).trim(), "7");
+    // Another cluster's secret: the handshake fails, nothing is learned.
+    let other = call(&path("theirs"));
+    assert!(!other.status.success(), "another cluster was answered");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use peerwire::node::NodeBuilder;
+use peerwire::node::{ClusterSecret, NodeBuilder};
 use peerwire::transport::curve::{
     decode_key, encode_key, read_certificate, write_certificate, CurveKeys,
 };
@@ -23,6 +23,12 @@ pub enum KeysCommand {
     /// Print the public key of a certificate (public or secret).
     Show {
         /// The certificate file.
+        file: PathBuf,
+    },
+    /// Create a cluster secret in FILE (readable by you only): give the file to every
+    /// member, as `--cluster-secret FILE`. Only nodes holding it can talk to each other.
+    Secret {
+        /// The file to create (never overwritten).
         file: PathBuf,
     },
 }
@@ -48,6 +54,17 @@ pub fn run(cmd: &KeysCommand) -> Result<()> {
             let cert = read_certificate(file)?;
             outln!("{}", encode_key(&cert.public));
         }
+        KeysCommand::Secret { file } => {
+            ClusterSecret::generate()
+                .write(file)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            errln!(
+                "wrote {} (a cluster secret, mode 600): give it to every member as \
+                 --cluster-secret {}",
+                file.display(),
+                file.display()
+            );
+        }
     }
     Ok(())
 }
@@ -59,8 +76,8 @@ fn with_ext(name: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Adds the peers and, when asked for (--key, --secure, or a --peer with a key), the
-/// node's security to `b`.
+/// Adds the peers and, when asked for (--key, --secure, --cluster-secret, or a --peer
+/// with a key), the node's security to `b`.
 pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> Result<NodeBuilder> {
     let (mut keyed, mut keyless) = (false, None);
     for p in &args.peers {
@@ -76,14 +93,22 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
             }
         }
     }
+    let secret = match &args.cluster_secret {
+        Some(path) => Some(
+            ClusterSecret::read(path)
+                .with_context(|| format!("--cluster-secret {}", path.display()))?,
+        ),
+        None => None,
+    };
     let keys = match &args.key {
         Some(path) => Some(node_keys(path, create_key)?),
-        None if args.secure || keyed => Some(CurveKeys::generate()),
+        None if args.secure || keyed || secret.is_some() => Some(CurveKeys::generate()),
         None if args.insecure => None,
         None => bail!(
-            "no security chosen: give --key FILE (the node's key pair, created if missing) \
-             or --secure (a key pair for this run), or --insecure to run without \
-             security (PEERWIRE_INSECURE=1 does the same)"
+            "no security chosen: give --key FILE (the node's key pair, created if missing), \
+             --secure (a key pair for this run) or --cluster-secret FILE (membership by a \
+             shared secret), or --insecure to run without security (PEERWIRE_INSECURE=1 \
+             does the same)"
         ),
     };
     let Some(keys) = keys else {
@@ -92,8 +117,13 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
         }
         return Ok(b);
     };
-    if let Some(p) = keyless {
-        bail!("--peer {p}: a secured node dials a peer only with its key: --peer {p}#KEY");
+    match (keyless, secret) {
+        (_, Some(secret)) => b = b.cluster_secret(secret),
+        (Some(p), None) => bail!(
+            "--peer {p}: a secured node dials a peer only with its key (--peer {p}#KEY), \
+             or with --cluster-secret"
+        ),
+        (None, None) => {}
     }
     b = b.secure(keys);
     for a in &args.allow {

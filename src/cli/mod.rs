@@ -49,8 +49,15 @@ pub struct NodeArgs {
     /// Secure this node with a key pair made for this run (implied by a --peer with #KEY).
     #[arg(long)]
     pub secure: bool,
+    /// Membership by a cluster secret: only nodes holding the secret in FILE (as
+    /// `peerwire keys secret FILE` writes it) can complete a handshake with this node,
+    /// either way. Secures the node (with --key's key pair, or one for this run), and
+    /// peers need no #KEY.
+    #[arg(long, value_name = "FILE", env = "PEERWIRE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret: Option<std::path::PathBuf>,
     /// Run without security (the NULL mechanism: anyone who reaches the node can call
-    /// it, read its traffic and claim any id) when no --key, --secure or #KEY is given.
+    /// it, read its traffic and claim any id) when no --key, --secure, --cluster-secret
+    /// or #KEY is given.
     /// One of them is required: security is never off by omission.
     #[arg(
         long,

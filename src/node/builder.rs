@@ -22,6 +22,7 @@ use super::policy::{self, Policies, ServicePolicy};
 use super::pubsub::{self, PubSub};
 use super::registry::Registry;
 use super::respond::Responder;
+use super::cluster_secret::ClusterSecret;
 use super::security::{KeyBook, Security};
 use super::{Core, Lifecycle, Node, NodeError};
 use crate::codec::Id;
@@ -58,6 +59,8 @@ pub struct NodeBuilder {
     security: Option<Security>,
     /// Client keys let in (secured nodes); empty: any.
     allowed: HashSet<[u8; 32]>,
+    /// The secret every member of the cluster holds (secured nodes).
+    cluster_secret: Option<ClusterSecret>,
     /// Keys of static peers' endpoints (secured nodes).
     peer_keys: Vec<(String, [u8; 32])>,
 }
@@ -89,6 +92,7 @@ impl NodeBuilder {
             socket: SocketOptions::default(),
             security: None,
             allowed: HashSet::new(),
+            cluster_secret: None,
             peer_keys: Vec::new(),
         }
     }
@@ -273,7 +277,21 @@ impl NodeBuilder {
         self.security = Some(Security {
             keys,
             allowed: None,
+            cluster: None,
         });
+        self
+    }
+
+    /// Makes membership of the cluster a matter of holding `secret` (see SECURITY.md):
+    /// every member's accepting sockets prove a key pair derived from it, so that only
+    /// a member can complete a handshake with another, either way: an outsider (or a
+    /// node of another cluster) fails in the handshake and learns nothing, not even a
+    /// node id. A member proves its own key too, so ids stay its own. Peers need no
+    /// per-peer key ([`peer`](Self::peer) and DNS seeds are enough). Implies
+    /// [`secure`](Self::secure), with a key pair for this run unless one is given;
+    /// combines with [`allow`](Self::allow) (a member must also be listed).
+    pub fn cluster_secret(mut self, secret: ClusterSecret) -> Self {
+        self.cluster_secret = Some(secret);
         self
     }
 
@@ -314,6 +332,14 @@ impl NodeBuilder {
             .iter()
             .map(|p| Endpoint::parse(p))
             .collect::<Result<Vec<Endpoint>, _>>()?;
+        if let Some(secret) = &self.cluster_secret {
+            let security = self.security.get_or_insert_with(|| Security {
+                keys: CurveKeys::generate(),
+                allowed: None,
+                cluster: None,
+            });
+            security.cluster = Some(secret.cluster_keys());
+        }
         if !self.allowed.is_empty() {
             match &mut self.security {
                 Some(s) => s.allowed = Some(Arc::new(self.allowed.clone())),
@@ -325,7 +351,12 @@ impl NodeBuilder {
             }
         }
         let id = self.security.as_ref().map_or_else(Id::new, |s| s.id());
-        let keys = self.security.as_ref().map(|_| Arc::new(KeyBook::default()));
+        let keys = self.security.as_ref().map(|s| {
+            Arc::new(match s.cluster {
+                Some(_) => KeyBook::for_cluster(),
+                None => KeyBook::default(),
+            })
+        });
         for (endpoint, key) in &self.peer_keys {
             if let Some(book) = &keys {
                 book.given(Endpoint::parse(endpoint)?, *key);

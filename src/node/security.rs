@@ -43,23 +43,45 @@ pub(super) struct Security {
     pub(super) keys: CurveKeys,
     /// Client keys let in, and the only servers dialled; `None`: any key.
     pub(super) allowed: Option<Allowed>,
+    /// The key pair derived from a cluster secret, which every member's accepting
+    /// sockets prove: membership is knowing it (see `Curve::cluster`).
+    pub(super) cluster: Option<CurveKeys>,
 }
 
 /// Which public key each peer endpoint (ROUTER or PUB) is expected to prove.
 #[derive(Default)]
-pub(super) struct KeyBook(RwLock<HashMap<Endpoint, ([u8; 32], Origin)>>);
+pub(super) struct KeyBook {
+    book: RwLock<HashMap<Endpoint, ([u8; 32], Origin)>>,
+    /// A member of a cluster with a secret can dial any endpoint: the handshake needs
+    /// only the cluster's key, and proves the key of whoever answers.
+    any_member: bool,
+}
 
 impl KeyBook {
+    /// A book for a node of a cluster with a secret (any endpoint may be dialled).
+    pub(super) fn for_cluster() -> Self {
+        KeyBook {
+            any_member: true,
+            ..KeyBook::default()
+        }
+    }
+
+    /// Whether a handshake with `endpoint` can be tried: its key is known, or the
+    /// cluster's key is all it needs.
+    pub(super) fn may_dial(&self, endpoint: &Endpoint) -> bool {
+        self.any_member || self.key_of(endpoint).is_some()
+    }
+
     /// A static peer's key, as the operator gave it.
     pub(super) fn given(&self, endpoint: Endpoint, key: [u8; 32]) {
-        self.0.write().insert(endpoint, (key, Origin::Given));
+        self.book.write().insert(endpoint, (key, Origin::Given));
     }
 
     /// Records that `endpoint` is served by the holder of `key`, as that node proved (a
     /// node restarted there with another key replaces the old one; what the operator
     /// gave is kept). When the book is full, a key named by others makes room.
     pub(super) fn learn(&self, endpoint: Endpoint, key: [u8; 32]) {
-        let mut book = self.0.write();
+        let mut book = self.book.write();
         match book.get(&endpoint) {
             Some((_, Origin::Given)) => return,
             Some(_) => {}
@@ -86,7 +108,7 @@ impl KeyBook {
     /// Records `key` for `endpoint` as others named it, unless a key is known there:
     /// what others name never replaces what was proven or given, and is bounded.
     pub(super) fn learn_if_unknown(&self, endpoint: Endpoint, key: [u8; 32]) {
-        let mut book = self.0.write();
+        let mut book = self.book.write();
         if book.contains_key(&endpoint) || book.len() >= MAX_KEYS {
             return;
         }
@@ -98,7 +120,7 @@ impl KeyBook {
 
     /// Forgets the key of an endpoint no longer dialled (unless the operator gave it).
     pub(super) fn forget(&self, endpoint: &Endpoint) {
-        let mut book = self.0.write();
+        let mut book = self.book.write();
         if book.get(endpoint).is_some_and(|(_, o)| *o != Origin::Given) {
             book.remove(endpoint);
         }
@@ -106,7 +128,7 @@ impl KeyBook {
 
     /// The key expected at `endpoint`.
     pub(super) fn key_of(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
-        self.0.read().get(endpoint).map(|(k, _)| *k)
+        self.book.read().get(endpoint).map(|(k, _)| *k)
     }
 }
 
@@ -118,16 +140,29 @@ impl Security {
 
     /// Options for the sockets that accept connections (ROUTER, PUB).
     pub(super) fn server(&self, opts: SocketOptions) -> SocketOptions {
+        opts.with_curve(Some(self.curve()))
+    }
+
+    /// Our keys, the cluster's if any, and the allow list as the judge of peer keys.
+    fn curve(&self) -> Curve {
         let mut curve = Curve::new(self.keys.clone());
+        if let Some(cluster) = &self.cluster {
+            curve = curve.cluster(cluster.clone());
+        }
         if let Some(allowed) = &self.allowed {
             let allowed = allowed.clone();
             curve = curve.authorize(Arc::new(move |k| allowed.contains(k)));
         }
-        opts.with_curve(Some(curve))
+        curve
     }
 
     /// Options for the sockets that dial (DEALERs, SUB): each endpoint's key from `book`.
     pub(super) fn client(&self, opts: SocketOptions, book: &Arc<KeyBook>) -> SocketOptions {
+        if self.cluster.is_some() {
+            // Every member serves with the cluster's key and proves its own in READY,
+            // where the allow list judges it as it judges clients.
+            return opts.with_curve(Some(self.curve()));
+        }
         // With an allow list, only the keys it lists: nobody outside it can make us dial
         // it and hear our HELLO (our catalog, our peers).
         let (book, allowed) = (book.clone(), self.allowed.clone());

@@ -43,9 +43,10 @@ impl Membership {
         };
         endpoints
             .iter()
-            .filter_map(|e| {
-                let key = book.key_of(e)?;
-                Some(format!("{e}#{}", crate::transport::curve::encode_key(&key)))
+            .filter_map(|e| match book.key_of(e) {
+                Some(key) => Some(format!("{e}#{}", crate::transport::curve::encode_key(&key))),
+                // A member of a cluster with a secret needs no key to dial.
+                None => book.may_dial(e).then(|| e.to_string()),
             })
             .collect()
     }

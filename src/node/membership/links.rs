@@ -46,10 +46,10 @@ impl Membership {
         if let Some(l) = st.table.link(endpoint) {
             return Ok(l.clone());
         }
-        // A secured node dials only endpoints whose key it knows (its handshake needs it):
-        // gossip and discovery naming others cannot make it dial at all.
+        // A secured node dials only endpoints whose key it knows (its handshake needs it),
+        // or with a cluster secret, any (only a member can complete the handshake).
         if let Some(book) = &self.given.keys {
-            if book.key_of(endpoint).is_none() {
+            if !book.may_dial(endpoint) {
                 return Err(TransportError::InvalidEndpoint(format!(
                     "{endpoint}: no key known for it (a secured node dials only peers whose key it knows)"
                 )));

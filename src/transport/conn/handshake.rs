@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use tracing::warn;
 
 use crate::transport::curve::{
-    ClientHandshake, Curve, CurveSession, ServerHandshake, MECHANISM_CURVE,
+    ClientHandshake, Curve, CurveSession, ServerHandshake, MECHANISM_CURVE, NODE_PROOF,
 };
 use crate::transport::error::{CloseReason, ProtocolViolation};
 use crate::transport::events::SocketEvent;
@@ -199,8 +199,20 @@ async fn curve_client(
     write_command(stream, &hs.hello()).await?;
     hs.welcome(&read_command(stream, &mut dec, &mut rbuf).await?)?;
     write_command(stream, &hs.initiate(&metadata_bytes(shared))?).await?;
-    let (metadata, session) = hs.ready(&read_command(stream, &mut dec, &mut rbuf).await?)?;
-    let peer = peer_info(shared, addr, minor, parse_metadata(metadata)?)?;
+    let (metadata, mut session) = hs.ready(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    let props = parse_metadata(metadata)?;
+    if curve.in_cluster() {
+        // Any member can answer for the cluster's key: the server must also prove its
+        // own, for this connection, and be one we would let in.
+        let proof = prop(&props, NODE_PROOF).ok_or(ProtocolViolation::CurveCrypto(
+            "a cluster server that does not prove its own key",
+        ))?;
+        let node = session.accept_node_proof(&proof)?;
+        if !curve.allows(&node) {
+            return Err(ProtocolViolation::NotAuthorized.into());
+        }
+    }
+    let peer = peer_info(shared, addr, minor, props)?;
     Ok(Handshaken {
         peer,
         rbuf,
@@ -217,7 +229,7 @@ async fn curve_server(
     addr: SocketAddr,
     minor: u8,
 ) -> Result<Handshaken, CloseReason> {
-    let mut hs = ServerHandshake::new(&curve.keys);
+    let mut hs = ServerHandshake::new(curve.server_keys());
     let (mut dec, mut rbuf) = (Decoder::commands_only(), BytesMut::with_capacity(512));
     let welcome = hs.hello(&read_command(stream, &mut dec, &mut rbuf).await?)?;
     write_command(stream, &welcome).await?;
@@ -226,7 +238,14 @@ async fn curve_server(
         return Err(ProtocolViolation::NotAuthorized.into());
     }
     let peer = peer_info(shared, addr, minor, parse_metadata(metadata)?)?;
-    let (ready, session) = hs.ready(&metadata_bytes(shared), client)?;
+    let mut metadata = metadata_bytes(shared);
+    if curve.in_cluster() {
+        encode_metadata(
+            &[(NODE_PROOF.to_string(), hs.node_proof(&curve.keys)?)],
+            &mut metadata,
+        );
+    }
+    let (ready, session) = hs.ready(&metadata, client)?;
     write_command(stream, &ready).await?;
     Ok(Handshaken {
         peer,
@@ -271,6 +290,14 @@ async fn ready_exchange(
     })
 }
 
+/// A metadata property's value, by name (names are case-insensitive).
+fn prop(props: &[(String, Bytes)], name: &str) -> Option<Bytes> {
+    props
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
 /// The peer as its metadata describes it, if its socket type can talk to ours.
 fn peer_info(
     shared: &Shared,
@@ -278,13 +305,7 @@ fn peer_info(
     minor: u8,
     props: Vec<(String, Bytes)>,
 ) -> Result<PeerInfo, ProtocolViolation> {
-    let prop = |name: &str| {
-        props
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let socket_type = prop("Socket-Type").ok_or(ProtocolViolation::MissingSocketType)?;
+    let socket_type = prop(&props, "Socket-Type").ok_or(ProtocolViolation::MissingSocketType)?;
     let socket_type = String::from_utf8_lossy(&socket_type).into_owned();
     if !shared.socket_type.accepts(&socket_type) {
         return Err(ProtocolViolation::IncompatibleSocketType {
@@ -292,7 +313,7 @@ fn peer_info(
             theirs: socket_type,
         });
     }
-    let identity = prop("Identity").unwrap_or_default();
+    let identity = prop(&props, "Identity").unwrap_or_default();
     Ok(PeerInfo {
         addr,
         minor,

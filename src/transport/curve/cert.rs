@@ -55,18 +55,7 @@ pub fn read_certificate(path: &Path) -> std::io::Result<Certificate> {
     let keys = match secret {
         None => None,
         Some(s) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(path)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    return Err(invalid(format!(
-                        "{}: a secret key readable by others (mode {:o}); chmod 600 it",
-                        path.display(),
-                        mode & 0o777
-                    )));
-                }
-            }
+            check_private(path)?;
             let k = CurveKeys::from_secret(s);
             if public.is_some_and(|p| p != k.public()) {
                 return Err(invalid(format!(
@@ -85,9 +74,25 @@ pub fn read_certificate(path: &Path) -> std::io::Result<Certificate> {
     Ok(Certificate { public, keys })
 }
 
-/// Writes a certificate: the secret one (with both keys, mode 0600) if `secret`, else
-/// the public one. Refuses to overwrite an existing file.
-pub fn write_certificate(path: &Path, keys: &CurveKeys, secret: bool) -> std::io::Result<()> {
+/// Refuses a secret file that anyone but its owner may read (on Unix).
+pub(crate) fn check_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(invalid(format!(
+                "{}: a secret readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Creates a new file (never overwriting one) readable by its owner only if `secret`.
+pub(crate) fn create_new(path: &Path, secret: bool) -> std::io::Result<std::fs::File> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -95,7 +100,13 @@ pub fn write_certificate(path: &Path, keys: &CurveKeys, secret: bool) -> std::io
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(if secret { 0o600 } else { 0o644 });
     }
-    let mut f = opts.open(path)?;
+    opts.open(path)
+}
+
+/// Writes a certificate: the secret one (with both keys, mode 0600) if `secret`, else
+/// the public one. Refuses to overwrite an existing file.
+pub fn write_certificate(path: &Path, keys: &CurveKeys, secret: bool) -> std::io::Result<()> {
+    let mut f = create_new(path, secret)?;
     let kind = if secret { "**Secret** " } else { "" };
     let mut text = format!("#   ZeroMQ CURVE {kind}Certificate\n");
     if secret {

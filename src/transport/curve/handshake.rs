@@ -298,6 +298,28 @@ impl ServerHandshake {
         Ok((client, Bytes::copy_from_slice(&plain[128..])))
     }
 
+    /// The [`NODE_PROOF`](super::NODE_PROOF) value proving `node` (this server's own
+    /// key, when it shares a cluster's): `Box[S'](N->C')`, which only the holder of `N`'s
+    /// secret (or the client) can make, for this connection only.
+    pub fn node_proof(&self, node: &CurveKeys) -> Result<Bytes, ProtocolViolation> {
+        let (Some(c_transient), Some(transient)) = (&self.client_transient, &self.transient)
+        else {
+            return Err(malformed("node proof before HELLO"));
+        };
+        let n = random16();
+        let sealed = SalsaBox::new(c_transient, node.secret_key())
+            .encrypt(
+                &nonce(b"PWNODE--", &n),
+                transient.public_key().as_bytes().as_slice(),
+            )
+            .expect("boxing cannot fail");
+        let mut b = BytesMut::with_capacity(32 + 16 + sealed.len());
+        b.put_slice(node.public_key().as_bytes());
+        b.put_slice(&n);
+        b.put_slice(&sealed);
+        Ok(b.freeze())
+    }
+
     /// READY (nonce 1) with `metadata`, and the session for what follows. `client` is
     /// the key [`initiate`](Self::initiate) proved.
     pub fn ready(

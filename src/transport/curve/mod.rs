@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crypto_box::aead::generic_array::GenericArray;
-use crypto_box::aead::{AeadInPlace, OsRng};
+use crypto_box::aead::{Aead, AeadInPlace, OsRng};
 use crypto_box::{PublicKey, SalsaBox, SecretKey};
 use zeroize::Zeroizing;
 
@@ -39,8 +39,14 @@ use super::{Endpoint, Message};
 mod cert;
 mod handshake;
 
+pub(crate) use cert::{check_private, create_new};
 pub use cert::{read_certificate, write_certificate, Certificate};
 pub use handshake::{ClientHandshake, ServerHandshake};
+
+/// The READY property in which a server of a cluster (see [`Curve::cluster`]) proves its
+/// own long-term key: `N` (32 bytes), a nonce (16) and `Box[S'](N->C')` (48).
+pub const NODE_PROOF: &str = "X-Peerwire-Node";
+const NODE_PROOF_LEN: usize = 32 + 16 + 32 + MAC;
 
 /// The mechanism name a CURVE greeting announces.
 pub const MECHANISM_CURVE: &[u8] = b"CURVE";
@@ -156,6 +162,7 @@ pub struct Curve {
     pub(crate) keys: CurveKeys,
     server_key: Option<ServerKeyOf>,
     authorize: Option<Authorizer>,
+    cluster: Option<CurveKeys>,
 }
 
 impl fmt::Debug for Curve {
@@ -164,6 +171,7 @@ impl fmt::Debug for Curve {
             .field("keys", &self.keys)
             .field("server_key", &self.server_key.is_some())
             .field("authorize", &self.authorize.is_some())
+            .field("cluster", &self.cluster.is_some())
             .finish()
     }
 }
@@ -178,7 +186,36 @@ impl Curve {
             keys,
             server_key: None,
             authorize: None,
+            cluster: None,
         }
+    }
+
+    /// Makes this socket one of a cluster whose servers all share `cluster`, a key pair
+    /// only members hold (peerwire derives it from a cluster secret):
+    ///
+    /// - accepting, the socket proves `cluster` in the handshake (so only a client that
+    ///   knows its public key gets past HELLO), and proves its own key in a READY
+    ///   property ([`NODE_PROOF`]) bound to this connection's transient keys;
+    /// - dialling, it expects `cluster`'s public key at every endpoint (no per-endpoint
+    ///   key is needed) and refuses a server that does not prove its own key in READY;
+    ///   [`peer_key`](CurveSession::peer_key) is then that key, judged by
+    ///   [`authorize`](Self::authorize) as a client's is.
+    ///
+    /// The cluster's public key is a secret too: knowing it is what proves membership
+    /// (it never crosses the wire in clear; CURVE only ever sends it inside a box).
+    pub fn cluster(mut self, cluster: CurveKeys) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The key pair this socket proves as a server: the cluster's, or its own.
+    pub(crate) fn server_keys(&self) -> &CurveKeys {
+        self.cluster.as_ref().unwrap_or(&self.keys)
+    }
+
+    /// Whether this socket is one of a cluster (see [`cluster`](Self::cluster)).
+    pub(crate) fn in_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The public key of the server every connection of this socket dials.
@@ -207,6 +244,9 @@ impl Curve {
 
     /// The server key for a dial of `endpoint`.
     pub(crate) fn server_key_for(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
+        if let Some(c) = &self.cluster {
+            return Some(c.public());
+        }
         self.server_key.as_ref().and_then(|f| f(endpoint))
     }
 }
@@ -262,6 +302,32 @@ impl CurveSession {
     /// The peer's long-term public key, as the handshake proved it.
     pub fn peer_key(&self) -> [u8; 32] {
         self.peer_key
+    }
+
+    /// Checks a cluster server's [`NODE_PROOF`] (the client's side): the box must open
+    /// between the key it names and our transient key, and hold the server's transient
+    /// key, so it was made for this connection by the holder of that key. The session's
+    /// peer key becomes that key.
+    pub fn accept_node_proof(&mut self, proof: &[u8]) -> Result<[u8; 32], ProtocolViolation> {
+        if proof.len() != NODE_PROOF_LEN {
+            return Err(malformed("node proof of the wrong size"));
+        }
+        let node: [u8; 32] = proof[..32].try_into().expect("in bounds");
+        if node[31] & 0x80 != 0 {
+            return Err(crypto("node key out of range"));
+        }
+        let node_key = PublicKey::from(node);
+        if weak(&self.mine, &node_key) {
+            return Err(crypto("node key of low order"));
+        }
+        let open = SalsaBox::new(&node_key, &self.mine)
+            .decrypt(&nonce(b"PWNODE--", &proof[32..48]), &proof[48..])
+            .map_err(|_| crypto("node proof does not open"))?;
+        if open[..] != *self.their.as_bytes() {
+            return Err(crypto("node proof is for another connection"));
+        }
+        self.peer_key = node;
+        Ok(node)
     }
 
     /// The sealing half (for the writer) and the opening half (for the reader).

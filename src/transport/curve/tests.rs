@@ -246,3 +246,50 @@ fn a_flipped_bit_anywhere_in_a_handshake_command_is_refused() {
         assert!(c.ready(&flipped(&ready, i)).is_err(), "READY {i}");
     }
 }
+
+/// A cluster's handshake up to the server's READY: the server proves the cluster's
+/// key, and `prover`'s own in the READY property. Returns the client's session and the
+/// proof.
+fn cluster_handshake(cluster: &CurveKeys, prover: &CurveKeys) -> (CurveSession, Bytes) {
+    let client = CurveKeys::generate();
+    let mut c = ClientHandshake::new(&client, cluster.public()).unwrap();
+    let mut s = ServerHandshake::new(cluster);
+    c.welcome(&s.hello(&c.hello()).unwrap()).unwrap();
+    let (who, _) = s.initiate(&c.initiate(b"").unwrap()).unwrap();
+    let proof = s.node_proof(prover).unwrap();
+    let (ready, _) = s.ready(b"", who).unwrap();
+    let (_, session) = c.ready(&ready).unwrap();
+    (session, proof)
+}
+
+#[test]
+fn a_cluster_server_proves_its_own_key_for_this_connection_only() {
+    let (cluster, node) = (CurveKeys::generate(), CurveKeys::generate());
+    let (mut session, proof) = cluster_handshake(&cluster, &node);
+    // Before the proof, the server is only "a member".
+    assert_eq!(session.peer_key(), cluster.public());
+    assert_eq!(session.accept_node_proof(&proof).unwrap(), node.public());
+    assert_eq!(session.peer_key(), node.public());
+
+    // A proof made for another connection (a member replaying what the node sent it).
+    let (mut other, _) = cluster_handshake(&cluster, &node);
+    assert!(matches!(
+        other.accept_node_proof(&proof),
+        Err(ProtocolViolation::CurveCrypto(_))
+    ));
+    // Another key named in front of a valid box, each bit flipped, a short proof.
+    let (mut session, proof) = cluster_handshake(&cluster, &node);
+    let mut renamed = proof.to_vec();
+    renamed[..32].copy_from_slice(&CurveKeys::generate().public());
+    assert!(session.accept_node_proof(&renamed).is_err());
+    for i in 0..proof.len() {
+        let mut p = proof.to_vec();
+        p[i] ^= 0x01;
+        assert!(session.accept_node_proof(&p).is_err(), "bit flipped at {i}");
+    }
+    assert!(session.accept_node_proof(&proof[..proof.len() - 1]).is_err());
+    assert!(session.accept_node_proof(&[0u8; NODE_PROOF_LEN]).is_err());
+    // The failures left the session as it was; the real proof still holds.
+    assert_eq!(session.peer_key(), cluster.public());
+    assert_eq!(session.accept_node_proof(&proof).unwrap(), node.public());
+}

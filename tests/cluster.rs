@@ -1,0 +1,211 @@
+//! Membership by a cluster secret (`NodeBuilder::cluster_secret`): members find each
+//! other through keyless seeds and keep ids their keys prove; a node of another cluster,
+//! a node without the secret and a server that knows the secret but not its own key's
+//! proof are all refused in the handshake, counted, and learn nothing.
+
+mod support;
+
+use peerwire::codec::Id;
+use peerwire::node::{ClusterSecret, Node, NodeBuilder};
+use peerwire::transport::curve::{Curve, CurveKeys};
+use peerwire::transport::Router;
+use serde_json::{json, Value};
+use support::orders::V1;
+use support::*;
+
+fn member(name: &str, secret: &ClusterSecret, keys: &CurveKeys) -> NodeBuilder {
+    Node::builder(name)
+        .secure(keys.clone())
+        .cluster_secret(secret.clone())
+        .socket_options(test_opts())
+}
+
+async fn echo_node(b: NodeBuilder, service: &str) -> Node {
+    let n = b.start().await.unwrap();
+    n.handle(service, V1, |v: Value, _| async move { Ok(v) });
+    n
+}
+
+fn violations(n: &Node, label: &str) -> u64 {
+    n.stats().router.violations.get(label).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn members_join_through_keyless_seeds_under_ids_their_keys_prove() {
+    init_tracing();
+    let secret = ClusterSecret::generate();
+    let (ka, kb, kc) = (
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+    );
+    let a = echo_node(member("a", &secret, &ka), "a.echo").await;
+    // B names A without a key; C names only B and learns A by gossip.
+    let b = echo_node(member("b", &secret, &kb).peer(a.endpoint()), "b.echo").await;
+    let c = echo_node(member("c", &secret, &kc).peer(b.endpoint()), "c.echo").await;
+    wait_service(&c, "a.echo", 1).await;
+    wait_service(&a, "c.echo", 1).await;
+    wait_service(&a, "b.echo", 1).await;
+    assert_eq!(a.id(), Id::of_key(&ka.public()));
+    for (n, k) in [(&a, &ka), (&b, &kb), (&c, &kc)] {
+        assert_eq!(n.public_key(), Some(k.public()));
+    }
+    // Each peer is known under the id its own key proves.
+    let ids: Vec<Id> = c.peers().iter().map(|p| p.id).collect();
+    assert!(ids.contains(&Id::of_key(&ka.public())), "{ids:?}");
+    assert!(ids.contains(&Id::of_key(&kb.public())), "{ids:?}");
+    let r: Value = c.request("a.echo", &json!({"n": 1})).await.unwrap();
+    assert_eq!(r, json!({"n": 1}));
+    let r: Value = a.request("c.echo", &json!("back")).await.unwrap();
+    assert_eq!(r, json!("back"));
+    // Events are attributed to the publisher's own key, not the cluster's.
+    let mut events = c.subscribe::<u32>("tick");
+    wait_until("subscribed", || !a.subscribers_of("tick").is_empty()).await;
+    a.publish("tick", &7u32).unwrap();
+    let e = within("the event", events.recv()).await.unwrap().unwrap();
+    assert_eq!((e.value, e.publisher), (7, a.id()));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn another_cluster_and_a_node_without_the_secret_learn_nothing() {
+    init_tracing();
+    let raw = [42u8; 32];
+    let secret = ClusterSecret::from_bytes(raw);
+    let ka = CurveKeys::generate();
+    let a = echo_node(member("a", &secret, &ka), "a.echo").await;
+
+    // Another cluster's secret, seeded with A: the handshake fails at A's side (the
+    // HELLO box does not open).
+    let other = echo_node(
+        member("x", &ClusterSecret::generate(), &CurveKeys::generate()).peer(a.endpoint()),
+        "x.echo",
+    )
+    .await;
+    wait_until("A refused the other cluster", || {
+        violations(&a, "curve_crypto") >= 1
+    })
+    .await;
+    // A node secured by its own key only, even one that knows A's node key.
+    let lone = Node::builder("lone")
+        .secure(CurveKeys::generate())
+        .peer_with_key(a.endpoint(), ka.public())
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    wait_until("A refused the lone node", || {
+        violations(&a, "curve_crypto") >= 2
+    })
+    .await;
+    for outsider in [&other, &lone] {
+        assert!(outsider.wait_settled(BOUND).await);
+        assert!(
+            outsider.peers().iter().all(|p| !p.connected && p.methods.is_empty()),
+            "{:?}",
+            outsider.peers()
+        );
+        assert!(!outsider.unreachable().is_empty());
+    }
+    assert!(a.peers().is_empty(), "A learned {:?}", a.peers());
+
+    // A member dialling a server without the secret (it cannot open the HELLO), and one
+    // that has the cluster's key but does not prove its own (a libzmq server, say).
+    let stranger = Router::bind(
+        "tcp://127.0.0.1:0",
+        test_opts().with_curve(Some(Curve::new(CurveKeys::generate()))),
+    )
+    .await
+    .unwrap();
+    let unproven = Router::bind(
+        "tcp://127.0.0.1:0",
+        test_opts().with_curve(Some(Curve::new(derived(raw)))),
+    )
+    .await
+    .unwrap();
+    let b = member("b", &secret, &CurveKeys::generate())
+        .peer(ep(stranger.local_addr()))
+        .peer(ep(unproven.local_addr()))
+        .start()
+        .await
+        .unwrap();
+    assert!(b.wait_settled(BOUND).await);
+    let unreachable = b.unreachable();
+    assert_eq!(unreachable.len(), 2, "{unreachable:?}");
+    let why = |port: u16| {
+        unreachable
+            .iter()
+            .find(|(e, _)| e.to_string().ends_with(&format!(":{port}")))
+            .map(|(_, why)| why.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        why(stranger.local_addr().port()).contains("CURVE handshake failed"),
+        "{unreachable:?}"
+    );
+    assert!(
+        why(unproven.local_addr().port()).contains("does not prove its own key"),
+        "{unreachable:?}"
+    );
+    assert!(b.peers().iter().all(|p| !p.connected), "{:?}", b.peers());
+    for n in [a, other, lone, b] {
+        n.shutdown().await;
+    }
+}
+
+/// The cluster's key pair by the documented derivation (src/node/cluster_secret.rs,
+/// SECURITY.md), to play a server that has the secret but proves no key of its own.
+fn derived(raw: [u8; 32]) -> CurveKeys {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"peerwire cluster key v1\0");
+    h.update(raw);
+    CurveKeys::from_secret(h.finalize().into())
+}
+
+#[tokio::test]
+async fn an_allow_list_narrows_the_cluster_both_ways() {
+    init_tracing();
+    let secret = ClusterSecret::generate();
+    let kb = CurveKeys::generate();
+    // C holds the secret but A does not list it.
+    let c = member("c", &secret, &CurveKeys::generate())
+        .start()
+        .await
+        .unwrap();
+    // A lets in only B among the members, and dials only B: C, named as a peer, proves
+    // its key in READY and A hangs up before saying anything.
+    let a = echo_node(
+        member("a", &secret, &CurveKeys::generate())
+            .allow(kb.public())
+            .peer(c.endpoint()),
+        "a.echo",
+    )
+    .await;
+    let b = echo_node(member("b", &secret, &kb).peer(a.endpoint()), "b.echo").await;
+    wait_service(&b, "a.echo", 1).await;
+    wait_service(&a, "b.echo", 1).await;
+    assert!(a.wait_settled(BOUND).await);
+    let unreachable = a.unreachable();
+    assert!(
+        unreachable.iter().any(|(e, _)| e.to_string() == c.endpoint()),
+        "{unreachable:?}"
+    );
+    assert!(c.peers().is_empty(), "C learned {:?}", c.peers());
+    // D holds the secret, is not listed, and dials A: refused in A's handshake.
+    let d = member("d", &secret, &CurveKeys::generate())
+        .peer(a.endpoint())
+        .start()
+        .await
+        .unwrap();
+    wait_until("A refused D", || violations(&a, "not_authorized") >= 1).await;
+    assert!(d.wait_settled(BOUND).await);
+    assert!(d.peers().iter().all(|p| p.methods.is_empty()));
+    let ids: Vec<Id> = a.peers().iter().map(|p| p.id).collect();
+    assert_eq!(ids, [b.id()]);
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
