@@ -286,10 +286,20 @@ async fn curve_cost(quick: bool) {
     }
     // Set-up: a fresh DEALER each time, to its first reply.
     let n = if quick { 20 } else { 200 };
-    let (mut null, mut curve) = (hist(), hist());
+    let (mut null, mut curve, mut cluster) = (hist(), hist(), hist());
+    // A cluster with a secret: every server proves the shared key, then its own in READY.
+    let shared = CurveKeys::generate();
+    let (cluster_s, cluster_c) = (
+        base.clone()
+            .with_curve(Some(Curve::new(sk.clone()).cluster(shared.clone()))),
+        base.clone().with_curve(Some(
+            Curve::new(CurveKeys::generate()).cluster(shared.clone()),
+        )),
+    );
     for (opts_s, opts_c, h) in [
         (base.clone(), base.clone(), &mut null),
         (server.clone(), client.clone(), &mut curve),
+        (cluster_s, cluster_c, &mut cluster),
     ] {
         let router = Router::bind("tcp://127.0.0.1:0", opts_s).await.unwrap();
         let endpoint = format!("tcp://{}", router.local_addr());
@@ -318,6 +328,10 @@ async fn curve_cost(quick: bool) {
     println!(
         "{}",
         row("CURVE: connect, handshake, first round trip", 1, &curve, b)
+    );
+    println!(
+        "{}",
+        row("CURVE, cluster secret (+ node proof)", 1, &cluster, b)
     );
 }
 
