@@ -677,7 +677,10 @@ fn members_holding_the_cluster_secret_call_each_other_and_nobody_else_can() {
         assert!(peerwire(&["keys", "secret", &path(name)]).status.success());
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path("ours")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(path("ours"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     assert!(one_line_error(&peerwire(&["keys", "secret", &path("ours")])).contains("exists"));
 
@@ -685,7 +688,10 @@ fn members_holding_the_cluster_secret_call_each_other_and_nobody_else_can() {
         "member",
         &["--serve", "echo", "--cluster-secret", &path("ours")],
     );
-    let (at, _) = node.endpoint.split_once('#').expect("a secured node's line");
+    let (at, _) = node
+        .endpoint
+        .split_once('#')
+        .expect("a secured node's line");
     let call = |secret: &str| {
         peerwire(&[
             "call",

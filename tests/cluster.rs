@@ -103,7 +103,10 @@ async fn another_cluster_and_a_node_without_the_secret_learn_nothing() {
     for outsider in [&other, &lone] {
         assert!(outsider.wait_settled(BOUND).await);
         assert!(
-            outsider.peers().iter().all(|p| !p.connected && p.methods.is_empty()),
+            outsider
+                .peers()
+                .iter()
+                .all(|p| !p.connected && p.methods.is_empty()),
             "{:?}",
             outsider.peers()
         );
@@ -190,7 +193,9 @@ async fn an_allow_list_narrows_the_cluster_both_ways() {
     assert!(a.wait_settled(BOUND).await);
     let unreachable = a.unreachable();
     assert!(
-        unreachable.iter().any(|(e, _)| e.to_string() == c.endpoint()),
+        unreachable
+            .iter()
+            .any(|(e, _)| e.to_string() == c.endpoint()),
         "{unreachable:?}"
     );
     assert!(c.peers().is_empty(), "C learned {:?}", c.peers());

@@ -247,3 +247,54 @@ async fn a_pyzmq_curve_sub_receives_our_events() {
         ]
     );
 }
+
+/// A libzmq client that holds the cluster secret derives the cluster's key (PROTOCOL.md
+/// section 10a) and calls a member; with another cluster's secret it is refused in the
+/// handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pyzmq_client_holding_the_cluster_secret_calls_a_member() {
+    use peerwire::node::{ClusterSecret, Node};
+    if !python_ready("the CURVE interop test") {
+        return;
+    }
+    init_tracing();
+    let dir = std::env::temp_dir().join(format!("pw-py-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ours, theirs) = (dir.join("ours"), dir.join("theirs"));
+    let secret = ClusterSecret::generate();
+    secret.write(&ours).unwrap();
+    ClusterSecret::generate().write(&theirs).unwrap();
+    let node = Node::builder("member")
+        .cluster_secret(secret)
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    node.handle(
+        "member.echo",
+        support::orders::V1,
+        |v: Value, _| async move { Ok(v) },
+    );
+    let port = addr_of(&node.endpoint()).port().to_string();
+    let call = |secret: &std::path::Path| {
+        Py::start(&[
+            "cluster-call",
+            &port,
+            secret.to_str().unwrap(),
+            "member.echo",
+        ])
+    };
+    let mut py = tokio::task::block_in_place(|| call(&ours));
+    let reply = tokio::task::block_in_place(|| py.next("the reply"));
+    assert_eq!(reply, serde_json::json!({"reply": "hi"}));
+    let refused = |n: &Node| {
+        let v = n.stats().router.violations;
+        v.get("curve_crypto").copied().unwrap_or(0)
+    };
+    assert_eq!(refused(&node), 0);
+    let _other = tokio::task::block_in_place(|| call(&theirs));
+    wait_until("the other cluster's client refused", || refused(&node) >= 1).await;
+    node.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerwire::node::{GatherEnd, GatherOptions, Node};
+use peerwire::codec::Id;
+use peerwire::node::{GatherEnd, GatherOptions, Node, NodeBuilder};
+use peerwire::transport::curve::{decode_key, encode_key, CurveKeys};
 use serde_json::{json, Value};
 use support::orders::V1;
 use support::*;
@@ -18,8 +20,8 @@ use support::*;
 const BOUND: Duration = Duration::from_secs(15);
 
 /// A Rust node serving `rust.echo`, `rust.note` (counted) and the gather `rust.ping`.
-async fn rust_node(name: &'static str, peers: &[String], notes: Arc<AtomicUsize>) -> Node {
-    let node = start_node(name, peers).await;
+async fn rust_node(name: &'static str, b: NodeBuilder, notes: Arc<AtomicUsize>) -> Node {
+    let node = b.socket_options(test_opts()).start().await.unwrap();
     node.handle("rust.echo", V1, |v: Value, _| async move { Ok(v) });
     node.handle("rust.note", V1, move |_: Value, _| {
         notes.fetch_add(1, Ordering::SeqCst);
@@ -57,13 +59,39 @@ fn json_line(l: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_node_is_a_full_member() {
+    full_member(false).await;
+}
+
+/// The same with CURVE everywhere (PROTOCOL.md section 10a): the Python node's id is
+/// its key's, it learns keys from its seed's `#KEY` and the gossip, and libzmq's CURVE
+/// ROUTER, DEALERs, XPUB and SUBs talk to ours both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secured_python_node_is_a_full_member() {
+    full_member(true).await;
+}
+
+async fn full_member(secured: bool) {
     if !python_ready("the Python node test") {
         return;
     }
     init_tracing();
     let notes = Arc::new(AtomicUsize::new(0));
-    let r1 = rust_node("rust-1", &[], notes.clone()).await;
-    let r2 = rust_node("rust-2", &[r1.endpoint()], notes.clone()).await;
+    let (k1, k2) = (CurveKeys::generate(), CurveKeys::generate());
+    let builder = |name: &str, k: &CurveKeys| match secured {
+        true => Node::builder(name).secure(k.clone()),
+        false => Node::builder(name),
+    };
+    let r1 = rust_node("rust-1", builder("rust-1", &k1), notes.clone()).await;
+    let seed = match secured {
+        true => format!("{}#{}", r1.endpoint(), encode_key(&k1.public())),
+        false => r1.endpoint(),
+    };
+    let r2 = rust_node(
+        "rust-2",
+        builder("rust-2", &k2).peer_with_key(r1.endpoint(), k1.public()),
+        notes.clone(),
+    )
+    .await;
     wait_service(&r2, "rust.echo", 1).await;
 
     let script = concat!(
@@ -72,7 +100,8 @@ async fn a_python_node_is_a_full_member() {
     );
     let mut child = Killed(
         Command::new("python3")
-            .args([script, "--seed", &r1.endpoint(), "--name", "py"])
+            .args([script, "--seed", &seed, "--name", "py"])
+            .args(secured.then_some("--secure"))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -84,6 +113,16 @@ async fn a_python_node_is_a_full_member() {
     };
     let started = json_line(&wait(&mut out, "started", &|v| v["event"] == "started"));
     let py_id = started["id"].as_str().unwrap().to_string();
+    if secured {
+        // Its id is its key's, derived in Python as in Rust.
+        let (_, key) = started["endpoint"]
+            .as_str()
+            .unwrap()
+            .split_once('#')
+            .unwrap();
+        let id = Id::of_key(&decode_key(key).unwrap());
+        assert_eq!(id.0.simple().to_string(), py_id);
+    }
 
     // Python → Rust: it learned both Rust nodes from one seed, called, notified, gathered.
     let joined = json_line(&wait(&mut out, "joined", &|v| v["event"] == "joined"));

@@ -7,6 +7,7 @@ every wait (a call, a gather) keeps serving everything else while it waits.
 
     pip install pyzmq msgpack
     python3 peerwire_node.py --seed tcp://127.0.0.1:5555 --name py
+    python3 peerwire_node.py --seed tcp://127.0.0.1:5555#KEY --secure   # CURVE (10a)
 
 It runs `demo()`: serves `py.greet`, `py.log` and the gather topic `py.ping`, publishes
 `py.events.tick` every 200 ms, prints the events it gets on `rust.events.`, and calls
@@ -16,6 +17,7 @@ that happened, and stops on a `py.stop` notification (or Ctrl-C).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -23,7 +25,10 @@ import time
 
 import msgpack
 import zmq
+import zmq.auth
 import zmq.utils.monitor
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 # Envelope kinds (PROTOCOL.md section 9).
 REQUEST, REPLY, ERROR_REPLY, NOTIFICATION, EVENT = 1, 2, 3, 4, 5
@@ -36,6 +41,15 @@ def new_id():
     """A UUIDv7: 48 bits of Unix milliseconds, version 7, variant 10, random bits."""
     b = bytearray(int(time.time() * 1000).to_bytes(6, "big") + os.urandom(10))
     b[6] = 0x70 | (b[6] & 0x0F)
+    b[8] = 0x80 | (b[8] & 0x3F)
+    return bytes(b)
+
+
+def id_of_key(public):
+    """A secured node's id (section 10a): SHA-256 over a tag and its Z85 key's 32 bytes,
+    the first 16 as a UUIDv8."""
+    b = bytearray(hashlib.sha256(b"peerwire node id v1\x00" + z85.decode(public)).digest()[:16])
+    b[6] = 0x80 | (b[6] & 0x0F)
     b[8] = 0x80 | (b[8] & 0x3F)
     return bytes(b)
 
@@ -54,24 +68,33 @@ def v1():
 
 
 class Node:
-    def __init__(self, name, cluster="default", host="127.0.0.1"):
+    def __init__(self, name, cluster="default", host="127.0.0.1", keys=None):
         self.ctx = zmq.Context.instance()
-        self.id = new_id()
+        # Secured (section 10a): `keys` is (public, secret) in Z85, the id is the key's.
+        self.keys = keys
+        self.id = id_of_key(keys[0]) if keys else new_id()
+        self.key_at = {}  # endpoint -> the Z85 key expected there (secured)
+        if keys:
+            # libzmq tells a server which key each connection proved only through ZAP:
+            # this authenticator lets any key in and labels messages with it (User-Id).
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         self.name = name
         self.cluster = cluster
         self.host = host
-        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router = self.curve_server(self.ctx.socket(zmq.ROUTER))
         self.router_port = self.router.bind_to_random_port(f"tcp://{host}")
         # An XPUB is a PUB that also shows us the subscriptions it receives: that is
         # how a gatherer knows who listens (a peer's label, then its topics).
-        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub = self.curve_server(self.ctx.socket(zmq.XPUB))
         self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pub_port = self.pub.bind_to_random_port(f"tcp://{host}")
         self.subs = {}  # prefix subscribed on our PUB -> how many times
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, LABEL_PREFIX + self.id)
+        # One SUB per publisher: what arrives on it is that publisher's (section 10a).
+        self.sub_of = {}  # SUB socket -> the node id of the publisher it is connected to
         self.poller = zmq.Poller()
-        for s in (self.router, self.sub, self.pub):
+        for s in (self.router, self.pub):
             self.poller.register(s, zmq.POLLIN)
         self.methods, self.gathers = {}, {}  # target -> handler(value, header)
         self.revision = 1
@@ -87,6 +110,22 @@ class Node:
         self.introduced = {}  # ROUTER identity -> the node id its HELLO gave
         self.seq = {}  # our topic -> last sequence number published
         self.stopped = False
+
+    def curve_server(self, s):
+        if self.keys:
+            s.curve_publickey, s.curve_secretkey = self.keys
+            s.curve_server = True
+        return s
+
+    def curve_client(self, s, endpoint):
+        """CURVE options for a socket about to dial `endpoint`; False if no key is
+        known there (a secured node dials only endpoints whose key it knows)."""
+        if self.keys:
+            if endpoint not in self.key_at:
+                return False
+            s.curve_publickey, s.curve_secretkey = self.keys
+            s.curve_serverkey = self.key_at[endpoint]
+        return True
 
     # --- envelopes -------------------------------------------------------------------
     def header(self, kind, target=None, cid=None, dl=None, seq=None):
@@ -108,16 +147,25 @@ class Node:
             "catalog": {"methods": {t: v1() for t in self.methods},
                         "gathers": {t: v1() for t in self.gathers},
                         "revision": self.revision},
-            "peers": [p["endpoint"] for p in self.peers.values()],
+            "peers": [p["endpoint"] + ("#" + self.key_at[p["endpoint"]].decode()
+                                       if p["endpoint"] in self.key_at else "")
+                      for p in self.peers.values()],
         }
 
     # --- membership ------------------------------------------------------------------
-    def dial(self, endpoint):
-        """A DEALER to a peer's ROUTER; a HELLO goes first on each of its connections."""
+    def dial(self, entry):
+        """A DEALER to a peer's ROUTER (`tcp://host:port`, or with `#KEY` from a secured
+        node); a HELLO goes first on each of its connections."""
+        endpoint, _, key = entry.partition("#")
+        if key and endpoint not in self.key_at:  # named by others: never replaces one
+            self.key_at[endpoint] = key.encode()
         if endpoint in self.dealers or endpoint == f"tcp://{self.host}:{self.router_port}":
             return
         d = self.ctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 0)
+        if not self.curve_client(d, endpoint):
+            d.close()
+            return
         # A HELLO is the first message on every connection, reconnections included: the
         # monitor says when one comes up (section 12).
         monitor = d.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -127,21 +175,32 @@ class Node:
         self.dealers[endpoint] = d
         self.poller.register(d, zmq.POLLIN)
 
-    def learn(self, hello, source_host):
+    def learn(self, hello, source_host, key=None):
         """Records a peer from its HELLO (or HELLO-ACK): dial it, subscribe to its PUB,
         and follow its gossip. `source_host`: where the HELLO came from, for a peer that
-        listens on an unspecified address."""
+        listens on an unspecified address; `key`: the key its connection proved."""
         if hello.get("cluster") != self.cluster or hello["node_id"] == self.id:
             return
         host = hello["host"] if hello["host"] not in ("0.0.0.0", "::") else source_host
         endpoint = f"tcp://{host}:{hello['router_port']}"
+        pub = f"tcp://{host}:{hello['pub_port']}"
+        if key and host == source_host:  # its own endpoints, at the address it speaks from
+            self.key_at[endpoint] = self.key_at[pub] = key
         self.peers[hello["node_id"]] = {
             "name": hello["name"], "endpoint": endpoint, "catalog": hello["catalog"]}
         self.dial(endpoint)
-        pub = f"tcp://{host}:{hello['pub_port']}"
         if pub not in self.pub_endpoints:
-            self.pub_endpoints.add(pub)
-            self.sub.connect(pub)
+            sub = self.ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            if self.curve_client(sub, pub):
+                for prefix in [LABEL_PREFIX + self.id] + [p.encode() for p in self.prefixes]:
+                    sub.setsockopt(zmq.SUBSCRIBE, prefix)
+                sub.connect(pub)
+                self.pub_endpoints.add(pub)
+                self.sub_of[sub] = hello["node_id"]
+                self.poller.register(sub, zmq.POLLIN)
+            else:
+                sub.close()
         for other in hello.get("peers", []):
             self.dial(other)
 
@@ -193,7 +252,8 @@ class Node:
 
     def subscribe(self, prefix):
         self.prefixes.append(prefix)
-        self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        for sub in self.sub_of:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
     def publish(self, topic, value):
         self.seq[topic] = self.seq.get(topic, 0) + 1
@@ -268,20 +328,22 @@ class Node:
                 except zmq.Again:
                     break
                 source = frames[-1].get("Peer-Address")
+                # The key the connection proved (secured; set by the authenticator).
+                proven = frames[-1].get("User-Id") if self.keys and sock is self.router else None
                 frames = [f.bytes for f in frames]
                 try:
                     if sock is self.router:
-                        self.on_router(frames[0], frames[1:], source)
+                        self.on_router(frames[0], frames[1:], source, proven)
                     elif sock is self.pub:
                         self.on_subscription(frames[0])
-                    elif sock is self.sub:
-                        self.on_sub(frames)
+                    elif sock in self.sub_of:
+                        self.on_sub(frames, self.sub_of[sock])
                     else:
                         self.on_dealer(sock, frames, source)
                 except (ValueError, KeyError, TypeError, msgpack.ExtraData) as e:
                     print(json.dumps({"dropped": str(e)}), file=sys.stderr)
 
-    def on_router(self, identity, frames, source):
+    def on_router(self, identity, frames, source, proven=None):
         if len(frames) != 2:
             return
         h, payload = unpack(frames[0]), frames[1]
@@ -292,6 +354,17 @@ class Node:
             if k == REQUEST:
                 reply(ERROR_REPLY, {"code": "unsupported_version", "message": "v1 only"})
             return
+        if self.keys:
+            # Secured: a connection speaks only for the node its key names (section 10a).
+            sender = id_of_key(proven.encode()) if proven else None
+            claimed = unpack(payload).get("node_id") if k == HELLO else h.get("src")
+            if sender is None or claimed != sender:
+                print(json.dumps({"refused": f"kind {k} in another node's name"}),
+                      file=sys.stderr)
+                if k == REQUEST:
+                    reply(ERROR_REPLY, {"code": "bad_request",
+                                        "message": "src is not the connection's node"})
+                return
         if k == HELLO:
             hello = unpack(payload)
             if hello.get("cluster") != self.cluster:
@@ -300,7 +373,7 @@ class Node:
                 return
             self.introduced[identity] = hello["node_id"]
             reply(HELLO_ACK, self.hello())
-            self.learn(hello, source)
+            self.learn(hello, source, proven.encode() if proven else None)
         elif k in (REQUEST, NOTIFICATION):
             fn = self.methods.get(h.get("tgt", ""))
             fail = lambda code, message: k == REQUEST and reply(
@@ -342,15 +415,20 @@ class Node:
         h, payload = unpack(frames[0]), frames[1]
         if h["k"] == HELLO_ACK:
             endpoint = next(e for e, d in self.dealers.items() if d is sock)
+            hello, key = unpack(payload), self.key_at.get(endpoint)
+            if self.keys and hello.get("node_id") != id_of_key(key):
+                return  # the ACK must carry the id of the key we dialled (section 10a)
             self.acked.add(endpoint)
-            self.learn(unpack(payload), source)
+            self.learn(hello, source, key)
         elif h["k"] in (REPLY, ERROR_REPLY) and h.get("cid") in self.pending:
             self.pending[h["cid"]].append((h["k"], unpack(payload)))
 
-    def on_sub(self, frames):
+    def on_sub(self, frames, publisher):
         if len(frames) != 3:
             return
         topic, h, payload = frames[0].decode(), unpack(frames[1]), frames[2]
+        if h.get("src") != publisher:
+            return  # not in the name of the publisher this SUB is connected to
         if h["k"] == EVENT:
             self.on_event(topic, unpack(payload), h)
         elif h["k"] == GATHER_REQUEST and h["src"] != self.id:
@@ -375,7 +453,10 @@ def demo(node, seed, call, notify, gather):
     node.on_event = lambda topic, value, h: emit(
         event="event", topic=topic, value=value, seq=h.get("seq"))
     node.dial(seed)
-    emit(event="started", id=node.id.hex(), endpoint=f"tcp://{node.host}:{node.router_port}")
+    endpoint = f"tcp://{node.host}:{node.router_port}"
+    if node.keys:
+        endpoint += "#" + node.keys[0].decode()
+    emit(event="started", id=node.id.hex(), endpoint=endpoint)
     node.run_until(lambda: node.settled() and node.serving(call), 10)
     emit(event="joined", peers=sorted(p["name"] for p in node.peers.values()))
     if node.serving(call):
@@ -409,12 +490,24 @@ def main():
     p.add_argument("--call", default="rust.echo", help="a method to call once known")
     p.add_argument("--notify", default="rust.note", help="a method to notify once known")
     p.add_argument("--gather", default="rust.ping", help="a gather topic to ask once known")
+    p.add_argument("--secure", action="store_true", help="CURVE with a key pair for this run")
+    p.add_argument("--key", help="CURVE with the key pair of this secret certificate")
     args = p.parse_args()
-    node = Node(args.name, args.cluster)
+    keys = None
+    if args.key:
+        keys = zmq.auth.load_certificate(args.key)
+        if keys[1] is None:
+            raise SystemExit(f"--key {args.key}: a public certificate, not a secret one")
+    elif args.secure:
+        keys = zmq.curve_keypair()
+    node = Node(args.name, args.cluster, keys=keys)
     try:
         demo(node, args.seed, args.call, args.notify, args.gather)
     except KeyboardInterrupt:
         pass
+    finally:
+        if node.keys:
+            node.auth.stop()
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ impl ClusterSecret {
                 (k.trim() == "secret").then(|| v.trim().trim_matches('"'))
             })
             .ok_or_else(|| invalid(format!("{}: no `secret = \"…\"` line", path.display())))?;
-        let bytes = decode_key(value)
-            .map_err(|e| invalid(format!("{}: secret: {e}", path.display())))?;
+        let bytes =
+            decode_key(value).map_err(|e| invalid(format!("{}: secret: {e}", path.display())))?;
         Ok(ClusterSecret::from_bytes(bytes))
     }
 

@@ -8,13 +8,22 @@
   curve_peer.py sub PORT SERVERKEY TOPIC N
                                        SUB, CURVE client: prints {"public"}, then the first
                                        N events as {"event": [...]}
+  curve_peer.py cluster-call PORT SECRETFILE TARGET
+                                       DEALER, CURVE client of a cluster with a secret
+                                       (PROTOCOL.md section 10a): derives the cluster key
+                                       from the secret file, sends one peerwire request
+                                       to TARGET (payload "hi") and prints {"reply": ...}
+                                       or {"error": ...}
 Keys are Z85 text, as zmq.curve_keypair() makes them.
 """
+import hashlib
 import json
+import os
 import sys
 import time
 
 import zmq
+from zmq.utils import z85
 
 
 def say(**kw):
@@ -69,6 +78,33 @@ def main():
         say(public=public.decode())
         for _ in range(n):
             say(event=frames(s.recv_multipart()))
+    elif mode == "cluster-call":
+        import msgpack
+        port, secret_file, target = sys.argv[2], sys.argv[3], sys.argv[4]
+        text = open(secret_file).read()
+        raw = z85.decode(next(l.split('"')[1] for l in text.splitlines()
+                              if l.startswith("secret")))
+        cluster_secret = hashlib.sha256(b"peerwire cluster key v1\x00" + raw).digest()
+        cluster_public = zmq.curve_public(z85.encode(cluster_secret))
+        s = ctx.socket(zmq.DEALER)
+        s.curve_serverkey = cluster_public
+        s.curve_publickey = public
+        s.curve_secretkey = secret
+        s.rcvtimeo = 10000
+        s.connect("tcp://127.0.0.1:%s" % port)
+        # A plain client (PROTOCOL.md section 12) in its own key's name (section 10a).
+        node_id = bytearray(hashlib.sha256(b"peerwire node id v1\x00" + z85.decode(public)).digest()[:16])
+        node_id[6] = 0x80 | (node_id[6] & 0x0F)
+        node_id[8] = 0x80 | (node_id[8] & 0x3F)
+        msg_id = bytearray(int(time.time() * 1000).to_bytes(6, "big") + os.urandom(10))
+        msg_id[6] = 0x70 | (msg_id[6] & 0x0F)
+        msg_id[8] = 0x80 | (msg_id[8] & 0x3F)
+        header = {"v": 1, "k": 1, "id": bytes(msg_id), "src": bytes(node_id), "tgt": target,
+                  "dl": 5000}
+        s.send_multipart([msgpack.packb(header), msgpack.packb("hi")])
+        h, payload = s.recv_multipart()
+        kind, value = msgpack.unpackb(h)["k"], msgpack.unpackb(payload)
+        say(**({"reply": value} if kind == 2 else {"error": value}))
     else:
         raise SystemExit("unknown mode " + mode)
     s.close(linger=1000)

@@ -302,8 +302,7 @@ impl ServerHandshake {
     /// key, when it shares a cluster's): `Box[S'](N->C')`, which only the holder of `N`'s
     /// secret (or the client) can make, for this connection only.
     pub fn node_proof(&self, node: &CurveKeys) -> Result<Bytes, ProtocolViolation> {
-        let (Some(c_transient), Some(transient)) = (&self.client_transient, &self.transient)
-        else {
+        let (Some(c_transient), Some(transient)) = (&self.client_transient, &self.transient) else {
             return Err(malformed("node proof before HELLO"));
         };
         let n = random16();

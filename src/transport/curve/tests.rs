@@ -287,7 +287,9 @@ fn a_cluster_server_proves_its_own_key_for_this_connection_only() {
         p[i] ^= 0x01;
         assert!(session.accept_node_proof(&p).is_err(), "bit flipped at {i}");
     }
-    assert!(session.accept_node_proof(&proof[..proof.len() - 1]).is_err());
+    assert!(session
+        .accept_node_proof(&proof[..proof.len() - 1])
+        .is_err());
     assert!(session.accept_node_proof(&[0u8; NODE_PROOF_LEN]).is_err());
     // The failures left the session as it was; the real proof still holds.
     assert_eq!(session.peer_key(), cluster.public());
