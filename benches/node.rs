@@ -63,6 +63,7 @@ async fn nodes_with(responders: usize, guards: Guards) -> (Node, Vec<Node>) {
     let mut rs = Vec::new();
     for i in 0..responders {
         let n = Node::builder(format!("r{i}"))
+            .insecure()
             .socket_options(opts())
             .start()
             .await
@@ -77,7 +78,7 @@ async fn nodes_with(responders: usize, guards: Guards) -> (Node, Vec<Node>) {
         );
         rs.push(n);
     }
-    let mut b = Node::builder("client").socket_options(opts());
+    let mut b = Node::builder("client").insecure().socket_options(opts());
     b = match guards {
         Guards::Default => b,
         Guards::Bare => b.no_breakers(),
@@ -190,7 +191,7 @@ fn separate_processes(n: usize, warm: usize) {
     let (mut req_cpu, mut g4_cpu) = (0u64, 0u64);
     let (mut req_own, mut g4_own) = (0u64, 0u64);
     rt.block_on(async {
-        let mut b = Node::builder("client").socket_options(opts());
+        let mut b = Node::builder("client").insecure().socket_options(opts());
         for e in &eps {
             b = b.peer(e.clone());
         }

@@ -256,6 +256,7 @@ async fn main() -> Result<()> {
         bail!("attack only nodes on this machine (a loopback address)");
     }
     let client = Node::builder("legit")
+        .insecure()
         .peer(endpoint.to_string())
         .start()
         .await?;

@@ -30,9 +30,9 @@ pub mod transport;
 pub use codec::{Id, Version};
 pub use discovery::{DnsSeed, Interfaces, MdnsConfig};
 pub use node::{
-    Answer, Balancing, BreakerConfig, BulkheadConfig, CallError, CallOptions, Context, Event,
-    Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply, HandlerError, Node, NodeBuilder,
-    NodeError, NodeStats, PeerInfo, PendingReply, Presence, PresenceEvent, Publishing,
-    ServicePolicy, Subscription,
+    Answer, Balancing, BreakerConfig, BulkheadConfig, CallError, CallOptions, ClusterSecret,
+    Context, Event, Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply, HandlerError,
+    Node, NodeBuilder, NodeError, NodeStats, PeerInfo, PendingReply, Presence, PresenceEvent,
+    Publishing, ServicePolicy, Subscription,
 };
 pub use transport::{Endpoint, SocketOptions};

@@ -215,9 +215,12 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
     // The demo shows what it does in its own words; its nodes' warnings (a handler cut off
     // at a gather's deadline is part of the show) would land in the middle of them.
     // RUST_LOG still wins.
+    // A one-shot command run with --insecure does not repeat the insecure node's warning
+    // on every call (`peerwire node` does say it, once, as it starts).
     let default_filter = match cli.command {
         Command::Demo => "error",
-        _ => "warn",
+        Command::Node { .. } => "warn",
+        _ => "warn,peerwire::insecure=error",
     };
     {
         use tracing_subscriber::layer::SubscriberExt as _;

@@ -45,6 +45,7 @@ async fn a_caller_that_never_reads_its_replies_delays_nobody() {
     // connection closed; no slot waits for it.
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .max_in_flight(4)
         .socket_options(
             test_opts()
@@ -196,6 +197,7 @@ async fn the_peer_cap_holds_whoever_names_the_peers() {
     // node dial every one of them: the cap applied to gossip only.
     init_tracing();
     let server = Node::builder("capped")
+        .insecure()
         .max_peers(3)
         .socket_options(test_opts())
         .start()
@@ -279,6 +281,7 @@ async fn a_hello_lost_to_the_rate_limit_is_sent_again() {
     let mut limits = MembershipLimits::default();
     limits.hellos_per_source = Rate::new(1.0, 0.5);
     let server = Node::builder("server")
+        .insecure()
         .limits(limits)
         .socket_options(test_opts())
         .start()
@@ -316,6 +319,7 @@ async fn dials_of_named_endpoints_are_bounded() {
     let mut limits = peerwire::node::MembershipLimits::default();
     limits.max_dialling = 8;
     let server = Node::builder("dialler")
+        .insecure()
         .limits(limits)
         .socket_options(test_opts())
         .start()
@@ -337,6 +341,7 @@ async fn one_caller_cannot_take_every_handler_slot() {
     // that its requests are answered `overloaded` at once.
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .max_in_flight(8)
         .max_in_flight_per_connection(4)
         .socket_options(test_opts())
@@ -400,6 +405,7 @@ async fn a_connection_with_a_deep_backlog_does_not_delay_another() {
     // turn: the quiet peer waits for about one of the flooder's requests per turn.
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .max_in_flight(2)
         .socket_options(test_opts())
         .start()
@@ -488,6 +494,7 @@ async fn many_connections_from_one_address_cannot_take_every_handler_slot() {
     init_tracing();
     let (server, gate, started) = node_with_a_slow_op(
         Node::builder("server")
+            .insecure()
             .max_in_flight(8)
             .max_in_flight_per_connection(4)
             .max_in_flight_per_source(6),
@@ -527,8 +534,12 @@ async fn requests_held_by_slow_handlers_are_bounded_in_bytes() {
     // Large requests to a slow handler each held their bytes until it finished: memory
     // followed the caller. Now request bytes held are bounded per address and in total.
     init_tracing();
-    let (server, gate, started) =
-        node_with_a_slow_op(Node::builder("server").max_in_flight_bytes(4 << 20)).await;
+    let (server, gate, started) = node_with_a_slow_op(
+        Node::builder("server")
+            .insecure()
+            .max_in_flight_bytes(4 << 20),
+    )
+    .await;
     let polite = start_node("polite", &[server.endpoint()]).await;
     wait_service(&polite, "slow.op", 1).await;
     let big = "x".repeat(600 << 10);
@@ -561,6 +572,7 @@ async fn callers_not_reading_together_cannot_get_an_honest_one_dropped() {
     // caller whose reply found no room.
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .socket_options(
             test_opts()
                 .with_send_queue_bytes(16 << 20)

@@ -471,6 +471,7 @@ async fn names_from_the_network_cannot_forge_lines() {
         }
     });
     let evil = peerwire::node::Node::builder("evil\nWARN forged line\u{1b}[2J")
+        .insecure()
         .peer(endpoint)
         .socket_options(test_opts())
         .start()

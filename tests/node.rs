@@ -351,6 +351,7 @@ async fn shutdown_drains_in_flight_work() {
 async fn handler_concurrency_is_bounded_and_excess_requests_wait_their_turn() {
     init_tracing();
     let server = Node::builder("bounded")
+        .insecure()
         .max_in_flight(2)
         .socket_options(test_opts())
         .start()
@@ -555,6 +556,7 @@ async fn a_handler_s_calls_inherit_its_deadline() {
 async fn a_request_whose_deadline_passed_while_queued_is_not_run() {
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .max_in_flight(1)
         .socket_options(test_opts())
         .start()
@@ -628,6 +630,7 @@ async fn one_connection_s_messages_are_handled_in_order_under_backpressure() {
     // queued while some go inline: none may overtake an earlier one of its connection.
     init_tracing();
     let server = Node::builder("server")
+        .insecure()
         .max_in_flight(1)
         .socket_options(test_opts())
         .start()

@@ -334,6 +334,7 @@ async fn gather_replies_survive_connection_churn() {
     let mut limits = MembershipLimits::default();
     limits.hellos_per_source = Rate::new(1e6, 1e6);
     let asker = Node::builder("asker")
+        .insecure()
         .peer(responder.endpoint())
         .limits(limits)
         .socket_options(test_opts())

@@ -71,6 +71,7 @@ async fn peer_killed_and_restarted_mid_stream() {
     })
     .await;
     let restarted = Node::builder("echo-2")
+        .insecure()
         .router_port(port)
         .socket_options(test_opts())
         .start()
@@ -115,6 +116,7 @@ async fn one_seed_leads_to_the_whole_cluster() {
     wait_until("b knows c", || b.peers().iter().any(|p| p.name == "c")).await;
     // A node of another cluster is ignored.
     let other = Node::builder("stranger")
+        .insecure()
         .cluster("elsewhere")
         .peer(seed.endpoint())
         .socket_options(test_opts())
@@ -177,6 +179,7 @@ async fn a_dns_seed_finds_its_peers() {
         .parse::<u16>()
         .unwrap();
     let client = Node::builder("client")
+        .insecure()
         .socket_options(test_opts())
         .dns(format!("localhost:{port}").parse().unwrap())
         .dns_every(Duration::from_millis(200))
@@ -196,6 +199,7 @@ async fn a_dns_seed_finds_its_peers() {
 #[tokio::test]
 async fn mdns_with_no_usable_interface_is_a_clear_error() {
     let err = Node::builder("x")
+        .insecure()
         .mdns(peerwire::discovery::MdnsConfig::interfaces(["no-such-if0"]))
         .start()
         .await
@@ -225,10 +229,12 @@ async fn replicas_with_one_name_are_all_kept() {
     for _ in 0..5 {
         let client = start_node("client", &[]).await;
         let a = Node::builder("orders")
+            .insecure()
             .socket_options(test_opts())
             .peer(client.endpoint())
             .start();
         let b = Node::builder("orders")
+            .insecure()
             .socket_options(test_opts())
             .peer(client.endpoint())
             .start();
@@ -274,6 +280,7 @@ async fn a_breaker_opens_on_a_failing_instance_and_closes_when_it_recovers() {
     // The service's own breaker settings (the node's default would not judge before
     // ten calls).
     let client = Node::builder("client")
+        .insecure()
         .peer(bad.endpoint())
         .service("flaky", ServicePolicy::new().breaker(config))
         .socket_options(test_opts())
@@ -363,6 +370,7 @@ async fn least_outstanding_sends_less_to_a_slow_instance() {
     // The service's policy (the node's default stays round robin).
     let client = Arc::new(
         Node::builder("client")
+            .insecure()
             .peer(slow.endpoint())
             .service(
                 "work",
@@ -426,6 +434,7 @@ async fn a_full_bulkhead_queues_then_fails_fast() {
     // Two in flight to `slow`, one more may wait; other services are not bounded.
     let client = Arc::new(
         Node::builder("client")
+            .insecure()
             .peer(server.endpoint())
             .service(
                 "slow",
@@ -500,6 +509,7 @@ async fn idempotent_calls_are_retried_on_another_instance_with_the_same_id() {
         async { Ok("good".to_string()) }
     });
     let client = Node::builder("client")
+        .insecure()
         .peer(bad.endpoint())
         .no_breakers()
         .socket_options(test_opts())

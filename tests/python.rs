@@ -79,7 +79,7 @@ async fn full_member(secured: bool) {
     let (k1, k2) = (CurveKeys::generate(), CurveKeys::generate());
     let builder = |name: &str, k: &CurveKeys| match secured {
         true => Node::builder(name).secure(k.clone()),
-        false => Node::builder(name),
+        false => Node::builder(name).insecure(),
     };
     let r1 = rust_node("rust-1", builder("rust-1", &k1), notes.clone()).await;
     let seed = match secured {

@@ -30,6 +30,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 async fn caller(seed: &str, policy: ServicePolicy) -> Arc<Node> {
     Arc::new(
         Node::builder("caller")
+            .insecure()
             .peer(seed)
             .service("echo", policy)
             .socket_options(test_opts())
@@ -326,6 +327,7 @@ async fn rolling_sigterm_restarts_fail_no_call() {
     init_tracing();
     let a = Arc::new(
         Node::builder("caller")
+            .insecure()
             .socket_options(test_opts())
             .start()
             .await

@@ -139,7 +139,19 @@ async fn an_outsider_a_plain_node_and_an_impostor_learn_nothing() {
     assert!(c.peers().is_empty(), "{:?}", c.peers());
     assert!(a2.peers().is_empty());
     // And a list without security is a mistake, refused at start.
-    assert!(Node::builder("x").allow(kb.public()).start().await.is_err());
+    assert!(Node::builder("x")
+        .insecure()
+        .allow(kb.public())
+        .start()
+        .await
+        .is_err());
+    // And no choice at all is refused too: security is never off by omission.
+    match Node::builder("x").start().await {
+        Err(peerwire::node::NodeError::Config(why)) => {
+            assert!(why.contains("no security chosen"), "{why}")
+        }
+        other => panic!("started without a choice: {:?}", other.map(|n| n.id())),
+    }
     for n in [a, a2, b, c, plain] {
         n.shutdown().await;
     }

@@ -55,7 +55,10 @@ pub async fn run(args: &NodeArgs) -> Result<()> {
     // A real node, so that peers that find us can also complete a HELLO with us. It does
     // not run mDNS itself: the doctor's own announcer below does, to see every sighting.
     let node = {
-        let mut b = Node::builder("peerwire-doctor").cluster(args.cluster.clone());
+        // Unsecured: it only answers HELLOs, to see who can reach it.
+        let mut b = Node::builder("peerwire-doctor")
+            .cluster(args.cluster.clone())
+            .insecure();
         if let Some(l) = args.listen {
             b = b.listen(l);
         } else if mdns_cfg.as_ref().is_some_and(|c| c.reaches_other_hosts()) {

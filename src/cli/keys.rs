@@ -113,9 +113,9 @@ pub(super) fn secure(args: &NodeArgs, mut b: NodeBuilder, create_key: bool) -> R
     };
     let Some(keys) = keys else {
         if !args.allow.is_empty() {
-            bail!("--allow needs a secured node (--key FILE or --secure)");
+            bail!("--allow needs a secured node (--key FILE, --secure or --cluster-secret)");
         }
-        return Ok(b);
+        return Ok(b.insecure());
     };
     match (keyless, secret) {
         (_, Some(secret)) => b = b.cluster_secret(secret),

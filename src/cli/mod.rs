@@ -312,13 +312,8 @@ pub async fn run_node(
             node.endpoint(),
             peerwire::transport::curve::encode_key(&k)
         ),
-        None => {
-            outln!("{}", node.endpoint());
-            errln!(
-                "warning: running without security (--insecure): anyone who can reach this \
-                 node's ports can call it, read its traffic and claim any node id"
-            );
-        }
+        // (Unsecured, the node has logged its warning as it started.)
+        None => outln!("{}", node.endpoint()),
     }
     errln!(
         "node {name} ({}) listening: router {} pub {}",

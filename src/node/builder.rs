@@ -61,6 +61,8 @@ pub struct NodeBuilder {
     allowed: HashSet<[u8; 32]>,
     /// The secret every member of the cluster holds (secured nodes).
     cluster_secret: Option<ClusterSecret>,
+    /// Running without security was chosen (see [`NodeBuilder::insecure`]).
+    insecure: bool,
     /// Keys of static peers' endpoints (secured nodes).
     peer_keys: Vec<(String, [u8; 32])>,
 }
@@ -93,6 +95,7 @@ impl NodeBuilder {
             security: None,
             allowed: HashSet::new(),
             cluster_secret: None,
+            insecure: false,
             peer_keys: Vec::new(),
         }
     }
@@ -282,6 +285,17 @@ impl NodeBuilder {
         self
     }
 
+    /// Runs the node without security (ZeroMQ's NULL mechanism): anyone who can reach
+    /// its ports can call it, read its traffic and claim any node id. Security is never
+    /// off by omission: [`start`](Self::start) refuses a node that is neither
+    /// [`secure`](Self::secure), given a [`cluster_secret`](Self::cluster_secret), nor
+    /// made insecure with this. A node that is secured as well ignores it. An insecure
+    /// node logs a warning when it starts (target `peerwire::insecure`).
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
     /// Makes membership of the cluster a matter of holding `secret` (see SECURITY.md):
     /// every member's accepting sockets prove a key pair derived from it, so that only
     /// a member can complete a handshake with another, either way: an outsider (or a
@@ -332,6 +346,22 @@ impl NodeBuilder {
             .iter()
             .map(|p| Endpoint::parse(p))
             .collect::<Result<Vec<Endpoint>, _>>()?;
+        if self.security.is_none() && self.cluster_secret.is_none() {
+            if !self.insecure {
+                return Err(NodeError::Config(
+                    "no security chosen: NodeBuilder::secure(keys) or cluster_secret(secret), \
+                     or insecure() to run without (anyone who reaches the node can then call \
+                     it, read its traffic and claim any node id)"
+                        .into(),
+                ));
+            }
+            tracing::warn!(
+                target: "peerwire::insecure",
+                node = %self.name.escape_debug(),
+                "running without security (NodeBuilder::insecure): anyone who can reach this \
+                 node's ports can call it, read its traffic and claim any node id"
+            );
+        }
         if let Some(secret) = &self.cluster_secret {
             let security = self.security.get_or_insert_with(|| Security {
                 keys: CurveKeys::generate(),

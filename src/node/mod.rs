@@ -7,14 +7,16 @@
 //! registry of typed handlers, and the tables of calls waiting for replies.
 //!
 //! ```
-//! use peerwire::{HandlerError, Node, Version};
+//! use peerwire::{ClusterSecret, HandlerError, Node, Version};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct CreateOrder { item: String, qty: u32 }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let orders = Node::builder("orders").start().await?;
+//! // Who may join: holders of this secret (or listed keys; or `insecure()`).
+//! let secret = ClusterSecret::generate();
+//! let orders = Node::builder("orders").cluster_secret(secret.clone()).start().await?;
 //! orders.handle("orders.create", Version::new(1, 0), |req: CreateOrder, _ctx| async move {
 //!     if req.qty == 0 {
 //!         return Err(HandlerError::new("invalid_qty", "quantity must be positive"));
@@ -22,7 +24,11 @@
 //!     Ok(format!("{} × {}", req.qty, req.item))
 //! });
 //!
-//! let client = Node::builder("client").peer(orders.endpoint()).start().await?;
+//! let client = Node::builder("client")
+//!     .cluster_secret(secret)
+//!     .peer(orders.endpoint())
+//!     .start()
+//!     .await?;
 //! client.wait_for_service("orders.create", 1, std::time::Duration::from_secs(5)).await;
 //! let reply: String = client
 //!     .request("orders.create", &CreateOrder { item: "book".into(), qty: 2 })

@@ -316,7 +316,9 @@ pub fn heap_bytes() -> usize {
 
 /// Starts a node called `name` on loopback with these static peers.
 pub async fn start_node(name: &str, peers: &[String]) -> peerwire::node::Node {
-    let mut b = peerwire::node::Node::builder(name).socket_options(test_opts());
+    let mut b = peerwire::node::Node::builder(name)
+        .insecure()
+        .socket_options(test_opts());
     for p in peers {
         b = b.peer(p.clone());
     }

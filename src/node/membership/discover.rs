@@ -390,12 +390,18 @@ mod tests {
         // first dealer's loop must be gone, not forget the second after `forget_after`.
         let forget = Duration::from_millis(200);
         let a = Node::builder("a")
+            .insecure()
             .forget_after(forget)
             .start()
             .await
             .unwrap();
         let mut presence = a.presence();
-        let b = Node::builder("b").peer(a.endpoint()).start().await.unwrap();
+        let b = Node::builder("b")
+            .insecure()
+            .peer(a.endpoint())
+            .start()
+            .await
+            .unwrap();
         let ep = b.endpoint();
         let connected = |n: &Node| {
             n.peers()
@@ -418,9 +424,9 @@ mod tests {
         // Two live replicas called "orders" both lose their connections (a network blip)
         // and one's HELLO comes back first: the other is not an earlier life of it,
         // since nothing has refused a connection at its endpoint.
-        let client = Node::builder("client").start().await.unwrap();
-        let a = Node::builder("orders").start().await.unwrap();
-        let b = Node::builder("orders").start().await.unwrap();
+        let client = Node::builder("client").insecure().start().await.unwrap();
+        let a = Node::builder("orders").insecure().start().await.unwrap();
+        let b = Node::builder("orders").insecure().start().await.unwrap();
         let mut presence = client.presence();
         client.add_peer(&a.endpoint()).unwrap();
         client.add_peer(&b.endpoint()).unwrap();
