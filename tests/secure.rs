@@ -379,3 +379,51 @@ async fn a_request_in_another_nodes_name_is_refused() {
     assert_eq!(r.header.kind, Kind::Reply);
     a.shutdown().await;
 }
+
+/// A member on the same address as B names B's ports as its own: while A's connection
+/// there proves B's key, that HELLO is a lie, refused and counted; A keeps B's key and
+/// keeps calling B.
+#[tokio::test]
+async fn a_member_cannot_claim_the_endpoints_of_another() {
+    init_tracing();
+    let (ka, kb, km) = (
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+        CurveKeys::generate(),
+    );
+    let a = echo_node(secured("a", &ka), "a.echo").await;
+    let b = echo_node(
+        secured("b", &kb).peer_with_key(a.endpoint(), ka.public()),
+        "b.echo",
+    )
+    .await;
+    wait_service(&a, "b.echo", 1).await;
+    let port = |e: String| addr_of(&e).port();
+    let d = Dealer::connect(
+        a.endpoint(),
+        test_opts().with_curve(Some(Curve::new(km.clone()).server_key(ka.public()))),
+    )
+    .unwrap();
+    let before = a.stats().hellos_refused;
+    let hello = codec::Hello {
+        node_id: Id::of_key(&km.public()),
+        name: "squatter".into(),
+        cluster: "default".into(),
+        host: "127.0.0.1".into(),
+        router_port: port(b.endpoint()),
+        pub_port: port(b.pub_endpoint()),
+        ..Default::default()
+    };
+    send_hello(&d, &hello).await;
+    wait_until("the squatter's HELLO refused", || {
+        a.stats().hellos_refused > before
+    })
+    .await;
+    let peers = a.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].id, b.id());
+    let r: Value = a.request("b.echo", &json!(1)).await.unwrap();
+    assert_eq!(r, json!(1));
+    a.shutdown().await;
+    b.shutdown().await;
+}

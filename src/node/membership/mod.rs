@@ -281,6 +281,19 @@ impl Membership {
         // another host's endpoints would otherwise make us expect its key there, and
         // cut us off from the node that really listens there).
         if let (Some(book), Some(key)) = (&self.given.keys, key) {
+            // Two nodes cannot listen on one port: while our connection there proves
+            // another key, a HELLO naming it is a member (on the same address) lying.
+            let serving = self.state.lock().table.link(&router_ep).and_then(|l| {
+                l.dealer
+                    .is_connected()
+                    .then(|| l.dealer.peer_key())
+                    .flatten()
+            });
+            if serving.is_some_and(|k| k != key) {
+                self.hellos_refused.fetch_add(1, Relaxed);
+                warn!(peer = ?hello.name, id = %hello.node_id, endpoint = %router_ep, "HELLO refused: it names an endpoint another key serves");
+                return;
+            }
             if source_ip.is_none_or(|ip| ip == host) {
                 book.learn(router_ep.clone(), key);
                 book.learn(pub_ep.clone(), key);
