@@ -212,3 +212,87 @@ async fn an_allow_list_narrows_the_cluster_both_ways() {
         n.shutdown().await;
     }
 }
+
+/// What a review found, each refused and counted: a HELLO-ACK whose id is not the key
+/// its connection proved (here, the dialler's own id, which would make it stop dialling
+/// that endpoint for good), a key the operator pinned for an endpoint where another
+/// member answers, and a member using the cluster's key as its own.
+#[tokio::test]
+async fn acks_pins_and_the_cluster_key_hold_in_a_cluster() {
+    use peerwire::codec::{self, Envelope, Header, Kind};
+    use peerwire::transport::Message;
+    init_tracing();
+    let raw = [9u8; 32];
+    let secret = ClusterSecret::from_bytes(raw);
+    // M: a member's ROUTER (it proves its own key) answering every HELLO with an ACK in
+    // the dialler's name.
+    let km = CurveKeys::generate();
+    let m = Router::bind(
+        "tcp://127.0.0.1:0",
+        test_opts().with_curve(Some(Curve::new(km.clone()).cluster(derived(raw)))),
+    )
+    .await
+    .unwrap();
+    let m_endpoint = ep(m.local_addr());
+    let forger = tokio::spawn(async move {
+        while let Ok((who, msg)) = m.recv().await {
+            let Ok(env) = Envelope::from_frames(msg.frames()) else {
+                continue;
+            };
+            if env.header.kind != Kind::Hello {
+                continue;
+            }
+            let victim: codec::Hello = codec::decode_payload(&env.payload).unwrap();
+            let mut h = Header::new(Kind::HelloAck, victim.node_id, "");
+            h.correlation_id = env.header.id;
+            let ack = Envelope {
+                header: h,
+                payload: codec::encode_payload(&victim).unwrap(),
+            };
+            let _ = m.send(&who, Message::from_frames(ack.to_frames())).await;
+        }
+    });
+    let v = member("v", &secret, &CurveKeys::generate())
+        .peer(m_endpoint.clone())
+        .start()
+        .await
+        .unwrap();
+    wait_until("the forged ACK refused", || v.stats().hellos_refused >= 1).await;
+    // V still takes that endpoint for someone else's (it would refuse it as its own).
+    v.add_peer(&m_endpoint).unwrap();
+    forger.abort();
+
+    // A pinned key is the key: a member that answers at A's endpoint with another one is
+    // refused (here, the key given is simply wrong).
+    let a = echo_node(member("a", &secret, &CurveKeys::generate()), "a.echo").await;
+    let pinned = member("pinned", &secret, &CurveKeys::generate())
+        .peer_with_key(a.endpoint(), CurveKeys::generate().public())
+        .start()
+        .await
+        .unwrap();
+    assert!(pinned.wait_settled(BOUND).await);
+    let unreachable = pinned.unreachable();
+    assert!(
+        unreachable
+            .iter()
+            .any(|(_, why)| why.contains("another key than the one expected")),
+        "{unreachable:?}"
+    );
+    assert!(pinned.peers().iter().all(|p| p.methods.is_empty()));
+
+    // The cluster's key as a member's own: refused by A, which learns nothing.
+    let before = violations(&a, "curve_crypto");
+    let shared = member("shared", &secret, &derived(raw))
+        .peer(a.endpoint())
+        .start()
+        .await
+        .unwrap();
+    wait_until("the cluster key refused as a member's", || {
+        violations(&a, "curve_crypto") > before
+    })
+    .await;
+    assert!(a.peers().iter().all(|p| p.id != shared.id()));
+    for n in [v, a, pinned, shared] {
+        n.shutdown().await;
+    }
+}

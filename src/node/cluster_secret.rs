@@ -71,9 +71,10 @@ impl ClusterSecret {
                 (k.trim() == "secret").then(|| v.trim().trim_matches('"'))
             })
             .ok_or_else(|| invalid(format!("{}: no `secret = \"…\"` line", path.display())))?;
-        let bytes =
-            decode_key(value).map_err(|e| invalid(format!("{}: secret: {e}", path.display())))?;
-        Ok(ClusterSecret::from_bytes(bytes))
+        let bytes = Zeroizing::new(
+            decode_key(value).map_err(|e| invalid(format!("{}: secret: {e}", path.display())))?,
+        );
+        Ok(ClusterSecret::from_bytes(*bytes))
     }
 
     /// Writes the secret to a new file, readable by its owner only (never overwriting
@@ -96,7 +97,8 @@ impl ClusterSecret {
         let mut h = sha2::Sha256::new();
         h.update(TAG);
         h.update(&self.0[..]);
-        CurveKeys::from_secret(h.finalize().into())
+        let derived = Zeroizing::new(<[u8; 32]>::from(h.finalize()));
+        CurveKeys::from_secret(*derived)
     }
 }
 

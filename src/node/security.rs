@@ -38,7 +38,7 @@ enum Origin {
 pub(super) type Allowed = Arc<HashSet<[u8; 32]>>;
 
 /// How a secured node authenticates (see [`NodeBuilder::secure`](super::NodeBuilder::secure)).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(super) struct Security {
     pub(super) keys: CurveKeys,
     /// Client keys let in, and the only servers dialled; `None`: any key.
@@ -126,9 +126,28 @@ impl KeyBook {
         }
     }
 
+    /// The key expected at `endpoint` if the operator gave it or a handshake proved it.
+    pub(super) fn pinned_key_of(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
+        match self.book.read().get(endpoint) {
+            Some((k, Origin::Given | Origin::Proven)) => Some(*k),
+            _ => None,
+        }
+    }
+
     /// The key expected at `endpoint`.
     pub(super) fn key_of(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
         self.book.read().get(endpoint).map(|(k, _)| *k)
+    }
+}
+
+impl std::fmt::Debug for Security {
+    // The cluster's public key is a secret too: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("keys", &self.keys)
+            .field("allowed", &self.allowed.as_ref().map(|a| a.len()))
+            .field("cluster", &self.cluster.is_some())
+            .finish()
     }
 }
 
@@ -160,8 +179,14 @@ impl Security {
     pub(super) fn client(&self, opts: SocketOptions, book: &Arc<KeyBook>) -> SocketOptions {
         if self.cluster.is_some() {
             // Every member serves with the cluster's key and proves its own in READY,
-            // where the allow list judges it as it judges clients.
-            return opts.with_curve(Some(self.curve()));
+            // where the allow list judges it as it judges clients, and where a key the
+            // operator gave or a handshake proved is expected (what others named is not:
+            // a member needs no key to dial).
+            let book = book.clone();
+            let curve = self
+                .curve()
+                .server_key_of(Arc::new(move |e| book.pinned_key_of(e)));
+            return opts.with_curve(Some(curve));
         }
         // With an allow list, only the keys it lists: nobody outside it can make us dial
         // it and hear our HELLO (our catalog, our peers).

@@ -127,7 +127,7 @@ impl Membership {
         // leaving, say) knows that we know when the ACK comes.
         let ours = hello.cluster == self.given.local.cluster;
         // Its id is checked above: learned as it is.
-        self.learn_checked(hello, source.map(|a| a.ip()), key);
+        self.learn(hello, source.map(|a| a.ip()), key);
         let ack = match ours {
             true => self.hello_message(Kind::HelloAck, header.id),
             false => self.wrong_cluster_ack(header.id),
@@ -219,6 +219,20 @@ impl Membership {
             return Ok(());
         }
         let hello: Hello = codec::decode_payload(payload)?;
+        // The key this DEALER's connection proved (not what the book says now). A secured
+        // node believes nothing of an ACK, not even that it is itself or of another
+        // cluster, unless its id is that key's.
+        let key = self
+            .state
+            .lock()
+            .table
+            .link(endpoint)
+            .and_then(|l| l.dealer.peer_key());
+        if !claims_its_own_id(self.is_secured(), hello.node_id, key) {
+            self.hellos_refused.fetch_add(1, Relaxed);
+            warn!(%endpoint, id = %hello.node_id, "HELLO-ACK refused: its node id is not the one its connection's key proves");
+            return Ok(());
+        }
         // If this acknowledges our leaving, that peer knows (see `leave`).
         self.leave_acknowledged(endpoint, header.correlation_id);
         if hello.node_id == self.given.local.id {
@@ -243,13 +257,6 @@ impl Membership {
                 .and_then(|l| l.dealer.peer_addr())
                 .map(|a| a.ip())
                 .or_else(|| endpoint.ip());
-            // The key this DEALER's connection proved (not what the book says now).
-            let key = self
-                .state
-                .lock()
-                .table
-                .link(endpoint)
-                .and_then(|l| l.dealer.peer_key());
             self.learn(hello, ip, key);
         }
         // Whoever it is, the endpoint answered on this link (see `PeerTable::settled`).

@@ -41,7 +41,7 @@ pub use presence::{PeerInfo, Presence, PresenceEvent};
 use super::balance::Balance;
 use super::calls::{far_instant_after, Calls, ConnId};
 use super::registry::Registry;
-use super::security::{claims_its_own_id, KeyBook};
+use super::security::KeyBook;
 use super::Lifecycle;
 use crate::codec::{Hello, Id, Version};
 use crate::discovery::{DnsSeed, Mdns};
@@ -234,23 +234,9 @@ impl Membership {
     }
 
     /// Records a peer from its HELLO (received on our ROUTER, or as a HELLO-ACK on a
-    /// DEALER), connecting to it if it is new, and follows its gossip.
+    /// DEALER), whose id was checked against its connection's key already
+    /// (`claims_its_own_id`), connecting to it if it is new, and follows its gossip.
     pub(super) fn learn(
-        self: &Arc<Self>,
-        hello: Hello,
-        source_ip: Option<IpAddr>,
-        key: Option<[u8; 32]>,
-    ) {
-        if !claims_its_own_id(self.is_secured(), hello.node_id, key) {
-            self.hellos_refused.fetch_add(1, Relaxed);
-            warn!(peer = ?hello.name, id = %hello.node_id, "HELLO refused: its node id is not the one its key proves");
-            return;
-        }
-        self.learn_checked(hello, source_ip, key)
-    }
-
-    /// [`learn`](Self::learn) for a HELLO whose id was checked against its key already.
-    pub(super) fn learn_checked(
         self: &Arc<Self>,
         mut hello: Hello,
         source_ip: Option<IpAddr>,

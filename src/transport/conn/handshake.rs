@@ -208,6 +208,17 @@ async fn curve_client(
             "a cluster server that does not prove its own key",
         ))?;
         let node = session.accept_node_proof(&proof)?;
+        if curve.is_cluster_key(&node) {
+            return Err(
+                ProtocolViolation::CurveCrypto("a member proving the cluster's key").into(),
+            );
+        }
+        if curve.node_key_for(endpoint).is_some_and(|k| k != node) {
+            return Err(ProtocolViolation::CurveCrypto(
+                "the server proved another key than the one expected there",
+            )
+            .into());
+        }
         if !curve.allows(&node) {
             return Err(ProtocolViolation::NotAuthorized.into());
         }
@@ -234,6 +245,9 @@ async fn curve_server(
     let welcome = hs.hello(&read_command(stream, &mut dec, &mut rbuf).await?)?;
     write_command(stream, &welcome).await?;
     let (client, metadata) = hs.initiate(&read_command(stream, &mut dec, &mut rbuf).await?)?;
+    if curve.is_cluster_key(&client) {
+        return Err(ProtocolViolation::CurveCrypto("a member proving the cluster's key").into());
+    }
     if !curve.allows(&client) {
         return Err(ProtocolViolation::NotAuthorized.into());
     }

@@ -199,7 +199,12 @@ impl Curve {
     /// - dialling, it expects `cluster`'s public key at every endpoint (no per-endpoint
     ///   key is needed) and refuses a server that does not prove its own key in READY;
     ///   [`peer_key`](CurveSession::peer_key) is then that key, judged by
-    ///   [`authorize`](Self::authorize) as a client's is.
+    ///   [`authorize`](Self::authorize) as a client's is, and
+    ///   [`server_key_of`](Self::server_key_of) names the key a server at an endpoint
+    ///   must prove as its own (`None`: any member).
+    ///
+    /// Nobody may use the cluster's key as its own (a key every member holds proves
+    /// nobody in particular): a client or server that does is refused.
     ///
     /// The cluster's public key is a secret too: knowing it is what proves membership
     /// (it never crosses the wire in clear; CURVE only ever sends it inside a box).
@@ -249,6 +254,18 @@ impl Curve {
         }
         self.server_key.as_ref().and_then(|f| f(endpoint))
     }
+
+    /// In a cluster, the key the server at `endpoint` must prove as its own, if one is
+    /// expected there.
+    pub(crate) fn node_key_for(&self, endpoint: &Endpoint) -> Option<[u8; 32]> {
+        self.cluster.as_ref()?;
+        self.server_key.as_ref().and_then(|f| f(endpoint))
+    }
+
+    /// Whether `key` is the cluster's (which nobody may use as its own).
+    pub(crate) fn is_cluster_key(&self, key: &[u8; 32]) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.public() == *key)
+    }
 }
 
 fn nonce(prefix: &[u8], rest: &[u8]) -> GenericArray<u8, crypto_box::aead::consts::U24> {
@@ -293,8 +310,10 @@ pub struct CurveSession {
 }
 
 impl fmt::Debug for CurveSession {
+    // (Not the peer key: until a cluster server's proof is accepted, it is the
+    // cluster's, which is a secret.)
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CurveSession(peer {})", encode_key(&self.peer_key))
+        f.write_str("CurveSession(..)")
     }
 }
 
