@@ -145,7 +145,15 @@ enum Command {
         #[command(flatten)]
         net: cli::NodeArgs,
     },
-    /// CURVE key pairs: create one (`keys new NAME`), show a public key (`keys show FILE`).
+    /// Latency and throughput between two processes: `bench serve` on one side, `bench
+    /// run --peer ENDPOINT` on the other (request/reply, notifications, pub/sub, gather,
+    /// and a raw TCP baseline between the same two processes).
+    Bench {
+        #[command(subcommand)]
+        what: cli::bench::BenchCommand,
+    },
+    /// CURVE key pairs: create one (`keys new NAME`), show a public key (`keys show FILE`),
+    /// make a cluster secret (`keys secret FILE`).
     Keys {
         #[command(subcommand)]
         what: cli::keys::KeysCommand,
@@ -219,7 +227,10 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
     // on every call (`peerwire node` does say it, once, as it starts).
     let default_filter = match cli.command {
         Command::Demo => "error",
-        Command::Node { .. } => "warn",
+        Command::Node { .. }
+        | Command::Bench {
+            what: cli::bench::BenchCommand::Serve { .. },
+        } => "warn",
         _ => "warn,peerwire::insecure=error",
     };
     {
@@ -248,6 +259,7 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
         } => probe(&endpoint, as_type, Duration::from_millis(timeout_ms)).await,
         Command::ZmtpEcho { bind } => echo(&bind).await,
         Command::Keys { what } => cli::keys::run(&what),
+        Command::Bench { what } => cli::bench::run(what).await,
         Command::Demo => cli::demo::run(demo_net.unwrap_or(Err("not the demo".into()))).await,
         Command::Node {
             name,

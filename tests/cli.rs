@@ -715,3 +715,100 @@ fn members_holding_the_cluster_secret_call_each_other_and_nobody_else_can() {
     assert!(!other.status.success(), "another cluster was answered");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `peerwire bench` on loopback, secured (the CURVE path is what users run): JSON that
+/// parses with every series beside the raw TCP baseline, and a plot.
+#[test]
+fn bench_measures_each_style_beside_raw_tcp_and_plots_it() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut responder = peerwire_cmd()
+        .args(["bench", "serve", "--secure"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the responder");
+    let mut endpoint = String::new();
+    std::io::BufReader::new(responder.stdout.take().unwrap())
+        .read_line(&mut endpoint)
+        .unwrap();
+    let endpoint = endpoint.trim().to_string();
+    assert!(
+        endpoint.contains('#'),
+        "a secured responder's line: {endpoint}"
+    );
+    let svg = std::env::temp_dir().join(format!("pw-bench-{}.svg", std::process::id()));
+    let out = peerwire(&[
+        "bench",
+        "run",
+        "--peer",
+        &endpoint,
+        "--count",
+        "200",
+        "--warmup",
+        "20",
+        "--sizes",
+        "64,4096",
+        "--rate",
+        "2000",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let _ = responder.kill();
+    let _ = responder.wait();
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&out)).expect("bench --json parses");
+    assert_eq!(v["plan"]["rate"], 2000.0);
+    let styles: Vec<&str> = v["latency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["style"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        styles,
+        ["tcp", "request", "gather", "tcp", "request", "gather"]
+    );
+    for l in v["latency"].as_array().unwrap() {
+        assert_eq!(l["count"], 200, "{l}");
+        assert!(l["p50_us"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["p50_vs_tcp"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert_eq!(v["throughput"].as_array().unwrap().len(), 4, "{v}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("request 64 B"),
+        "{plot:.200}"
+    );
+    std::fs::remove_file(&svg).unwrap();
+}
+
+#[test]
+fn bench_without_a_responder_says_how_to_start_one() {
+    let out = peerwire(&[
+        "bench",
+        "run",
+        "--peer",
+        "tcp://127.0.0.1:9",
+        "--wait",
+        "500",
+    ]);
+    assert!(!out.status.success());
+    // Which peer could not be reached, then what to do.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert!(lines[0].contains("Connection refused"), "{err}");
+    assert!(
+        lines.len() == 2 && lines[1].contains("start `peerwire bench serve`"),
+        "{err}"
+    );
+    let err = one_line_error(&peerwire(&[
+        "bench",
+        "run",
+        "--sizes",
+        "0",
+        "--peer",
+        "tcp://127.0.0.1:9",
+    ]));
+    assert!(err.contains("--sizes"), "{err}");
+}

@@ -281,3 +281,90 @@ fn dns_names_and_static_seeds_work_without_mdns() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `peerwire bench` between two hosts: every style measured, figures that make sense,
+/// JSON that parses; then a responder killed mid-run stops the measuring side with a
+/// clear error instead of a hang.
+#[test]
+fn bench_between_two_hosts() {
+    let Some(lan) = lan_or_skip(2) else { return };
+    let (addr, mine) = (lan.addr(0), lan.addr(1));
+    let serve = ["bench", "serve", "--mdns", "off", "--listen", &addr];
+    let (responder, mut out, _err) = lan.spawn(0, &serve, &[]);
+    let endpoint = out.wait_for("the responder's endpoint", JOIN, |l| {
+        l.starts_with("tcp://")
+    });
+    let run = lan.run(
+        1,
+        &[
+            "bench", "run", "--mdns", "off", "--listen", &mine, "--peer", &endpoint, "--count",
+            "300", "--warmup", "30", "--sizes", "64,16384", "--json",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: Value = serde_json::from_slice(&run.stdout).expect("bench --json parses");
+    let latency = v["latency"].as_array().unwrap();
+    assert_eq!(latency.len(), 6, "tcp, request, gather at two sizes: {v}");
+    for l in latency {
+        let q = |k: &str| l[k].as_f64().unwrap();
+        assert_eq!(l["count"], 300, "{l}");
+        assert!(q("p50_us") > 0.0 && q("p50_us") <= q("p90_us"), "{l}");
+        assert!(
+            q("p90_us") <= q("p99_us") && q("p99_us") <= q("p999_us"),
+            "{l}"
+        );
+        assert!(q("p999_us") <= q("max_us") && q("msgs_per_s") > 0.0, "{l}");
+        // Every series beside the raw TCP ping-pong between the same two hosts.
+        assert!(q("p50_vs_tcp") > 0.0, "{l}");
+    }
+    let throughput = v["throughput"].as_array().unwrap();
+    assert_eq!(throughput.len(), 4, "notify and pubsub at two sizes: {v}");
+    for t in throughput {
+        assert_eq!(t["sent"], 300, "{t}");
+        let (received, lost) = (t["received"].as_u64().unwrap(), t["lost"].as_u64().unwrap());
+        assert_eq!(received + lost, 300, "{t}");
+        assert_eq!(t["receiver"], "bench-responder");
+    }
+    // A notification is never lost on a healthy link (each waits for room to be sent).
+    assert!(throughput
+        .iter()
+        .filter(|t| t["style"] == "notify")
+        .all(|t| t["lost"] == 0));
+
+    // Killed mid-run: the measuring side says so and stops.
+    let (_run, _out, mut err) = lan.spawn(
+        1,
+        &[
+            "bench",
+            "run",
+            "--mdns",
+            "off",
+            "--listen",
+            &mine,
+            "--peer",
+            &endpoint,
+            "--styles",
+            "request",
+            "--sizes",
+            "64",
+            "--count",
+            "100000000",
+            "--timeout-ms",
+            "1000",
+        ],
+        &[],
+    );
+    err.wait_for("measuring", JOIN, |l| l.contains("measuring request"));
+    let killed = Instant::now();
+    lan.signal(responder, libc::SIGKILL);
+    let why = err.wait_for("the run's error", JOIN, |l| l.starts_with("error:"));
+    assert!(why.contains("stopped answering"), "{why}");
+    println!(
+        "the measuring side stopped {:?} after the responder died",
+        killed.elapsed()
+    );
+}

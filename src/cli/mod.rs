@@ -1,5 +1,6 @@
 //! The `peerwire` command's subcommands. JSON at the edge, MessagePack on the wire.
 
+pub mod bench;
 pub mod call;
 pub mod demo;
 mod demo_resilience;
