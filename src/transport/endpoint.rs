@@ -1,9 +1,11 @@
 //! Endpoints: where a socket binds or connects, parsed once.
 //!
-//! An [`Endpoint`] is a TCP host and port. It is parsed from `tcp://host:port` (or bare
-//! `host:port`) when a socket is given one, and rendered back as `tcp://host:port` for
-//! people and for other nodes. Nothing else in the transport formats or parses endpoint
-//! strings; sockets connect to `(host, port)` so host names are resolved at each attempt.
+//! An [`Endpoint`] is a TCP host and port, or (`ipc://`) the path of a Unix domain
+//! socket, as libzmq's ipc transport names one. It is parsed from `tcp://host:port` (or
+//! bare `host:port`) or `ipc://path` when a socket is given one, and rendered back the
+//! same way for people and for other nodes. Nothing else in the transport formats or
+//! parses endpoint strings; sockets connect to `(host, port)` so host names are resolved
+//! at each attempt.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -11,8 +13,12 @@ use std::str::FromStr;
 
 use super::error::TransportError;
 
-/// The only scheme the transport speaks.
+/// The TCP scheme.
 const SCHEME: &str = "tcp://";
+/// The Unix domain socket scheme (libzmq's ipc transport).
+const IPC: &str = "ipc://";
+/// The longest socket path Linux takes (`sun_path` is 108 bytes, NUL included).
+const MAX_IPC_PATH: usize = 107;
 
 /// A TCP endpoint: a host (an IP literal or a DNS name) and a port.
 ///
@@ -29,25 +35,43 @@ const SCHEME: &str = "tcp://";
 /// assert_eq!(ep.to_string(), "tcp://[::1]:5555");
 /// assert_eq!(ep, "tcp://[::1]:5555");
 /// assert_eq!(Endpoint::parse("localhost:80").unwrap(), "tcp://localhost:80");
-/// assert!(Endpoint::parse("ipc:///tmp/sock").is_err());
+/// let ipc = Endpoint::parse("ipc:///tmp/node.sock").unwrap();
+/// assert_eq!(ipc.ipc_path(), Some(std::path::Path::new("/tmp/node.sock")));
+/// assert_eq!(ipc.to_string(), "ipc:///tmp/node.sock");
+/// assert!(Endpoint::parse("inproc://x").is_err());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    /// An IP literal in its canonical form (IPv6 without brackets), or a DNS name as given.
+    /// An IP literal in its canonical form (IPv6 without brackets), or a DNS name as
+    /// given; empty for an ipc endpoint.
     host: String,
     port: u16,
+    /// The socket path of an ipc endpoint.
+    path: Option<Box<str>>,
 }
 
 impl Endpoint {
-    /// Parses `tcp://host:port` or `host:port`. An IPv6 host must be in brackets
-    /// (`[::1]:80`); IP literals are kept in their canonical form. Other schemes, a
-    /// missing or invalid port and an empty host are refused with
+    /// Parses `tcp://host:port`, `host:port` or `ipc://path`. An IPv6 host must be in
+    /// brackets (`[::1]:80`); IP literals are kept in their canonical form. Other schemes,
+    /// a missing or invalid port, an empty host, and an empty, over-long (107 bytes on
+    /// Linux) or abstract (`@name`) socket path are refused with
     /// [`TransportError::InvalidEndpoint`].
     pub fn parse(s: &str) -> Result<Endpoint, TransportError> {
         Self::parse_parts(s).ok_or_else(|| TransportError::InvalidEndpoint(s.to_string()))
     }
 
     fn parse_parts(s: &str) -> Option<Endpoint> {
+        if let Some(path) = s.strip_prefix(IPC) {
+            let ok = !path.is_empty()
+                && path.len() <= MAX_IPC_PATH
+                && !path.starts_with('@')
+                && !path.contains('\0');
+            return ok.then(|| Endpoint {
+                host: String::new(),
+                port: 0,
+                path: Some(path.into()),
+            });
+        }
         let rest = match s.split_once("://") {
             Some(("tcp", rest)) => rest,
             Some(_) => return None,
@@ -81,6 +105,7 @@ impl Endpoint {
         Some(Endpoint {
             host,
             port: port.parse().ok()?,
+            path: None,
         })
     }
 
@@ -89,15 +114,21 @@ impl Endpoint {
         Endpoint {
             host: addr.ip().to_string(),
             port: addr.port(),
+            path: None,
         }
     }
 
-    /// The host: an IP literal (IPv6 without brackets) or a DNS name.
+    /// The socket path of an `ipc://` endpoint (`None` for TCP).
+    pub fn ipc_path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref().map(std::path::Path::new)
+    }
+
+    /// The host: an IP literal (IPv6 without brackets) or a DNS name (empty for ipc).
     pub fn host(&self) -> &str {
         &self.host
     }
 
-    /// The port.
+    /// The port (0 for ipc).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -112,11 +143,15 @@ impl Endpoint {
         self.ip().map(|ip| SocketAddr::new(ip, self.port))
     }
 
-    /// The same host with another port.
+    /// The same host with another port (an ipc endpoint is returned as it is).
     pub fn with_port(&self, port: u16) -> Endpoint {
+        if self.path.is_some() {
+            return self.clone();
+        }
         Endpoint {
             host: self.host.clone(),
             port,
+            path: None,
         }
     }
 
@@ -127,6 +162,9 @@ impl Endpoint {
 
     /// Whether `s` is exactly this endpoint's display form, without building it.
     fn is_display_form(&self, s: &str) -> bool {
+        if let Some(path) = &self.path {
+            return s.strip_prefix(IPC) == Some(&**path);
+        }
         let Some(rest) = s.strip_prefix(SCHEME) else {
             return false;
         };
@@ -148,6 +186,9 @@ impl Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(path) = &self.path {
+            return write!(f, "{IPC}{path}");
+        }
         if self.bracketed() {
             write!(f, "{SCHEME}[{}]:{}", self.host, self.port)
         } else {
@@ -297,7 +338,9 @@ mod tests {
         for s in [
             "",
             "tcp://",
-            "ipc:///tmp/x",
+            "inproc://x",
+            "ipc://",
+            "ipc://@abstract",
             "udp://127.0.0.1:5",
             "tcp://host",
             "tcp://:80",
@@ -357,6 +400,11 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(json, "\"tcp://[::1]:5\"");
         assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), e);
-        assert!(serde_json::from_str::<Endpoint>("\"ipc://x\"").is_err());
+        assert!(serde_json::from_str::<Endpoint>("\"inproc://x\"").is_err());
+        let ipc = ep("ipc:///run/x.sock");
+        let json = serde_json::to_string(&ipc).unwrap();
+        assert_eq!(json, "\"ipc:///run/x.sock\"");
+        assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), ipc);
+        assert_eq!((ipc.host(), ipc.port(), ipc.ip()), ("", 0, None));
     }
 }

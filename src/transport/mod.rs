@@ -248,12 +248,7 @@ impl SocketType {
     }
 }
 
-/// Binds a TCP listener for `endpoint`.
-pub(crate) async fn bind(endpoint: &Endpoint) -> Result<tokio::net::TcpListener, TransportError> {
-    tokio::net::TcpListener::bind((endpoint.host(), endpoint.port()))
-        .await
-        .map_err(|source| TransportError::Bind {
-            addr: endpoint.to_string(),
-            source,
-        })
+/// Binds a listener (TCP, or a Unix domain socket for `ipc://`) for `endpoint`.
+pub(crate) async fn bind(endpoint: &Endpoint) -> Result<conn::io::Listener, TransportError> {
+    conn::io::Listener::bind(endpoint).await
 }

@@ -2,6 +2,8 @@
 //! first frame. A slow subscriber loses messages (counted for it) and never stalls others.
 
 use std::net::SocketAddr;
+
+use super::Endpoint;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -94,6 +96,7 @@ pub struct Publisher {
     core: SocketCore,
     role: Arc<PubRole>,
     local_addr: SocketAddr,
+    local_endpoint: Endpoint,
 }
 
 impl Publisher {
@@ -105,6 +108,7 @@ impl Publisher {
     ) -> Result<Publisher, TransportError> {
         let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
+        let local_endpoint = listener.local_endpoint()?;
         let shared = Shared::new(opts, SocketType::Pub);
         let core = SocketCore::new(shared.clone(), None);
         let role = Arc::new(PubRole {
@@ -117,12 +121,20 @@ impl Publisher {
             role,
             core,
             local_addr,
+            local_endpoint,
         })
     }
 
-    /// The address the listener is bound to.
+    /// The address the listener is bound to (for an `ipc://` socket, which has none,
+    /// 127.0.0.1 port 0: see [`local_endpoint`](Self::local_endpoint)).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The endpoint the listener is bound to (a port chosen by the system filled in), as
+    /// a peer would connect to it.
+    pub fn local_endpoint(&self) -> Endpoint {
+        self.local_endpoint.clone()
     }
 
     /// Queues `msg` for every subscriber whose filter matches its first frame. Never

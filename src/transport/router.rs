@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+use super::Endpoint;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -129,6 +131,7 @@ pub struct Router {
     core: SocketCore,
     role: Arc<RouterRole>,
     local_addr: SocketAddr,
+    local_endpoint: Endpoint,
 }
 
 impl Router {
@@ -160,6 +163,7 @@ impl Router {
     ) -> Result<Router, TransportError> {
         let listener = bind(&endpoint.into_endpoint()?).await?;
         let local_addr = listener.local_addr()?;
+        let local_endpoint = listener.local_endpoint()?;
         let inbound = Inbox::new(opts.recv_queue_messages, opts.recv_queue_bytes);
         let shared = Shared::new(opts, SocketType::Router);
         let core = SocketCore::new(shared.clone(), Some(Incoming::Inbox(inbound.clone())));
@@ -176,12 +180,20 @@ impl Router {
             role,
             core,
             local_addr,
+            local_endpoint,
         })
     }
 
-    /// The address the listener is bound to.
+    /// The address the listener is bound to (for an `ipc://` socket, which has none,
+    /// 127.0.0.1 port 0: see [`local_endpoint`](Self::local_endpoint)).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The endpoint the listener is bound to (a port chosen by the system filled in), as
+    /// a peer would connect to it.
+    pub fn local_endpoint(&self) -> Endpoint {
+        self.local_endpoint.clone()
     }
 
     /// Whether no received message is waiting for [`Router::recv`].

@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::warn;
 
@@ -53,12 +53,12 @@ pub(super) struct Handshaken {
 }
 
 /// The handshake of a connection we accepted (`dialled: None`) or dialled.
-pub(super) async fn handshake(
-    stream: &mut TcpStream,
+pub(super) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: SocketAddr,
     shared: &Shared,
     dialled: Option<&Endpoint>,
 ) -> Result<Handshaken, CloseReason> {
-    let addr = stream.peer_addr()?;
     let curve = shared.opts.curve.as_ref();
     let ours: &[u8] = if curve.is_some() {
         MECHANISM_CURVE
@@ -150,8 +150,8 @@ fn our_metadata(shared: &Shared) -> Vec<(String, Bytes)> {
 }
 
 /// Reads the next handshake command's body (CURVE's commands are not ZMTP's own).
-async fn read_command(
-    stream: &mut TcpStream,
+async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     dec: &mut Decoder,
     rbuf: &mut BytesMut,
 ) -> Result<Bytes, CloseReason> {
@@ -166,7 +166,10 @@ async fn read_command(
     }
 }
 
-async fn write_command(stream: &mut TcpStream, body: &[u8]) -> Result<(), CloseReason> {
+async fn write_command<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    body: &[u8],
+) -> Result<(), CloseReason> {
     let mut out = BytesMut::with_capacity(9 + body.len());
     encode_frame_header(&mut out, FLAG_COMMAND, body.len());
     out.put_slice(body);
@@ -181,8 +184,8 @@ fn metadata_bytes(shared: &Shared) -> BytesMut {
 }
 
 /// CURVE as the client: HELLO, WELCOME, INITIATE, READY.
-async fn curve_client(
-    stream: &mut TcpStream,
+async fn curve_client<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     shared: &Shared,
     curve: &Curve,
     endpoint: &Endpoint,
@@ -233,8 +236,8 @@ async fn curve_client(
 
 /// CURVE as the server: HELLO, WELCOME, INITIATE, then READY if the client's key is
 /// accepted (an ERROR, in clear, if not).
-async fn curve_server(
-    stream: &mut TcpStream,
+async fn curve_server<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     shared: &Shared,
     curve: &Curve,
     addr: SocketAddr,
@@ -269,8 +272,8 @@ async fn curve_server(
 }
 
 /// Reads the peer's READY (the NULL mechanism) and checks its properties.
-async fn ready_exchange(
-    stream: &mut TcpStream,
+async fn ready_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     shared: &Shared,
     addr: SocketAddr,
     minor: u8,

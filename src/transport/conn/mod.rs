@@ -17,6 +17,7 @@
 //! this module or its children holds a lock across an `.await`.
 
 mod handshake;
+pub(crate) mod io;
 mod run;
 mod spawn;
 mod subscriptions;
@@ -33,7 +34,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -410,18 +410,17 @@ impl Shared {
 
 /// Runs one connection from handshake to close, reporting events and counters.
 /// Returns whether the handshake completed.
-pub(crate) async fn serve(
-    mut stream: TcpStream,
+pub(crate) async fn serve<S: io::Stream>(
+    mut stream: S,
     addr: SocketAddr,
     shared: &Arc<Shared>,
     role: &dyn Role,
     admitted: Option<&mut spawn::Admitted>,
     dialled: Option<&Endpoint>,
 ) -> bool {
-    let _ = stream.set_nodelay(true);
     let hs = tokio::select! {
         _ = shared.cancel.cancelled() => Err(CloseReason::Shutdown),
-        r = timeout(shared.opts.handshake_timeout, handshake(&mut stream, shared, dialled)) => {
+        r = timeout(shared.opts.handshake_timeout, handshake(&mut stream, addr, shared, dialled)) => {
             r.unwrap_or(Err(ProtocolViolation::HandshakeTimeout.into()))
         }
     };

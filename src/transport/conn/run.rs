@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -28,8 +27,8 @@ use super::{Attached, Inbound, Meter, PeerInfo, Shared, Sink, READ_MIN};
 const READ_AHEAD_MAX: usize = 256 * 1024;
 
 /// The connection loop after the handshake. Returns why it ended.
-pub(super) async fn run(
-    mut stream: TcpStream,
+pub(super) async fn run<S: super::io::Stream>(
+    mut stream: S,
     mut rbuf: BytesMut,
     peer: &PeerInfo,
     shared: &Shared,
@@ -38,7 +37,7 @@ pub(super) async fn run(
     curve: Option<CurveSession>,
 ) -> CloseReason {
     let opts = &shared.opts;
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = stream.halves();
     let (sealer, mut reader, mut dec) = match curve {
         None => (None, None, Decoder::new(opts.decode_limits())),
         Some(session) => {

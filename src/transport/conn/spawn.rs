@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -23,6 +22,7 @@ use tracing::{debug, warn};
 use crate::transport::events::SocketEvent;
 use crate::transport::Endpoint;
 
+use super::io::{Connected, Listener};
 use super::{serve, Role, Shared};
 
 /// The connections of one listener by source address: (live, still in the handshake).
@@ -104,7 +104,7 @@ impl RefusalLog {
 /// Accepts connections until the socket is cancelled, each served by its own task,
 /// within the limits in total, per source address, and per source address still in the
 /// handshake.
-pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: Arc<dyn Role>) {
+pub(crate) fn spawn_listener(listener: Listener, shared: Arc<Shared>, role: Arc<dyn Role>) {
     let tracker = shared.tracker.clone();
     tracker.spawn(async move {
         let live = Arc::new(AtomicUsize::new(0));
@@ -116,7 +116,7 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
         loop {
             let accepted = tokio::select! {
                 _ = shared.cancel.cancelled() => break,
-                r = listener.accept() => r,
+                r = Connected::accept(&listener) => r,
             };
             let (stream, addr) = match accepted {
                 Ok(a) => a,
@@ -162,7 +162,7 @@ pub(crate) fn spawn_listener(listener: TcpListener, shared: Arc<Shared>, role: A
             shared.stats.accepted.fetch_add(1, Relaxed);
             let (shared2, role2) = (shared.clone(), role.clone());
             shared.tracker.spawn(async move {
-                serve(stream, addr, &shared2, &*role2, Some(&mut admitted), None).await;
+                serve_either(stream, addr, &shared2, &*role2, Some(&mut admitted), None).await;
                 drop(admitted);
             });
         }
@@ -184,11 +184,7 @@ pub(crate) fn spawn_connector(
         let opts = &shared.opts;
         let mut delay = opts.reconnect_initial;
         loop {
-            let attempt = async {
-                let stream = TcpStream::connect((endpoint.host(), endpoint.port())).await?;
-                let addr = stream.peer_addr()?;
-                Ok::<_, std::io::Error>((stream, addr))
-            };
+            let attempt = Connected::connect(&endpoint);
             let res = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = timeout(opts.handshake_timeout, attempt) => r,
@@ -196,7 +192,7 @@ pub(crate) fn spawn_connector(
             match res {
                 Ok(Ok((stream, addr))) => {
                     shared.stats.accepted.fetch_add(1, Relaxed);
-                    if serve(stream, addr, &shared, &*role, None, Some(&endpoint)).await {
+                    if serve_either(stream, addr, &shared, &*role, None, Some(&endpoint)).await {
                         delay = opts.reconnect_initial;
                     }
                 }
@@ -226,4 +222,24 @@ pub(crate) fn spawn_connector(
             delay = (delay * 2).min(opts.reconnect_max);
         }
     });
+}
+
+/// [`serve`] for a connection of either kind (each kind's handshake and loop are their
+/// own code: see `io`).
+async fn serve_either(
+    conn: Connected,
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+    role: &dyn Role,
+    admitted: Option<&mut Admitted>,
+    dialled: Option<&Endpoint>,
+) -> bool {
+    match conn {
+        Connected::Tcp(stream) => {
+            // Small messages go out at once (ZeroMQ does the same).
+            let _ = stream.set_nodelay(true);
+            serve(stream, addr, shared, role, admitted, dialled).await
+        }
+        Connected::Ipc(stream) => serve(stream, addr, shared, role, admitted, dialled).await,
+    }
 }

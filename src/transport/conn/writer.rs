@@ -10,9 +10,9 @@ use std::io::IoSlice;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use super::io::WriteHalf;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::WriteHalf;
 use tokio::time::timeout;
 
 use crate::transport::curve::CurveSealer;
@@ -178,7 +178,7 @@ fn io_slices<'a>(chunks: &'a VecDeque<Bytes>, slices: &mut [IoSlice<'a>; MAX_IOV
 }
 
 pub(super) fn try_write_chunks(
-    wr: &WriteHalf<'_>,
+    wr: &impl WriteHalf,
     chunks: &VecDeque<Bytes>,
 ) -> std::io::Result<usize> {
     let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -190,8 +190,8 @@ pub(super) fn try_write_chunks(
     Ok(w)
 }
 
-pub(super) async fn write_chunks(
-    wr: &mut WriteHalf<'_>,
+pub(super) async fn write_chunks<W: WriteHalf + Unpin>(
+    wr: &mut W,
     chunks: &VecDeque<Bytes>,
 ) -> std::io::Result<usize> {
     let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -204,8 +204,8 @@ pub(super) async fn write_chunks(
 }
 
 /// On close, keeps writing what is already queued for at most `linger`.
-pub(super) async fn linger(
-    wr: &mut WriteHalf<'_>,
+pub(super) async fn linger<W: WriteHalf + Unpin>(
+    wr: &mut W,
     w: &mut Writer,
     att: &Attached,
     linger: Duration,

@@ -1,0 +1,169 @@
+//! The byte streams a connection runs on: TCP, or a Unix domain socket (`ipc://`, as
+//! libzmq's ipc transport: the same ZMTP bytes over a stream socket). The handshake and
+//! the connection's loop are generic over [`Stream`], so each is compiled once per kind
+//! of stream and neither pays for the other.
+//!
+//! This module owns only that seam and the listener of either kind; it never reads or
+//! writes a byte itself.
+
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::transport::error::TransportError;
+use crate::transport::Endpoint;
+
+/// The address a peer over ipc is accounted under (per-address limits, stats, events):
+/// it is a process on this host.
+pub(crate) const IPC_PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+/// A connected stream, split into borrowed halves for the connection's loop.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The reading half.
+    type Read<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    /// The writing half.
+    type Write<'a>: WriteHalf + Unpin + Send
+    where
+        Self: 'a;
+    /// Both halves, borrowed.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+/// What the connection's writer needs of a writing half besides `AsyncWrite`: a write
+/// attempted without waiting (the fast path when the socket has room).
+pub(crate) trait WriteHalf: AsyncWrite {
+    /// Writes what the socket takes now, or `WouldBlock`.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl Stream for TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl WriteHalf for tokio::net::tcp::WriteHalf<'_> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::tcp::WriteHalf::try_write_vectored(self, bufs)
+    }
+}
+
+impl Stream for UnixStream {
+    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl WriteHalf for tokio::net::unix::WriteHalf<'_> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::unix::WriteHalf::try_write_vectored(self, bufs)
+    }
+}
+
+/// A bound listener of either kind. An ipc listener removes its socket file when
+/// dropped (as libzmq does when its socket closes).
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Ipc(UnixListener, PathBuf),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Ipc(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Listener {
+    /// Binds `endpoint`. An ipc path whose socket file is left from a process that died
+    /// (nobody accepts on it) is taken over; one where a socket still listens is
+    /// refused (address in use).
+    pub(crate) async fn bind(endpoint: &Endpoint) -> Result<Listener, TransportError> {
+        let failed = |source| TransportError::Bind {
+            addr: endpoint.to_string(),
+            source,
+        };
+        let Some(path) = endpoint.ipc_path() else {
+            return TcpListener::bind((endpoint.host(), endpoint.port()))
+                .await
+                .map(Listener::Tcp)
+                .map_err(failed);
+        };
+        match UnixListener::bind(path) {
+            Ok(l) => Ok(Listener::Ipc(l, path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && stale(path).await => {
+                std::fs::remove_file(path).map_err(failed)?;
+                UnixListener::bind(path)
+                    .map(|l| Listener::Ipc(l, path.to_path_buf()))
+                    .map_err(failed)
+            }
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// The bound address (for ipc, [`IPC_PEER`]: it has none).
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Ipc(..) => Ok(IPC_PEER),
+        }
+    }
+
+    /// The bound endpoint (a TCP port chosen by the system filled in).
+    pub(crate) fn local_endpoint(&self) -> io::Result<Endpoint> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(Endpoint::from_addr),
+            Listener::Ipc(_, path) => Endpoint::parse(&format!("ipc://{}", path.display()))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string())),
+        }
+    }
+}
+
+/// Whether a socket file is left over: something is there, and nobody accepts on it.
+async fn stale(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket
+        && matches!(
+            UnixStream::connect(path).await,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+        )
+}
+
+/// A connection of either kind, before its handshake.
+pub(crate) enum Connected {
+    Tcp(TcpStream),
+    Ipc(UnixStream),
+}
+
+impl Connected {
+    /// Waits for the next connection on `listener`, and who it is from.
+    pub(crate) async fn accept(listener: &Listener) -> io::Result<(Connected, SocketAddr)> {
+        match listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Connected::Tcp(s), a)),
+            Listener::Ipc(l, _) => l.accept().await.map(|(s, _)| (Connected::Ipc(s), IPC_PEER)),
+        }
+    }
+
+    /// Connects to `endpoint` (a host name is resolved at each attempt).
+    pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<(Connected, SocketAddr)> {
+        match endpoint.ipc_path() {
+            Some(path) => Ok((Connected::Ipc(UnixStream::connect(path).await?), IPC_PEER)),
+            None => {
+                let s = TcpStream::connect((endpoint.host(), endpoint.port())).await?;
+                let addr = s.peer_addr()?;
+                Ok((Connected::Tcp(s), addr))
+            }
+        }
+    }
+}
