@@ -105,6 +105,51 @@ async fn nodes_with(responders: usize, guards: Guards) -> (Node, Vec<Node>) {
     (client, rs)
 }
 
+/// Request/reply to a responder on this host that the client learned from its HELLO
+/// (the responder seeds the client), so the client dials it at its ipc socket; or, with
+/// `ipc` false, both keep to TCP.
+async fn node_request_same_host(ipc: bool, n: usize, warm: usize, h: &mut Histogram<u64>) {
+    let client = Node::builder("client")
+        .insecure()
+        .ipc(ipc)
+        .socket_options(opts())
+        .start()
+        .await
+        .unwrap();
+    let r = Node::builder("r")
+        .insecure()
+        .ipc(ipc)
+        .peer(client.endpoint())
+        .socket_options(opts())
+        .start()
+        .await
+        .unwrap();
+    r.handle("bench.echo", Version::new(1, 0), |v: Bytes, _| async move {
+        Ok(v)
+    });
+    assert!(
+        client
+            .wait_for_service("bench.echo", 1, Duration::from_secs(10))
+            .await
+    );
+    let dialled = client.peers()[0].dialled.to_string();
+    assert_eq!(dialled.starts_with("ipc://"), ipc, "{dialled}");
+    let payload = Bytes::from(vec![3u8; 64]);
+    let o = CallOptions::timeout(Duration::from_secs(10));
+    for i in 0..warm + n {
+        let t = Instant::now();
+        let _: Bytes = client
+            .request_with("bench.echo", &payload, o.clone())
+            .await
+            .unwrap();
+        if i >= warm {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    client.shutdown().await;
+    r.shutdown().await;
+}
+
 async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
     node_request_with(Guards::Default, n, warm, h).await
 }
@@ -328,6 +373,21 @@ fn main() {
                 node_request(n * 5, warm, &mut nr).await;
                 return;
             }
+            if only == "ipc" {
+                // Same-host peers: request/reply over ipc:// against tcp:// loopback.
+                let (mut tcp, mut ipc) = (hist(), hist());
+                for _ in 0..ROUNDS {
+                    node_request_same_host(false, n, warm, &mut tcp).await;
+                    node_request_same_host(true, n, warm, &mut ipc).await;
+                }
+                println!("\n## Node request/reply to a same-host peer, 64 B, {name} (µs)\n");
+                println!("| what | p50 | p99 | p99.9 | max | p50 ratio |");
+                println!("|---|---|---|---|---|---|");
+                let base = tcp.value_at_quantile(0.5);
+                println!("{}", row("over tcp:// loopback (base)", &tcp, base));
+                println!("{}", row("over ipc:// (chosen automatically)", &ipc, base));
+                return;
+            }
             if only == "guards" {
                 // The cost of the resilience mechanisms on the request path.
                 let (mut bare, mut bh) = (hist(), hist());
@@ -371,7 +431,7 @@ fn main() {
             );
         });
     }
-    if which.is_empty() || which == "processes" {
+    if (which.is_empty() && only.is_empty()) || which == "processes" {
         separate_processes(n / 4, warm / 4);
     }
     println!("\n(histograms merge {ROUNDS} interleaved rounds)");

@@ -104,9 +104,20 @@ async fn pingpong_with(
     server: SocketOptions,
     client: SocketOptions,
 ) {
+    pingpong_at("tcp://127.0.0.1:0", plan, h, server, client).await
+}
+
+/// The ping-pong with the ROUTER bound at `bind` (`tcp://…` or `ipc://…`).
+async fn pingpong_at(
+    bind: &str,
+    plan: &Plan,
+    h: &mut Histogram<u64>,
+    server: SocketOptions,
+    client: SocketOptions,
+) {
     let opts = client;
-    let router = Router::bind("tcp://127.0.0.1:0", server).await.unwrap();
-    let endpoint = format!("tcp://{}", router.local_addr());
+    let router = Router::bind(bind, server).await.unwrap();
+    let endpoint = router.local_endpoint();
     let server = tokio::spawn(async move {
         while let Ok((id, m)) = router.recv().await {
             if router.send(&id, m).await.is_err() {
@@ -262,6 +273,77 @@ async fn latency(quick: bool) {
     }
 }
 
+/// A raw ping-pong over a Unix domain socket (the floor for ipc, as `raw_tcp` is for TCP).
+async fn raw_unix(plan: &Plan, h: &mut Histogram<u64>, path: &std::path::Path) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let size = plan.size;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; size];
+        while s.read_exact(&mut buf).await.is_ok() {
+            if s.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+    let (msg, mut back) = (vec![0xABu8; size], vec![0u8; size]);
+    for i in 0..plan.warmup + plan.samples {
+        let t = Instant::now();
+        c.write_all(&msg).await.unwrap();
+        c.read_exact(&mut back).await.unwrap();
+        if i >= plan.warmup {
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+    }
+    drop(c);
+    server.abort();
+    let _ = std::fs::remove_file(path);
+}
+
+/// ipc:// against tcp:// loopback: raw and through peerwire's DEALER/ROUTER, in
+/// interleaved rounds.
+async fn ipc_cost(quick: bool) {
+    let dir = std::env::temp_dir().join(format!("pw-bench-ipc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (raw_path, pw_ipc) = (
+        dir.join("raw"),
+        format!("ipc://{}", dir.join("pw").display()),
+    );
+    let opts = SocketOptions::default().with_heartbeat_interval(None);
+    println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw tcp |");
+    println!("|---|---|---|---|---|---|---|");
+    for plan in plans(quick) {
+        let (mut rt, mut ru, mut pt, mut pu) = (hist(), hist(), hist(), hist());
+        for _ in 0..ROUNDS {
+            raw_tcp(&plan, &mut rt).await;
+            raw_unix(&plan, &mut ru, &raw_path).await;
+            pingpong_at(
+                "tcp://127.0.0.1:0",
+                &plan,
+                &mut pt,
+                opts.clone(),
+                opts.clone(),
+            )
+            .await;
+            pingpong_at(&pw_ipc, &plan, &mut pu, opts.clone(), opts.clone()).await;
+        }
+        let base = rt.value_at_quantile(0.5);
+        println!("{}", row("raw tokio TCP", plan.size, &rt, base));
+        println!("{}", row("raw tokio Unix socket", plan.size, &ru, base));
+        println!("{}", row("peerwire tcp://", plan.size, &pt, base));
+        println!("{}", row("peerwire ipc://", plan.size, &pu, base));
+        println!(
+            "| peerwire ipc:// over tcp:// | {} | {:.2}× | | | | |",
+            human(plan.size),
+            pu.value_at_quantile(0.5) as f64 / pt.value_at_quantile(0.5).max(1) as f64
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// CURVE against NULL: the round trip at each size, and a connection's set-up (connect,
 /// handshake, first round trip).
 async fn curve_cost(quick: bool) {
@@ -379,6 +461,11 @@ fn main() {
             continue;
         }
         let rt = runtime(multi);
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("ipc") {
+            println!("\n## ipc:// against tcp:// loopback, DEALER/ROUTER, {name} (µs)\n");
+            rt.block_on(ipc_cost(quick));
+            continue;
+        }
         if std::env::var("BENCH_ONLY").as_deref() == Ok("curve") {
             println!("\n## CURVE against NULL, DEALER/ROUTER, {name} (µs)\n");
             rt.block_on(curve_cost(quick));

@@ -112,8 +112,7 @@ fn hello(catalog: Catalog, port: u16) -> BytesMut {
         router_port: port,
         pub_port: port,
         catalog,
-        peers: Vec::new(),
-        leaving: false,
+        ..Default::default()
     };
     let payload = codec::encode_payload(&hello).expect("a HELLO encodes");
     envelope(Kind::Hello, hello.node_id, "", payload)

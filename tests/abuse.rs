@@ -137,8 +137,7 @@ fn fresh_hello(catalog: codec::Catalog) -> codec::Hello {
         router_port: 9,
         pub_port: 9,
         catalog,
-        peers: Vec::new(),
-        leaving: false,
+        ..Default::default()
     }
 }
 

@@ -616,3 +616,51 @@ async fn fallbacks_answer_when_no_instance_can_and_say_so() {
         .unwrap_err();
     assert!(matches!(e, CallError::NoResponder(_)));
 }
+
+/// A peer on this host that a node learns from a HELLO is dialled at its ipc socket
+/// (same boot, network namespace and directory); a seed stays as given; and a node made
+/// `ipc(false)` keeps to TCP both ways.
+#[tokio::test]
+async fn same_host_peers_learned_by_hello_are_dialled_over_ipc() {
+    init_tracing();
+    let a = Node::builder("a")
+        .insecure()
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    a.handle("a.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
+    let b = Node::builder("b")
+        .insecure()
+        .peer(a.endpoint())
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    b.handle("b.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
+    wait_service(&a, "b.echo", 1).await;
+    wait_service(&b, "a.echo", 1).await;
+    let via = |n: &Node| n.peers()[0].dialled.to_string();
+    if std::fs::metadata("/proc/self/ns/net").is_err() {
+        return; // not Linux: TCP only, checked by every other test
+    }
+    assert!(via(&a).starts_with("ipc://"), "A reaches B at {}", via(&a));
+    assert_eq!(via(&b), a.endpoint(), "a seed is dialled as given");
+    let r: serde_json::Value = a.request("b.echo", &serde_json::json!(1)).await.unwrap();
+    assert_eq!(r, serde_json::json!(1));
+
+    let c = Node::builder("c")
+        .insecure()
+        .ipc(false)
+        .peer(a.endpoint())
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    wait_until("A knows C", || a.peers().iter().any(|p| p.name == "c")).await;
+    let to_c = a.peers().into_iter().find(|p| p.name == "c").unwrap();
+    assert_eq!(to_c.dialled, to_c.router_endpoint);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

@@ -352,6 +352,11 @@ pub struct Hello {
     /// (a restart is a new node id). Absent (false) from nodes that predate it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
+    /// The node also accepts ROUTER connections over a Unix domain socket, in the
+    /// directory this host key names (PROTOCOL.md section 10b): a node with the same key
+    /// dials it there. Absent from nodes without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipc: Option<String>,
 }
 
 /// Why an envelope could not be decoded.

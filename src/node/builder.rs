@@ -51,6 +51,8 @@ pub struct NodeBuilder {
     max_in_flight_per_source: usize,
     max_in_flight_bytes: usize,
     breakers: Option<BreakerConfig>,
+    /// Same-host peers over Unix domain sockets (see [`NodeBuilder::ipc`]).
+    ipc: bool,
     balancing: Balancing,
     bulkhead: Option<BulkheadConfig>,
     services: HashMap<String, ServicePolicy>,
@@ -87,6 +89,7 @@ impl NodeBuilder {
             max_in_flight_per_source: 2048,
             max_in_flight_bytes: 256 << 20,
             breakers: Some(BreakerConfig::default()),
+            ipc: true,
             balancing: Balancing::default(),
             bulkhead: None,
             services: HashMap::new(),
@@ -133,6 +136,18 @@ impl NodeBuilder {
     /// from the answer are forgotten.
     pub fn dns_every(mut self, every: Duration) -> Self {
         self.dns_every = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Whether peers on this host reach this node over a Unix domain socket (`ipc://`)
+    /// rather than TCP, and it reaches them so (default: yes, where the platform allows:
+    /// Linux). The socket is `$XDG_RUNTIME_DIR/peerwire/<id>.sock` (else
+    /// `/tmp/peerwire-UID/`), announced in the HELLO by a host key that only nodes of the
+    /// same boot, network namespace and directory share (PROTOCOL.md section 10b). A peer
+    /// dials it when it learns this node from a HELLO; a seed it was given is dialled as
+    /// given (TCP).
+    pub fn ipc(mut self, on: bool) -> Self {
+        self.ipc = on;
         self
     }
 
@@ -414,6 +429,19 @@ impl NodeBuilder {
             inbound::router_handler(cell.clone()),
         )
         .await?;
+        // Same-host peers: the ROUTER also at its ipc socket (a node that cannot bind it
+        // keeps to TCP, and does not announce it).
+        let mut ipc = if self.ipc {
+            super::ipc::LocalIpc::detect()
+        } else {
+            None
+        };
+        if let Some(local) = &ipc {
+            if let Err(e) = router.bind_also(local.endpoint_of(id)).await {
+                tracing::warn!(error = %e, "no ipc socket for same-host peers (TCP only)");
+                ipc = None;
+            }
+        }
         let publisher = Publisher::bind(SocketAddr::new(host, self.pub_port), server_opts).await?;
         // The SUB announces our node id, so a publisher can tell which peers subscribe.
         let subscriber = Subscriber::with_handler(
@@ -456,6 +484,7 @@ impl NodeBuilder {
             static_endpoints: static_peers.iter().cloned().collect::<HashSet<_>>(),
             limits: self.limits,
             keys,
+            ipc,
         }));
         membership.start_announcer();
         let core = Arc::new(Core {

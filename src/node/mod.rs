@@ -71,6 +71,7 @@ mod fallback;
 mod frames;
 mod gather;
 mod inbound;
+mod ipc;
 mod membership;
 mod options;
 mod pipeline;

@@ -196,6 +196,16 @@ impl Router {
         self.local_endpoint.clone()
     }
 
+    /// Also accepts connections at `endpoint` (an `ipc://` path beside a `tcp://` port,
+    /// say), until the socket closes, with the same connection limits (counted for this
+    /// listener on its own). Returns it as bound.
+    pub async fn bind_also(&self, endpoint: impl IntoEndpoint) -> Result<Endpoint, TransportError> {
+        let listener = bind(&endpoint.into_endpoint()?).await?;
+        let bound = listener.local_endpoint()?;
+        spawn_listener(listener, self.core.shared().clone(), self.role.clone());
+        Ok(bound)
+    }
+
     /// Whether no received message is waiting for [`Router::recv`].
     pub fn is_recv_queue_empty(&self) -> bool {
         self.role.inbound.len() == 0

@@ -27,6 +27,11 @@ impl SocketCore {
         SocketCore { shared, inbound }
     }
 
+    /// The socket's shared state (for a listener added after it was bound).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub fn events(&self) -> broadcast::Receiver<SocketEvent> {
         self.shared.events.subscribe()
     }

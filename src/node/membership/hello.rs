@@ -31,6 +31,7 @@ impl Membership {
             catalog: self.given.registry.catalog(),
             peers: self.gossip_entries(),
             leaving: self.is_leaving(),
+            ipc: self.given.ipc.as_ref().map(|i| i.host_key().to_string()),
         }
     }
 

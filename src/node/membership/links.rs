@@ -37,6 +37,17 @@ impl Membership {
         endpoint: &Endpoint,
         named_by: NamedBy,
     ) -> Result<Link, TransportError> {
+        self.ensure_link_via(endpoint, named_by, None)
+    }
+
+    /// [`ensure_link`](Self::ensure_link), the DEALER of a new link connecting to `via`
+    /// (the peer's ipc socket on this host) rather than to `endpoint` itself.
+    pub(super) fn ensure_link_via(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+        named_by: NamedBy,
+        via: Option<&Endpoint>,
+    ) -> Result<Link, TransportError> {
         let mut st = self.state.lock();
         if st.self_endpoints.contains(endpoint) {
             return Err(TransportError::InvalidEndpoint(format!(
@@ -49,7 +60,7 @@ impl Membership {
         // A secured node dials only endpoints whose key it knows (its handshake needs it),
         // or with a cluster secret, any (only a member can complete the handshake).
         if let Some(book) = &self.given.keys {
-            if !book.may_dial(endpoint) {
+            if !book.may_dial(via.unwrap_or(endpoint)) {
                 return Err(TransportError::InvalidEndpoint(format!(
                     "{endpoint}: no key known for it (a secured node dials only peers whose key it knows)"
                 )));
@@ -102,7 +113,7 @@ impl Membership {
             })
         };
         let (dealer, events) = Dealer::connect_with_first_message(
-            endpoint,
+            via.unwrap_or(endpoint),
             self.given.socket.clone(),
             on_message,
             first,
@@ -111,6 +122,7 @@ impl Membership {
         // outlived its dealer would act on whatever dealer the endpoint has later.
         let link = Link {
             dealer: Arc::new(dealer),
+            dialled: via.unwrap_or(endpoint).clone(),
             conn,
             stop: self.given.life.cancel.child_token(),
             last_error: Arc::default(),

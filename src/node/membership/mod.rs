@@ -160,6 +160,8 @@ pub(super) struct Setup {
     pub(super) limits: MembershipLimits,
     /// For a secured node: the key expected at each peer endpoint (`None`: not secured).
     pub(super) keys: Option<Arc<KeyBook>>,
+    /// Same-host peers over ipc (`None`: TCP only).
+    pub(super) ipc: Option<super::ipc::LocalIpc>,
 }
 
 impl Membership {
@@ -316,7 +318,19 @@ impl Membership {
         } else {
             NamedBy::Hearsay
         };
-        let link = match self.ensure_link(&router_ep, named_by) {
+        // A peer on this host (the same host key) is dialled at its ipc socket, with the
+        // key it proved expected there too.
+        let via = match (&self.given.ipc, &hello.ipc) {
+            (Some(local), Some(theirs)) if local.host_key() == theirs => {
+                let via = local.endpoint_of(hello.node_id);
+                if let (Some(book), Some(key)) = (&self.given.keys, key) {
+                    book.learn(via.clone(), key);
+                }
+                Some(via)
+            }
+            _ => None,
+        };
+        let link = match self.ensure_link_via(&router_ep, named_by, via.as_ref()) {
             Ok(l) => l,
             Err(e) => {
                 warn!(endpoint = %router_ep, error = %e, "cannot connect to a peer");

@@ -35,6 +35,8 @@ pub(in crate::node) enum NotPicked {
 #[derive(Clone)]
 pub(super) struct Link {
     pub(super) dealer: Arc<Dealer>,
+    /// Where the DEALER connects: the peer's ROUTER endpoint, or its ipc socket.
+    pub(super) dialled: Endpoint,
     pub(super) conn: ConnId,
     /// Stops the endpoint's `dealer_loop` (cancelled when the endpoint is forgotten).
     pub(super) stop: CancellationToken,
@@ -241,6 +243,7 @@ impl PeerTable {
             methods,
             gathers,
             connected,
+            dialled: link.dialled.clone(),
             // Once it said so, it stays so: a late HELLO from before cannot undo it.
             leaving: leaving || known.is_some_and(|p| p.info.leaving),
         };

@@ -1,0 +1,108 @@
+//! Same-host peers over Unix domain sockets: a node also accepts its ROUTER's
+//! connections at `<dir>/<its id>.sock` (`ipc://`), says so in its HELLO with a *host
+//! key*, and a node whose host key is the same dials that socket instead of TCP.
+//!
+//! The host key is a hash of the boot id, the network namespace and the directory: two
+//! nodes share it only when they run on one boot of one machine, in one network
+//! namespace (nodes in separate namespaces, as on the simulated LAN, keep to TCP and its
+//! partitions), and see the same directory. The directory is the user's own
+//! (`$XDG_RUNTIME_DIR/peerwire`, else `/tmp/peerwire-UID`, mode 700, refused if anyone
+//! else owns it or can read it), and the socket's name is derived from the peer's node
+//! id, never taken from a message: a peer can make a node dial nothing but another
+//! node's socket there.
+//!
+//! This module owns the directory, the key and the paths; it never dials (the
+//! membership does, `links.rs`) and never binds (the builder does).
+
+use std::path::PathBuf;
+
+use crate::codec::Id;
+use crate::transport::Endpoint;
+
+/// A socket path's limit on Linux (`sun_path`, NUL excluded), less the name.
+const MAX_DIR_LEN: usize = 107 - "/0123456789abcdef0123456789abcdef.sock".len();
+
+/// Where this node's and its same-host peers' ipc sockets are.
+#[derive(Debug, Clone)]
+pub(super) struct LocalIpc {
+    dir: PathBuf,
+    host_key: String,
+}
+
+impl LocalIpc {
+    /// The directory and host key for this process, if ipc can be used here (Linux: the
+    /// boot id and network namespace are readable, and a private directory exists or
+    /// can be made). `None` otherwise: the node keeps to TCP.
+    pub(super) fn detect() -> Option<LocalIpc> {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let netns = std::fs::read_link("/proc/self/ns/net").ok()?;
+        let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("peerwire"),
+            _ => PathBuf::from(format!("/tmp/peerwire-{}", uid()?)),
+        };
+        if dir.as_os_str().len() > MAX_DIR_LEN || !private_dir(&dir) {
+            tracing::debug!(dir = %dir.display(), "no ipc for same-host peers: no private directory");
+            return None;
+        }
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"peerwire ipc host v1\0");
+        h.update(boot.trim().as_bytes());
+        h.update(b"\0");
+        h.update(netns.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+        h.update(dir.as_os_str().as_encoded_bytes());
+        let digest = h.finalize();
+        let host_key = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        Some(LocalIpc { dir, host_key })
+    }
+
+    /// The key a HELLO carries (PROTOCOL.md, HELLO's `ipc`).
+    pub(super) fn host_key(&self) -> &str {
+        &self.host_key
+    }
+
+    /// The ROUTER socket of the node `id` on this host.
+    pub(super) fn endpoint_of(&self, id: Id) -> Endpoint {
+        let path = self.dir.join(format!("{}.sock", id.0.simple()));
+        Endpoint::parse(&format!("ipc://{}", path.display()))
+            .expect("a checked directory and a fixed-length name make a valid path")
+    }
+}
+
+/// This process's user id (the owner of `/proc/self`).
+fn uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Makes `dir` (mode 700) if missing, and says whether it is ours alone.
+fn private_dir(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    let Some(me) = uid() else { return false };
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == me && m.mode() & 0o077 == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_named_by_node_id_in_a_private_directory() {
+        let Some(ipc) = LocalIpc::detect() else {
+            return; // not Linux, or no private directory: nodes keep to TCP
+        };
+        let id = Id::new();
+        let ep = ipc.endpoint_of(id);
+        let path = ep.ipc_path().unwrap();
+        assert!(path.starts_with(&ipc.dir));
+        assert!(path
+            .to_str()
+            .unwrap()
+            .ends_with(&format!("{}.sock", id.0.simple())));
+        assert_eq!(ipc.host_key().len(), 32);
+        assert_eq!(LocalIpc::detect().unwrap().host_key(), ipc.host_key());
+    }
+}
