@@ -14,6 +14,7 @@ pub(super) fn peer_json(p: &PeerInfo) -> Value {
         "name": p.name,
         "router": p.router_endpoint,
         "pub": p.pub_endpoint,
+        "dialled": p.dialled,
         "connected": p.connected,
         "leaving": p.leaving,
         "methods": p.methods.iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect::<serde_json::Map<_, _>>(),

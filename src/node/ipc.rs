@@ -54,6 +54,7 @@ impl LocalIpc {
         h.update(dir.as_os_str().as_encoded_bytes());
         let digest = h.finalize();
         let host_key = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        sweep(&dir, SWEEP_AGE);
         Some(LocalIpc { dir, host_key })
     }
 
@@ -67,6 +68,39 @@ impl LocalIpc {
         let path = self.dir.join(format!("{}.sock", id.0.simple()));
         Endpoint::parse(&format!("ipc://{}", path.display()))
             .expect("a checked directory and a fixed-length name make a valid path")
+    }
+}
+
+/// Most entries of the directory looked at when a node starts.
+const SWEEP_MAX: usize = 1024;
+/// Only sockets at least this old are swept: one just bound may not listen yet (between
+/// `bind` and `listen` a connection is refused too).
+const SWEEP_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes the sockets of nodes that died without closing theirs (nobody accepts on
+/// them any more), so that crashes do not pile files up. Bounded.
+fn sweep(dir: &std::path::Path, min_age: std::time::Duration) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten().take(SWEEP_MAX) {
+        let path = entry.path();
+        let old_enough = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+        let is_node_socket = entry.file_type().is_ok_and(|t| t.is_socket())
+            && path.extension().is_some_and(|e| e == "sock")
+            && old_enough;
+        if is_node_socket
+            && matches!(
+                std::os::unix::net::UnixStream::connect(&path),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -104,5 +138,22 @@ mod tests {
             .ends_with(&format!("{}.sock", id.0.simple())));
         assert_eq!(ipc.host_key().len(), 32);
         assert_eq!(LocalIpc::detect().unwrap().host_key(), ipc.host_key());
+    }
+
+    #[test]
+    fn a_dead_nodes_socket_is_swept_and_a_live_one_kept() {
+        // A directory of its own: other tests' nodes bind in the shared one.
+        let dir = std::env::temp_dir().join(format!("pw-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (dead, live) = (dir.join("dead.sock"), dir.join("live.sock"));
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        let _listening = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        sweep(&dir, SWEEP_AGE);
+        assert!(dead.exists(), "too young to be swept");
+        sweep(&dir, std::time::Duration::ZERO);
+        assert!(!dead.exists());
+        assert!(live.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
