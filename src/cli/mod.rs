@@ -165,8 +165,18 @@ impl NodeArgs {
     /// `--wait`. ([`NodeArgs::report_unreachable`] says which `--peer` could not be
     /// reached.)
     pub(crate) async fn client_node(&self) -> Result<Node> {
+        self.client_node_with(|b| b).await
+    }
+
+    /// [`client_node`](Self::client_node), with `adjust` applied to the node's builder.
+    pub(crate) async fn client_node_with(
+        &self,
+        adjust: impl FnOnce(NodeBuilder) -> NodeBuilder,
+    ) -> Result<Node> {
         self.some_source()?;
-        let node = self.start(self.builder("peerwire-cli", false)?).await?;
+        let node = self
+            .start(adjust(self.builder("peerwire-cli", false)?))
+            .await?;
         let deadline = Instant::now() + self.wait();
         if !(self.dns.is_empty() && self.mdns_config().is_none()) {
             settle(&node, self.wait()).await;

@@ -13,7 +13,10 @@ use crate::cli::NodeArgs;
 
 /// Runs the plan and prints (or writes) what it measured.
 pub(super) async fn run(args: &NodeArgs, plan: &Plan) -> Result<()> {
-    let node = args.client_node().await?;
+    // TCP both ways, as between two machines (and as the raw baseline): same-host ipc
+    // would carry the responders' gather replies back (`cargo bench --bench node` with
+    // BENCH_ONLY=ipc measures that path).
+    let node = args.client_node_with(|b| b.ipc(false)).await?;
     let result = measure_all(&node, args, plan).await;
     node.shutdown().await;
     let (latency, throughput) = result?;

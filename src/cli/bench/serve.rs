@@ -54,7 +54,7 @@ struct Tally {
 pub(super) async fn serve(args: &NodeArgs, name: &str, port: u16) -> Result<()> {
     let mut stop_signal = StopSignal::new();
     let node = Arc::new(
-        args.start(args.builder(name, true)?.router_port(port))
+        args.start(args.builder(name, true)?.router_port(port).ipc(false))
             .await?,
     );
     let host = peerwire::Endpoint::parse(&node.endpoint())?
