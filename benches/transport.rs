@@ -27,7 +27,11 @@ struct Plan {
 
 fn plans(quick: bool) -> Vec<Plan> {
     let f = if quick { 10 } else { 1 };
-    vec![
+    // BENCH_SIZES=64,1024 keeps only those sizes (to profile one, say).
+    let sizes: Option<Vec<usize>> = std::env::var("BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect());
+    let mut all = vec![
         Plan {
             size: 64,
             warmup: 2000 / f,
@@ -48,7 +52,11 @@ fn plans(quick: bool) -> Vec<Plan> {
             warmup: 50 / f,
             samples: 400 / f,
         },
-    ]
+    ];
+    if let Some(sizes) = sizes {
+        all.retain(|p| sizes.contains(&p.size));
+    }
+    all
 }
 
 /// Raw tokio TCP: 4-byte length prefix, TCP_NODELAY, echo server.

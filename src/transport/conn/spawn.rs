@@ -224,6 +224,10 @@ pub(crate) fn spawn_connector(
     });
 }
 
+/// Send and receive buffer asked for an ipc connection (the kernel caps it at its
+/// `wmem_max`/`rmem_max`).
+const IPC_BUFFER: usize = 1 << 20;
+
 /// [`serve`] for a connection of either kind (each kind's handshake and loop are their
 /// own code: see `io`).
 async fn serve_either(
@@ -240,6 +244,13 @@ async fn serve_either(
             let _ = stream.set_nodelay(true);
             serve(stream, addr, shared, role, admitted, dialled).await
         }
-        Connected::Ipc(stream) => serve(stream, addr, shared, role, admitted, dialled).await,
+        Connected::Ipc(stream) => {
+            // Unix sockets' default buffers (about 200 KiB) make a large message take
+            // many reads and wake-ups; loopback TCP's grow to megabytes by themselves.
+            let sock = socket2::SockRef::from(&stream);
+            let _ = sock.set_send_buffer_size(IPC_BUFFER);
+            let _ = sock.set_recv_buffer_size(IPC_BUFFER);
+            serve(stream, addr, shared, role, admitted, dialled).await
+        }
     }
 }
