@@ -1,25 +1,8 @@
-//! A cluster secret: 32 random bytes that every member of one cluster holds, from which
-//! the CURVE key pair all members' accepting sockets share is derived (see
-//! [`NodeBuilder::cluster_secret`](super::NodeBuilder::cluster_secret) and SECURITY.md).
+//! A cluster secret: what every member of one cluster holds (see [`ClusterSecret`]).
 //!
 //! This module owns the secret, its file format and the derivation. It never touches a
 //! socket; the transport's [`Curve::cluster`](crate::transport::curve::Curve::cluster)
 //! does the handshakes with the derived keys.
-//!
-//! The derivation is public, so that a peer in another language can join:
-//!
-//! ```text
-//! cluster secret key = SHA-256("peerwire cluster key v1" 0x00 || the 32 secret bytes)
-//! cluster public key = X25519(cluster secret key, 9)     (libsodium's crypto_scalarmult_base)
-//! ```
-//!
-//! A secret file is text, readable by its owner only:
-//!
-//! ```text
-//! #   peerwire cluster secret: whoever holds it can join the cluster.
-//! #   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
-//! secret = "<the 32 bytes in Z85>"
-//! ```
 
 use std::fmt;
 use std::io::Write;
@@ -33,8 +16,25 @@ use crate::transport::curve::{check_private, create_new, decode_key, encode_key,
 /// same bytes.
 const TAG: &[u8] = b"peerwire cluster key v1\0";
 
-/// What members of one cluster share (see the [module docs](self)). `Debug` never shows
-/// it, and clones share one copy.
+/// 32 random bytes that every member of one cluster holds, from which the CURVE key pair
+/// all members' accepting sockets share is derived (see
+/// [`NodeBuilder::cluster_secret`](super::NodeBuilder::cluster_secret) and SECURITY.md).
+/// `Debug` never shows it, and clones share one copy.
+///
+/// The derivation is public, so that a peer in another language can join:
+///
+/// ```text
+/// cluster secret key = SHA-256("peerwire cluster key v1" 0x00 || the 32 secret bytes)
+/// cluster public key = X25519(cluster secret key, 9)     (libsodium's crypto_scalarmult_base)
+/// ```
+///
+/// A secret file is text, readable by its owner only:
+///
+/// ```text
+/// #   peerwire cluster secret: whoever holds it can join the cluster.
+/// #   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+/// secret = "<the 32 bytes in Z85>"
+/// ```
 #[derive(Clone)]
 pub struct ClusterSecret(std::sync::Arc<Zeroizing<[u8; 32]>>);
 
