@@ -664,3 +664,78 @@ async fn same_host_peers_learned_by_hello_are_dialled_over_ipc() {
         n.shutdown().await;
     }
 }
+
+/// A same-host peer whose ipc socket cannot be reached (the file is gone, or this
+/// process sees another directory) is reached over TCP instead, on the same link.
+#[tokio::test]
+async fn a_peer_whose_ipc_socket_is_gone_is_reached_over_tcp() {
+    init_tracing();
+    let a = Node::builder("a")
+        .insecure()
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    let b = Node::builder("b")
+        .insecure()
+        .socket_options(test_opts())
+        .start()
+        .await
+        .unwrap();
+    b.handle("b.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
+    // B's socket file removed before anyone dials it; then B introduces itself to A.
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::PathBuf::from(d).join("peerwire"))
+        .unwrap_or_else(|| {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").unwrap().uid();
+            std::path::PathBuf::from(format!("/tmp/peerwire-{uid}"))
+        });
+    let socket = dir.join(format!("{}.sock", b.id().0.simple()));
+    if std::fs::remove_file(&socket).is_err() {
+        return; // no ipc here: TCP only, as every other test checks
+    }
+    b.add_peer(&a.endpoint()).unwrap();
+    wait_service(&a, "b.echo", 1).await;
+    let r: serde_json::Value = a
+        .request("b.echo", &serde_json::json!("tcp"))
+        .await
+        .unwrap();
+    assert_eq!(r, serde_json::json!("tcp"));
+    assert!(a.peers()[0].dialled.to_string().starts_with("ipc://"));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Gossip never makes a node connect to a local socket: `ipc://` entries are ignored.
+#[tokio::test]
+async fn gossip_naming_a_local_socket_is_ignored() {
+    use peerwire::codec;
+    use peerwire::transport::Dealer;
+    init_tracing();
+    let a = start_node("a", &[]).await;
+    let dir = std::env::temp_dir().join(format!("pw-gossip-ipc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bait = dir.join("bait.sock");
+    let listener = tokio::net::UnixListener::bind(&bait).unwrap();
+    let d = Dealer::connect(a.endpoint(), test_opts()).unwrap();
+    let hello = codec::Hello {
+        node_id: peerwire::Id::new(),
+        name: "gossiper".into(),
+        cluster: "default".into(),
+        host: "127.0.0.3".into(),
+        router_port: 9,
+        pub_port: 9,
+        peers: vec![format!("ipc://{}", bait.display())],
+        ..Default::default()
+    };
+    send_hello(&d, &hello).await;
+    within("the HELLO-ACK", d.recv()).await.unwrap();
+    // (Waiting for something that must not happen: a bounded look.)
+    let dialled = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+    assert!(dialled.is_err(), "A connected to a socket gossip named");
+    a.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

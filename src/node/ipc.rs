@@ -2,10 +2,14 @@
 //! connections at `<dir>/<its id>.sock` (`ipc://`), says so in its HELLO with a *host
 //! key*, and a node whose host key is the same dials that socket instead of TCP.
 //!
-//! The host key is a hash of the boot id, the network namespace and the directory: two
-//! nodes share it only when they run on one boot of one machine, in one network
-//! namespace (nodes in separate namespaces, as on the simulated LAN, keep to TCP and its
-//! partitions), and see the same directory. The directory is the user's own
+//! The host key is a hash of a random id kept in the directory (`host-id`, made once),
+//! the network namespace and the directory's path: two nodes share it only when they see
+//! the same directory (the same file in it: two containers with private `/tmp`s do not)
+//! and run in one network namespace (nodes in separate namespaces, as on the simulated
+//! LAN, keep to TCP and its partitions). It says nothing about the host but that. And
+//! where the socket cannot be reached after all, the node falls back to TCP (a DEALER
+//! tries the socket, then the TCP endpoint, on every attempt). The directory is the
+//! user's own
 //! (`$XDG_RUNTIME_DIR/peerwire`, else `/tmp/peerwire-UID`, mode 700, refused if anyone
 //! else owns it or can read it), and the socket's name is derived from the peer's node
 //! id, never taken from a message: a peer can make a node dial nothing but another
@@ -34,7 +38,6 @@ impl LocalIpc {
     /// boot id and network namespace are readable, and a private directory exists or
     /// can be made). `None` otherwise: the node keeps to TCP.
     pub(super) fn detect() -> Option<LocalIpc> {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
         let netns = std::fs::read_link("/proc/self/ns/net").ok()?;
         let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d).join("peerwire"),
@@ -44,10 +47,11 @@ impl LocalIpc {
             tracing::debug!(dir = %dir.display(), "no ipc for same-host peers: no private directory");
             return None;
         }
+        let host_id = host_id(&dir)?;
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         h.update(b"peerwire ipc host v1\0");
-        h.update(boot.trim().as_bytes());
+        h.update(host_id.as_bytes());
         h.update(b"\0");
         h.update(netns.as_os_str().as_encoded_bytes());
         h.update(b"\0");
@@ -93,15 +97,47 @@ fn sweep(dir: &std::path::Path, min_age: std::time::Duration) {
         let is_node_socket = entry.file_type().is_ok_and(|t| t.is_socket())
             && path.extension().is_some_and(|e| e == "sock")
             && old_enough;
-        if is_node_socket
-            && matches!(
-                std::os::unix::net::UnixStream::connect(&path),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-            )
-        {
+        if is_node_socket && refuses(&path) {
             let _ = std::fs::remove_file(&path);
         }
     }
+}
+
+/// Whether nobody accepts on the socket at `path`. Never waits: the connection is
+/// attempted without blocking (a live node whose backlog is full says "try again", not
+/// "refused", and is kept).
+fn refuses(path: &std::path::Path) -> bool {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let Ok(sock) = Socket::new(Domain::UNIX, Type::STREAM, None) else {
+        return false;
+    };
+    let Ok(addr) = SockAddr::unix(path) else {
+        return false;
+    };
+    sock.set_nonblocking(true).is_ok()
+        && matches!(sock.connect(&addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// The random id kept in `dir/host-id` (made by the first node to need it; a node that
+/// loses the race to make it reads the winner's).
+fn host_id(dir: &std::path::Path) -> Option<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("host-id");
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path);
+    if let Ok(mut f) = made {
+        let id = format!("{}\n", Id::new().0.simple());
+        f.write_all(id.as_bytes()).ok()?;
+        f.sync_all().ok()?;
+    }
+    // Written in one call of 33 bytes: a reader sees all of it or (the maker between
+    // open and write) nothing, and then gives up on ipc for this run.
+    let id = std::fs::read_to_string(&path).ok()?;
+    (id.len() == 33).then(|| id.trim().to_string())
 }
 
 /// This process's user id (the owner of `/proc/self`).

@@ -121,8 +121,39 @@ impl Dealer {
         Self::start(endpoint.into_endpoint()?, opts, Some(handler), Some(first))
     }
 
+    /// Like [`Dealer::connect_with_first_message`], but each connection attempt tries
+    /// `preferred` first and `endpoint` when `preferred` cannot be reached (a peer's ipc
+    /// socket, then its TCP endpoint: a socket file that is gone or not visible here
+    /// costs one failed connect, not the peer). [`Dealer::endpoint`] is `endpoint`.
+    pub fn connect_preferring(
+        preferred: impl IntoEndpoint,
+        endpoint: impl IntoEndpoint,
+        opts: SocketOptions,
+        handler: MessageHandler,
+        first: FirstMessage,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
+        let preferred = preferred.into_endpoint()?;
+        Self::start_at(
+            vec![preferred, endpoint.into_endpoint()?],
+            opts,
+            Some(handler),
+            Some(first),
+        )
+    }
+
     fn start(
         endpoint: Endpoint,
+        opts: SocketOptions,
+        handler: Option<MessageHandler>,
+        first: Option<FirstMessage>,
+    ) -> Result<(Dealer, broadcast::Receiver<SocketEvent>), TransportError> {
+        Self::start_at(vec![endpoint], opts, handler, first)
+    }
+
+    /// Starts a DEALER dialling the first reachable of `endpoints` (the last one is its
+    /// [`endpoint`](Dealer::endpoint)).
+    fn start_at(
+        endpoints: Vec<Endpoint>,
         opts: SocketOptions,
         handler: Option<MessageHandler>,
         first: Option<FirstMessage>,
@@ -150,7 +181,8 @@ impl Dealer {
         });
         let events = shared.events.subscribe();
         let stop = shared.cancel.clone();
-        spawn_connector(endpoint.clone(), shared, role.clone(), stop);
+        let endpoint = endpoints.last().expect("at least one endpoint").clone();
+        spawn_connector(endpoints, shared, role.clone(), stop);
         let dealer = Dealer {
             role,
             core,

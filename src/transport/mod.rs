@@ -248,6 +248,12 @@ impl SocketType {
     }
 }
 
+/// Whether a peer address is the one a peer over `ipc://` is accounted under (it has
+/// none of its own: 127.0.0.1 port 0).
+pub(crate) fn is_ipc_peer(addr: &std::net::SocketAddr) -> bool {
+    *addr == conn::io::IPC_PEER
+}
+
 /// Binds a listener (TCP, or a Unix domain socket for `ipc://`) for `endpoint`.
 pub(crate) async fn bind(endpoint: &Endpoint) -> Result<conn::io::Listener, TransportError> {
     conn::io::Listener::bind(endpoint).await

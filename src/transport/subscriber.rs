@@ -120,7 +120,12 @@ impl Subscriber {
             t.connectors.insert(endpoint.clone(), stop.clone());
             stop
         };
-        spawn_connector(endpoint, self.role.shared.clone(), self.role.clone(), stop);
+        spawn_connector(
+            vec![endpoint],
+            self.role.shared.clone(),
+            self.role.clone(),
+            stop,
+        );
         Ok(())
     }
 

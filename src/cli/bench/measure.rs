@@ -13,9 +13,28 @@ use serde::{Deserialize, Serialize};
 
 use super::{Plan, Style};
 
-/// A new histogram: 1 ns to 1 h, 3 significant digits.
+/// A new histogram: 1 ns to 1 h, 3 significant digits (longer samples are counted as 1 h).
 pub(super) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds")
+}
+
+/// Most requests in flight at a fixed rate: past it, the schedule waits for replies (and
+/// the wait shows in every later message's latency, measured from its intended time).
+const MAX_IN_FLIGHT: usize = 10_000;
+
+/// Waits until `at`, precisely: tokio's timer has a millisecond's grain, so it sleeps
+/// to a millisecond before and yields (letting replies in) for the rest, rather than
+/// charge a late wake-up to the latency measured from `at`.
+pub(super) async fn until(at: Instant) {
+    let early = Duration::from_millis(1);
+    if let Some(before) = at.checked_sub(early) {
+        if Instant::now() < before {
+            tokio::time::sleep_until(before.into()).await;
+        }
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// When messages are sent.
@@ -119,7 +138,7 @@ pub(super) async fn request(node: &Node, size: usize, plan: &Plan) -> Result<Lat
                     bail!("request: a reply of {n} bytes to a request of {size}");
                 }
                 if i >= warmup {
-                    h.record(t.elapsed().as_nanos() as u64)?;
+                    h.saturating_record(t.elapsed().as_nanos() as u64);
                 }
             }
             from
@@ -133,16 +152,20 @@ pub(super) async fn request(node: &Node, size: usize, plan: &Plan) -> Result<Lat
             let (mut sent, mut done) = (0u64, 0u64);
             while done < total {
                 let next = start + period.mul_f64(sent as f64);
+                let room = in_flight.len() < MAX_IN_FLIGHT;
                 tokio::select! {
-                    _ = tokio::time::sleep_until(next.into()), if sent < total => {
+                    _ = until(next), if sent < total && room => {
                         let (i, p) = (sent, payload.clone());
                         in_flight.push(async move { (i, next, call(p).await) });
                         sent += 1;
                     }
                     Some((i, at, r)) = in_flight.next() => {
-                        r.map_err(|e| stopped(Style::Request, done, total, e))?;
+                        let n = r.map_err(|e| stopped(Style::Request, done, total, e))?;
+                        if n != size {
+                            bail!("request: a reply of {n} bytes to a request of {size}");
+                        }
                         if i >= warmup {
-                            h.record(at.elapsed().as_nanos() as u64)?;
+                            h.saturating_record(at.elapsed().as_nanos() as u64);
                         }
                         done += 1;
                     }
@@ -195,7 +218,7 @@ pub(super) async fn gather(
             );
         }
         if i >= warmup {
-            h.record(t.elapsed().as_nanos() as u64)?;
+            h.saturating_record(t.elapsed().as_nanos() as u64);
         }
     }
     Ok(Latency::new(Style::Gather, size, h, from.elapsed()))
@@ -217,7 +240,10 @@ async fn reports(
         let got = match gather_reports(node, plan, responders).await {
             Ok(got) => got,
             Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => continue,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let total: u64 = got
             .iter()

@@ -57,7 +57,10 @@ fn lost(t: &Throughput, all: &[Throughput]) -> u64 {
 /// The human table, on stdout.
 pub(super) fn table(plan: &Plan, latency: &[Latency], throughput: &[Throughput]) {
     let how = match plan.rate {
-        Some(r) => format!("at {r} msg/s, latency from each message's intended send time"),
+        Some(r) => format!(
+            "tcp and request at {r} msg/s, latency from each message's intended send time; \
+             gather back to back"
+        ),
         None => "back to back".to_string(),
     };
     if !latency.is_empty() {
@@ -90,7 +93,7 @@ pub(super) fn table(plan: &Plan, latency: &[Latency], throughput: &[Throughput])
                 "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                 t.style.name(),
                 t.size,
-                t.responder,
+                t.responder.escape_debug(),
                 t.sent,
                 t.counts.received,
                 lost(t, throughput),

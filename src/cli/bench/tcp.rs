@@ -49,14 +49,18 @@ pub(super) async fn echo_server(listener: TcpListener, stop: CancellationToken) 
     }
 }
 
+/// An echo connection silent this long is closed (its slot is for a measuring side).
+const IDLE: Duration = Duration::from_secs(60);
+
 async fn echo_connection(mut stream: TcpStream) -> Result<()> {
     stream.set_nodelay(true)?;
     let mut buf = Vec::new();
     loop {
-        let len = match stream.read_u32().await {
-            Ok(n) => n as usize,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let len = match tokio::time::timeout(IDLE, stream.read_u32()).await {
+            Err(_) => bail!("idle for {IDLE:?}"),
+            Ok(Ok(n)) => n as usize,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
         };
         if len > MAX_TCP_FRAME {
             bail!("a frame of {len} bytes (at most {MAX_TCP_FRAME})");
@@ -67,7 +71,9 @@ async fn echo_connection(mut stream: TcpStream) -> Result<()> {
         let mut left = len;
         let mut chunk = [0u8; 64 * 1024];
         while left > 0 {
-            let n = stream.read(&mut chunk[..left.min(64 * 1024)]).await?;
+            let n = tokio::time::timeout(IDLE, stream.read(&mut chunk[..left.min(64 * 1024)]))
+                .await
+                .map_err(|_| anyhow!("idle for {IDLE:?} in the middle of a frame"))??;
             if n == 0 {
                 bail!("closed in the middle of a frame");
             }
@@ -130,7 +136,7 @@ async fn back_to_back(
             .map_err(|_| stopped(i, warmup + count, "timed out"))?
             .map_err(|e| stopped(i, warmup + count, &e.to_string()))?;
         if i >= warmup {
-            h.record(t.elapsed().as_nanos() as u64)?;
+            h.saturating_record(t.elapsed().as_nanos() as u64);
         }
     }
     Ok(Latency::new(
@@ -156,10 +162,11 @@ async fn at_rate(
     let (tx, mut intended) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / per_second);
+    let size = frame.len() - 4;
     let writer = tokio::spawn(async move {
         for i in 0..total {
             let at = start + period.mul_f64(i as f64);
-            tokio::time::sleep_until(at.into()).await;
+            super::measure::until(at).await;
             if wr.write_all(&frame).await.is_err() || tx.send(at).is_err() {
                 return;
             }
@@ -178,7 +185,14 @@ async fn at_rate(
                 measured_from = at;
             }
             let read = async {
+                // An echo answers what it was sent: nothing else is read (nor allocated).
                 let len = rd.read_u32().await? as usize;
+                if len != size {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("an echo of {len} bytes to {size}"),
+                    ));
+                }
                 buf.resize(len, 0);
                 rd.read_exact(&mut buf).await.map(|_| ())
             };
@@ -187,15 +201,14 @@ async fn at_rate(
                 .map_err(|_| stopped(i, total, "timed out"))?
                 .map_err(|e| stopped(i, total, &e.to_string()))?;
             if i >= warmup {
-                h.record(at.elapsed().as_nanos() as u64)?;
+                h.saturating_record(at.elapsed().as_nanos() as u64);
             }
         }
-        Ok::<_, anyhow::Error>((measured_from.elapsed(), buf.len()))
+        Ok::<_, anyhow::Error>(measured_from.elapsed())
     }
     .await;
     writer.abort();
-    let (elapsed, size) = result?;
-    Ok(Latency::new(Style::Tcp, size, h, elapsed))
+    Ok(Latency::new(Style::Tcp, size, h, result?))
 }
 
 fn stopped(i: u64, total: u64, why: &str) -> anyhow::Error {

@@ -16,6 +16,7 @@ use super::{Membership, MembershipLimits, MAX_INTRODUCED};
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind};
 use crate::node::frames;
 use crate::node::security::claims_its_own_id;
+use crate::transport::is_ipc_peer;
 use crate::transport::{Endpoint, Message, Router, SocketEvent};
 
 impl Membership {
@@ -38,7 +39,9 @@ impl Membership {
     /// Our peers as HELLO names them: ROUTER endpoints, each with `#` and its key (Z85)
     /// when this node is secured, so that a peer can dial them (PROTOCOL.md section 9).
     fn gossip_entries(&self) -> Vec<String> {
-        let endpoints = self.state.lock().table.connected_endpoints();
+        // (An `ipc://` peer an operator gave is ours to dial, nobody else's.)
+        let mut endpoints = self.state.lock().table.connected_endpoints();
+        endpoints.retain(|e| e.ipc_path().is_none());
         let Some(book) = &self.given.keys else {
             return endpoints.iter().map(ToString::to_string).collect();
         };
@@ -127,8 +130,10 @@ impl Membership {
         // Learned before it is acknowledged: a node that waits for our ACK (one that is
         // leaving, say) knows that we know when the ACK comes.
         let ours = hello.cluster == self.given.local.cluster;
-        // Its id is checked above: learned as it is.
-        self.learn(hello, source.map(|a| a.ip()), key);
+        // Its id is checked above: learned as it is. Over ipc there is no source address
+        // to judge its endpoints by: it is on this host, which is what ipc proves.
+        let source_ip = source.filter(|a| !is_ipc_peer(a)).map(|a| a.ip());
+        self.learn(hello, source_ip, key);
         let ack = match ours {
             true => self.hello_message(Kind::HelloAck, header.id),
             false => self.wrong_cluster_ack(header.id),
@@ -256,6 +261,7 @@ impl Membership {
                 .table
                 .link(endpoint)
                 .and_then(|l| l.dealer.peer_addr())
+                .filter(|a| !is_ipc_peer(a))
                 .map(|a| a.ip())
                 .or_else(|| endpoint.ip());
             self.learn(hello, ip, key);

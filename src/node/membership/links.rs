@@ -112,12 +112,23 @@ impl Membership {
                 Some(me.upgrade()?.hello_message(Kind::Hello, Id::NIL))
             })
         };
-        let (dealer, events) = Dealer::connect_with_first_message(
-            via.unwrap_or(endpoint),
-            self.given.socket.clone(),
-            on_message,
-            first,
-        )?;
+        // A same-host peer: its ipc socket first, its TCP endpoint when that cannot be
+        // reached (the socket is gone, or this host's view of the directory differs).
+        let (dealer, events) = match via {
+            Some(via) => Dealer::connect_preferring(
+                via,
+                endpoint,
+                self.given.socket.clone(),
+                on_message,
+                first,
+            )?,
+            None => Dealer::connect_with_first_message(
+                endpoint,
+                self.given.socket.clone(),
+                on_message,
+                first,
+            )?,
+        };
         // Its loop ends with the node, or when this endpoint is forgotten: a loop that
         // outlived its dealer would act on whatever dealer the endpoint has later.
         let link = Link {
@@ -203,6 +214,10 @@ impl Membership {
             if let Some(book) = &self.given.keys {
                 if !self.given.static_endpoints.contains(endpoint) {
                     book.forget(endpoint);
+                }
+                // And the key of the ipc socket it was dialled at.
+                if let Some(l) = link.as_ref().filter(|l| l.dialled != *endpoint) {
+                    book.forget(&l.dialled);
                 }
             }
             st.unannounced.remove(endpoint);

@@ -323,7 +323,10 @@ impl Membership {
         let via = match (&self.given.ipc, &hello.ipc) {
             (Some(local), Some(theirs)) if local.host_key() == theirs => {
                 let via = local.endpoint_of(hello.node_id);
-                if let (Some(book), Some(key)) = (&self.given.keys, key) {
+                // Recorded for a link about to be made through it (and forgotten with
+                // it), not for every HELLO: the book must not fill up with sockets.
+                let new_link = self.state.lock().table.link(&router_ep).is_none();
+                if let (Some(book), Some(key), true) = (&self.given.keys, key, new_link) {
                     book.learn(via.clone(), key);
                 }
                 Some(via)
@@ -411,8 +414,9 @@ impl Membership {
                 Some((ep, key)) => (ep, Some(key)),
                 None => (entry.as_str(), None),
             };
-            let Ok(ep) = Endpoint::parse(ep) else {
-                debug!(endpoint = %entry.escape_debug(), "not following gossip: not an endpoint");
+            // TCP only: a peer must never make us connect to a local socket it names.
+            let Some(ep) = Endpoint::parse(ep).ok().filter(|e| e.ipc_path().is_none()) else {
+                debug!(endpoint = %entry.escape_debug(), "not following gossip: not a TCP endpoint");
                 continue;
             };
             // A key named by a peer (a member that proved its own) is taken for an

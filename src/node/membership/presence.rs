@@ -26,8 +26,9 @@ pub struct PeerInfo {
     pub gathers: BTreeMap<String, Version>,
     /// Whether our connection to its ROUTER is up.
     pub connected: bool,
-    /// Where our connection to it goes: its ROUTER endpoint, or its `ipc://` socket when
-    /// it is on this host (see [`NodeBuilder::ipc`](crate::node::NodeBuilder::ipc)).
+    /// Where our connection to it is dialled: its ROUTER endpoint, or, when it is on this
+    /// host, its `ipc://` socket first (then its ROUTER endpoint if the socket cannot be
+    /// reached; see [`NodeBuilder::ipc`](crate::node::NodeBuilder::ipc)).
     pub dialled: Endpoint,
     /// It said it is stopping (it drains what it has, then closes): calls go to it only
     /// when no other instance serves them.

@@ -73,15 +73,32 @@ impl WriteHalf for tokio::net::unix::WriteHalf<'_> {
 /// dropped (as libzmq does when its socket closes).
 pub(crate) enum Listener {
     Tcp(TcpListener),
-    Ipc(UnixListener, PathBuf),
+    /// The listener, its path, and the file it made there (device and inode).
+    Ipc(UnixListener, PathBuf, Option<(u64, u64)>),
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Ipc(_, path) = self {
-            let _ = std::fs::remove_file(path);
+        // Only the file this listener made: another socket may have taken the path
+        // since (after deciding ours was stale, say).
+        if let Listener::Ipc(_, path, Some(made)) = self {
+            if file_id(path) == Some(*made) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+}
+
+/// A file's device and inode.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn ipc_listener(l: UnixListener, path: &Path) -> Listener {
+    Listener::Ipc(l, path.to_path_buf(), file_id(path))
 }
 
 impl Listener {
@@ -100,11 +117,11 @@ impl Listener {
                 .map_err(failed);
         };
         match UnixListener::bind(path) {
-            Ok(l) => Ok(Listener::Ipc(l, path.to_path_buf())),
+            Ok(l) => Ok(ipc_listener(l, path)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse && stale(path).await => {
                 std::fs::remove_file(path).map_err(failed)?;
                 UnixListener::bind(path)
-                    .map(|l| Listener::Ipc(l, path.to_path_buf()))
+                    .map(|l| ipc_listener(l, path))
                     .map_err(failed)
             }
             Err(e) => Err(failed(e)),
@@ -123,7 +140,7 @@ impl Listener {
     pub(crate) fn local_endpoint(&self) -> io::Result<Endpoint> {
         match self {
             Listener::Tcp(l) => l.local_addr().map(Endpoint::from_addr),
-            Listener::Ipc(_, path) => Endpoint::parse(&format!("ipc://{}", path.display()))
+            Listener::Ipc(_, path, _) => Endpoint::parse(&format!("ipc://{}", path.display()))
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string())),
         }
     }
@@ -151,7 +168,7 @@ impl Connected {
     pub(crate) async fn accept(listener: &Listener) -> io::Result<(Connected, SocketAddr)> {
         match listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Connected::Tcp(s), a)),
-            Listener::Ipc(l, _) => l.accept().await.map(|(s, _)| (Connected::Ipc(s), IPC_PEER)),
+            Listener::Ipc(l, ..) => l.accept().await.map(|(s, _)| (Connected::Ipc(s), IPC_PEER)),
         }
     }
 

@@ -169,12 +169,13 @@ pub(crate) fn spawn_listener(listener: Listener, shared: Arc<Shared>, role: Arc<
     });
 }
 
-/// Connects to `endpoint` and keeps reconnecting, with exponential backoff and jitter,
-/// until the socket is cancelled.
+/// Connects to the first of `endpoints` that can be reached (each attempt tries them in
+/// order: a peer's ipc socket, then its TCP endpoint) and keeps reconnecting, with
+/// exponential backoff and jitter, until the socket is cancelled.
 /// `stop` ends this connector (it is the socket's token, or a child of it for a SUB's
 /// per-endpoint connectors).
 pub(crate) fn spawn_connector(
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     shared: Arc<Shared>,
     role: Arc<dyn Role>,
     stop: CancellationToken,
@@ -184,19 +185,31 @@ pub(crate) fn spawn_connector(
         let opts = &shared.opts;
         let mut delay = opts.reconnect_initial;
         loop {
-            let attempt = Connected::connect(&endpoint);
+            let attempt = async {
+                let mut failed = None;
+                for endpoint in &endpoints {
+                    match Connected::connect(endpoint).await {
+                        Ok((conn, addr)) => return Ok((conn, addr, endpoint)),
+                        Err(e) => failed = Some((e, endpoint)),
+                    }
+                }
+                Err(failed.expect("at least one endpoint"))
+            };
             let res = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = timeout(opts.handshake_timeout, attempt) => r,
             };
+            // (What failed is said of the last endpoint tried: the one always reachable
+            // if any is, its TCP endpoint.)
+            let last = endpoints.last().expect("at least one endpoint");
             match res {
-                Ok(Ok((stream, addr))) => {
+                Ok(Ok((stream, addr, endpoint))) => {
                     shared.stats.accepted.fetch_add(1, Relaxed);
-                    if serve_either(stream, addr, &shared, &*role, None, Some(&endpoint)).await {
+                    if serve_either(stream, addr, &shared, &*role, None, Some(endpoint)).await {
                         delay = opts.reconnect_initial;
                     }
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, endpoint))) => {
                     debug!(%endpoint, error = %e, "connect failed");
                     shared.emit(SocketEvent::ConnectFailed {
                         endpoint: endpoint.to_string(),
@@ -205,7 +218,7 @@ pub(crate) fn spawn_connector(
                     });
                 }
                 Err(_) => shared.emit(SocketEvent::ConnectFailed {
-                    endpoint: endpoint.to_string(),
+                    endpoint: last.to_string(),
                     error: "connect timed out".into(),
                     refused: false,
                 }),
