@@ -419,11 +419,28 @@ async fn a_member_cannot_claim_the_endpoints_of_another() {
         a.stats().hellos_refused > before
     })
     .await;
+    // Its own (dead) ROUTER port but B's PUB port: refused too, and B's events still
+    // reach A (forgetting the squatter must not take B's subscription with it).
+    let before = a.stats().hellos_refused;
+    let pub_squat = codec::Hello {
+        router_port: 9,
+        ..hello.clone()
+    };
+    send_hello(&d, &pub_squat).await;
+    wait_until("the PUB squatter's HELLO refused", || {
+        a.stats().hellos_refused > before
+    })
+    .await;
     let peers = a.peers();
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].id, b.id());
     let r: Value = a.request("b.echo", &json!(1)).await.unwrap();
     assert_eq!(r, json!(1));
+    let mut events = a.subscribe::<u32>("tick");
+    wait_until("subscribed", || !b.subscribers_of("tick").is_empty()).await;
+    b.publish("tick", &5u32).unwrap();
+    let e = within("B's event", events.recv()).await.unwrap().unwrap();
+    assert_eq!((e.value, e.publisher), (5, b.id()));
     a.shutdown().await;
     b.shutdown().await;
 }

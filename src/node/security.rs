@@ -106,16 +106,30 @@ impl KeyBook {
     }
 
     /// Records `key` for `endpoint` as others named it, unless a key is known there:
-    /// what others name never replaces what was proven or given, and is bounded.
-    pub(super) fn learn_if_unknown(&self, endpoint: Endpoint, key: [u8; 32]) {
+    /// what others name never replaces what was proven or given, and is bounded. Returns
+    /// whether it was recorded (its caller forgets it again if it does not dial).
+    pub(super) fn learn_if_unknown(&self, endpoint: Endpoint, key: [u8; 32]) -> bool {
         let mut book = self.book.write();
         if book.contains_key(&endpoint) || book.len() >= MAX_KEYS {
-            return;
+            return false;
         }
         if book.values().filter(|(_, o)| *o == Origin::Hearsay).count() >= MAX_HEARSAY {
-            return;
+            return false;
         }
         book.insert(endpoint, (key, Origin::Hearsay));
+        true
+    }
+
+    /// Forgets a key others named for `endpoint`, if that is all that is known of it (an
+    /// endpoint named but not dialled: its key must not hold a place in the book).
+    pub(super) fn forget_hearsay(&self, endpoint: &Endpoint) {
+        let mut book = self.book.write();
+        if book
+            .get(endpoint)
+            .is_some_and(|(_, o)| *o == Origin::Hearsay)
+        {
+            book.remove(endpoint);
+        }
     }
 
     /// Forgets the key of an endpoint no longer dialled (unless the operator gave it).

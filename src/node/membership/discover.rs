@@ -238,12 +238,17 @@ pub(super) async fn mdns_loop(membership: Weak<Membership>, mut mdns: Mdns) {
                 }
                 // A secured node's key, for an endpoint whose key we do not know yet (a
                 // wrong one costs a handshake that fails, until the endpoint is forgotten).
-                if let (Some(book), Some(key)) = (&m.given.keys, seen.key) {
-                    book.learn_if_unknown(ep.clone(), key);
-                }
+                let named_key = match (&m.given.keys, seen.key) {
+                    (Some(book), Some(key)) => book.learn_if_unknown(ep.clone(), key),
+                    _ => false,
+                };
                 debug!(node = %m.given.local.name, instance = ?seen.instance, endpoint = %ep, "mDNS: found a peer");
                 if let Err(e) = m.dial(&ep, super::NamedBy::Hearsay) {
                     debug!(endpoint = %ep, error = %e, "mDNS: not dialling");
+                    // (Named again at its next sighting, with its key.)
+                    if let (Some(book), true) = (&m.given.keys, named_key) {
+                        book.forget_hearsay(&ep);
+                    }
                 }
             }
             Sighting::Own => {}

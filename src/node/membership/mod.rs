@@ -277,9 +277,14 @@ impl Membership {
                     .then(|| l.dealer.peer_key())
                     .flatten()
             });
-            if serving.is_some_and(|k| k != key) {
+            let pub_taken = self
+                .state
+                .lock()
+                .table
+                .pub_of_another(&pub_ep, &hello.node_id);
+            if serving.is_some_and(|k| k != key) || pub_taken {
                 self.hellos_refused.fetch_add(1, Relaxed);
-                warn!(peer = ?hello.name, id = %hello.node_id, endpoint = %router_ep, "HELLO refused: it names an endpoint another key serves");
+                warn!(peer = ?hello.name, id = %hello.node_id, endpoint = %router_ep, "HELLO refused: it names an endpoint another node serves");
                 return;
             }
             if source_ip.is_none_or(|ip| ip == host) {
@@ -422,9 +427,10 @@ impl Membership {
             // A key named by a peer (a member that proved its own) is taken for an
             // endpoint we know no key of; it never replaces one we know. A wrong one
             // costs a handshake that fails.
+            let mut named_key = false;
             if let (Some(book), Some(key)) = (&self.given.keys, key) {
                 match crate::transport::curve::decode_key(key) {
-                    Ok(k) => book.learn_if_unknown(ep.clone(), k),
+                    Ok(k) => named_key = book.learn_if_unknown(ep.clone(), k),
                     Err(_) => {
                         debug!(endpoint = %entry.escape_debug(), "not following gossip: a bad key");
                         continue;
@@ -443,6 +449,9 @@ impl Membership {
             }
             if let Err(e) = self.ensure_link(&ep, NamedBy::Hearsay) {
                 debug!(endpoint = %ep, error = %e, "not following gossip");
+                if let (Some(book), true) = (&self.given.keys, named_key) {
+                    book.forget_hearsay(&ep);
+                }
             }
         }
     }

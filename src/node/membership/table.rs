@@ -309,7 +309,17 @@ impl PeerTable {
             }
             false
         });
+        // A PUB endpoint another peer still names stays subscribed (a peer that named
+        // someone else's must not take that one's events away when it goes).
+        pubs.retain(|p| !self.by_id.values().any(|x| &x.info.pub_endpoint == p));
         (pubs, left)
+    }
+
+    /// Whether a connected peer other than `id` publishes at `pub_endpoint`.
+    pub(super) fn pub_of_another(&self, pub_endpoint: &Endpoint, id: &Id) -> bool {
+        self.by_id
+            .values()
+            .any(|p| p.info.id != *id && p.info.connected && p.info.pub_endpoint == *pub_endpoint)
     }
 
     /// Records that `endpoint` refused a connection: the peers there that went down have
