@@ -18,6 +18,7 @@ that happened, and stops on a `py.stop` notification (or Ctrl-C).
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import os
 import sys
@@ -35,6 +36,27 @@ REQUEST, REPLY, ERROR_REPLY, NOTIFICATION, EVENT = 1, 2, 3, 4, 5
 GATHER_REQUEST, GATHER_REPLY, HELLO, HELLO_ACK = 6, 7, 8, 9
 # How a SUB says which node it is (section 10): a subscription to this plus our id.
 LABEL_PREFIX = b"\x00peerwire.node:"
+# Bounds on what peers can make us do: endpoints followed per HELLO, peers dialled.
+MAX_GOSSIP, MAX_PEERS = 64, 256
+
+
+def tcp_endpoint(entry):
+    """(`tcp://ip:port`, key or None) from a `peers` entry, or None: only IP literals and
+    40-character keys are taken (never `ipc://` or a name: a peer must not make us
+    connect to a local socket or resolve names for it)."""
+    if not isinstance(entry, str) or not entry.startswith("tcp://"):
+        return None
+    endpoint, _, key = entry.partition("#")
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        if not 0 < int(port) < 65536:
+            return None
+    except ValueError:
+        return None
+    if key and len(key) != 40:
+        return None
+    return endpoint, (key.encode() if key else None)
 
 
 def new_id():
@@ -73,7 +95,8 @@ class Node:
         # Secured (section 10a): `keys` is (public, secret) in Z85, the id is the key's.
         self.keys = keys
         self.id = id_of_key(keys[0]) if keys else new_id()
-        self.key_at = {}  # endpoint -> the Z85 key expected there (secured)
+        self.key_at = {}  # endpoint -> the Z85 key expected there (secured; never replaced)
+        self.dial_key = {}  # endpoint -> the key its DEALER was made with
         if keys:
             # libzmq tells a server which key each connection proved only through ZAP:
             # this authenticator lets any key in and labels messages with it (User-Id).
@@ -154,18 +177,28 @@ class Node:
 
     # --- membership ------------------------------------------------------------------
     def dial(self, entry):
-        """A DEALER to a peer's ROUTER (`tcp://host:port`, or with `#KEY` from a secured
+        """A DEALER to a peer's ROUTER (`tcp://ip:port`, or with `#KEY` from a secured
         node); a HELLO goes first on each of its connections."""
-        endpoint, _, key = entry.partition("#")
+        parsed = tcp_endpoint(entry)
+        if parsed is None:
+            return
+        endpoint, key = parsed
         if key and endpoint not in self.key_at:  # named by others: never replaces one
-            self.key_at[endpoint] = key.encode()
+            self.key_at[endpoint] = key
         if endpoint in self.dealers or endpoint == f"tcp://{self.host}:{self.router_port}":
+            return
+        if len(self.dealers) >= MAX_PEERS:
             return
         d = self.ctx.socket(zmq.DEALER)
         d.setsockopt(zmq.LINGER, 0)
-        if not self.curve_client(d, endpoint):
+        try:
+            ok = self.curve_client(d, endpoint)
+        except zmq.ZMQError:  # a key that is not Z85
+            ok = False
+        if not ok:
             d.close()
             return
+        self.dial_key[endpoint] = self.key_at.get(endpoint)
         # A HELLO is the first message on every connection, reconnections included: the
         # monitor says when one comes up (section 12).
         monitor = d.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -179,17 +212,26 @@ class Node:
         """Records a peer from its HELLO (or HELLO-ACK): dial it, subscribe to its PUB,
         and follow its gossip. `source_host`: where the HELLO came from, for a peer that
         listens on an unspecified address; `key`: the key its connection proved."""
+        if not isinstance(hello, dict):
+            return
         if hello.get("cluster") != self.cluster or hello["node_id"] == self.id:
             return
         host = hello["host"] if hello["host"] not in ("0.0.0.0", "::") else source_host
-        endpoint = f"tcp://{host}:{hello['router_port']}"
-        pub = f"tcp://{host}:{hello['pub_port']}"
+        endpoint = f"tcp://{host}:{int(hello['router_port'])}"
+        pub = f"tcp://{host}:{int(hello['pub_port'])}"
         if key and host == source_host:  # its own endpoints, at the address it speaks from
-            self.key_at[endpoint] = self.key_at[pub] = key
+            # (Never replacing a key known there: the operator's, or one a connection
+            # proved; a member on the same address must not take another's ports.)
+            self.key_at.setdefault(endpoint, key)
+            self.key_at.setdefault(pub, key)
+            if self.key_at[endpoint] != key:
+                return
         self.peers[hello["node_id"]] = {
             "name": hello["name"], "endpoint": endpoint, "catalog": hello["catalog"]}
         self.dial(endpoint)
-        if pub not in self.pub_endpoints:
+        # Events on a SUB are the publisher's whose key it dialled (section 10a).
+        publisher = id_of_key(self.key_at[pub]) if self.keys and pub in self.key_at else None
+        if pub not in self.pub_endpoints and publisher in (None, hello["node_id"]):
             sub = self.ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             if self.curve_client(sub, pub):
@@ -201,7 +243,8 @@ class Node:
                 self.poller.register(sub, zmq.POLLIN)
             else:
                 sub.close()
-        for other in hello.get("peers", []):
+        peers = hello.get("peers", [])
+        for other in peers[:MAX_GOSSIP] if isinstance(peers, list) else []:
             self.dial(other)
 
     def settled(self):
@@ -226,7 +269,7 @@ class Node:
         """No HELLO-ACK yet on a connection: the HELLO again after 1, 2, 4, 8, 16 s."""
         now = time.monotonic()
         for endpoint, (at, gap) in list(self.retry.items()):
-            if endpoint in self.acked or gap > 32:
+            if endpoint in self.acked or gap > 16:
                 self.retry.pop(endpoint)
             elif now >= at:
                 self.send_hello(endpoint)
@@ -237,7 +280,9 @@ class Node:
         return self.dealers.get(peer["endpoint"]) if peer else None
 
     def serving(self, target, kind="methods"):
-        return [i for i, p in self.peers.items() if target in p["catalog"].get(kind, {})]
+        """Peers whose catalog lists `target` and that we have a DEALER to."""
+        return [i for i, p in self.peers.items()
+                if target in p["catalog"].get(kind, {}) and p["endpoint"] in self.dealers]
 
     # --- what we serve and publish ----------------------------------------------------
     def handle(self, target, fn):
@@ -340,8 +385,8 @@ class Node:
                         self.on_sub(frames, self.sub_of[sock])
                     else:
                         self.on_dealer(sock, frames, source)
-                except (ValueError, KeyError, TypeError, msgpack.ExtraData) as e:
-                    print(json.dumps({"dropped": str(e)}), file=sys.stderr)
+                except Exception as e:  # a peer's bad input is dropped, never fatal
+                    print(json.dumps({"dropped": repr(e)}), file=sys.stderr)
 
     def on_router(self, identity, frames, source, proven=None):
         if len(frames) != 2:
@@ -415,8 +460,9 @@ class Node:
         h, payload = unpack(frames[0]), frames[1]
         if h["k"] == HELLO_ACK:
             endpoint = next(e for e, d in self.dealers.items() if d is sock)
-            hello, key = unpack(payload), self.key_at.get(endpoint)
-            if self.keys and hello.get("node_id") != id_of_key(key):
+            hello, key = unpack(payload), self.dial_key.get(endpoint)
+            if self.keys and (not isinstance(hello, dict) or key is None
+                              or hello.get("node_id") != id_of_key(key)):
                 return  # the ACK must carry the id of the key we dialled (section 10a)
             self.acked.add(endpoint)
             self.learn(hello, source, key)
