@@ -35,7 +35,7 @@ pub(super) struct LocalIpc {
 
 impl LocalIpc {
     /// The directory and host key for this process, if ipc can be used here (Linux: the
-    /// boot id and network namespace are readable, and a private directory exists or
+    /// network namespace is readable, and a private directory with its host id exists or
     /// can be made). `None` otherwise: the node keeps to TCP.
     pub(super) fn detect() -> Option<LocalIpc> {
         let netns = std::fs::read_link("/proc/self/ns/net").ok()?;
