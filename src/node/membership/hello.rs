@@ -1,7 +1,7 @@
 //! HELLO: building ours and announcing it, answering a peer's (a HELLO-ACK, or for a
 //! node of another cluster only enough to say so), bounding what a HELLO may cost
-//! (size, rate, catalog), and remembering who introduced itself on which ROUTER
-//! connection for as long as that connection lives.
+//! (size, rate, catalog), remembering who introduced itself on which ROUTER connection
+//! for as long as that connection lives, and following the peers a HELLO names.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
-use super::{Membership, MembershipLimits, MAX_INTRODUCED};
+use super::{Membership, MembershipLimits, NamedBy, MAX_GOSSIP, MAX_INTRODUCED};
 use crate::codec::{self, CodecError, Header, Hello, Id, Kind};
 use crate::node::frames;
 use crate::node::security::claims_its_own_id;
@@ -308,6 +308,55 @@ pub(super) fn send_ack(router: &Router, identity: &Bytes, ack: Message) {
     {
         if router.drop_slowest() {
             let _ = router.try_send(identity, ack);
+        }
+    }
+}
+
+impl Membership {
+    /// Connects to the peers a HELLO names. Bounded: a HELLO cannot make us open more
+    /// than MAX_GOSSIP connections, nor grow the table past `max_peers`.
+    pub(super) fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
+        let own = Endpoint::from_addr((self.given.local.host, self.given.local.router_port).into());
+        for entry in gossip.into_iter().take(MAX_GOSSIP) {
+            // `tcp://host:port`, with `#KEY` from a secured node.
+            let (ep, key) = match entry.split_once('#') {
+                Some((ep, key)) => (ep, Some(key)),
+                None => (entry.as_str(), None),
+            };
+            // TCP only: a peer must never make us connect to a local socket it names.
+            let Some(ep) = Endpoint::parse(ep).ok().filter(|e| e.ipc_path().is_none()) else {
+                debug!(endpoint = %entry.escape_debug(), "not following gossip: not a TCP endpoint");
+                continue;
+            };
+            // A key named by a peer (a member that proved its own) is taken for an
+            // endpoint we know no key of; it never replaces one we know. A wrong one
+            // costs a handshake that fails.
+            let mut named_key = false;
+            if let (Some(book), Some(key)) = (&self.given.keys, key) {
+                match crate::transport::curve::decode_key(key) {
+                    Ok(k) => named_key = book.learn_if_unknown(ep.clone(), k),
+                    Err(_) => {
+                        debug!(endpoint = %entry.escape_debug(), "not following gossip: a bad key");
+                        continue;
+                    }
+                }
+            }
+            {
+                let st = self.state.lock();
+                if st.table.link_count() >= self.given.limits.max_peers {
+                    debug!(node = %self.given.local.name, "peer limit reached; gossip not followed");
+                    break;
+                }
+                if ep == own || st.table.link(&ep).is_some() {
+                    continue;
+                }
+            }
+            if let Err(e) = self.ensure_link(&ep, NamedBy::Hearsay) {
+                debug!(endpoint = %ep, error = %e, "not following gossip");
+                if let (Some(book), true) = (&self.given.keys, named_key) {
+                    book.forget_hearsay(&ep);
+                }
+            }
         }
     }
 }

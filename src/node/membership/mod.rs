@@ -409,53 +409,6 @@ impl Membership {
         }
     }
 
-    /// Connects to the peers a HELLO names. Bounded: a HELLO cannot make us open more
-    /// than MAX_GOSSIP connections, nor grow the table past `max_peers`.
-    fn follow_gossip(self: &Arc<Self>, gossip: Vec<String>) {
-        let own = Endpoint::from_addr((self.given.local.host, self.given.local.router_port).into());
-        for entry in gossip.into_iter().take(MAX_GOSSIP) {
-            // `tcp://host:port`, with `#KEY` from a secured node.
-            let (ep, key) = match entry.split_once('#') {
-                Some((ep, key)) => (ep, Some(key)),
-                None => (entry.as_str(), None),
-            };
-            // TCP only: a peer must never make us connect to a local socket it names.
-            let Some(ep) = Endpoint::parse(ep).ok().filter(|e| e.ipc_path().is_none()) else {
-                debug!(endpoint = %entry.escape_debug(), "not following gossip: not a TCP endpoint");
-                continue;
-            };
-            // A key named by a peer (a member that proved its own) is taken for an
-            // endpoint we know no key of; it never replaces one we know. A wrong one
-            // costs a handshake that fails.
-            let mut named_key = false;
-            if let (Some(book), Some(key)) = (&self.given.keys, key) {
-                match crate::transport::curve::decode_key(key) {
-                    Ok(k) => named_key = book.learn_if_unknown(ep.clone(), k),
-                    Err(_) => {
-                        debug!(endpoint = %entry.escape_debug(), "not following gossip: a bad key");
-                        continue;
-                    }
-                }
-            }
-            {
-                let st = self.state.lock();
-                if st.table.link_count() >= self.given.limits.max_peers {
-                    debug!(node = %self.given.local.name, "peer limit reached; gossip not followed");
-                    break;
-                }
-                if ep == own || st.table.link(&ep).is_some() {
-                    continue;
-                }
-            }
-            if let Err(e) = self.ensure_link(&ep, NamedBy::Hearsay) {
-                debug!(endpoint = %ep, error = %e, "not following gossip");
-                if let (Some(book), true) = (&self.given.keys, named_key) {
-                    book.forget_hearsay(&ep);
-                }
-            }
-        }
-    }
-
     /// Disconnects our SUB from PUB endpoints no peer uses any more.
     fn drop_subscriptions(&self, pubs: Vec<Endpoint>) {
         for p in pubs {
