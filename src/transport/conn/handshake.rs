@@ -39,7 +39,13 @@ pub(super) fn handshake_failed(shared: &Shared, addr: SocketAddr, reason: CloseR
     if let CloseReason::Violation(v) = &reason {
         shared.stats.count_violation(v);
     }
-    warn!(%addr, %reason, "handshake failed");
+    if reason == CloseReason::PeerClosed {
+        // Closed before its greeting was done: a port scan, or a node on this host
+        // checking that our ipc socket is alive (counted, not worth a warning each).
+        tracing::debug!(%addr, %reason, "handshake failed");
+    } else {
+        warn!(%addr, %reason, "handshake failed");
+    }
     shared.emit(SocketEvent::HandshakeFailed { addr, reason });
 }
 
