@@ -8,12 +8,12 @@
 //! and run in one network namespace (nodes in separate namespaces, as on the simulated
 //! LAN, keep to TCP and its partitions). It says nothing about the host but that. And
 //! where the socket cannot be reached after all, the node falls back to TCP (a DEALER
-//! tries the socket, then the TCP endpoint, on every attempt). The directory is the
-//! user's own
-//! (`$XDG_RUNTIME_DIR/peerwire`, else `/tmp/peerwire-UID`, mode 700, refused if anyone
-//! else owns it or can read it), and the socket's name is derived from the peer's node
-//! id, never taken from a message: a peer can make a node dial nothing but another
-//! node's socket there.
+//! tries the socket, then the TCP endpoint, on every attempt).
+//!
+//! The directory is the user's own (`$XDG_RUNTIME_DIR/peerwire`, else
+//! `/tmp/peerwire-UID`, mode 700, refused if anyone else owns it or can read it), and the
+//! socket's name is derived from the peer's node id, never taken from a message: a peer
+//! can make a node dial nothing but another node's socket there.
 //!
 //! This module owns the directory, the key and the paths; it never dials (the
 //! membership does, `links.rs`) and never binds (the builder does).
@@ -43,7 +43,11 @@ impl LocalIpc {
             Some(d) if !d.is_empty() => PathBuf::from(d).join("peerwire"),
             _ => PathBuf::from(format!("/tmp/peerwire-{}", uid()?)),
         };
-        if dir.as_os_str().len() > MAX_DIR_LEN || !private_dir(&dir) {
+        // An absolute UTF-8 path short enough for a socket name (an `XDG_RUNTIME_DIR`
+        // that is relative, or `@…`, would not make a valid `ipc://` endpoint).
+        let usable =
+            dir.is_absolute() && dir.to_str().is_some() && dir.as_os_str().len() <= MAX_DIR_LEN;
+        if !usable || !private_dir(&dir) {
             tracing::debug!(dir = %dir.display(), "no ipc for same-host peers: no private directory");
             return None;
         }
