@@ -39,6 +39,16 @@ fn peers_json(lan: &Lan, i: usize, args: &[&str]) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Hosts are network namespaces of one machine: their nodes share a directory but not
+    // a host key, so a node on another host is never reached over ipc (that would step
+    // around partitions). (Nodes on this host itself may be.)
+    let here = format!("tcp://{}:", lan.addr(i));
+    for p in v.as_array().unwrap() {
+        let router = p["router"].as_str().unwrap_or_default();
+        let dialled = p["dialled"].as_str().unwrap_or_default();
+        let elsewhere = !router.starts_with(&here) && !router.starts_with("tcp://127.");
+        assert!(!elsewhere || dialled.starts_with("tcp://"), "{p}");
+    }
     v.as_array().unwrap().clone()
 }
 
