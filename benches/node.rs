@@ -134,6 +134,13 @@ async fn node_request_same_host(ipc: bool, n: usize, warm: usize, h: &mut Histog
     );
     let dialled = client.peers()[0].dialled.to_string();
     assert_eq!(dialled.starts_with("ipc://"), ipc, "{dialled}");
+    time_requests(&client, n, warm, h).await;
+    client.shutdown().await;
+    r.shutdown().await;
+}
+
+/// `warm` then `n` timed 64-byte requests to `bench.echo`, one at a time.
+async fn time_requests(client: &Node, n: usize, warm: usize, h: &mut Histogram<u64>) {
     let payload = Bytes::from(vec![3u8; 64]);
     let o = CallOptions::timeout(Duration::from_secs(10));
     for i in 0..warm + n {
@@ -146,8 +153,6 @@ async fn node_request_same_host(ipc: bool, n: usize, warm: usize, h: &mut Histog
             h.record(t.elapsed().as_nanos() as u64).unwrap();
         }
     }
-    client.shutdown().await;
-    r.shutdown().await;
 }
 
 async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
@@ -156,18 +161,7 @@ async fn node_request(n: usize, warm: usize, h: &mut Histogram<u64>) {
 
 async fn node_request_with(guards: Guards, n: usize, warm: usize, h: &mut Histogram<u64>) {
     let (client, rs) = nodes_with(1, guards).await;
-    let payload = Bytes::from(vec![3u8; 64]);
-    let o = CallOptions::timeout(Duration::from_secs(10));
-    for i in 0..warm + n {
-        let t = Instant::now();
-        let _: Bytes = client
-            .request_with("bench.echo", &payload, o.clone())
-            .await
-            .unwrap();
-        if i >= warm {
-            h.record(t.elapsed().as_nanos() as u64).unwrap();
-        }
-    }
+    time_requests(&client, n, warm, h).await;
     client.shutdown().await;
     for r in rs {
         r.shutdown().await;

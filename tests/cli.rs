@@ -558,9 +558,7 @@ async fn a_flood_of_bad_messages_is_not_a_flood_of_log_lines() {
 
 #[test]
 fn keys_are_made_shown_and_never_overwritten() {
-    let dir = std::env::temp_dir().join(format!("pw-keys-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("keys");
     let name = dir.join("node");
     let name = name.to_str().unwrap();
     let made = ok_stdout(&peerwire(&["keys", "new", name]));
@@ -588,9 +586,7 @@ fn keys_are_made_shown_and_never_overwritten() {
 
 #[test]
 fn a_secured_node_answers_callers_that_know_its_key_and_only_those_it_allows() {
-    let dir = std::env::temp_dir().join(format!("pw-secure-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("secure");
     let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
     // The caller's key pair, made first: the node lets only it in.
     let caller_public = ok_stdout(&peerwire(&["keys", "new", &path("caller")]));
@@ -670,9 +666,7 @@ fn security_is_never_off_by_omission() {
 
 #[test]
 fn members_holding_the_cluster_secret_call_each_other_and_nobody_else_can() {
-    let dir = std::env::temp_dir().join(format!("pw-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("cluster");
     let path = |n: &str| dir.join(n).to_str().unwrap().to_string();
     for name in ["ours", "theirs"] {
         assert!(peerwire(&["keys", "secret", &path(name)]).status.success());

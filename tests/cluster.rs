@@ -10,7 +10,6 @@ use peerwire::node::{ClusterSecret, Node, NodeBuilder};
 use peerwire::transport::curve::{Curve, CurveKeys};
 use peerwire::transport::Router;
 use serde_json::{json, Value};
-use support::orders::V1;
 use support::*;
 
 fn member(name: &str, secret: &ClusterSecret, keys: &CurveKeys) -> NodeBuilder {
@@ -18,12 +17,6 @@ fn member(name: &str, secret: &ClusterSecret, keys: &CurveKeys) -> NodeBuilder {
         .secure(keys.clone())
         .cluster_secret(secret.clone())
         .socket_options(test_opts())
-}
-
-async fn echo_node(b: NodeBuilder, service: &str) -> Node {
-    let n = b.start().await.unwrap();
-    n.handle(service, V1, |v: Value, _| async move { Ok(v) });
-    n
 }
 
 fn violations(n: &Node, label: &str) -> u64 {

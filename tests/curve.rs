@@ -258,9 +258,7 @@ async fn a_pyzmq_client_holding_the_cluster_secret_calls_a_member() {
         return;
     }
     init_tracing();
-    let dir = std::env::temp_dir().join(format!("pw-py-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("py-cluster");
     let (ours, theirs) = (dir.join("ours"), dir.join("theirs"));
     let secret = ClusterSecret::generate();
     secret.write(&ours).unwrap();

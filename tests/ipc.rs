@@ -16,9 +16,7 @@ use support::*;
 
 /// A socket path of its own for each test, in a fresh directory.
 fn socket_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pw-ipc-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(&format!("ipc-{name}"));
     dir.join("s")
 }
 

@@ -618,25 +618,14 @@ async fn fallbacks_answer_when_no_instance_can_and_say_so() {
 }
 
 /// A peer on this host that a node learns from a HELLO is dialled at its ipc socket
-/// (same boot, network namespace and directory); a seed stays as given; and a node made
+/// (same directory, network namespace and user); a seed stays as given; and a node made
 /// `ipc(false)` keeps to TCP both ways.
 #[tokio::test]
 async fn same_host_peers_learned_by_hello_are_dialled_over_ipc() {
     init_tracing();
-    let a = Node::builder("a")
-        .insecure()
-        .socket_options(test_opts())
-        .start()
-        .await
-        .unwrap();
+    let a = start_node("a", &[]).await;
     a.handle("a.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
-    let b = Node::builder("b")
-        .insecure()
-        .peer(a.endpoint())
-        .socket_options(test_opts())
-        .start()
-        .await
-        .unwrap();
+    let b = start_node("b", &[a.endpoint()]).await;
     b.handle("b.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
     wait_service(&a, "b.echo", 1).await;
     wait_service(&b, "a.echo", 1).await;
@@ -670,18 +659,8 @@ async fn same_host_peers_learned_by_hello_are_dialled_over_ipc() {
 #[tokio::test]
 async fn a_peer_whose_ipc_socket_is_gone_is_reached_over_tcp() {
     init_tracing();
-    let a = Node::builder("a")
-        .insecure()
-        .socket_options(test_opts())
-        .start()
-        .await
-        .unwrap();
-    let b = Node::builder("b")
-        .insecure()
-        .socket_options(test_opts())
-        .start()
-        .await
-        .unwrap();
+    let a = start_node("a", &[]).await;
+    let b = start_node("b", &[]).await;
     b.handle("b.echo", V1, |v: serde_json::Value, _| async move { Ok(v) });
     // B's socket file removed before anyone dials it; then B introduces itself to A.
     let dir = std::env::var_os("XDG_RUNTIME_DIR")
@@ -715,9 +694,7 @@ async fn gossip_naming_a_local_socket_is_ignored() {
     use peerwire::transport::Dealer;
     init_tracing();
     let a = start_node("a", &[]).await;
-    let dir = std::env::temp_dir().join(format!("pw-gossip-ipc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("gossip-ipc");
     let bait = dir.join("bait.sock");
     let listener = tokio::net::UnixListener::bind(&bait).unwrap();
     let d = Dealer::connect(a.endpoint(), test_opts()).unwrap();

@@ -19,12 +19,6 @@ fn secured(name: &str, keys: &CurveKeys) -> NodeBuilder {
         .socket_options(test_opts())
 }
 
-async fn echo_node(b: NodeBuilder, service: &str) -> Node {
-    let n = b.start().await.unwrap();
-    n.handle(service, V1, |v: Value, _| async move { Ok(v) });
-    n
-}
-
 #[tokio::test]
 async fn secured_nodes_find_and_call_each_other_under_ids_their_keys_prove() {
     init_tracing();

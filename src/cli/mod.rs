@@ -315,17 +315,7 @@ pub async fn run_node(
     if relay {
         services::serve_relay(&node);
     }
-    // The first line is the endpoint, for scripts to read: with its key when secured, as
-    // other commands' --peer takes it.
-    match node.public_key() {
-        Some(k) => outln!(
-            "{}#{}",
-            node.endpoint(),
-            peerwire::transport::curve::encode_key(&k)
-        ),
-        // (Unsecured, the node has logged its warning as it started.)
-        None => outln!("{}", node.endpoint()),
-    }
+    print_endpoint(&node);
     errln!(
         "node {name} ({}) listening: router {} pub {}",
         node.id(),
@@ -364,6 +354,20 @@ pub async fn run_node(
         }
     }
     Ok(())
+}
+
+/// Prints a long-running node's first line, its endpoint, for scripts to read: with its
+/// key when secured, as other commands' --peer takes it. (Unsecured, the node has logged
+/// its warning as it started.)
+pub(crate) fn print_endpoint(node: &Node) {
+    match node.public_key() {
+        Some(k) => outln!(
+            "{}#{}",
+            node.endpoint(),
+            peerwire::transport::curve::encode_key(&k)
+        ),
+        None => outln!("{}", node.endpoint()),
+    }
 }
 
 /// Ctrl-C or SIGTERM (so `kill` stops a node as gracefully as Ctrl-C). Listening starts

@@ -325,6 +325,24 @@ pub async fn start_node(name: &str, peers: &[String]) -> peerwire::node::Node {
     b.start().await.expect("node starts")
 }
 
+/// An empty directory of the test's own under the system's temporary directory (named
+/// `pw-NAME-PID`), made afresh; the test removes it when done.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pw-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the node `b` describes, serving `service` (any JSON value back as it came).
+pub async fn echo_node(b: peerwire::node::NodeBuilder, service: &str) -> peerwire::node::Node {
+    let n = b.start().await.unwrap();
+    n.handle(service, orders::V1, |v: serde_json::Value, _| async move {
+        Ok(v)
+    });
+    n
+}
+
 /// The address of a `tcp://IP:port` endpoint (a node's, say), for a raw connection.
 pub fn addr_of(endpoint: &str) -> SocketAddr {
     peerwire::Endpoint::parse(endpoint)

@@ -107,14 +107,7 @@ pub(super) async fn serve(args: &NodeArgs, name: &str, port: u16) -> Result<()> 
         }
     });
 
-    match node.public_key() {
-        Some(k) => outln!(
-            "{}#{}",
-            node.endpoint(),
-            peerwire::transport::curve::encode_key(&k)
-        ),
-        None => outln!("{}", node.endpoint()),
-    }
+    crate::cli::print_endpoint(&node);
     errln!(
         "bench responder {name} ({}) ready: node {} and raw TCP echo on {host}:{tcp_port}",
         node.id(),

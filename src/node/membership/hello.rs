@@ -228,12 +228,13 @@ impl Membership {
         // The key this DEALER's connection proved (not what the book says now). A secured
         // node believes nothing of an ACK, not even that it is itself or of another
         // cluster, unless its id is that key's.
-        let key = self
+        let dealer = self
             .state
             .lock()
             .table
             .link(endpoint)
-            .and_then(|l| l.dealer.peer_key());
+            .map(|l| l.dealer.clone());
+        let key = dealer.as_ref().and_then(|d| d.peer_key());
         if !claims_its_own_id(self.is_secured(), hello.node_id, key) {
             self.hellos_refused.fetch_add(1, Relaxed);
             warn!(%endpoint, id = %hello.node_id, "HELLO-ACK refused: its node id is not the one its connection's key proves");
@@ -255,12 +256,9 @@ impl Membership {
         } else {
             // Where our connection actually went (a host name resolved), for a peer that
             // listens on an unspecified address.
-            let ip = self
-                .state
-                .lock()
-                .table
-                .link(endpoint)
-                .and_then(|l| l.dealer.peer_addr())
+            let ip = dealer
+                .as_ref()
+                .and_then(|d| d.peer_addr())
                 .filter(|a| !is_ipc_peer(a))
                 .map(|a| a.ip())
                 .or_else(|| endpoint.ip());

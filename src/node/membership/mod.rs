@@ -271,18 +271,18 @@ impl Membership {
         if let (Some(book), Some(key)) = (&self.given.keys, key) {
             // Two nodes cannot listen on one port: while our connection there proves
             // another key, a HELLO naming it is a member (on the same address) lying.
-            let serving = self.state.lock().table.link(&router_ep).and_then(|l| {
-                l.dealer
-                    .is_connected()
-                    .then(|| l.dealer.peer_key())
-                    .flatten()
-            });
-            let pub_taken = self
-                .state
-                .lock()
-                .table
-                .pub_of_another(&pub_ep, &hello.node_id);
-            if serving.is_some_and(|k| k != key) || pub_taken {
+            let taken = {
+                let st = self.state.lock();
+                let serving = st.table.link(&router_ep).and_then(|l| {
+                    l.dealer
+                        .is_connected()
+                        .then(|| l.dealer.peer_key())
+                        .flatten()
+                });
+                serving.is_some_and(|k| k != key)
+                    || st.table.pub_of_another(&pub_ep, &hello.node_id)
+            };
+            if taken {
                 self.hellos_refused.fetch_add(1, Relaxed);
                 warn!(peer = ?hello.name, id = %hello.node_id, endpoint = %router_ep, "HELLO refused: it names an endpoint another node serves");
                 return;
