@@ -7,6 +7,7 @@ use tokio::sync::broadcast;
 
 use super::conn::{
     spawn_connector, Attached, Inbound, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+    WriteSide,
 };
 use super::error::{ProtocolViolation, RecvError, SendError, TransportError};
 use super::events::SocketEvent;
@@ -28,6 +29,8 @@ struct DealerRole {
     /// One queue for the socket's whole life, so messages queued while disconnected (and
     /// those not fully written when a connection dropped) go out on the next connection.
     out: Arc<Queue<OutItem>>,
+    /// The current connection's writer, for sends written straight away.
+    side: Arc<WriteSide>,
     inbound: Arc<Queue<Inbound>>,
     connected: AtomicBool,
     /// Address of the peer of the current (or last) connection.
@@ -48,6 +51,7 @@ impl Role for DealerRole {
         self.connected.store(true, Relaxed);
         Ok(Attached {
             out: self.out.clone(),
+            side: self.side.clone(),
             sink: match &self.handler {
                 Some(f) => Sink::Handler(f.clone(), None),
                 None => Sink::Deliver(Intake::Queue(self.inbound.clone())),
@@ -174,6 +178,7 @@ impl Dealer {
             handler,
             first,
             out,
+            side: Arc::default(),
             inbound,
             connected: AtomicBool::new(false),
             peer_addr: parking_lot::Mutex::new(None),
@@ -216,7 +221,13 @@ impl Dealer {
     /// disconnected, fails at once when the queue is full.
     pub async fn send(&self, msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        let mut item = OutItem::Msg(msg);
+        let role = &self.role;
+        let Err(mut item) = role
+            .side
+            .try_send(OutItem::Msg(msg), &role.out, &role.shared)
+        else {
+            return Ok(());
+        };
         loop {
             match self.role.out.try_push(item) {
                 Ok(()) => return Ok(()),
@@ -242,9 +253,15 @@ impl Dealer {
     /// Queues `msg` without waiting; fails with [`SendError::QueueFull`] at a bound.
     pub fn try_send(&self, msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        self.role
-            .out
-            .try_push(OutItem::Msg(msg))
+        let role = &self.role;
+        let Err(item) = role
+            .side
+            .try_send(OutItem::Msg(msg), &role.out, &role.shared)
+        else {
+            return Ok(());
+        };
+        role.out
+            .try_push(item)
             .map_err(|(_, u)| SendError::QueueFull {
                 messages: u.count,
                 bytes: u.bytes,

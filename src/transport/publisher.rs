@@ -50,6 +50,7 @@ impl Role for PubRole {
         self.subscribers.write().push(s.clone());
         Ok(Attached {
             out: s.out.clone(),
+            side: Arc::default(),
             sink: Sink::Subscriptions(s.filter.clone()),
             identity: peer.identity.clone(),
         })

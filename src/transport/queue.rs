@@ -89,6 +89,8 @@ pub(crate) struct Queue<T> {
     interrupted: AtomicBool,
     /// Set by [`Queue::tick`]: the consumer's periodic heartbeat work is due.
     ticked: AtomicBool,
+    /// Set by [`Queue::nudge`]: the consumer should look again at its own state.
+    nudged: AtomicBool,
     /// Mirrors `closed`, for lock-free checks.
     closed: AtomicBool,
     /// A task is waiting in [`Queue::pop`] on the `AtomicWaker`.
@@ -135,6 +137,7 @@ impl<T: Cost> Queue<T> {
             interrupted: AtomicBool::new(false),
             has_items: AtomicBool::new(false),
             ticked: AtomicBool::new(false),
+            nudged: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             solo_waiting: AtomicBool::new(false),
         }
@@ -154,6 +157,7 @@ impl<T: Cost> Queue<T> {
         if self.is_interrupted()
             || self.ticked.load(Ordering::Relaxed)
             || (want_items && self.has_items.load(Ordering::Acquire))
+            || (self.nudged.load(Ordering::Relaxed) && self.nudged.swap(false, Ordering::AcqRel))
         {
             Poll::Ready(())
         } else {
@@ -177,6 +181,13 @@ impl<T: Cost> Queue<T> {
         self.consumer.wake();
     }
 
+    /// Wakes the consumer so that it looks again at state kept outside the queue (a
+    /// connection's writer, which a sender left with bytes the socket did not take).
+    pub fn nudge(&self) {
+        self.nudged.store(true, Ordering::Release);
+        self.consumer.wake();
+    }
+
     /// Whether [`Queue::tick`] was called since the last call; clears the flag.
     pub fn take_tick(&self) -> bool {
         self.ticked.load(Ordering::Relaxed) && self.ticked.swap(false, Ordering::Relaxed)
@@ -196,18 +207,7 @@ impl<T: Cost> Queue<T> {
         let (n, b) = item.cost();
         {
             let mut s = self.state.lock();
-            let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
-            let over_budget = n > 0
-                && self
-                    .budget
-                    .as_ref()
-                    .is_some_and(|g| g.used.load(Ordering::Relaxed) >= g.max);
-            if s.closed || !fits || over_budget {
-                let u = Usage {
-                    count: s.count,
-                    bytes: s.bytes,
-                    over_budget: fits && over_budget,
-                };
+            if let Some(u) = self.refusal(&s, n) {
                 return Err((item, u));
             }
             s.count += n;
@@ -218,6 +218,44 @@ impl<T: Cost> Queue<T> {
         }
         self.wake_consumer();
         Ok(())
+    }
+
+    /// Whether a push may succeed, judged without the lock: the queue is not closed,
+    /// holds no item, and the budget it shares (if any) is not spent. A sender that
+    /// writes a message itself (see `conn::WriteSide`) asks this first, so it never
+    /// sends what a push would have refused.
+    pub fn is_idle_and_open(&self) -> bool {
+        !self.has_items.load(Ordering::Acquire)
+            && !self.closed.load(Ordering::Acquire)
+            && self
+                .budget
+                .as_ref()
+                .is_none_or(|g| g.used.load(Ordering::Relaxed) < g.max)
+    }
+
+    /// Counts an item of cost `(n, b)` that bypassed the queue (its sender wrote part of
+    /// it itself and left the rest to the connection's writer) as if it had been taken
+    /// with [`Queue::take_all`]; [`Queue::release`] gives it back once written.
+    pub fn count_taken(&self, n: usize, b: usize) {
+        let mut s = self.state.lock();
+        s.count += n;
+        s.bytes += b;
+        self.charge(b);
+    }
+
+    /// Why an item counting for `n` items cannot be added now, if it cannot.
+    fn refusal(&self, s: &State<T>, n: usize) -> Option<Usage> {
+        let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
+        let over_budget = n > 0
+            && self
+                .budget
+                .as_ref()
+                .is_some_and(|g| g.used.load(Ordering::Relaxed) >= g.max);
+        (s.closed || !fits || over_budget).then_some(Usage {
+            count: s.count,
+            bytes: s.bytes,
+            over_budget: fits && over_budget,
+        })
     }
 
     /// Pushes regardless of the bounds (control items such as subscriptions).
@@ -385,6 +423,9 @@ impl<T: Cost> Queue<T> {
 
     /// Moves every item into `out` without releasing their cost (see [`Queue::release`]).
     pub fn take_all(&self, out: &mut VecDeque<T>) {
+        if !self.has_items.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.state.lock();
         out.extend(s.items.drain(..));
         self.has_items.store(false, Ordering::Release);

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::conn::{
-    spawn_listener, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink,
+    spawn_listener, Attached, MessageHandler, OutItem, PeerInfo, Role, Shared, Sink, WriteSide,
 };
 use super::error::{display_identity, ProtocolViolation, RecvError, SendError, TransportError};
 use super::inbox::{Inbox, Incoming, Intake, Taken};
@@ -22,11 +22,14 @@ use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Route {
     out: Arc<Queue<OutItem>>,
+    side: Arc<WriteSide>,
     addr: SocketAddr,
     alive: Arc<AtomicBool>,
     /// With CURVE: the client's long-term public key, as its handshake proved it.
     key: Option<[u8; 32]>,
 }
+
+type RouteHandles = (Arc<Queue<OutItem>>, Arc<WriteSide>, Arc<AtomicBool>);
 
 struct RouterRole {
     shared: Arc<Shared>,
@@ -74,10 +77,12 @@ impl Role for RouterRole {
             opts.send_queue_bytes,
             self.budget.clone(),
         ));
+        let side = Arc::<WriteSide>::default();
         routes.insert(
             identity.clone(),
             Route {
                 out: out.clone(),
+                side: side.clone(),
                 addr: peer.addr,
                 alive: Arc::new(AtomicBool::new(true)),
                 key: peer.curve_key,
@@ -85,6 +90,7 @@ impl Role for RouterRole {
         );
         Ok(Attached {
             out,
+            side,
             sink: match &self.handler {
                 Some(f) => Sink::Handler(f.clone(), Some(Intake::Lane(lane))),
                 None => Sink::Deliver(Intake::Lane(lane)),
@@ -236,9 +242,15 @@ impl Router {
     /// queue is full. Fails if no such peer is connected (or it disconnects while we wait).
     pub async fn send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        let mut item = OutItem::Msg(msg);
+        let mut item = {
+            let (out, side, _) = self.route(identity)?;
+            match side.try_send(OutItem::Msg(msg), &out, &self.role.shared) {
+                Ok(()) => return Ok(()),
+                Err(item) => item,
+            }
+        };
         loop {
-            let (out, alive) = self.route(identity)?;
+            let (out, _, alive) = self.route(identity)?;
             match out.try_push(item) {
                 Ok(()) => return Ok(()),
                 // Room in the total comes from other connections' writes, which this
@@ -261,8 +273,11 @@ impl Router {
     /// [`SendError::QueueFull`] if its queue is at a bound.
     pub fn try_send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        let (out, _) = self.route(identity)?;
-        out.try_push(OutItem::Msg(msg)).map_err(|(_, u)| {
+        let (out, side, _) = self.route(identity)?;
+        let Err(item) = side.try_send(OutItem::Msg(msg), &out, &self.role.shared) else {
+            return Ok(());
+        };
+        out.try_push(item).map_err(|(_, u)| {
             if u.over_budget {
                 SendError::BudgetSpent {
                     used: self.role.budget.used(),
@@ -277,12 +292,13 @@ impl Router {
         })
     }
 
-    fn route(&self, identity: &[u8]) -> Result<(Arc<Queue<OutItem>>, Arc<AtomicBool>), SendError> {
+    /// The queue, writer and liveness of the connection with `identity`.
+    fn route(&self, identity: &[u8]) -> Result<RouteHandles, SendError> {
         let routes = self.role.routes.lock();
         let r = routes
             .get(identity)
             .ok_or_else(|| SendError::UnknownPeer(display_identity(identity)))?;
-        Ok((r.out.clone(), r.alive.clone()))
+        Ok((r.out.clone(), r.side.clone(), r.alive.clone()))
     }
 
     /// The peers connected now.

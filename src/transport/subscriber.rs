@@ -48,6 +48,7 @@ impl Role for SubRole {
         let lane = Intake::Lane(self.inbound.lane());
         Ok(Attached {
             out,
+            side: Arc::default(),
             sink: match &self.handler {
                 Some(f) => Sink::Handler(f.clone(), Some(lane)),
                 None => Sink::Deliver(lane),

@@ -20,52 +20,76 @@ use crate::transport::Endpoint;
 /// it is a process on this host.
 pub(crate) const IPC_PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
-/// A connected stream, split into borrowed halves for the connection's loop.
+/// A connected stream, split after its handshake into a reading half, which only the
+/// connection's task uses, and a writing half, which the task shares with the socket's
+/// senders (see `writer::WriteSide`).
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The reading half.
-    type Read<'a>: AsyncRead + Unpin + Send
-    where
-        Self: 'a;
+    type Read: AsyncRead + Unpin + Send + 'static;
     /// The writing half.
-    type Write<'a>: WriteHalf + Unpin + Send
-    where
-        Self: 'a;
-    /// Both halves, borrowed.
-    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+    type Write: WriteHalf;
+    /// Both halves, owned. Dropping the writing half shuts the stream down for writing.
+    fn into_split(self) -> (Self::Read, Self::Write);
 }
 
-/// What the connection's writer needs of a writing half besides `AsyncWrite`: a write
-/// attempted without waiting (the fast path when the socket has room).
-pub(crate) trait WriteHalf: AsyncWrite {
+/// What any task may do with a writing half: write what the socket takes now, without
+/// waiting. Object-safe, so a socket's senders need not know the kind of stream.
+pub(crate) trait RawWrite: Send + Sync + 'static {
     /// Writes what the socket takes now, or `WouldBlock`.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// The same for one buffer (`send` rather than `writev`: the kernel does less).
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// What the connection's task also needs of its writing half: waiting for room.
+pub(crate) trait WriteHalf: RawWrite {
+    /// Returns once the socket may take more bytes (or has failed).
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
 impl Stream for TcpStream {
-    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
-    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
-    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
-        self.split()
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_split(self) -> (Self::Read, Self::Write) {
+        TcpStream::into_split(self)
     }
 }
 
-impl WriteHalf for tokio::net::tcp::WriteHalf<'_> {
+impl RawWrite for tokio::net::tcp::OwnedWriteHalf {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::tcp::WriteHalf::try_write_vectored(self, bufs)
+        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
+    }
+}
+
+impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedWriteHalf::writable(self)
     }
 }
 
 impl Stream for UnixStream {
-    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
-    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
-    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
-        self.split()
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_split(self) -> (Self::Read, Self::Write) {
+        UnixStream::into_split(self)
     }
 }
 
-impl WriteHalf for tokio::net::unix::WriteHalf<'_> {
+impl RawWrite for tokio::net::unix::OwnedWriteHalf {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::unix::WriteHalf::try_write_vectored(self, bufs)
+        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        tokio::net::unix::OwnedWriteHalf::try_write(self, buf)
+    }
+}
+
+impl WriteHalf for tokio::net::unix::OwnedWriteHalf {
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::unix::OwnedWriteHalf::writable(self)
     }
 }
 

@@ -1,7 +1,9 @@
 //! One connection's shared vocabulary, and [`serve`], which runs a connection from
 //! handshake to close.
 //!
-//! A connection is driven by exactly one task, which owns the `TcpStream`. The socket
+//! A connection is driven by exactly one task, which owns the stream: it reads it, waits
+//! for room to write, and closes it. A sender may write a message onto it itself, under
+//! the writer's lock, when nothing else waits to be written (see [`WriteSide`]). The socket
 //! types (ROUTER, DEALER, PUB, SUB) differ only in what they do when a handshake
 //! completes and ends ([`Role`]) and where received messages go ([`Sink`]); the byte
 //! handling is all in this module's children, one per phase:
@@ -50,6 +52,7 @@ use super::{Endpoint, Message, SocketType};
 
 pub(crate) use spawn::{spawn_connector, spawn_listener};
 pub(crate) use subscriptions::Subscriptions;
+pub(crate) use writer::WriteSide;
 
 use handshake::{handshake, handshake_failed};
 use run::run;
@@ -125,6 +128,9 @@ impl Sink {
 /// What a socket type decided when a handshake completed.
 pub(crate) struct Attached {
     pub out: Arc<Queue<OutItem>>,
+    /// Where the connection's writer is, for senders that write themselves (see
+    /// [`WriteSide`]); a socket whose senders always queue gives a fresh one.
+    pub side: Arc<WriteSide>,
     pub sink: Sink,
     /// The identity the connection is known by (announced or assigned).
     pub identity: Bytes,

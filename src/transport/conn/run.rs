@@ -7,6 +7,7 @@
 //! nothing per message beyond what decoding needs.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -19,7 +20,8 @@ use crate::transport::error::{CloseReason, ProtocolViolation};
 use crate::transport::wire::{Command, Decoded, Decoder};
 use crate::transport::SocketType;
 
-use super::writer::{linger, try_write_chunks, write_chunks, written, Writer};
+use super::io::WriteHalf;
+use super::writer::{linger, Writer};
 use super::{Attached, Inbound, Meter, PeerInfo, Shared, Sink, READ_MIN};
 
 /// Most capacity reserved ahead of bytes that actually arrived: a peer announcing a
@@ -28,7 +30,7 @@ const READ_AHEAD_MAX: usize = 256 * 1024;
 
 /// The connection loop after the handshake. Returns why it ended.
 pub(super) async fn run<S: super::io::Stream>(
-    mut stream: S,
+    stream: S,
     mut rbuf: BytesMut,
     peer: &PeerInfo,
     shared: &Shared,
@@ -37,7 +39,9 @@ pub(super) async fn run<S: super::io::Stream>(
     curve: Option<CurveSession>,
 ) -> CloseReason {
     let opts = &shared.opts;
-    let (mut rd, mut wr) = stream.halves();
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
+    let side = &att.side;
     let (sealer, mut reader, mut dec) = match curve {
         None => (None, None, Decoder::new(opts.decode_limits())),
         Some(session) => {
@@ -53,7 +57,7 @@ pub(super) async fn run<S: super::io::Stream>(
             (Some(sealer), Some(reader), Decoder::new(outer))
         }
     };
-    let mut w = Writer::new(peer.minor, sealer);
+    side.install(Writer::new(peer.minor, sealer), wr.clone());
     let mut pending: Option<Inbound> = None;
     // The read buffer has been past `READ_AHEAD_MAX` since it was last made fresh.
     let mut grown = false;
@@ -162,11 +166,13 @@ pub(super) async fn run<S: super::io::Stream>(
                         // At most one unwritten PONG: a peer flooding PINGs while never
                         // reading must not grow our write buffer. Any traffic from us
                         // proves liveness, so skipping a PONG loses nothing.
-                        if w.written >= last_pong_end {
-                            w.command(&Command::Pong(context));
-                            w.flush_staging();
-                            last_pong_end = w.appended;
-                        }
+                        side.with(|w| {
+                            if w.written >= last_pong_end {
+                                w.command(&Command::Pong(context));
+                                w.flush_staging();
+                                last_pong_end = w.appended;
+                            }
+                        });
                     }
                     Command::Pong(_) => {}
                     Command::Error(r) => break 'conn ProtocolViolation::PeerError(r).into(),
@@ -212,28 +218,12 @@ pub(super) async fn run<S: super::io::Stream>(
         let held = if grown { rbuf.capacity() } else { rbuf.len() } + partial;
         meter.report(shared, held, msg_start, pending.is_some());
         at_boundary = rbuf.is_empty() && partial == 0;
-        if w.chunks.is_empty() {
-            w.refill(&att.out);
-            // Try the write now: usually the socket has room and this saves a turn of
-            // the select below. WouldBlock just leaves the bytes for that turn.
-            while !w.chunks.is_empty() {
-                match try_write_chunks(&wr, &w.chunks) {
-                    Ok(n) => {
-                        let (c, b) = w.advance(n);
-                        written(shared, att, c, b);
-                        tx_seen = true;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => break 'conn e.into(),
-                }
-            }
-        }
         if att.out.is_interrupted() {
             if meter.is_evicted() {
                 let budget = opts.recv_buffer_total_bytes;
                 break ProtocolViolation::ReceiveBudget { held, budget }.into();
             }
-            linger(&mut wr, &mut w, att, opts.linger).await;
+            linger(&*wr, side, shared, &att.out, opts.linger).await;
             break CloseReason::Shutdown;
         }
         if att.out.take_tick() {
@@ -263,30 +253,37 @@ pub(super) async fn run<S: super::io::Stream>(
                 if now + tick / 2 >= next_ping {
                     let ttl_ds =
                         (opts.heartbeat_timeout.as_millis() / 100).min(u16::MAX as u128) as u16;
-                    w.command(&Command::Ping {
-                        ttl_ds,
-                        context: Bytes::new(),
+                    side.with(|w| {
+                        w.command(&Command::Ping {
+                            ttl_ds,
+                            context: Bytes::new(),
+                        });
+                        w.flush_staging();
                     });
-                    w.flush_staging();
                     next_ping = now + ivl;
                 }
             }
-            // Written by the next turn's select (the write branch is enabled).
         }
-        let want_items = w.chunks.is_empty();
+        // Usually the socket has room for what is queued: writing it now saves a turn of
+        // the select below.
+        let need_write = match side.write_now(shared, &att.out, false) {
+            Ok(f) => {
+                tx_seen |= f.progressed;
+                f.pending
+            }
+            Err(e) => break e.into(),
+        };
         let want = dec.wanted(rbuf.len());
         rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
         grown |= rbuf.capacity() > READ_AHEAD_MAX;
 
         tokio::select! {
             biased;
-            r = write_chunks(&mut wr, &w.chunks), if !w.chunks.is_empty() => match r {
-                Ok(n) => {
-                    let (c, b) = w.advance(n);
-                    written(shared, att, c, b);
-                    tx_seen = true;
+            r = wr.writable(), if need_write => {
+                match r.and_then(|()| side.write_now(shared, &att.out, true)) {
+                    Ok(f) => tx_seen |= f.progressed,
+                    Err(e) => break e.into(),
                 }
-                Err(e) => break e.into(),
             },
             r = rd.read_buf(&mut rbuf), if pending.is_none() => match r {
                 Ok(0) => break CloseReason::PeerClosed,
@@ -310,14 +307,16 @@ pub(super) async fn run<S: super::io::Stream>(
                 }
             },
             // New items to write, a tick or an interrupt (handled at the top of the loop).
-            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx, want_items)) => {},
+            _ = std::future::poll_fn(|cx| att.out.poll_readable(cx, !need_write)) => {},
         }
     };
     // Whatever was not completely written goes back to the queue: a DEALER sends it on
     // its next connection; for other sockets the queue dies with the connection.
-    let unsent = w.inflight.drain(..).map(|(item, _)| item);
-    att.out
-        .requeue_front(unsent.collect::<Vec<_>>().into_iter());
+    if let Some(mut w) = side.remove() {
+        let unsent = w.inflight.drain(..).map(|(item, _)| item);
+        att.out
+            .requeue_front(unsent.collect::<Vec<_>>().into_iter());
+    }
     if let Some(item) = pending {
         // Received but not deliverable because we are closing: counted, not silent.
         shared.stats.dropped.fetch_add(1, Relaxed);

@@ -1,5 +1,7 @@
 //! Outgoing bytes of one connection: queued items encoded into frames, written with
-//! vectored writes, and accounted for once written; and the flush on close (linger).
+//! vectored writes, and accounted for once written; the flush on close (linger); and the
+//! [`WriteSide`] that lets a sender write a message itself when the connection has
+//! nothing else to write.
 //!
 //! It never reads from the socket and never decides when a connection ends; it releases
 //! the queue's bounds only for items whose last byte was written, so an item cut off by
@@ -10,16 +12,18 @@ use std::io::IoSlice;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use super::io::WriteHalf;
+use std::sync::Arc;
+
+use super::io::{RawWrite, WriteHalf};
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use parking_lot::Mutex;
 use tokio::time::timeout;
 
 use crate::transport::curve::CurveSealer;
 use crate::transport::queue::{shrink_if_empty, Cost, Queue};
 use crate::transport::wire::{encode_frame_header, Command, FLAG_MORE};
 
-use super::{Attached, OutItem, Shared};
+use super::{OutItem, Shared};
 
 /// Frames at least this large are written straight from the caller's buffer (vectored
 /// write) instead of being copied into the connection's staging buffer.
@@ -40,6 +44,10 @@ pub(super) struct Writer {
     minor: u8,
     /// With CURVE: boxes every frame and command.
     curve: Option<CurveSealer>,
+    /// The last write attempt found the socket full: the next waits for room.
+    blocked: bool,
+    /// A sender wrote a message itself since the connection's task last looked.
+    sent_directly: bool,
 }
 
 impl Writer {
@@ -53,41 +61,48 @@ impl Writer {
             written: 0,
             minor,
             curve,
+            blocked: false,
+            sent_directly: false,
         }
     }
 
     pub(super) fn refill(&mut self, q: &Queue<OutItem>) {
         q.take_all(&mut self.taken);
         while let Some(item) = self.taken.pop_front() {
-            match &item {
-                OutItem::Msg(m) => {
-                    let n = m.frames().len();
-                    for (i, f) in m.frames().iter().enumerate() {
-                        self.frame(if i + 1 < n { FLAG_MORE } else { 0 }, f);
-                    }
-                }
-                OutItem::Subscribe(t) | OutItem::Cancel(t) => {
-                    let sub = matches!(item, OutItem::Subscribe(_));
-                    if self.minor >= 1 {
-                        let c = if sub {
-                            Command::Subscribe(t.clone())
-                        } else {
-                            Command::Cancel(t.clone())
-                        };
-                        self.command(&c);
-                    } else {
-                        // ZMTP 3.0 form: a one-frame message, first byte 1 or 0.
-                        let mut body = BytesMut::with_capacity(1 + t.len());
-                        body.put_u8(sub as u8);
-                        body.put_slice(t);
-                        self.frame(0, &body.freeze());
-                    }
-                }
-            }
-            self.inflight.push_back((item, self.appended));
+            self.encode(item);
         }
         shrink_if_empty(&mut self.taken);
         self.flush_staging();
+    }
+
+    /// Encodes one item behind what is already encoded.
+    fn encode(&mut self, item: OutItem) {
+        match &item {
+            OutItem::Msg(m) => {
+                let n = m.frames().len();
+                for (i, f) in m.frames().iter().enumerate() {
+                    self.frame(if i + 1 < n { FLAG_MORE } else { 0 }, f);
+                }
+            }
+            OutItem::Subscribe(t) | OutItem::Cancel(t) => {
+                let sub = matches!(item, OutItem::Subscribe(_));
+                if self.minor >= 1 {
+                    let c = if sub {
+                        Command::Subscribe(t.clone())
+                    } else {
+                        Command::Cancel(t.clone())
+                    };
+                    self.command(&c);
+                } else {
+                    // ZMTP 3.0 form: a one-frame message, first byte 1 or 0.
+                    let mut body = BytesMut::with_capacity(1 + t.len());
+                    body.put_u8(sub as u8);
+                    body.put_slice(t);
+                    self.frame(0, &body.freeze());
+                }
+            }
+        }
+        self.inflight.push_back((item, self.appended));
     }
 
     fn frame(&mut self, flags: u8, body: &Bytes) {
@@ -159,12 +174,159 @@ impl Writer {
 }
 
 /// Accounts for items fully written: counters and the queue's bounds.
-pub(super) fn written(shared: &Shared, att: &Attached, count: usize, bytes: usize) {
+pub(super) fn written(shared: &Shared, out: &Queue<OutItem>, count: usize, bytes: usize) {
     if count > 0 {
         shared.stats.messages_out.fetch_add(count as u64, Relaxed);
     }
     if count > 0 || bytes > 0 {
-        att.out.release(count, bytes);
+        out.release(count, bytes);
+    }
+}
+
+/// A connection's [`Writer`] and the writing half of its stream, shared by the
+/// connection's task and the socket's senders.
+///
+/// The task owns the stream: it reads it, waits for room to write, and ends it. But a
+/// message sent while the connection has nothing queued and nothing half-written need
+/// not wait for the task to be scheduled: [`WriteSide::try_send`] encodes it and writes
+/// what the socket takes right away, from the sender's task, under this lock. What the
+/// socket does not take stays in the writer for the task, which is nudged. Either way
+/// bytes reach the socket in the order they were encoded, so frames (and CURVE nonces)
+/// never interleave, and the queue's bounds count the message until it is written.
+///
+/// Lock order: this lock, then the queue's. Never held across an `.await`; senders only
+/// ever `try_lock` it, so a sender never waits for the task.
+#[derive(Default)]
+pub(crate) struct WriteSide {
+    active: Mutex<Option<Active>>,
+}
+
+struct Active {
+    w: Writer,
+    sock: Arc<dyn RawWrite>,
+}
+
+/// What one [`WriteSide::write_now`] did.
+pub(super) struct Flushed {
+    /// Some bytes were written.
+    pub progressed: bool,
+    /// Bytes are left for when the socket has room.
+    pub pending: bool,
+}
+
+impl WriteSide {
+    /// The connection's task starts writing through `sock`.
+    pub(super) fn install(&self, w: Writer, sock: Arc<dyn RawWrite>) {
+        *self.active.lock() = Some(Active { w, sock });
+    }
+
+    /// The connection ends: senders go back to the queue. Returns the writer (with the
+    /// items not completely written).
+    pub(super) fn remove(&self) -> Option<Writer> {
+        self.active.lock().take().map(|a| a.w)
+    }
+
+    /// Runs `f` on the writer (installed: the connection's task only).
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut Writer) -> R) -> R {
+        f(&mut self.active.lock().as_mut().expect("writer installed").w)
+    }
+
+    /// Takes what is queued if nothing is left to write, and writes what the socket
+    /// takes now: unless the last attempt found it full and `ready` (the socket said it
+    /// has room since) is false.
+    pub(super) fn write_now(
+        &self,
+        shared: &Shared,
+        out: &Queue<OutItem>,
+        ready: bool,
+    ) -> std::io::Result<Flushed> {
+        let mut g = self.active.lock();
+        let a = g.as_mut().expect("writer installed");
+        if ready {
+            a.w.blocked = false;
+        }
+        a.w.sent_directly = false;
+        if a.w.chunks.is_empty() {
+            a.w.refill(out);
+        }
+        let progressed = a.flush(shared, out, true)?;
+        Ok(Flushed {
+            progressed,
+            pending: !a.w.chunks.is_empty(),
+        })
+    }
+
+    /// Writes `item` from the caller's task if the connection is up and has nothing
+    /// queued or half-written (and no other task is writing); gives it back otherwise,
+    /// to be queued. Fails, also giving it back, where a push to `out` would fail.
+    pub(crate) fn try_send(
+        &self,
+        item: OutItem,
+        out: &Queue<OutItem>,
+        shared: &Shared,
+    ) -> Result<(), OutItem> {
+        // Checked again under the lock: this first look keeps a busy queue's senders off it.
+        if !out.is_idle_and_open() {
+            return Err(item);
+        }
+        let Some(mut g) = self.active.try_lock() else {
+            return Err(item);
+        };
+        let Some(a) = g.as_mut() else {
+            return Err(item);
+        };
+        // Nothing half-written, so nothing in flight: the queue counts nothing of this
+        // connection, and its bounds cannot refuse the item. And only one message between
+        // two turns of the task: a sender writing many in a row (a burst, which never
+        // lets the task run) queues all but the first, and the task writes them in as
+        // few system calls as it can, where one write each would cost a call each.
+        if !a.w.chunks.is_empty() || a.w.sent_directly || !out.is_idle_and_open() {
+            return Err(item);
+        }
+        a.w.sent_directly = true;
+        let (n, b) = item.cost();
+        a.w.encode(item);
+        a.w.flush_staging();
+        let r = a.flush(shared, out, false);
+        if a.w.chunks.is_empty() {
+            // All written: it was never held, so the queue never counted it.
+            shared.stats.messages_out.fetch_add(n as u64, Relaxed);
+            return Ok(());
+        }
+        // What the socket did not take waits for the task, counted as taken from the
+        // queue (released as usual once written). A failed write is the task's to
+        // notice too: its next write fails the same way.
+        out.count_taken(n, b);
+        let _ = r;
+        out.nudge();
+        Ok(())
+    }
+}
+
+impl Active {
+    /// Writes until the writer is empty or the socket full; returns whether any byte was
+    /// written. Items completed are accounted for if `counted` (taken from the queue).
+    fn flush(
+        &mut self,
+        shared: &Shared,
+        out: &Queue<OutItem>,
+        counted: bool,
+    ) -> std::io::Result<bool> {
+        let mut progressed = false;
+        while !self.w.chunks.is_empty() && !self.w.blocked {
+            match try_write_chunks(&*self.sock, &self.w.chunks) {
+                Ok(n) => {
+                    let (c, b) = self.w.advance(n);
+                    if counted {
+                        written(shared, out, c, b);
+                    }
+                    progressed = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.w.blocked = true,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(progressed)
     }
 }
 
@@ -177,56 +339,41 @@ fn io_slices<'a>(chunks: &'a VecDeque<Bytes>, slices: &mut [IoSlice<'a>; MAX_IOV
     n
 }
 
-pub(super) fn try_write_chunks(
-    wr: &impl WriteHalf,
-    chunks: &VecDeque<Bytes>,
-) -> std::io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); MAX_IOV];
-    let n = io_slices(chunks, &mut slices);
-    let w = wr.try_write_vectored(&slices[..n])?;
+fn try_write_chunks(wr: &dyn RawWrite, chunks: &VecDeque<Bytes>) -> std::io::Result<usize> {
+    let w = if chunks.len() == 1 {
+        wr.try_write(&chunks[0])?
+    } else {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let n = io_slices(chunks, &mut slices);
+        wr.try_write_vectored(&slices[..n])?
+    };
     if w == 0 {
         return Err(std::io::ErrorKind::WriteZero.into());
     }
     Ok(w)
 }
 
-pub(super) async fn write_chunks<W: WriteHalf + Unpin>(
-    wr: &mut W,
-    chunks: &VecDeque<Bytes>,
-) -> std::io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); MAX_IOV];
-    let n = io_slices(chunks, &mut slices);
-    let w = wr.write_vectored(&slices[..n]).await?;
-    if w == 0 {
-        return Err(std::io::ErrorKind::WriteZero.into());
-    }
-    Ok(w)
-}
-
-/// On close, keeps writing what is already queued for at most `linger`.
-pub(super) async fn linger<W: WriteHalf + Unpin>(
-    wr: &mut W,
-    w: &mut Writer,
-    att: &Attached,
+/// On close, keeps writing what is already queued for at most `linger`. (The stream is
+/// shut down for writing when its writing half is dropped, after this.)
+pub(super) async fn linger<W: WriteHalf>(
+    wr: &W,
+    side: &WriteSide,
+    shared: &Shared,
+    out: &Queue<OutItem>,
     linger: Duration,
 ) {
     let flush = async {
+        let mut ready = false;
         loop {
-            if w.chunks.is_empty() {
-                w.refill(&att.out);
+            match side.write_now(shared, out, ready) {
+                Ok(f) if f.pending => {}
+                _ => break,
             }
-            if w.chunks.is_empty() {
+            if wr.writable().await.is_err() {
                 break;
             }
-            match write_chunks(wr, &w.chunks).await {
-                Ok(n) => {
-                    let (c, b) = w.advance(n);
-                    att.out.release(c, b);
-                }
-                Err(_) => break,
-            }
+            ready = true;
         }
-        let _ = wr.shutdown().await;
     };
     let _ = timeout(linger, flush).await;
 }
