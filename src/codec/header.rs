@@ -22,7 +22,7 @@ pub(super) const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub(super) const MAX_HEADERS: usize = 64;
 
 pub(super) fn encode(h: &Header) -> Bytes {
-    let mut b = Vec::with_capacity(96 + h.target.len());
+    let mut b = super::EncodeBuf::new();
     let w = &mut b;
     let mut n = 4; // v, k, id, src
     n += !h.correlation_id.is_nil() as u32;
@@ -83,10 +83,10 @@ pub(super) fn encode(h: &Header) -> Bytes {
         key(w, "minor");
         let _ = enc::write_uint(w, v.minor as u64);
     }
-    Bytes::from(b)
+    super::exact_bytes(b)
 }
 
-fn key(w: &mut Vec<u8>, k: &str) {
+fn key(w: &mut super::EncodeBuf, k: &str) {
     let _ = enc::write_str(w, k);
 }
 

@@ -409,9 +409,25 @@ pub fn salvage_header(b: &[u8]) -> Option<(Id, Option<u8>)> {
 
 /// Encodes a payload value as MessagePack (named maps for structs, so fields can be added).
 pub fn encode_payload<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, CodecError> {
-    rmp_serde::to_vec_named(v)
-        .map(Bytes::from)
-        .map_err(|e| CodecError::Encode(e.to_string()))
+    let mut b = EncodeBuf::new();
+    rmp_serde::encode::write_named(&mut b, v).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(exact_bytes(b))
+}
+
+/// Where headers and payloads are encoded: on the stack up to a size that holds the
+/// usual header and small payload, on the heap past it.
+type EncodeBuf = smallvec::SmallVec<[u8; 256]>;
+
+/// The encoded bytes as one shared buffer, made with one allocation: a small encoding
+/// is copied once off the stack (where a growing `Vec` would have been reallocated as it
+/// grew, then given a second allocation to be shared); a large one keeps its heap
+/// buffer and is never copied.
+fn exact_bytes(b: EncodeBuf) -> Bytes {
+    if b.spilled() {
+        Bytes::from(b.into_vec())
+    } else {
+        Bytes::copy_from_slice(&b)
+    }
 }
 
 /// The payload content type peerwire speaks; a header without `ct` means this one.

@@ -42,9 +42,13 @@ const COMPACT_ABOVE: usize = 4096;
 
 /// `now + d`, or a year from now if that overflows (a `Duration::MAX` timeout).
 pub(super) fn far_instant_after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+    far_instant(Instant::now(), d)
+}
+
+/// `at + d`, or a year after `at` if that overflows.
+pub(super) fn far_instant(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(365 * 86_400))
 }
 
 struct Pending {

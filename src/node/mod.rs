@@ -544,6 +544,7 @@ fn call<'a, T: ?Sized>(
         headers: opts.headers,
         id: None,
         avoid: Vec::new(),
+        now: tokio::time::Instant::now(),
     }
 }
 

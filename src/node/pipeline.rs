@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::breaker;
-use super::calls::{far_instant_after, Awaiting, Canceller, Ending, InFlight};
+use super::calls::{far_instant, far_instant_after, Awaiting, Canceller, Ending, InFlight};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::membership::NotPicked;
@@ -67,6 +67,10 @@ pub(super) struct Call<'a, T: ?Sized> {
     pub(super) avoid: Vec<Id>,
     /// The call's own settings of the breaker, bulkhead and balancing.
     pub(super) guards: Guards,
+    /// When the call began: one reading of the clock serves the whole pipeline (its
+    /// deadline, its breaker's window), where each step reading its own would cost a
+    /// system-clock read apiece on the path every call takes.
+    pub(super) now: Instant,
 }
 
 /// A call's own settings of the mechanisms inside the pipeline (see [`CallOptions`]).
@@ -120,6 +124,7 @@ struct Admitted<'a> {
     id: Option<Id>,
     avoid: Vec<Id>,
     guards: Guards,
+    now: Instant,
 }
 
 impl Core {
@@ -156,7 +161,7 @@ impl Core {
         // Inside a handler, a call never outlives the handler's own deadline: its caller
         // will have given up by then.
         if let Some(d) = super::registry::inherited_deadline() {
-            let left = d.saturating_duration_since(Instant::now());
+            let left = d.saturating_duration_since(call.now);
             if left.is_zero() {
                 return Err(CallError::Timeout {
                     target: call.target.to_string(),
@@ -166,7 +171,7 @@ impl Core {
             timeout = timeout.min(left);
         }
         // A request's deadline runs from here; encoding counts against it.
-        let deadline = far_instant_after(timeout);
+        let deadline = far_instant(call.now, timeout);
         let payload = codec::encode_payload(call.req)?;
         // A request takes a place in its service's bulkhead first (waiting counts
         // against its deadline), kept until it ends.
@@ -192,6 +197,7 @@ impl Core {
             id: call.id,
             avoid: call.avoid,
             guards: call.guards,
+            now: call.now,
         })
         .await
     }
@@ -231,7 +237,7 @@ impl Core {
                     None
                 } else {
                     self.breakers
-                        .acquire(breaker::service_of(target), instance.id, Instant::now())
+                        .acquire(breaker::service_of(target), instance.id, call.now)
                         .map_err(|_| CallError::BreakerOpen(target.to_string()))?
                 };
                 let msg = frames::message(&h, payload);

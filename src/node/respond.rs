@@ -46,10 +46,14 @@ pub(super) enum ReplyPath<'a> {
 }
 
 impl ReplyPath<'_> {
-    fn try_send(&self, msg: Message) -> Result<(), SendError> {
+    /// Sends without waiting; on failure, the message back where it can be retried.
+    #[allow(clippy::result_large_err)] // see Router::try_send_or_back
+    fn try_send(&self, msg: Message) -> Result<(), (SendError, Option<Message>)> {
         match self {
-            ReplyPath::Router(r, identity) => r.try_send(identity, msg),
-            ReplyPath::Dealer(d) => d.try_send(msg),
+            ReplyPath::Router(r, identity) => r
+                .try_send_or_back(identity, msg)
+                .map_err(|(e, m)| (e, Some(m))),
+            ReplyPath::Dealer(d) => d.try_send(msg).map_err(|e| (e, None)),
         }
     }
 
@@ -156,20 +160,26 @@ impl Undelivered {
     /// Sends `reply` on `path` without waiting; a full queue drops it (counted) and
     /// closes a ROUTER caller's connection.
     fn send(&self, path: &ReplyPath<'_>, reply: Message) {
-        // Kept for one retry after a slow caller is dropped (frames are shared, not copied).
-        match path.try_send(reply.clone()) {
+        match path.try_send(reply) {
             Ok(()) => {}
-            Err(SendError::BudgetSpent { used }) => {
+            Err((SendError::BudgetSpent { used }, back)) => {
                 // Its queue was dropped at once: the room it held is there for this reply.
-                let retried = path.shed_slowest() && path.try_send(reply).is_ok();
+                // Tried again even when this call dropped nobody: a reply to another
+                // caller, at the same moment on another thread, may have dropped the
+                // slowest already (and then nobody is left over their share here).
+                path.shed_slowest();
+                let retried = back.is_some_and(|m| path.try_send(m).is_ok());
                 if !retried {
                     self.replies.fetch_add(1, Relaxed);
                     debug!(used, "reply dropped: the reply queues are full");
                 }
             }
-            Err(SendError::QueueFull {
-                messages, bytes, ..
-            }) => {
+            Err((
+                SendError::QueueFull {
+                    messages, bytes, ..
+                },
+                _,
+            )) => {
                 self.replies.fetch_add(1, Relaxed);
                 // Once per connection: replies to requests it sent before it is closed
                 // are dropped too, but it is closed once.
@@ -181,7 +191,7 @@ impl Undelivered {
                     );
                 }
             }
-            Err(e) => debug!(error = %e, "reply not sent: caller gone"),
+            Err((e, _)) => debug!(error = %e, "reply not sent: caller gone"),
         }
     }
 

@@ -109,7 +109,8 @@ where
     Resp: DeserializeOwned,
 {
     let timeout = core.policies.timeout(target, opts.timeout);
-    let deadline = super::calls::far_instant_after(timeout);
+    let start = Instant::now();
+    let deadline = super::calls::far_instant(start, timeout);
     // The first attempt's id, kept by the others.
     let mut id: Option<Id> = None;
     let mut tried = Vec::new();
@@ -118,7 +119,12 @@ where
     }
     let (mut attempt, mut unrun) = (0u32, 0u32);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // The first attempt starts when the call did (one clock reading for both).
+        let now = match attempt + unrun {
+            0 => start,
+            _ => Instant::now(),
+        };
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(CallError::Timeout {
                 target: target.to_string(),
@@ -135,6 +141,7 @@ where
             id,
             avoid: tried.clone(),
             guards: Guards::of(&opts),
+            now,
         };
         let (result, instance) = match core.request(call).await {
             Ok((awaiting, instance)) => {

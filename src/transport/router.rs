@@ -21,15 +21,19 @@ use super::socket::{socket_handle_methods, SocketCore};
 use super::{bind, IntoEndpoint, Message, SocketOptions, SocketType};
 
 struct Route {
-    out: Arc<Queue<OutItem>>,
-    side: Arc<WriteSide>,
+    conn: Arc<RouteConn>,
     addr: SocketAddr,
-    alive: Arc<AtomicBool>,
     /// With CURVE: the client's long-term public key, as its handshake proved it.
     key: Option<[u8; 32]>,
 }
 
-type RouteHandles = (Arc<Queue<OutItem>>, Arc<WriteSide>, Arc<AtomicBool>);
+/// What a sender needs of a connection, behind one pointer (one reference count taken
+/// per send).
+struct RouteConn {
+    out: Arc<Queue<OutItem>>,
+    side: Arc<WriteSide>,
+    alive: AtomicBool,
+}
 
 struct RouterRole {
     shared: Arc<Shared>,
@@ -81,10 +85,12 @@ impl Role for RouterRole {
         routes.insert(
             identity.clone(),
             Route {
-                out: out.clone(),
-                side: side.clone(),
+                conn: Arc::new(RouteConn {
+                    out: out.clone(),
+                    side: side.clone(),
+                    alive: AtomicBool::new(true),
+                }),
                 addr: peer.addr,
-                alive: Arc::new(AtomicBool::new(true)),
                 key: peer.curve_key,
             },
         );
@@ -103,10 +109,10 @@ impl Role for RouterRole {
         att.sink.detach();
         let mut routes = self.routes.lock();
         if let Some(r) = routes.get(&att.identity) {
-            if Arc::ptr_eq(&r.out, &att.out) {
-                r.alive.store(false, Relaxed);
-                r.out.wake_writers();
-                let dropped = r.out.clear();
+            if Arc::ptr_eq(&r.conn.out, &att.out) {
+                r.conn.alive.store(false, Relaxed);
+                r.conn.out.wake_writers();
+                let dropped = r.conn.out.clear();
                 self.shared.stats.dropped.fetch_add(dropped as u64, Relaxed);
                 routes.remove(&att.identity);
             }
@@ -242,16 +248,16 @@ impl Router {
     /// queue is full. Fails if no such peer is connected (or it disconnects while we wait).
     pub async fn send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
         msg.check(&self.role.shared.opts)?;
-        let mut item = {
-            let (out, side, _) = self.route(identity)?;
-            match side.try_send(OutItem::Msg(msg), &out, &self.role.shared) {
-                Ok(()) => return Ok(()),
-                Err(item) => item,
-            }
+        let mut c = self.route(identity)?;
+        let mut item = match c
+            .side
+            .try_send(OutItem::Msg(msg), &c.out, &self.role.shared)
+        {
+            Ok(()) => return Ok(()),
+            Err(item) => item,
         };
         loop {
-            let (out, _, alive) = self.route(identity)?;
-            match out.try_push(item) {
+            match c.out.try_push(item) {
                 Ok(()) => return Ok(()),
                 // Room in the total comes from other connections' writes, which this
                 // connection's queue would not wake us for: fail now rather than wait.
@@ -262,23 +268,45 @@ impl Router {
                 }
                 Err((back, _)) => item = back,
             }
-            if !alive.load(Relaxed) {
+            if !c.alive.load(Relaxed) {
                 return Err(SendError::UnknownPeer(display_identity(identity)));
             }
-            out.writable().await;
+            c.out.writable().await;
+            c = self.route(identity)?;
         }
     }
 
     /// Queues `msg` for the peer with `identity` without waiting: fails with
     /// [`SendError::QueueFull`] if its queue is at a bound.
     pub fn try_send(&self, identity: &[u8], msg: Message) -> Result<(), SendError> {
-        msg.check(&self.role.shared.opts)?;
-        let (out, side, _) = self.route(identity)?;
-        let Err(item) = side.try_send(OutItem::Msg(msg), &out, &self.role.shared) else {
+        self.try_send_or_back(identity, msg).map_err(|(e, _)| e)
+    }
+
+    /// [`Router::try_send`], giving the message back when it fails (for a caller that
+    /// may try again, and would otherwise keep a clone of every message it sends).
+    // Large only when it fails, which is rare; boxing would allocate on that path alone,
+    // and the success path returns no more than a tag either way.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_send_or_back(
+        &self,
+        identity: &[u8],
+        msg: Message,
+    ) -> Result<(), (SendError, Message)> {
+        if let Err(e) = msg.check(&self.role.shared.opts) {
+            return Err((e, msg));
+        }
+        let c = match self.route(identity) {
+            Ok(c) => c,
+            Err(e) => return Err((e, msg)),
+        };
+        let Err(item) = c
+            .side
+            .try_send(OutItem::Msg(msg), &c.out, &self.role.shared)
+        else {
             return Ok(());
         };
-        out.try_push(item).map_err(|(_, u)| {
-            if u.over_budget {
+        c.out.try_push(item).map_err(|(item, u)| {
+            let e = if u.over_budget {
                 SendError::BudgetSpent {
                     used: self.role.budget.used(),
                 }
@@ -288,17 +316,21 @@ impl Router {
                     bytes: u.bytes,
                     connected: true,
                 }
+            };
+            match item {
+                OutItem::Msg(m) => (e, m),
+                _ => unreachable!("a message was pushed"),
             }
         })
     }
 
     /// The queue, writer and liveness of the connection with `identity`.
-    fn route(&self, identity: &[u8]) -> Result<RouteHandles, SendError> {
+    fn route(&self, identity: &[u8]) -> Result<Arc<RouteConn>, SendError> {
         let routes = self.role.routes.lock();
         let r = routes
             .get(identity)
             .ok_or_else(|| SendError::UnknownPeer(display_identity(identity)))?;
-        Ok((r.out.clone(), r.side.clone(), r.alive.clone()))
+        Ok(r.conn.clone())
     }
 
     /// The peers connected now.
@@ -308,7 +340,7 @@ impl Router {
             .lock()
             .iter()
             .map(|(id, r)| {
-                let u = r.out.usage();
+                let u = r.conn.out.usage();
                 PeerSummary {
                     identity: id.clone(),
                     addr: r.addr,
@@ -336,7 +368,7 @@ impl Router {
     /// connected, or it is already closing.
     pub fn disconnect(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
-            Some(r) => r.out.interrupt(),
+            Some(r) => r.conn.out.interrupt(),
             None => false,
         }
     }
@@ -346,7 +378,7 @@ impl Router {
     /// Returns whether this call closed it.
     pub fn drop_peer(&self, identity: &[u8]) -> bool {
         match self.role.routes.lock().get(identity) {
-            Some(r) => super::conn::drop_queue(&r.out),
+            Some(r) => super::conn::drop_queue(&r.conn.out),
             None => false,
         }
     }
@@ -358,7 +390,7 @@ impl Router {
         let routes = self.role.routes.lock();
         self.role
             .shared
-            .drop_slowest(routes.values().map(|r| (&*r.out, r.addr)))
+            .drop_slowest(routes.values().map(|r| (&*r.conn.out, r.addr)))
     }
 }
 

@@ -37,9 +37,16 @@ pub(in crate::node) struct Breakers {
     config: Option<BreakerConfig>,
     /// Per-service settings (`None`: no breaker for that service).
     per_service: HashMap<String, Option<BreakerConfig>>,
-    map: Mutex<HashMap<Arc<str>, HashMap<Id, Breaker>>>,
+    map: Mutex<HashMap<Arc<str>, Service>>,
     events: broadcast::Sender<BreakerEvent>,
     refused: AtomicU64,
+}
+
+/// One service's breakers, and its name as the map holds it (shared with tickets, so a
+/// call allocates nothing for it and a known breaker is found with two lookups).
+struct Service {
+    name: Arc<str>,
+    instances: HashMap<Id, Breaker>,
 }
 
 /// The service a target belongs to: its part before the first dot.
@@ -89,10 +96,10 @@ impl Breakers {
             return Vec::new();
         }
         let mut map = self.map.lock();
-        let Some(instances) = map.get_mut(service) else {
+        let Some(s) = map.get_mut(service) else {
             return Vec::new();
         };
-        instances
+        s.instances
             .iter_mut()
             .filter_map(|(id, b)| (!b.would_admit(now)).then_some(*id))
             .collect()
@@ -112,29 +119,34 @@ impl Breakers {
         };
         let (result, change, key) = {
             let mut map = self.map.lock();
-            let known = map.get(service).is_some_and(|i| i.contains_key(&instance));
-            // Only a new breaker can take the count past the bound, so only then is it
-            // counted (not on every call).
-            if !known && map.values().map(HashMap::len).sum::<usize>() >= MAX_BREAKERS {
-                for instances in map.values_mut() {
-                    instances.retain(|_, b| b.state() != BreakerState::Closed);
-                }
-                map.retain(|_, i| !i.is_empty());
-            }
-            if !map.contains_key(service) {
-                map.insert(Arc::from(service), HashMap::new());
-            }
-            // The map's own key, shared with the ticket: no allocation per call.
-            let key = map
-                .get_key_value(service)
-                .expect("inserted above")
-                .0
-                .clone();
-            let b = map
+            let known = map
                 .get_mut(service)
-                .expect("inserted above")
-                .entry(instance)
-                .or_insert_with(|| Breaker::new(config.clone()));
+                .and_then(|s| Some((s.name.clone(), s.instances.get_mut(&instance)?)));
+            let (key, b) = match known {
+                Some(found) => found,
+                None => {
+                    // Only a new breaker can take the count past the bound, so only then
+                    // is it counted (not on every call).
+                    let total: usize = map.values().map(|s| s.instances.len()).sum();
+                    if total >= MAX_BREAKERS {
+                        for s in map.values_mut() {
+                            s.instances.retain(|_, b| b.state() != BreakerState::Closed);
+                        }
+                        map.retain(|_, s| !s.instances.is_empty());
+                    }
+                    let s = map
+                        .entry(Arc::from(service))
+                        .or_insert_with_key(|name| Service {
+                            name: name.clone(),
+                            instances: HashMap::new(),
+                        });
+                    let b = s
+                        .instances
+                        .entry(instance)
+                        .or_insert_with(|| Breaker::new(config.clone()));
+                    (s.name.clone(), b)
+                }
+            };
             let (result, change) = b.try_acquire(now);
             (result, change, key)
         };
@@ -174,7 +186,7 @@ impl Breakers {
         let change = {
             let mut map = self.map.lock();
             map.get_mut(service)
-                .and_then(|i| i.get_mut(&instance))
+                .and_then(|s| s.instances.get_mut(&instance))
                 .and_then(f)
         };
         self.report(service, instance, change);
