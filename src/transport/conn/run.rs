@@ -24,6 +24,9 @@ use super::io::WriteHalf;
 use super::writer::{linger, Writer};
 use super::{Attached, Inbound, Meter, PeerInfo, Shared, Sink, READ_MIN};
 
+/// Spare room in the read buffer below which the next read gets a fresh chunk.
+const READ_LOW: usize = READ_MIN / 4;
+
 /// Most capacity reserved ahead of bytes that actually arrived: a peer announcing a
 /// large frame makes us hold at most this much more than it has really sent.
 const READ_AHEAD_MAX: usize = 256 * 1024;
@@ -273,8 +276,14 @@ pub(super) async fn run<S: super::io::Stream>(
             }
             Err(e) => break e.into(),
         };
+        // A fresh chunk only when what is left of this one is low (or too small for the
+        // frame coming): small messages then share a chunk, where reserving a whole
+        // chunk after each one would give each its own (an allocation per message, and
+        // a whole chunk kept alive by each message held).
         let want = dec.wanted(rbuf.len());
-        rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
+        if rbuf.capacity() - rbuf.len() < want.max(READ_LOW) {
+            rbuf.reserve(want.clamp(READ_MIN, READ_AHEAD_MAX.max(rbuf.len())));
+        }
         grown |= rbuf.capacity() > READ_AHEAD_MAX;
 
         tokio::select! {
