@@ -5,7 +5,8 @@
 //! Run: `cargo bench --bench transport` (add `-- --quick` for a short run). Pin to one core
 //! with `taskset -c 0 cargo bench --bench transport`. The three implementations run in
 //! interleaved rounds in the same process, so their ratios are comparable even on a noisy
-//! machine; absolute numbers are not.
+//! machine; absolute numbers are not. `BENCH_CLIENT=task` runs each measuring loop on a
+//! spawned task instead of the runtime's main future (see `measure`).
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 mod common;
 use common::{cells, hist, runtime, ROUNDS};
 
+#[derive(Clone)]
 struct Plan {
     size: usize,
     warmup: usize,
@@ -251,21 +253,52 @@ async fn zeromq_throughput(n: usize, size: usize) -> (f64, usize) {
     (got as f64 / end.duration_since(t).as_secs_f64(), got)
 }
 
+/// One round's measuring loop, on the benchmark's main task (`block_on`), or with
+/// `BENCH_CLIENT=task` on a task of its own, as a service's code usually runs. The
+/// difference is tokio's, not the sockets': when another task wakes the `block_on`
+/// future, the current-thread runtime polls its I/O driver once more (an `epoll_wait`)
+/// before polling it, which a raw socket read by the main task itself never triggers.
+async fn measure<F, Fut>(task: bool, plan: &Plan, h: Histogram<u64>, f: F) -> Histogram<u64>
+where
+    F: FnOnce(Plan, Histogram<u64>) -> Fut,
+    Fut: std::future::Future<Output = Histogram<u64>> + Send + 'static,
+{
+    let fut = f(plan.clone(), h);
+    if task {
+        tokio::spawn(fut).await.expect("measuring task")
+    } else {
+        fut.await
+    }
+}
+
 async fn latency(quick: bool) {
     println!("| implementation | size | p50 | p99 | p99.9 | max | p50 vs raw |");
     println!("|---|---|---|---|---|---|---|");
     for plan in plans(quick) {
         let (mut raw, mut pw, mut zq) = (hist(), hist(), hist());
         let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let task = std::env::var("BENCH_CLIENT").as_deref() == Ok("task");
         for _ in 0..ROUNDS {
             if only.is_empty() || only == "raw" {
-                raw_tcp(&plan, &mut raw).await;
+                raw = measure(task, &plan, raw, |p, mut h| async move {
+                    raw_tcp(&p, &mut h).await;
+                    h
+                })
+                .await;
             }
             if only.is_empty() || only == "peerwire" {
-                peerwire_pingpong(&plan, &mut pw).await;
+                pw = measure(task, &plan, pw, |p, mut h| async move {
+                    peerwire_pingpong(&p, &mut h).await;
+                    h
+                })
+                .await;
             }
             if only.is_empty() || only == "zeromq" {
-                zeromq_pingpong(&plan, &mut zq).await;
+                zq = measure(task, &plan, zq, |p, mut h| async move {
+                    zeromq_pingpong(&p, &mut h).await;
+                    h
+                })
+                .await;
             }
         }
         if !only.is_empty() {
