@@ -716,3 +716,63 @@ async fn gossip_naming_a_local_socket_is_ignored() {
     a.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A call that waited for its place in a bulkhead is timed by its instance's breaker from
+/// when it got the place: our own queueing never makes a healthy instance look slow (and
+/// never opens its breaker).
+#[tokio::test]
+async fn waiting_in_a_bulkhead_is_not_counted_as_a_slow_call() {
+    use peerwire::node::{BreakerConfig, BulkheadConfig};
+    init_tracing();
+    let server = start_node("server", &[]).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    server.handle("slow.op", V1, move |hold: bool, _| {
+        let g = g.clone();
+        async move {
+            if hold {
+                let _ = g.acquire().await.map(|p| p.forget());
+            }
+            Ok(())
+        }
+    });
+    let slow_call = Duration::from_millis(100);
+    let policy = ServicePolicy::new()
+        .bulkhead(BulkheadConfig::new(1, 10))
+        .breaker(
+            BreakerConfig::default()
+                .with_window(5, 5)
+                .with_slow_calls(0.5, slow_call),
+        );
+    let client = Arc::new(
+        Node::builder("client")
+            .insecure()
+            .peer(server.endpoint())
+            .service("slow", policy)
+            .socket_options(test_opts())
+            .start()
+            .await
+            .unwrap(),
+    );
+    wait_service(&client, "slow.op", 1).await;
+    let mut events = client.breaker_events();
+    let long = CallOptions::timeout(Duration::from_secs(10));
+    let call = |hold: bool| {
+        let (c, o) = (client.clone(), long.clone());
+        tokio::spawn(async move { c.request_with::<_, ()>("slow.op", &hold, o).await })
+    };
+    // One call holds the only place; four quick ones wait behind it.
+    let mut calls = vec![call(true)];
+    wait_until("the first in flight", || client.pending_calls() == 1).await;
+    calls.extend((0..4).map(|_| call(false)));
+    // What is measured is time itself: the four must wait longer than a slow call.
+    tokio::time::sleep(slow_call * 2).await;
+    gate.add_permits(1);
+    for c in calls {
+        within("a call's end", c).await.unwrap().unwrap();
+    }
+    // One slow call in five is under the slow-call rate: the breaker stayed closed.
+    assert!(events.try_recv().is_err(), "the breaker changed state");
+    client.request::<_, ()>("slow.op", &false).await.unwrap();
+    assert_eq!(client.stats().breaker_refused, 0);
+}

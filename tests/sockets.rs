@@ -565,3 +565,79 @@ async fn senders_writing_directly_and_through_the_queue_keep_each_senders_order(
         assert_eq!(router.stats().messages_out, SENDERS as u64 * EACH as u64);
     }
 }
+
+/// Fills what a ROUTER holds for a peer that never reads, by `try_send`s of small
+/// messages (the kind a sender may write itself), until one is refused; returns how many
+/// were taken and why the last was refused.
+fn fill(router: &Router, id: &[u8]) -> (usize, SendError) {
+    let msg = Message::from(Bytes::from(vec![7u8; 10_000]));
+    for taken in 0..100_000 {
+        if let Err(e) = router.try_send(id, msg.clone()) {
+            return (taken, e);
+        }
+    }
+    panic!("never refused");
+}
+
+/// Fills until the kernel's buffers for that connection have stopped growing (loopback
+/// TCP autotunes them to megabytes while the connection's task drains the queue into
+/// them): done when a fill finds the queue still full from the one before.
+async fn fill_to_the_brim(router: &Router, id: &[u8]) -> SendError {
+    for _ in 0..10_000 {
+        let (taken, e) = fill(router, id);
+        if taken == 0 {
+            return e;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+    panic!("the connection never stopped taking");
+}
+
+/// A peer that never reads holds at most its own queue's bound (plus one message) of our
+/// memory, whether its messages were written by their senders or by the connection's task,
+/// and all of it comes back to the socket's shared total when it is dropped: a second
+/// such peer can then fill its own bound where, before, the total stopped it.
+#[tokio::test]
+async fn a_peer_that_never_reads_holds_its_bound_and_gives_it_back_when_dropped() {
+    init_tracing();
+    let bound = 256 << 10;
+    let opts = test_opts()
+        .with_send_queue_bytes(bound)
+        .with_send_queue_total_bytes(bound + bound / 8);
+    let router = Router::bind("tcp://127.0.0.1:0", opts).await.unwrap();
+    let mut first = RawPeer::connect(router.local_addr()).await;
+    first.handshake("DEALER").await;
+    wait_until("first attached", || router.peers().len() == 1).await;
+    let a = router.peers()[0].identity.clone();
+    let e = fill_to_the_brim(&router, &a).await;
+    assert!(matches!(e, SendError::QueueFull { .. }), "{e:?}");
+    let held = router.peers()[0].queued_bytes;
+    assert!(held >= bound && held <= bound + 10_000, "holds {held}");
+
+    let mut second = RawPeer::connect(router.local_addr()).await;
+    second.handshake("DEALER").await;
+    wait_until("second attached", || router.peers().len() == 2).await;
+    let b = router
+        .peers()
+        .into_iter()
+        .find(|p| p.identity != a)
+        .unwrap()
+        .identity;
+    // While the first holds its bound, the total stops the second early.
+    let e = fill_to_the_brim(&router, &b).await;
+    assert!(matches!(e, SendError::BudgetSpent { .. }), "{e:?}");
+    assert!(router.drop_peer(&a));
+    wait_until("first gone", || router.peers().len() == 1).await;
+    // Everything the first held is back: the second now reaches its own bound.
+    let e = fill_to_the_brim(&router, &b).await;
+    assert!(matches!(e, SendError::QueueFull { .. }), "{e:?}");
+    let held = router.peers()[0].queued_bytes;
+    assert!(held >= bound && held <= bound + 10_000, "holds {held}");
+    assert!(
+        router.stats().dropped > 0,
+        "what the first held was counted as dropped"
+    );
+    drop((first, second));
+}

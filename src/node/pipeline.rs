@@ -183,6 +183,13 @@ impl Core {
             }
             _ => None,
         };
+        // A place in a bulkhead may have been waited for: the breaker's window (and its
+        // slow-call clock) starts from now, not from before the wait, or our own queueing
+        // would count against the instance.
+        let now = match bulkhead {
+            Some(_) => Instant::now(),
+            None => call.now,
+        };
         // The rest is not generic: one copy of it, whatever the request type.
         self.send(Admitted {
             style: call.style,
@@ -197,7 +204,7 @@ impl Core {
             id: call.id,
             avoid: call.avoid,
             guards: call.guards,
-            now: call.now,
+            now,
         })
         .await
     }
@@ -325,7 +332,7 @@ impl Core {
             true => Vec::new(),
             false => self
                 .breakers
-                .refusing(breaker::service_of(target), Instant::now()),
+                .refusing(breaker::service_of(target), call.now),
         };
         let balance = self.policies.balance(target, call.guards.balancing);
         let mut skip = refusing.clone();

@@ -225,7 +225,10 @@ impl<T: Cost> Queue<T> {
     /// writes a message itself (see `conn::WriteSide`) asks this first, so it never
     /// sends what a push would have refused.
     pub fn is_idle_and_open(&self) -> bool {
-        !self.has_items.load(Ordering::Acquire)
+        // (Zero bounds refuse every push: nothing may bypass them either.)
+        self.max_items > 0
+            && self.max_bytes > 0
+            && !self.has_items.load(Ordering::Acquire)
             && !self.closed.load(Ordering::Acquire)
             && self
                 .budget

@@ -152,3 +152,33 @@ fn take_all_holds_cost_until_release() {
     q.release(0, 0);
     assert!(q.try_push(vec![3]).is_ok());
 }
+
+/// A sender that writes a message itself first asks `is_idle_and_open`: whenever it says
+/// yes, an empty queue's push would have been taken too (so nothing bypasses a bound), and
+/// it says no whenever the queue holds items.
+#[test]
+fn idle_and_open_only_where_a_push_would_be_taken() {
+    let budget = std::sync::Arc::new(Budget::new(10));
+    // Spends the budget for the last case (alive until the end of the test).
+    let spender: Queue<Vec<u8>> = Queue::with_budget(10, 100, budget.clone());
+    spender.try_push(vec![0; 10]).unwrap();
+    let cases: Vec<(&str, Queue<Vec<u8>>)> = vec![
+        ("open", Queue::new(10, 100)),
+        ("no items allowed", Queue::new(0, 100)),
+        ("no bytes allowed", Queue::new(10, 0)),
+        ("closed", {
+            let q = Queue::new(10, 100);
+            q.close();
+            q
+        }),
+        ("budget spent", Queue::with_budget(10, 100, budget.clone())),
+    ];
+    for (what, q) in cases {
+        let idle = q.is_idle_and_open();
+        let taken = q.try_push(vec![1]).is_ok();
+        assert_eq!(idle, taken, "{what}: idle {idle}, push taken {taken}");
+        if taken {
+            assert!(!q.is_idle_and_open(), "{what}: an item waits");
+        }
+    }
+}

@@ -60,7 +60,7 @@ pub(super) async fn run<S: super::io::Stream>(
             (Some(sealer), Some(reader), Decoder::new(outer))
         }
     };
-    side.install(Writer::new(peer.minor, sealer), wr.clone());
+    let installed = side.install(Writer::new(peer.minor, sealer), wr.clone());
     let mut pending: Option<Inbound> = None;
     // The read buffer has been past `READ_AHEAD_MAX` since it was last made fresh.
     let mut grown = false;
@@ -321,7 +321,7 @@ pub(super) async fn run<S: super::io::Stream>(
     };
     // Whatever was not completely written goes back to the queue: a DEALER sends it on
     // its next connection; for other sockets the queue dies with the connection.
-    if let Some(mut w) = side.remove() {
+    if let Some(mut w) = installed.finish() {
         let unsent = w.inflight.drain(..).map(|(item, _)| item);
         att.out
             .requeue_front(unsent.collect::<Vec<_>>().into_iter());

@@ -30,6 +30,8 @@ use super::{OutItem, Shared};
 const ZERO_COPY_THRESHOLD: usize = 16 * 1024;
 /// Most slices handed to one vectored write.
 const MAX_IOV: usize = 64;
+/// Largest message a sender writes itself (see [`WriteSide::try_send`]).
+const DIRECT_MAX: usize = ZERO_COPY_THRESHOLD;
 
 /// Outgoing bytes of one connection: encoded chunks waiting for the socket, and the items
 /// they came from, so that the queue's bounds are released only once an item is written
@@ -206,6 +208,25 @@ struct Active {
     sock: Arc<dyn RawWrite>,
 }
 
+/// A connection's writer in its [`WriteSide`]. Dropped, it takes the writer (and the
+/// stream's writing half) back out, so a connection whose task is dropped before it ends
+/// (its runtime shutting down) does not leave its stream open in the socket's hands.
+pub(super) struct Installed<'a>(&'a WriteSide);
+
+impl Installed<'_> {
+    /// The connection ends: senders go back to the queue. Returns the writer (with the
+    /// items not completely written).
+    pub(super) fn finish(self) -> Option<Writer> {
+        self.0.remove()
+    }
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        self.0.remove();
+    }
+}
+
 /// What one [`WriteSide::write_now`] did.
 pub(super) struct Flushed {
     /// Some bytes were written.
@@ -215,14 +236,14 @@ pub(super) struct Flushed {
 }
 
 impl WriteSide {
-    /// The connection's task starts writing through `sock`.
-    pub(super) fn install(&self, w: Writer, sock: Arc<dyn RawWrite>) {
+    /// The connection's task starts writing through `sock`, until the guard returned
+    /// is finished or dropped.
+    pub(super) fn install(&self, w: Writer, sock: Arc<dyn RawWrite>) -> Installed<'_> {
         *self.active.lock() = Some(Active { w, sock });
+        Installed(self)
     }
 
-    /// The connection ends: senders go back to the queue. Returns the writer (with the
-    /// items not completely written).
-    pub(super) fn remove(&self) -> Option<Writer> {
+    fn remove(&self) -> Option<Writer> {
         self.active.lock().take().map(|a| a.w)
     }
 
@@ -265,8 +286,12 @@ impl WriteSide {
         out: &Queue<OutItem>,
         shared: &Shared,
     ) -> Result<(), OutItem> {
+        // Only small messages: the connection's task may wait for this lock (briefly: it
+        // is never held across an `.await`), so what is done under it stays short. A
+        // large message (and its sealing, under CURVE) goes through the queue.
+        let (n, b) = item.cost();
         // Checked again under the lock: this first look keeps a busy queue's senders off it.
-        if !out.is_idle_and_open() {
+        if b > DIRECT_MAX || !out.is_idle_and_open() {
             return Err(item);
         }
         let Some(mut g) = self.active.try_lock() else {
@@ -284,7 +309,6 @@ impl WriteSide {
             return Err(item);
         }
         a.w.sent_directly = true;
-        let (n, b) = item.cost();
         a.w.encode(item);
         a.w.flush_staging();
         let r = a.flush(shared, out, false);
