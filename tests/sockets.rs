@@ -641,3 +641,50 @@ async fn a_peer_that_never_reads_holds_its_bound_and_gives_it_back_when_dropped(
     );
     drop((first, second));
 }
+
+/// `try_send` from a thread outside the runtime: the sender writes itself when it can,
+/// and what the socket does not take is finished by the connection's task, which the
+/// sender wakes. Every message arrives, whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_send_from_a_plain_thread_delivers_everything_in_order() {
+    init_tracing();
+    let router = std::sync::Arc::new(
+        Router::bind("tcp://127.0.0.1:0", test_opts())
+            .await
+            .unwrap(),
+    );
+    // Takes few messages before it stops reading: the socket fills now and then.
+    let dealer = Dealer::connect(
+        ep(router.local_addr()),
+        test_opts().with_recv_queue_messages(4),
+    )
+    .unwrap();
+    dealer.send(msg(&[b"hi"])).await.unwrap();
+    let (id, _) = within("hello", router.recv()).await.unwrap();
+    const N: u32 = 3000;
+    let r = router.clone();
+    let sender = std::thread::spawn(move || {
+        for seq in 0..N {
+            let m = tagged(9, seq, [20, 3000, 12_000][seq as usize % 3]);
+            loop {
+                match r.try_send(&id, m.clone()) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull { .. }) => std::thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    });
+    // Not reading until the socket is full and messages wait in the queue: the write
+    // that filled it was, as often as not, one a sender made itself and could only
+    // finish in part.
+    wait_until("messages queued behind a full socket", || {
+        router.peers().iter().any(|p| p.queued_messages > 0)
+    })
+    .await;
+    for seq in 0..N {
+        let m = within("dealer recv", dealer.recv()).await.unwrap();
+        assert_eq!(untag(&m), (9, seq));
+    }
+    sender.join().unwrap();
+}
