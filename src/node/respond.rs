@@ -68,11 +68,10 @@ impl ReplyPath<'_> {
     }
 
     /// The ROUTER's queues together are full (other callers are not reading): the caller
-    /// holding the most is dropped, not this one. Returns whether one was.
-    fn shed_slowest(&self) -> bool {
-        match self {
-            ReplyPath::Router(r, _) => r.drop_slowest(),
-            ReplyPath::Dealer(_) => false,
+    /// holding the most is dropped (if one holds more than its share), not this one.
+    fn shed_slowest(&self) {
+        if let ReplyPath::Router(r, _) = self {
+            r.drop_slowest();
         }
     }
 

@@ -207,7 +207,14 @@ impl<T: Cost> Queue<T> {
         let (n, b) = item.cost();
         {
             let mut s = self.state.lock();
-            if let Some(u) = self.refusal(&s, n) {
+            let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
+            let over_budget = n > 0 && self.budget_spent();
+            if s.closed || !fits || over_budget {
+                let u = Usage {
+                    count: s.count,
+                    bytes: s.bytes,
+                    over_budget: fits && over_budget,
+                };
                 return Err((item, u));
             }
             s.count += n;
@@ -230,10 +237,15 @@ impl<T: Cost> Queue<T> {
             && self.max_bytes > 0
             && !self.has_items.load(Ordering::Acquire)
             && !self.closed.load(Ordering::Acquire)
-            && self
-                .budget
-                .as_ref()
-                .is_none_or(|g| g.used.load(Ordering::Relaxed) < g.max)
+            && !self.budget_spent()
+    }
+
+    /// Whether the budget this queue shares, if any, is spent (a push of a counted item
+    /// fails then).
+    fn budget_spent(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|g| g.used.load(Ordering::Relaxed) >= g.max)
     }
 
     /// Counts an item of cost `(n, b)` that bypassed the queue (its sender wrote part of
@@ -244,21 +256,6 @@ impl<T: Cost> Queue<T> {
         s.count += n;
         s.bytes += b;
         self.charge(b);
-    }
-
-    /// Why an item counting for `n` items cannot be added now, if it cannot.
-    fn refusal(&self, s: &State<T>, n: usize) -> Option<Usage> {
-        let fits = n == 0 || (s.count < self.max_items && s.bytes < self.max_bytes);
-        let over_budget = n > 0
-            && self
-                .budget
-                .as_ref()
-                .is_some_and(|g| g.used.load(Ordering::Relaxed) >= g.max);
-        (s.closed || !fits || over_budget).then_some(Usage {
-            count: s.count,
-            bytes: s.bytes,
-            over_budget: fits && over_budget,
-        })
     }
 
     /// Pushes regardless of the bounds (control items such as subscriptions).

@@ -47,51 +47,37 @@ pub(crate) trait WriteHalf: RawWrite {
     fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
 }
 
-impl Stream for TcpStream {
-    type Read = tokio::net::tcp::OwnedReadHalf;
-    type Write = tokio::net::tcp::OwnedWriteHalf;
-    fn into_split(self) -> (Self::Read, Self::Write) {
-        TcpStream::into_split(self)
-    }
+/// `Stream` and its writing half's traits for a tokio stream type whose owned halves
+/// are in module `$m` (`tcp` or `unix`).
+macro_rules! stream_impls {
+    ($stream:ty, $m:ident) => {
+        impl Stream for $stream {
+            type Read = tokio::net::$m::OwnedReadHalf;
+            type Write = tokio::net::$m::OwnedWriteHalf;
+            fn into_split(self) -> (Self::Read, Self::Write) {
+                <$stream>::into_split(self)
+            }
+        }
+
+        impl RawWrite for tokio::net::$m::OwnedWriteHalf {
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                tokio::net::$m::OwnedWriteHalf::try_write_vectored(self, bufs)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                tokio::net::$m::OwnedWriteHalf::try_write(self, buf)
+            }
+        }
+
+        impl WriteHalf for tokio::net::$m::OwnedWriteHalf {
+            fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                tokio::net::$m::OwnedWriteHalf::writable(self)
+            }
+        }
+    };
 }
 
-impl RawWrite for tokio::net::tcp::OwnedWriteHalf {
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedWriteHalf::try_write_vectored(self, bufs)
-    }
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedWriteHalf::try_write(self, buf)
-    }
-}
-
-impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
-    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        tokio::net::tcp::OwnedWriteHalf::writable(self)
-    }
-}
-
-impl Stream for UnixStream {
-    type Read = tokio::net::unix::OwnedReadHalf;
-    type Write = tokio::net::unix::OwnedWriteHalf;
-    fn into_split(self) -> (Self::Read, Self::Write) {
-        UnixStream::into_split(self)
-    }
-}
-
-impl RawWrite for tokio::net::unix::OwnedWriteHalf {
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        tokio::net::unix::OwnedWriteHalf::try_write_vectored(self, bufs)
-    }
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        tokio::net::unix::OwnedWriteHalf::try_write(self, buf)
-    }
-}
-
-impl WriteHalf for tokio::net::unix::OwnedWriteHalf {
-    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        tokio::net::unix::OwnedWriteHalf::writable(self)
-    }
-}
+stream_impls!(TcpStream, tcp);
+stream_impls!(UnixStream, unix);
 
 /// A bound listener of either kind. An ipc listener removes its socket file when
 /// dropped (as libzmq does when its socket closes).

@@ -311,17 +311,17 @@ impl WriteSide {
         a.w.sent_directly = true;
         a.w.encode(item);
         a.w.flush_staging();
-        let r = a.flush(shared, out, false);
+        // A failed write is the task's to notice (its next write fails the same way),
+        // like what the socket did not take.
+        let _ = a.flush(shared, out, false);
         if a.w.chunks.is_empty() {
             // All written: it was never held, so the queue never counted it.
             shared.stats.messages_out.fetch_add(n as u64, Relaxed);
             return Ok(());
         }
         // What the socket did not take waits for the task, counted as taken from the
-        // queue (released as usual once written). A failed write is the task's to
-        // notice too: its next write fails the same way.
+        // queue (released as usual once written).
         out.count_taken(n, b);
-        let _ = r;
         out.nudge();
         Ok(())
     }
