@@ -27,7 +27,7 @@ pub mod discovery;
 pub mod node;
 pub mod transport;
 
-pub use codec::{Id, Version};
+pub use codec::{Id, MessageType, Version};
 pub use discovery::{DnsSeed, Interfaces, MdnsConfig};
 pub use node::{
     Answer, Balancing, BreakerConfig, BulkheadConfig, CallError, CallOptions, ClusterSecret,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use rmp::encode as enc;
 
-use super::{CodecError, Header, Id, Kind, Version};
+use super::{CodecError, Header, Id, Kind, MessageType, Version};
 
 /// Deepest nesting skipped inside an unknown value (bounds recursion on hostile input).
 const MAX_DEPTH: usize = 32;
@@ -33,6 +33,7 @@ pub(super) fn encode(h: &Header) -> Bytes {
     n += h.shard_key.is_some() as u32;
     n += (h.seq != 0) as u32;
     n += h.method_version.is_some() as u32;
+    n += h.message_type.is_some() as u32;
     // Writing into a Vec cannot fail.
     let _ = enc::write_map_len(w, n);
     key(w, "v");
@@ -82,6 +83,10 @@ pub(super) fn encode(h: &Header) -> Bytes {
         let _ = enc::write_uint(w, v.major as u64);
         key(w, "minor");
         let _ = enc::write_uint(w, v.minor as u64);
+    }
+    if let Some(t) = h.message_type {
+        key(w, "mt");
+        let _ = enc::write_uint(w, t.code() as u64);
     }
     super::exact_bytes(b)
 }
@@ -378,6 +383,15 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
             }
             b"seq" => h.seq = if r.nil() { 0 } else { r.uint()? },
             b"mv" => h.method_version = if r.nil() { None } else { Some(r.version()?) },
+            // A type this build does not know is treated as absent (a newer sender's):
+            // the kind's default stands.
+            b"mt" => {
+                h.message_type = if r.nil() {
+                    None
+                } else {
+                    MessageType::from_code(r.uint()?)
+                }
+            }
             _ => r.skip(0)?,
         }
     }

@@ -12,6 +12,7 @@ fn header_round_trip_all_fields() {
     h.shard_key = Some("customer-42".into());
     h.seq = 7;
     h.method_version = Some(Version::new(1, 2));
+    h.message_type = Some(MessageType::Event);
     let b = encode_header(&h);
     assert_eq!(decode_header(&b).unwrap(), h);
 }
@@ -75,6 +76,7 @@ fn hand_written_encoding_matches_serde_both_ways() {
     full.shard_key = Some("k".into());
     full.seq = u64::MAX;
     full.method_version = Some(Version::new(300, 2));
+    full.message_type = Some(MessageType::Document);
     let minimal = Header::new(Kind::Event, Id::new(), "");
     for h in [full, minimal] {
         let ours = encode_header(&h);
@@ -142,4 +144,55 @@ fn versions() {
     assert!(Version::new(1, 3).serves(Version::new(1, 2)));
     assert!(!Version::new(1, 1).serves(Version::new(1, 2)));
     assert!(!Version::new(2, 0).serves(Version::new(1, 0)));
+}
+
+#[test]
+fn message_types_default_by_kind_and_unknown_codes_read_as_absent() {
+    let mut h = Header::new(Kind::Notification, Id::new(), "orders.created");
+    assert_eq!(h.effective_type(), Some(MessageType::Command));
+    h.message_type = Some(MessageType::Event);
+    let b = encode_header(&h);
+    let back = decode_header(&b).unwrap();
+    assert_eq!(back.message_type, Some(MessageType::Event));
+    assert_eq!(back.effective_type(), Some(MessageType::Event));
+    for (kind, t) in [
+        (Kind::Request, Some(MessageType::Command)),
+        (Kind::GatherRequest, Some(MessageType::Command)),
+        (Kind::Reply, Some(MessageType::Document)),
+        (Kind::GatherReply, Some(MessageType::Document)),
+        (Kind::Event, Some(MessageType::Event)),
+        (Kind::Hello, None),
+        (Kind::Cancel, None),
+    ] {
+        assert_eq!(Header::new(kind, Id::NIL, "").effective_type(), t, "{kind:?}");
+    }
+    // A code from a newer sender: the kind's default, by both decoders.
+    #[derive(Serialize)]
+    struct Newer {
+        v: u8,
+        k: u8,
+        #[serde(with = "serde_bytes16")]
+        id: [u8; 16],
+        mt: u8,
+    }
+    mod serde_bytes16 {
+        pub fn serialize<S: serde::Serializer>(b: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(b)
+        }
+    }
+    let b = rmp_serde::to_vec_named(&Newer {
+        v: 1,
+        k: 4,
+        id: [7; 16],
+        mt: 200,
+    })
+    .unwrap();
+    let h = decode_header(&b).unwrap();
+    assert_eq!(h.message_type, None);
+    assert_eq!(h.effective_type(), Some(MessageType::Command));
+    let by_serde: Header = rmp_serde::from_slice(&b).unwrap();
+    assert_eq!(by_serde.message_type, None);
+    for t in [MessageType::Command, MessageType::Event, MessageType::Document] {
+        assert_eq!(MessageType::from_code(t.code() as u64), Some(t));
+    }
 }

@@ -116,7 +116,7 @@ use calls::Calls;
 use gather::Gathers;
 use inbound::Inbound;
 use membership::Membership;
-use pipeline::{Call, Guards, Started, Style};
+use pipeline::{Call, Carried, Guards, Started, Style};
 use pubsub::PubSub;
 use registry::{erase, Registry, Table};
 use respond::Responder;
@@ -539,9 +539,9 @@ fn call<'a, T: ?Sized>(
         target,
         req,
         guards: Guards::of(&opts),
+        carried: Carried::of(&opts),
         timeout: opts.timeout,
         version: opts.version,
-        headers: opts.headers,
         id: None,
         avoid: Vec::new(),
         now: tokio::time::Instant::now(),

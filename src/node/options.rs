@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::Balancing;
-use crate::codec::Version;
+use crate::codec::{MessageType, Version};
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +20,17 @@ pub struct CallOptions {
     pub version: Option<Version>,
     /// String headers to carry (trace context).
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The shard key: calls with the same key go to the same instance for as long as it
+    /// serves the target (rendezvous hashing over the instances that serve it, whatever
+    /// the [`balancing`](CallOptions::balancing) setting), and the handler sees it in
+    /// [`Context::shard_key`](super::Context::shard_key). When that instance leaves (or
+    /// its breaker opens), only its keys move, each to the instance next in its order.
+    /// Not used to choose for gathers, which go to every responder.
+    pub shard_key: Option<String>,
+    /// The message type to mark the call with; its kind's default when `None` (a
+    /// command for requests and notifications). The receiver sees it in
+    /// [`Context::message_type`](super::Context::message_type).
+    pub message_type: Option<MessageType>,
     /// The call may be repeated safely (running it twice does no harm). A call is
     /// retried only if it is marked so, or its service declared retries
     /// ([`ServicePolicy::retries`](super::ServicePolicy::retries)).
@@ -70,6 +81,19 @@ impl CallOptions {
     pub fn with_retries(mut self, n: u32) -> Self {
         self.idempotent = true;
         self.retries = Some(n);
+        self
+    }
+
+    /// Sets the shard key (see [`CallOptions::shard_key`]).
+    pub fn with_shard_key(mut self, key: impl Into<String>) -> Self {
+        self.shard_key = Some(key.into());
+        self
+    }
+
+    /// Marks the call as a command, an event or a document (see
+    /// [`CallOptions::message_type`]).
+    pub fn with_message_type(mut self, t: MessageType) -> Self {
+        self.message_type = Some(t);
         self
     }
 

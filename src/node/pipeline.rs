@@ -6,8 +6,9 @@
 //!          (retry: retry.rs, around admit..await, one deadline, same message id)
 //! admit    the node still takes calls; the deadline fixed (call's, service's, node's;
 //!          capped by a handler's own); the payload encoded; a bulkhead place taken
-//! choose   instances whose breaker refuses left out; the balancing policy (call's,
-//!          service's, node's) picks one, or for a gather every expected responder;
+//! choose   instances whose breaker refuses left out; the shard key's instance
+//!          (rendezvous), else the balancing policy (call's, service's, node's) picks
+//!          one, or for a gather every expected responder;
 //!          the chosen one's breaker permit taken
 //! send     header filled, correlation registered (calls / gathers),
 //!          queued on the chosen connection under the call's deadline
@@ -28,13 +29,14 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::balance::{Balance, Rendezvous};
 use super::breaker;
 use super::calls::{far_instant, far_instant_after, Awaiting, Canceller, Ending, InFlight};
 use super::gather::Opened;
 use super::membership::Instance;
 use super::membership::NotPicked;
 use super::{frames, Balancing, CallError, CallOptions, Core};
-use crate::codec::{self, Header, Id, Kind, Version};
+use crate::codec::{self, Header, Id, Kind, MessageType, Version};
 
 /// The interaction style of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +62,7 @@ pub(super) struct Call<'a, T: ?Sized> {
     /// (gathers: the node's).
     pub(super) timeout: Option<Duration>,
     pub(super) version: Option<Version>,
-    pub(super) headers: BTreeMap<String, String>,
+    pub(super) carried: Carried,
     /// The message id to use (a retry keeps its first attempt's); a new one if `None`.
     pub(super) id: Option<Id>,
     /// Instances to avoid if another serves the target (those a retry already tried).
@@ -71,6 +73,26 @@ pub(super) struct Call<'a, T: ?Sized> {
     /// deadline, its breaker's window), where each step reading its own would cost a
     /// system-clock read apiece on the path every call takes.
     pub(super) now: Instant,
+}
+
+/// What a call's header carries for its receiver beyond the pipeline's own fields (see
+/// [`CallOptions`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Carried {
+    pub(super) headers: BTreeMap<String, String>,
+    /// Also what the instance is chosen by (rendezvous hashing, `balance`).
+    pub(super) shard_key: Option<String>,
+    pub(super) message_type: Option<MessageType>,
+}
+
+impl Carried {
+    pub(super) fn of(opts: &CallOptions) -> Carried {
+        Carried {
+            headers: opts.headers.clone(),
+            shard_key: opts.shard_key.clone(),
+            message_type: opts.message_type,
+        }
+    }
 }
 
 /// A call's own settings of the mechanisms inside the pipeline (see [`CallOptions`]).
@@ -119,7 +141,7 @@ struct Admitted<'a> {
     /// The caller's own deadline, if it set one.
     asked: Option<Duration>,
     version: Option<Version>,
-    headers: BTreeMap<String, String>,
+    carried: Carried,
     bulkhead: Option<tokio::sync::OwnedSemaphorePermit>,
     id: Option<Id>,
     avoid: Vec<Id>,
@@ -199,7 +221,7 @@ impl Core {
             deadline,
             asked,
             version: call.version,
-            headers: call.headers,
+            carried: call.carried,
             bulkhead,
             id: call.id,
             avoid: call.avoid,
@@ -230,7 +252,9 @@ impl Core {
                     h.id = id;
                 }
                 h.method_version = call.version;
-                h.headers = call.headers;
+                h.headers = call.carried.headers;
+                h.shard_key = call.carried.shard_key;
+                h.message_type = call.carried.message_type;
                 // A request always carries its deadline; a notification only one the
                 // caller set (it becomes the handler's deadline).
                 h.deadline_ms = match kind {
@@ -307,6 +331,9 @@ impl Core {
                 let mut h = Header::new(Kind::GatherRequest, local, target);
                 h.deadline_ms = Some(timeout.as_millis() as u64);
                 h.method_version = call.version;
+                // Every responder answers: there is no instance for a key to choose.
+                h.headers = call.carried.headers;
+                h.message_type = call.carried.message_type;
                 let opened = self.gathers.open(h.id, expected);
                 // Dropping `opened` (on error) closes the gather again.
                 self.pubsub.publish_gather(&h, payload)?;
@@ -334,7 +361,12 @@ impl Core {
                 .breakers
                 .refusing(breaker::service_of(target), call.now),
         };
-        let balance = self.policies.balance(target, call.guards.balancing);
+        // A shard key decides by itself: the same key, the same instance.
+        let by_key = call.carried.shard_key.as_deref().map(|key| Rendezvous { key });
+        let balance: &dyn Balance = match &by_key {
+            Some(r) => r,
+            None => self.policies.balance(target, call.guards.balancing),
+        };
         let mut skip = refusing.clone();
         skip.extend_from_slice(&call.avoid);
         // Instances to avoid are avoided only while another is there.

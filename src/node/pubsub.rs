@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::frames;
 use bytes::Bytes;
 
-use crate::codec::{self, CodecError, Envelope, Header, Id, Kind};
+use crate::codec::{self, CodecError, Envelope, Header, Id, Kind, MessageType};
 use crate::transport::{PublishReport, Publisher, SendError, Subscriber};
 
 /// How a node's SUB says which node it is: it subscribes to this prefix followed by the
@@ -225,6 +225,9 @@ pub struct Event<T> {
     /// How many events of this publisher on this topic were missed just before this
     /// one (0 normally; counted from the first event this subscription saw).
     pub missed: u64,
+    /// What the publisher marked it as: an event unless it said otherwise (a document,
+    /// say, for a published snapshot of state).
+    pub message_type: MessageType,
     /// The decoded value.
     pub value: T,
 }
@@ -254,7 +257,9 @@ impl<T: DeserializeOwned> Subscription<T> {
             Some(prev) if h.seq > prev => h.seq - prev - 1,
             _ => 0,
         };
+        let message_type = h.effective_type().unwrap_or(MessageType::Event);
         Some(codec::decode_payload(&env.payload).map(|value| Event {
+            message_type,
             topic: h.target,
             publisher: h.sender,
             seq: h.seq,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::calls::far_instant_after;
 
-use crate::codec::{self, codes, ErrorBody, Id, Version};
+use crate::codec::{self, codes, ErrorBody, Id, MessageType, Version};
 
 tokio::task_local! {
     /// The deadline of the handler this task is running, if it has one.
@@ -51,6 +51,9 @@ pub struct Context {
     pub headers: BTreeMap<String, String>,
     /// The shard key, if any.
     pub shard_key: Option<String>,
+    /// What the message is: a command, an event or a document (the sender's mark, else
+    /// its kind's default: requests, notifications and gather requests are commands).
+    pub message_type: MessageType,
     /// Cancelled when the caller gives up on this request (see [`Context::cancelled`]).
     pub(super) cancel: CancellationToken,
 }

@@ -31,7 +31,7 @@ use super::frames;
 use super::registry::{Context, ErasedHandler};
 use parking_lot::Mutex;
 
-use crate::codec::{self, codes, Envelope, ErrorBody, Header, Id, Kind};
+use crate::codec::{self, codes, Envelope, ErrorBody, Header, Id, Kind, MessageType};
 use crate::transport::{source_key, Dealer, Message, Router, SendError};
 
 /// Where a reply goes: back on the ROUTER connection a request came from, or on our
@@ -454,7 +454,9 @@ fn start(
 ) -> Result<Result<Bytes, ErrorBody>, Finishing> {
     let h = env.header;
     let deadline = h.deadline();
+    let message_type = h.effective_type().unwrap_or(MessageType::Command);
     let ctx = Context {
+        message_type,
         message_id: h.id,
         sender: h.sender,
         target: h.target,

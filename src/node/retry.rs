@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::calls::PendingReply;
-use super::pipeline::{Call, Guards, Style};
+use super::pipeline::{Call, Carried, Guards, Style};
 use super::{CallError, CallOptions, Core};
 use crate::codec::{codes, Id};
 
@@ -137,7 +137,7 @@ where
             req,
             timeout: Some(left),
             version: opts.version,
-            headers: opts.headers.clone(),
+            carried: Carried::of(&opts),
             id,
             avoid: tried.clone(),
             guards: Guards::of(&opts),
