@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod dedup;
 pub mod discovery;
 pub mod node;
 pub mod transport;

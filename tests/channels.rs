@@ -116,9 +116,15 @@ async fn message_types_travel_with_calls_notifications_and_events() {
     assert_eq!(t, "document");
     // Notifications: a command by default, or an event or a document.
     client.notify("orders.note", &"plain").await.unwrap();
-    for (what, t) in [("created", MessageType::Event), ("doc", MessageType::Document)] {
+    for (what, t) in [
+        ("created", MessageType::Event),
+        ("doc", MessageType::Document),
+    ] {
         let opts = CallOptions::default().with_message_type(t);
-        client.notify_with("orders.note", &what, opts).await.unwrap();
+        client
+            .notify_with("orders.note", &what, opts)
+            .await
+            .unwrap();
     }
     wait_until("three notifications", || seen.lock().len() == 3).await;
     let mut got = seen.lock().clone();
@@ -142,4 +148,187 @@ async fn message_types_travel_with_calls_notifications_and_events() {
     assert_eq!((e.value, e.message_type), (7, MessageType::Event));
     client.shutdown().await;
     server.shutdown().await;
+}
+
+mod dedup {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use peerwire::dedup::{
+        DedupError, DiskTable, Idempotent, MemoryTable, Outcome, ProcessError, Processed,
+        ProcessedMessages,
+    };
+    use peerwire::Id;
+    use redb::{ReadableTable, TableDefinition};
+
+    use super::support::{fresh_dir, within};
+
+    #[derive(Debug, PartialEq)]
+    enum Failed {
+        Handler,
+        Table(String),
+    }
+
+    impl From<DedupError> for Failed {
+        fn from(e: DedupError) -> Self {
+            Failed::Table(e.to_string())
+        }
+    }
+
+    /// The idempotent consumer's contract, whatever the table.
+    async fn consumer_contract<S: ProcessedMessages>(table: S) {
+        let c = Idempotent::new(table);
+        let runs = Arc::new(AtomicU32::new(0));
+        let id = Id::new();
+        let handle = |fail: bool| {
+            let runs = runs.clone();
+            move || async move {
+                runs.fetch_add(1, SeqCst);
+                if fail {
+                    Err(Failed::Handler)
+                } else {
+                    Ok(7)
+                }
+            }
+        };
+        // A failed handler records nothing: the next copy runs.
+        assert_eq!(c.run(id, handle(true)).await, Err(Failed::Handler));
+        assert!(!c.table().contains(id).unwrap());
+        assert_eq!(c.run(id, handle(false)).await, Ok(Outcome::Processed(7)));
+        assert_eq!(c.run(id, handle(false)).await, Ok(Outcome::Duplicate));
+        assert_eq!(runs.load(SeqCst), 2);
+        // A copy that arrives while the first is still being handled waits for it.
+        for first_fails in [false, true] {
+            let id = Id::new();
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let started = Arc::new(tokio::sync::Notify::new());
+            let first = {
+                let (c, started) = (c.clone(), started.clone());
+                tokio::spawn(async move {
+                    c.run(id, || async move {
+                        started.notify_one();
+                        let _ = wait.await;
+                        if first_fails {
+                            Err(Failed::Handler)
+                        } else {
+                            Ok(1)
+                        }
+                    })
+                    .await
+                })
+            };
+            within("the first copy starts", started.notified()).await;
+            let second = {
+                let c = c.clone();
+                tokio::spawn(async move { c.run(id, || async { Ok::<_, Failed>(2) }).await })
+            };
+            // The second cannot finish while the first holds the id.
+            tokio::task::yield_now().await;
+            assert!(!second.is_finished());
+            go.send(()).unwrap();
+            let first = within("the first copy", first).await.unwrap();
+            let second = within("the second copy", second).await.unwrap();
+            if first_fails {
+                assert_eq!(first, Err(Failed::Handler));
+                assert_eq!(
+                    second,
+                    Ok(Outcome::Processed(2)),
+                    "it ran in the first's place"
+                );
+            } else {
+                assert_eq!(first, Ok(Outcome::Processed(1)));
+                assert_eq!(second, Ok(Outcome::Duplicate));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_idempotent_consumer_over_memory() {
+        consumer_contract(MemoryTable::new(1000, Duration::from_secs(60))).await;
+    }
+
+    #[tokio::test]
+    async fn the_idempotent_consumer_over_disk() {
+        let dir = fresh_dir("dedup-contract");
+        consumer_contract(DiskTable::open(dir.join("t.redb"), Duration::from_secs(60)).unwrap())
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    const BALANCES: TableDefinition<&str, u64> = TableDefinition::new("balances");
+
+    #[tokio::test]
+    async fn the_disk_table_commits_the_handlers_writes_with_the_id_and_survives_a_restart() {
+        let dir = fresh_dir("dedup-disk");
+        let path = dir.join("processed.redb");
+        let credit = |n: u64| {
+            move |txn: &redb::WriteTransaction| -> Result<u64, String> {
+                let mut t = txn.open_table(BALANCES).map_err(|e| e.to_string())?;
+                let old = t
+                    .get("acct")
+                    .map_err(|e| e.to_string())?
+                    .map_or(0, |g| g.value());
+                if n == 0 {
+                    return Err("refused".into());
+                }
+                t.insert("acct", old + n).map_err(|e| e.to_string())?;
+                Ok(old + n)
+            }
+        };
+        let (a, b) = (Id::new(), Id::new());
+        {
+            let t = Arc::new(DiskTable::open(&path, Duration::from_secs(3600)).unwrap());
+            assert_eq!(
+                t.process_async(a, credit(5)).await.unwrap(),
+                Processed::Done(5)
+            );
+            assert_eq!(
+                t.process_async(a, credit(5)).await.unwrap(),
+                Processed::Duplicate
+            );
+            // A failing handler: its writes are rolled back, its id not recorded.
+            match t.process_async(b, credit(0)).await {
+                Err(ProcessError::Handler(e)) => assert_eq!(e, "refused"),
+                other => panic!("{other:?}"),
+            }
+            assert!(!t.contains(b).unwrap());
+            // A second open of the same file (another process, say) is refused clearly.
+            let second = DiskTable::open(&path, Duration::from_secs(3600));
+            assert!(matches!(second, Err(DedupError::Store(_))));
+        }
+        // After a restart: the duplicate is still known, and the balance is 5, not 10.
+        let t = Arc::new(DiskTable::open(&path, Duration::from_secs(3600)).unwrap());
+        assert!(t.contains(a).unwrap());
+        assert_eq!(
+            t.process_async(a, credit(5)).await.unwrap(),
+            Processed::Duplicate
+        );
+        assert_eq!(
+            t.process_async(b, credit(2)).await.unwrap(),
+            Processed::Done(7)
+        );
+        drop(t);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn disk_ids_expire_after_their_retention() {
+        let dir = fresh_dir("dedup-expiry");
+        let t = DiskTable::open(dir.join("t.redb"), Duration::from_millis(50)).unwrap();
+        let old: Vec<Id> = (0..10).map(|_| Id::new()).collect();
+        for id in &old {
+            t.record(*id).unwrap();
+        }
+        assert!(t.contains(old[0]).unwrap());
+        // The wall clock must move past the retention; nothing here is timed.
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            !t.contains(old[0]).unwrap(),
+            "expired ids are not duplicates"
+        );
+        t.record(Id::new()).unwrap();
+        assert_eq!(t.expired(), 10, "removed as new ones are recorded");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -164,7 +164,11 @@ fn message_types_default_by_kind_and_unknown_codes_read_as_absent() {
         (Kind::Hello, None),
         (Kind::Cancel, None),
     ] {
-        assert_eq!(Header::new(kind, Id::NIL, "").effective_type(), t, "{kind:?}");
+        assert_eq!(
+            Header::new(kind, Id::NIL, "").effective_type(),
+            t,
+            "{kind:?}"
+        );
     }
     // A code from a newer sender: the kind's default, by both decoders.
     #[derive(Serialize)]
@@ -192,7 +196,11 @@ fn message_types_default_by_kind_and_unknown_codes_read_as_absent() {
     assert_eq!(h.effective_type(), Some(MessageType::Command));
     let by_serde: Header = rmp_serde::from_slice(&b).unwrap();
     assert_eq!(by_serde.message_type, None);
-    for t in [MessageType::Command, MessageType::Event, MessageType::Document] {
+    for t in [
+        MessageType::Command,
+        MessageType::Event,
+        MessageType::Document,
+    ] {
         assert_eq!(MessageType::from_code(t.code() as u64), Some(t));
     }
 }

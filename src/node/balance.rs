@@ -178,7 +178,8 @@ mod tests {
         let ids: Vec<Id> = (1..=5u128).map(|n| node(n << 64 | n)).collect();
         let all = candidates(&ids);
         let keys: Vec<String> = (0..5000).map(|k| format!("order-{k}")).collect();
-        let owner = |cands: &[Candidate], key: &str| cands[Rendezvous { key }.choose("t", cands)].id;
+        let owner =
+            |cands: &[Candidate], key: &str| cands[Rendezvous { key }.choose("t", cands)].id;
         let before: Vec<Id> = keys.iter().map(|k| owner(&all, k)).collect();
         // Spread: each of 5 instances holds about a fifth.
         for id in &ids {
@@ -189,7 +190,12 @@ mod tests {
         assert!(keys.iter().zip(&before).all(|(k, o)| owner(&all, k) == *o));
         // One leaves: exactly its keys move, and they spread over the others.
         let gone = ids[2];
-        let rest = candidates(&ids.iter().copied().filter(|i| *i != gone).collect::<Vec<_>>());
+        let rest = candidates(
+            &ids.iter()
+                .copied()
+                .filter(|i| *i != gone)
+                .collect::<Vec<_>>(),
+        );
         let mut moved = 0;
         for (k, o) in keys.iter().zip(&before) {
             let now = owner(&rest, k);
@@ -210,7 +216,10 @@ mod tests {
             .zip(&before)
             .filter(|(k, o)| {
                 let now = owner(&six, k);
-                assert!(now == **o || now == newcomer, "{k} moved to an old instance");
+                assert!(
+                    now == **o || now == newcomer,
+                    "{k} moved to an old instance"
+                );
                 now == newcomer
             })
             .count();

@@ -362,7 +362,11 @@ impl Core {
                 .refusing(breaker::service_of(target), call.now),
         };
         // A shard key decides by itself: the same key, the same instance.
-        let by_key = call.carried.shard_key.as_deref().map(|key| Rendezvous { key });
+        let by_key = call
+            .carried
+            .shard_key
+            .as_deref()
+            .map(|key| Rendezvous { key });
         let balance: &dyn Balance = match &by_key {
             Some(r) => r,
             None => self.policies.balance(target, call.guards.balancing),

@@ -1,0 +1,206 @@
+//! The persistent processed-messages table, in a redb database file.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{DedupError, ProcessedMessages};
+use crate::codec::Id;
+
+/// Id → when it was recorded (milliseconds since the Unix epoch).
+const PROCESSED: TableDefinition<[u8; 16], u64> = TableDefinition::new("peerwire_processed");
+/// (when, id) → nothing: the same ids in the order they were recorded, for expiry.
+const BY_TIME: TableDefinition<(u64, [u8; 16]), ()> =
+    TableDefinition::new("peerwire_processed_by_time");
+
+/// Expired ids are removed at most this many per record, so one record never stalls on
+/// a large backlog; a steady stream of records clears any backlog.
+const EXPIRE_BATCH: usize = 64;
+
+fn store(e: impl Into<redb::Error>) -> DedupError {
+    DedupError::Store(e.into().to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A processed-messages table on disk (a [redb](https://docs.rs/redb) database): it
+/// survives restarts, so a message redelivered after the consumer crashed and came back
+/// is still known.
+///
+/// Each record is a durable commit (fsync). [`DiskTable::process`] puts the handler's
+/// own writes (in tables of its own, in the same file) and the id in one commit: either
+/// both are there after a crash or neither is, so a message is never half-applied nor
+/// applied twice. Ids are kept for `retention` (measured on the wall clock); expired
+/// ones are removed a few at a time as new ones are recorded.
+///
+/// redb lets one process open a file at a time: a second open of the same file fails
+/// with [`DedupError::Store`].
+pub struct DiskTable {
+    db: Database,
+    retention: Duration,
+    expired: AtomicU64,
+}
+
+/// What [`DiskTable::process`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed<T> {
+    /// The handler ran, and its writes and the id were committed together.
+    Done(T),
+    /// The id was recorded already: the handler did not run.
+    Duplicate,
+}
+
+/// Why [`DiskTable::process`] failed: nothing was committed either way.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError<E> {
+    /// The handler failed: its writes were rolled back and the id not recorded.
+    #[error("handler: {0}")]
+    Handler(E),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] DedupError),
+}
+
+impl DiskTable {
+    /// Opens (or creates) the table in the redb file at `path`, keeping ids for
+    /// `retention`.
+    pub fn open(path: impl AsRef<Path>, retention: Duration) -> Result<Self, DedupError> {
+        let path = path.as_ref();
+        let db = Database::create(path)
+            .map_err(|e| DedupError::Store(format!("opening {}: {e}", path.display())))?;
+        // Both tables exist from the start, so readers never find them missing.
+        let txn = db.begin_write().map_err(store)?;
+        txn.open_table(PROCESSED).map_err(store)?;
+        txn.open_table(BY_TIME).map_err(store)?;
+        txn.commit().map_err(store)?;
+        Ok(DiskTable {
+            db,
+            retention,
+            expired: AtomicU64::new(0),
+        })
+    }
+
+    /// Ids removed because their retention passed.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(Relaxed)
+    }
+
+    /// Runs `handler` in a write transaction unless `id` is recorded: the handler makes
+    /// its own writes through the transaction (`txn.open_table(...)`), and if it
+    /// succeeds they and `id` are committed together. If it fails, everything is rolled
+    /// back. Blocking (a durable commit): call it from a blocking thread, or use
+    /// [`DiskTable::process_async`].
+    ///
+    /// Writers are serialised by the database, so two copies of one message processed
+    /// at once cannot both run: the second sees the first's commit.
+    pub fn process<T, E>(
+        &self,
+        id: Id,
+        handler: impl FnOnce(&WriteTransaction) -> Result<T, E>,
+    ) -> Result<Processed<T>, ProcessError<E>> {
+        let txn = self.db.begin_write().map_err(store)?;
+        if self.recorded(&txn, id)? {
+            txn.abort().map_err(store)?;
+            return Ok(Processed::Duplicate);
+        }
+        let out = match handler(&txn) {
+            Ok(out) => out,
+            Err(e) => {
+                txn.abort().map_err(store)?;
+                return Err(ProcessError::Handler(e));
+            }
+        };
+        self.insert(&txn, id)?;
+        txn.commit().map_err(store)?;
+        Ok(Processed::Done(out))
+    }
+
+    /// [`DiskTable::process`] on a blocking thread.
+    pub async fn process_async<T, E, F>(
+        self: &Arc<Self>,
+        id: Id,
+        handler: F,
+    ) -> Result<Processed<T>, ProcessError<E>>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.process(id, handler))
+            .await
+            .map_err(|e| DedupError::Store(format!("the table's thread failed: {e}")))?
+    }
+
+    fn recorded(&self, txn: &WriteTransaction, id: Id) -> Result<bool, DedupError> {
+        let table = txn.open_table(PROCESSED).map_err(store)?;
+        let at = table
+            .get(id.0.into_bytes())
+            .map_err(store)?
+            .map(|g| g.value());
+        Ok(at.is_some_and(|at| !self.is_expired(at, now_ms())))
+    }
+
+    fn is_expired(&self, at: u64, now: u64) -> bool {
+        now.saturating_sub(at) >= self.retention.as_millis() as u64
+    }
+
+    /// Records `id` in `txn` and removes a few expired ids.
+    fn insert(&self, txn: &WriteTransaction, id: Id) -> Result<(), DedupError> {
+        let now = now_ms();
+        let key = id.0.into_bytes();
+        let mut processed = txn.open_table(PROCESSED).map_err(store)?;
+        let mut by_time = txn.open_table(BY_TIME).map_err(store)?;
+        // An expired record of the same id is replaced (its time entry with it).
+        if let Some(old) = processed.insert(key, now).map_err(store)? {
+            by_time.remove((old.value(), key)).map_err(store)?;
+        }
+        by_time.insert((now, key), ()).map_err(store)?;
+        let cutoff = now.saturating_sub(self.retention.as_millis() as u64);
+        let mut gone = 0u64;
+        for _ in 0..EXPIRE_BATCH {
+            let Some((first, _)) = by_time.first().map_err(store)? else {
+                break;
+            };
+            let (at, old) = first.value();
+            drop(first);
+            if at >= cutoff || (at, old) == (now, key) {
+                break;
+            }
+            by_time.remove((at, old)).map_err(store)?;
+            processed.remove(old).map_err(store)?;
+            gone += 1;
+        }
+        self.expired.fetch_add(gone, Relaxed);
+        Ok(())
+    }
+}
+
+impl ProcessedMessages for DiskTable {
+    fn contains(&self, id: Id) -> Result<bool, DedupError> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let table = txn.open_table(PROCESSED).map_err(store)?;
+        let at = table
+            .get(id.0.into_bytes())
+            .map_err(store)?
+            .map(|g| g.value());
+        Ok(at.is_some_and(|at| !self.is_expired(at, now_ms())))
+    }
+
+    fn record(&self, id: Id) -> Result<(), DedupError> {
+        let txn = self.db.begin_write().map_err(store)?;
+        self.insert(&txn, id)?;
+        txn.commit().map_err(store)
+    }
+
+    fn blocks(&self) -> bool {
+        true
+    }
+}
