@@ -32,8 +32,8 @@ pub use codec::{Id, MessageType, Version};
 pub use discovery::{DnsSeed, Interfaces, MdnsConfig};
 pub use node::{
     Answer, Balancing, BreakerConfig, BulkheadConfig, CallError, CallOptions, ClusterSecret,
-    Context, Event, Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply, HandlerError,
-    Node, NodeBuilder, NodeError, NodeStats, PeerInfo, PendingReply, Presence, PresenceEvent,
-    Publishing, ServicePolicy, Subscription,
+    Context, DeliveryOptions, Event, Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply,
+    HandlerError, Node, NodeBuilder, NodeError, NodeStats, PeerInfo, PendingReply, Presence,
+    PresenceEvent, Publishing, ServicePolicy, Subscription,
 };
 pub use transport::{Endpoint, SocketOptions};

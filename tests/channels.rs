@@ -332,3 +332,330 @@ mod dedup {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+mod outbox {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use peerwire::node::{CallError, Context, DeliveryOptions, Node, OutboxConfig, Stage};
+    use peerwire::{HandlerError, Id};
+
+    use super::support::orders::V1;
+    use super::support::*;
+
+    /// (consumer, message id, key, value) in the order handled, across consumers.
+    type Log = Arc<Mutex<Vec<(String, Id, Option<String>, u64)>>>;
+
+    fn consume(node: &Node, name: &str, log: &Log) {
+        let (name, log) = (name.to_string(), log.clone());
+        node.handle("work.do", V1, move |n: u64, ctx: Context| {
+            log.lock()
+                .push((name.clone(), ctx.message_id, ctx.shard_key.clone(), n));
+            async { Ok(()) }
+        });
+    }
+
+    fn sender(seeds: &[String], config: OutboxConfig) -> peerwire::NodeBuilder {
+        let mut b = Node::builder("sender")
+            .insecure()
+            .outbox(config)
+            .socket_options(test_opts());
+        for s in seeds {
+            b = b.peer(s.clone());
+        }
+        b
+    }
+
+    async fn all_delivered(node: &Node, n: u64) {
+        wait_until("every message acknowledged", || {
+            node.stats().outbox.delivered >= n && node.outbox().is_empty()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn each_message_goes_to_exactly_one_of_the_competing_consumers() {
+        init_tracing();
+        let log: Log = Arc::default();
+        let mut consumers = Vec::new();
+        for name in ["c1", "c2", "c3"] {
+            let seeds: Vec<String> = consumers.iter().map(|c: &Node| c.endpoint()).collect();
+            let c = start_node(name, &seeds).await;
+            consume(&c, name, &log);
+            consumers.push(c);
+        }
+        let s = sender(&[consumers[0].endpoint()], OutboxConfig::default())
+            .start()
+            .await
+            .unwrap();
+        wait_service(&s, "work.do", 3).await;
+        let mut ids = Vec::new();
+        for n in 0..300u64 {
+            ids.push(s.deliver("work.do", &n).await.unwrap());
+        }
+        all_delivered(&s, 300).await;
+        let log = log.lock().clone();
+        assert_eq!(log.len(), 300, "each handled once");
+        let mut by_consumer: HashMap<&str, usize> = HashMap::new();
+        for (who, ..) in &log {
+            *by_consumer.entry(who.as_str()).or_default() += 1;
+        }
+        assert_eq!(by_consumer.len(), 3, "{by_consumer:?}");
+        let mut seen: Vec<Id> = log.iter().map(|(_, id, ..)| *id).collect();
+        seen.sort();
+        ids.sort();
+        assert_eq!(seen, ids, "the ids given are the ids handled");
+        let st = s.stats().outbox;
+        assert_eq!(
+            (st.delivered, st.redelivered, st.dead, st.expired),
+            (300, 0, 0, 0)
+        );
+        s.shutdown().await;
+        for c in consumers {
+            c.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_does_not_acknowledge_has_its_messages_redelivered_elsewhere() {
+        init_tracing();
+        let log: Log = Arc::default();
+        // "stuck" takes messages and never finishes them.
+        let stuck = start_node("stuck", &[]).await;
+        stuck.handle("work.do", V1, |_: u64, _: Context| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let good = start_node("good", &[stuck.endpoint()]).await;
+        consume(&good, "good", &log);
+        let s = sender(&[stuck.endpoint()], OutboxConfig::default())
+            .start()
+            .await
+            .unwrap();
+        wait_service(&s, "work.do", 2).await;
+        let opts = DeliveryOptions::default().with_attempt_timeout(Duration::from_millis(300));
+        let mut ids = Vec::new();
+        for n in 0..20u64 {
+            ids.push(s.deliver_with("work.do", &n, opts.clone()).await.unwrap());
+        }
+        all_delivered(&s, 20).await;
+        let mut seen: Vec<Id> = log.lock().iter().map(|(_, id, ..)| *id).collect();
+        seen.sort();
+        ids.sort();
+        assert_eq!(
+            seen, ids,
+            "every message, with its own id, handled by the good one"
+        );
+        assert!(s.stats().outbox.redelivered >= 1);
+        // A consumer that dies with messages in flight: they go to the other.
+        let dying = start_node("dying", &[good.endpoint()]).await;
+        dying.handle("work.do", V1, |_: u64, _: Context| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        stuck.shutdown().await;
+        wait_service(&s, "work.do", 2).await;
+        let before = log.lock().len();
+        let opts = DeliveryOptions::default().with_attempt_timeout(Duration::from_secs(30));
+        for n in 0..10u64 {
+            s.deliver_with("work.do", &n, opts.clone()).await.unwrap();
+        }
+        wait_until("some sent to the dying one", || {
+            s.outbox().iter().any(|u| u.stage == Stage::InFlight)
+                && log.lock().len() + s.outbox().len() >= before + 10
+        })
+        .await;
+        // Dropped without a drain: its connections reset.
+        drop(dying);
+        all_delivered(&s, 30).await;
+        assert_eq!(log.lock().len(), before + 10);
+        s.shutdown().await;
+        good.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn messages_of_one_key_arrive_in_order_also_when_their_consumer_leaves() {
+        init_tracing();
+        let log: Log = Arc::default();
+        let mut consumers = Vec::new();
+        for name in ["k1", "k2", "k3"] {
+            let seeds: Vec<String> = consumers.iter().map(|c: &Node| c.endpoint()).collect();
+            let c = start_node(name, &seeds).await;
+            let (name, log) = (name.to_string(), log.clone());
+            // Some take a while, so keys overlap in flight.
+            c.handle("work.do", V1, move |n: u64, ctx: Context| {
+                let (name, log) = (name.clone(), log.clone());
+                async move {
+                    if n % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    log.lock().push((name, ctx.message_id, ctx.shard_key, n));
+                    Ok(())
+                }
+            });
+            consumers.push(c);
+        }
+        let s = sender(&[consumers[0].endpoint()], OutboxConfig::default())
+            .start()
+            .await
+            .unwrap();
+        wait_service(&s, "work.do", 3).await;
+        let keys = 10;
+        let mut n = 0u64;
+        for _ in 0..30 {
+            for k in 0..keys {
+                let opts = DeliveryOptions::default().with_shard_key(format!("key-{k}"));
+                s.deliver_with("work.do", &n, opts).await.unwrap();
+                n += 1;
+            }
+        }
+        // One consumer leaves mid-stream; its keys move.
+        wait_until("a third delivered", || s.stats().outbox.delivered >= n / 3).await;
+        let leaving = consumers.remove(1);
+        leaving.shutdown().await;
+        for _ in 0..30 {
+            for k in 0..keys {
+                let opts = DeliveryOptions::default().with_shard_key(format!("key-{k}"));
+                s.deliver_with("work.do", &n, opts).await.unwrap();
+                n += 1;
+            }
+        }
+        all_delivered(&s, n).await;
+        // Per key: the values in the order handled, duplicates (none expected) aside.
+        let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (who, _, key, v) in log.lock().iter() {
+            let key = key.clone().expect("every message has a key");
+            let vs = per_key.entry(key.clone()).or_default();
+            if vs.last() != Some(v) {
+                vs.push(*v);
+            }
+            let o = owners.entry(key).or_default();
+            if o.last() != Some(who) {
+                o.push(who.clone());
+            }
+        }
+        assert_eq!(per_key.len(), keys);
+        for (key, vs) in &per_key {
+            assert!(
+                vs.windows(2).all(|w| w[0] < w[1]),
+                "{key} out of order: {vs:?}"
+            );
+            assert_eq!(vs.len(), 60, "{key}: {vs:?}");
+        }
+        // A key changes hands at most once (when its owner left), never back and forth.
+        for (key, o) in &owners {
+            assert!(o.len() <= 2, "{key} handled by {o:?}");
+        }
+        s.shutdown().await;
+        for c in consumers {
+            c.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_for_a_service_nobody_runs_are_held_until_it_starts() {
+        init_tracing();
+        let s = sender(&[], OutboxConfig::default()).start().await.unwrap();
+        for n in 0..5u64 {
+            s.deliver("work.do", &n).await.unwrap();
+        }
+        wait_until("held", || {
+            let o = s.outbox();
+            o.len() == 5 && o.iter().all(|u| u.stage == Stage::Held)
+        })
+        .await;
+        let log: Log = Arc::default();
+        let late = start_node("late", &[s.endpoint()]).await;
+        consume(&late, "late", &log);
+        all_delivered(&s, 5).await;
+        let got: Vec<u64> = log.lock().iter().map(|(.., n)| *n).collect();
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3, 4]);
+        s.shutdown().await;
+        late.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_refuses_and_failing_messages_are_given_up_and_counted() {
+        init_tracing();
+        let mut config = OutboxConfig::default();
+        config.max_messages = 3;
+        config.max_attempts = 3;
+        let s = sender(&[], config).start().await.unwrap();
+        for n in 0..3u64 {
+            s.deliver("nobody.home", &n).await.unwrap();
+        }
+        match s.deliver("nobody.home", &3u64).await {
+            Err(CallError::OutboxFull { messages: 3, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.stats().outbox.refused, 1);
+        // A handler that always fails: given up after three attempts.
+        let failing = start_node("failing", &[s.endpoint()]).await;
+        failing.handle("work.fail", V1, |_: u64, _: Context| async {
+            Err::<(), _>(HandlerError::new("nope", "always"))
+        });
+        wait_service(&s, "work.fail", 1).await;
+        // Room is made by nothing: the three held stay. Use a sender of its own.
+        let mut config = OutboxConfig::default();
+        config.max_attempts = 3;
+        let s2 = sender(&[failing.endpoint()], config).start().await.unwrap();
+        wait_service(&s2, "work.fail", 1).await;
+        s2.deliver("work.fail", &1u64).await.unwrap();
+        wait_until("given up", || s2.stats().outbox.dead == 1).await;
+        assert!(s2.outbox().is_empty());
+        s2.shutdown().await;
+        // At shutdown, what an in-memory outbox still holds is counted as dropped.
+        let stats_before = s.stats().outbox.dropped_at_shutdown;
+        assert_eq!(stats_before, 0);
+        s.shutdown().await;
+        assert_eq!(s.stats().outbox.dropped_at_shutdown, 3);
+        failing.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_outbox_on_disk_delivers_after_the_sender_restarts() {
+        init_tracing();
+        let dir = fresh_dir("outbox-disk");
+        let path = dir.join("outbox.redb");
+        let mut given = Vec::new();
+        {
+            let s = sender(&[], OutboxConfig::on_disk(&path))
+                .start()
+                .await
+                .unwrap();
+            for n in 0..5u64 {
+                let opts = DeliveryOptions::default().with_shard_key("one-key");
+                given.push(s.deliver_with("work.do", &n, opts).await.unwrap());
+            }
+            s.shutdown().await;
+            assert_eq!(s.stats().outbox.dropped_at_shutdown, 0, "kept on disk");
+        }
+        let log: Log = Arc::default();
+        let consumer = start_node("consumer", &[]).await;
+        consume(&consumer, "consumer", &log);
+        let s = sender(&[consumer.endpoint()], OutboxConfig::on_disk(&path))
+            .start()
+            .await
+            .unwrap();
+        assert_eq!(s.outbox().len(), 5, "what the last run left");
+        all_delivered(&s, 5).await;
+        let got: Vec<(Id, u64)> = log.lock().iter().map(|(_, id, _, n)| (*id, *n)).collect();
+        let want: Vec<(Id, u64)> = given.iter().copied().zip(0..5).collect();
+        assert_eq!(got, want, "same ids, in the order given");
+        s.shutdown().await;
+        // Delivered ones are gone from the file.
+        let s = sender(&[], OutboxConfig::on_disk(&path))
+            .start()
+            .await
+            .unwrap();
+        assert!(s.outbox().is_empty());
+        s.shutdown().await;
+        consumer.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -241,6 +241,14 @@ impl Serialize for MessageType {
     }
 }
 
+impl<'de> Deserialize<'de> for MessageType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MessageType, D::Error> {
+        let c = u64::deserialize(d)?;
+        MessageType::from_code(c)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown message type {c}")))
+    }
+}
+
 /// `mt` as the header decoder reads it: an unknown code is absent.
 fn de_message_type<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MessageType>, D::Error> {
     Ok(Option::<u64>::deserialize(d)?.and_then(MessageType::from_code))

@@ -19,6 +19,7 @@ use super::cluster_secret::ClusterSecret;
 use super::gather::Gathers;
 use super::inbound::{self, CoreCell, Inbound};
 use super::membership::{Local, Membership, MembershipLimits, Setup};
+use super::outbox::{self, Outbox, OutboxConfig};
 use super::policy::{self, Policies, ServicePolicy};
 use super::pubsub::{self, PubSub};
 use super::registry::Registry;
@@ -67,6 +68,7 @@ pub struct NodeBuilder {
     insecure: bool,
     /// Keys of static peers' endpoints (secured nodes).
     peer_keys: Vec<(String, [u8; 32])>,
+    outbox: OutboxConfig,
 }
 
 impl NodeBuilder {
@@ -100,6 +102,7 @@ impl NodeBuilder {
             cluster_secret: None,
             insecure: false,
             peer_keys: Vec::new(),
+            outbox: OutboxConfig::default(),
         }
     }
 
@@ -269,6 +272,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Bounds of the outbox ([`Node::deliver`]) and whether it is kept on disk, so that
+    /// what was not delivered survives a restart (default: in memory).
+    pub fn outbox(mut self, config: OutboxConfig) -> Self {
+        self.outbox = config;
+        self
+    }
+
     /// How calls choose among the instances of a service that sets no policy of its own
     /// (default round robin).
     pub fn balancing(mut self, balancing: Balancing) -> Self {
@@ -395,6 +405,8 @@ impl NodeBuilder {
                 }
             }
         }
+        // Before any socket: a file that cannot be opened fails the start cleanly.
+        let outbox = Arc::new(Outbox::open(self.outbox.clone())?);
         let id = self.security.as_ref().map_or_else(Id::new, |s| s.id());
         let keys = self.security.as_ref().map(|s| {
             Arc::new(match s.cluster {
@@ -513,6 +525,7 @@ impl NodeBuilder {
                 },
             ),
             inbound: Inbound::default(),
+            outbox: outbox.clone(),
             stopped: tokio::sync::OnceCell::new(),
         });
         membership.watch_router(&core.router, router_events);
@@ -522,7 +535,8 @@ impl NodeBuilder {
         life.tasks
             .spawn(inbound::declined_loop(weak.clone(), cancel.clone(), true));
         life.tasks
-            .spawn(inbound::declined_loop(weak, cancel.clone(), false));
+            .spawn(inbound::declined_loop(weak.clone(), cancel.clone(), false));
+        life.tasks.spawn(outbox::run(weak, outbox, cancel.clone()));
         life.tasks
             .spawn(Calls::deadline_loop(Arc::downgrade(&calls), cancel.clone()));
         let node = Node { core };

@@ -78,4 +78,16 @@ pub enum CallError {
     /// and its waiting queue is full (or the call's deadline passed while it waited).
     #[error("bulkhead full for {0}: too many requests to it in flight")]
     BulkheadFull(String),
+    /// The outbox holds as many messages or bytes as it may
+    /// ([`OutboxConfig`](super::OutboxConfig)): the message was not taken.
+    #[error("outbox full ({messages} messages, {bytes} bytes held): the message was not taken")]
+    OutboxFull {
+        /// Messages held.
+        messages: usize,
+        /// Payload bytes held.
+        bytes: usize,
+    },
+    /// The outbox could not keep the message (its file on disk failed): it was not taken.
+    #[error("{0}")]
+    Outbox(String),
 }

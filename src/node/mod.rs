@@ -74,6 +74,7 @@ mod inbound;
 mod ipc;
 mod membership;
 mod options;
+mod outbox;
 mod pipeline;
 mod policy;
 mod pubsub;
@@ -107,6 +108,7 @@ pub use fallback::Answer;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use options::CallOptions;
+pub use outbox::{DeliveryOptions, OutboxConfig, OutboxStats, Stage, Undelivered};
 pub use policy::ServicePolicy;
 pub use pubsub::{Event, Publishing, Subscription};
 pub use registry::{Context, HandlerError};
@@ -166,6 +168,8 @@ struct Core {
     gathers: Arc<Gathers>,
     responder: Responder,
     inbound: Inbound,
+    /// Messages given for at-least-once delivery ([`Node::deliver`]).
+    outbox: Arc<outbox::Outbox>,
     /// Set once the node has stopped (see `shutdown`).
     stopped: tokio::sync::OnceCell<()>,
 }
@@ -204,7 +208,10 @@ impl Core {
         if !self.responder.drain(left).await {
             warn!(node = %self.membership.local().name, "handlers still running after the drain timeout");
         }
+        // What the outbox holds goes out while the drain allows.
+        self.outbox.drain(until).await;
         self.life.cancel.cancel();
+        self.outbox.close().await;
         self.pubsub.stop();
         self.calls.fail_all(|| CallError::Shutdown);
         self.gathers.clear();
@@ -501,6 +508,7 @@ impl Node {
             hellos_refused: c.membership.hellos_refused(),
             hellos_limited: c.membership.hellos_limited(),
             dials_deferred: c.membership.dials_deferred(),
+            outbox: c.outbox.stats(),
             router: c.router.stats(),
             publisher: c.publisher.stats(),
             subscriber: c.subscriber.stats(),
@@ -538,6 +546,7 @@ fn call<'a, T: ?Sized>(
         style,
         target,
         req,
+        encoded: None,
         guards: Guards::of(&opts),
         carried: Carried::of(&opts),
         timeout: opts.timeout,

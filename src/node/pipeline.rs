@@ -58,6 +58,9 @@ pub(super) struct Call<'a, T: ?Sized> {
     /// The request, encoded once the call is admitted (a stopped node refuses before any
     /// user serialisation code runs).
     pub(super) req: &'a T,
+    /// The request already encoded (a delivery from the outbox, encoded when it was
+    /// accepted): used instead of `req`.
+    pub(super) encoded: Option<Bytes>,
     /// The caller's deadline; its service's, else the node's default, when `None`
     /// (gathers: the node's).
     pub(super) timeout: Option<Duration>,
@@ -194,7 +197,10 @@ impl Core {
         }
         // A request's deadline runs from here; encoding counts against it.
         let deadline = far_instant(call.now, timeout);
-        let payload = codec::encode_payload(call.req)?;
+        let payload = match call.encoded {
+            Some(b) => b,
+            None => codec::encode_payload(call.req)?,
+        };
         // A request takes a place in its service's bulkhead first (waiting counts
         // against its deadline), kept until it ends.
         let bulkhead = match call.style {

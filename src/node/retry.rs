@@ -135,6 +135,7 @@ where
             style: Style::Request,
             target,
             req,
+            encoded: None,
             timeout: Some(left),
             version: opts.version,
             carried: Carried::of(&opts),

@@ -49,6 +49,8 @@ pub struct NodeStats {
     /// the dials in progress; see [`MembershipLimits`](super::MembershipLimits));
     /// discovery names them again.
     pub dials_deferred: u64,
+    /// The outbox's counters: messages held, delivered, redelivered, given up.
+    pub outbox: super::OutboxStats,
     /// The ROUTER's counters: connections refused (in total, per address, in the
     /// handshake), closed for violations or idleness, messages dropped.
     pub router: StatsSnapshot,

@@ -512,6 +512,12 @@ impl Membership {
     }
 
     /// HELLOs and mDNS sightings of nodes of another cluster (ignored).
+    /// Completes at the next change of the peer table (catalogs, connections); made
+    /// before looking at the table, so a change in between is not missed.
+    pub(in crate::node) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     pub(super) fn other_cluster(&self) -> u64 {
         self.other_cluster.load(Relaxed)
     }

@@ -1,0 +1,159 @@
+//! The outbox's log on disk (redb): every message given is written before `deliver`
+//! returns, and removed once acknowledged or given up, so what a node had not delivered
+//! when it stopped (or crashed) is delivered after it starts again.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::Message;
+use crate::node::{CallError, NodeError};
+
+/// Sequence number → the message (MessagePack).
+const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("peerwire_outbox");
+
+fn err(what: &str, e: impl Into<redb::Error>) -> String {
+    format!("outbox on disk: {what}: {}", e.into())
+}
+
+pub(super) struct DiskLog {
+    /// Taken at shutdown ([`DiskLog::close`]), which closes the file.
+    db: Mutex<Option<Arc<Database>>>,
+    /// Acknowledged messages not yet removed from the file: removed together, a few times
+    /// a second (a crash before that only redelivers them).
+    removals: Mutex<Vec<u64>>,
+}
+
+impl DiskLog {
+    /// Opens (or creates) the log at `path`; the messages it holds, in the order given.
+    /// A message that does not decode (a file from an incompatible version, say) is
+    /// skipped and logged, not fatal.
+    pub(super) fn open(path: &Path) -> Result<(DiskLog, Vec<(u64, Message)>), NodeError> {
+        let config = |e: String| NodeError::Config(e);
+        let db = Database::create(path)
+            .map_err(|e| config(format!("opening the outbox at {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(|e| config(err("begin", e)))?;
+        txn.open_table(MESSAGES)
+            .map_err(|e| config(err("table", e)))?;
+        txn.commit().map_err(|e| config(err("commit", e)))?;
+        let mut kept = Vec::new();
+        {
+            let txn = db.begin_read().map_err(|e| config(err("read", e)))?;
+            let table = txn
+                .open_table(MESSAGES)
+                .map_err(|e| config(err("table", e)))?;
+            for row in table.iter().map_err(|e| config(err("read", e)))? {
+                let (seq, bytes) = row.map_err(|e| config(err("read", e)))?;
+                match rmp_serde::from_slice::<Message>(bytes.value()) {
+                    Ok(m) => kept.push((seq.value(), m)),
+                    Err(e) => tracing::warn!(
+                        seq = seq.value(),
+                        "outbox on disk: a message that does not decode is skipped: {e}"
+                    ),
+                }
+            }
+        }
+        Ok((
+            DiskLog {
+                db: Mutex::new(Some(Arc::new(db))),
+                removals: Mutex::new(Vec::new()),
+            },
+            kept,
+        ))
+    }
+
+    /// Writes `msg` (a durable commit, on a blocking thread), with any removals due.
+    pub(super) async fn add(&self, seq: u64, msg: &Message) -> Result<(), CallError> {
+        let bytes = rmp_serde::to_vec(msg)
+            .map_err(|e| CallError::Outbox(format!("encoding the message: {e}")))?;
+        let db = self.db.lock().clone().ok_or(CallError::Shutdown)?;
+        let removals = std::mem::take(&mut *self.removals.lock());
+        let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let txn = db.begin_write().map_err(|e| err("begin", e))?;
+            {
+                let mut t = txn.open_table(MESSAGES).map_err(|e| err("table", e))?;
+                t.insert(seq, bytes.as_slice())
+                    .map_err(|e| err("insert", e))?;
+                for r in &removals {
+                    t.remove(r).map_err(|e| err("remove", e))?;
+                }
+            }
+            txn.commit().map_err(|e| err("commit", e))
+        })
+        .await
+        .map_err(|e| CallError::Outbox(format!("outbox on disk: the writer failed: {e}")))?;
+        written.map_err(CallError::Outbox)
+    }
+
+    /// Marks `seq` for removal (done by the next `flush` or `add`).
+    pub(super) fn remove(&self, seq: u64) {
+        self.removals.lock().push(seq);
+    }
+
+    pub(super) fn removals_pending(&self) -> bool {
+        !self.removals.lock().is_empty()
+    }
+
+    /// Removes what was marked, in one commit (blocking: call off the runtime).
+    pub(super) fn flush_blocking(db: &Database, removals: &[u64]) -> Result<(), String> {
+        let txn = db.begin_write().map_err(|e| err("begin", e))?;
+        {
+            let mut t = txn.open_table(MESSAGES).map_err(|e| err("table", e))?;
+            for r in removals {
+                t.remove(r).map_err(|e| err("remove", e))?;
+            }
+        }
+        txn.commit().map_err(|e| err("commit", e))
+    }
+
+    /// Removes what was marked, on a blocking thread. A failure is logged and the
+    /// removals kept for the next try.
+    pub(super) async fn flush(&self) {
+        let removals = std::mem::take(&mut *self.removals.lock());
+        if removals.is_empty() {
+            return;
+        }
+        let Some(db) = self.db.lock().clone() else {
+            return;
+        };
+        let r = removals.clone();
+        let done = tokio::task::spawn_blocking(move || Self::flush_blocking(&db, &r)).await;
+        if let Err(e) = done.map_err(|e| e.to_string()).and_then(|r| r) {
+            tracing::warn!(
+                "outbox on disk: removing delivered messages failed (kept for the next try): {e}"
+            );
+            self.removals.lock().extend(removals);
+        }
+    }
+
+    /// At shutdown: what was marked is removed, and the file closed once the writes
+    /// still running on blocking threads are done (so the next start, in this process or
+    /// another, can open it at once).
+    pub(super) async fn close(&self) {
+        let Some(mut db) = self.db.lock().take() else {
+            return;
+        };
+        // A write still running holds a reference: wait for it (writes take milliseconds;
+        // bounded all the same).
+        for _ in 0..1000 {
+            match Arc::try_unwrap(db) {
+                Ok(only) => {
+                    let removals = std::mem::take(&mut *self.removals.lock());
+                    let flushed =
+                        tokio::task::spawn_blocking(move || Self::flush_blocking(&only, &removals))
+                            .await;
+                    if let Err(e) = flushed.map_err(|e| e.to_string()).and_then(|r| r) {
+                        tracing::warn!("outbox on disk: removing delivered messages at shutdown failed (they will be delivered again): {e}");
+                    }
+                    return;
+                }
+                Err(shared) => db = shared,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::warn!("outbox on disk: a write did not finish within a second of shutdown; the file stays open until it does");
+    }
+}
