@@ -43,6 +43,14 @@ pub enum DedupError {
     Store(String),
 }
 
+/// In a handler, a table that failed fails the message (code `dedup_failed`): it was
+/// not acknowledged, so its sender sends it again.
+impl From<DedupError> for crate::node::HandlerError {
+    fn from(e: DedupError) -> Self {
+        crate::node::HandlerError::new("dedup_failed", e.to_string())
+    }
+}
+
 /// A table of the ids of messages already processed. Implementations must be safe to
 /// share between tasks; [`Idempotent`] makes sure one id is not handled twice at once
 /// through it.
