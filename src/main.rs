@@ -111,6 +111,28 @@ enum Command {
         #[command(flatten)]
         net: cli::NodeArgs,
     },
+    /// At-least-once delivery of a JSON message to one instance of SERVICE.METHOD: sent
+    /// again (elsewhere) until an instance acknowledges it; --outbox FILE keeps what is
+    /// not acknowledged for the next run.
+    Deliver {
+        /// service.method
+        target: String,
+        /// The message, as JSON.
+        json: String,
+        #[command(flatten)]
+        how: cli::outbox::DeliverArgs,
+        #[command(flatten)]
+        net: cli::NodeArgs,
+    },
+    /// List the messages an outbox file (`deliver --outbox`, `OutboxConfig::on_disk`)
+    /// holds, not yet acknowledged.
+    Outbox {
+        /// The outbox file.
+        file: std::path::PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish a JSON event on TOPIC.
     Publish {
         /// Topic.
@@ -284,6 +306,13 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             net,
         } => cli::call::call(&net, &target, &json, &how).await,
         Command::Notify { target, json, net } => cli::notify(&net, &target, &json).await,
+        Command::Deliver {
+            target,
+            json,
+            how,
+            net,
+        } => cli::outbox::deliver(&net, &target, &json, &how).await,
+        Command::Outbox { file, json } => cli::outbox::list(&file, json),
         Command::Publish { topic, json, net } => cli::publish(&net, &topic, &json).await,
         Command::Subscribe { topic, count, net } => cli::subscribe(&net, &topic, count).await,
         Command::Gather {

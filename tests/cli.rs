@@ -806,3 +806,51 @@ fn bench_without_a_responder_says_how_to_start_one() {
     ]));
     assert!(err.contains("--sizes"), "{err}");
 }
+
+#[test]
+fn deliver_keeps_what_is_not_acknowledged_in_its_outbox_file_for_the_next_run() {
+    let dir = fresh_dir("cli-outbox");
+    let file = dir.join("outbox.redb");
+    let file = file.to_str().unwrap();
+    // A node serving nothing: the message has nowhere to go yet.
+    let b = NodeProc::start_with("b", &[]);
+    let out = peerwire(&[
+        "deliver",
+        "echo.log",
+        r#"{"n":1}"#,
+        "--peer",
+        &b.endpoint,
+        "--outbox",
+        file,
+        "--ack-within",
+        "300",
+    ]);
+    assert!(one_line_error(&out).contains("kept in"));
+    let listed = ok_stdout(&peerwire(&["outbox", file, "--json"]));
+    let rows: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert_eq!(rows[0]["target"], "echo.log");
+    // An instance appears (b gossips it); the next run sends both.
+    let _a = NodeProc::start("a", &["--peer", &b.endpoint]);
+    let out = peerwire(&[
+        "deliver",
+        "echo.log",
+        r#"{"n":2}"#,
+        "--peer",
+        &b.endpoint,
+        "--outbox",
+        file,
+    ]);
+    let id = ok_stdout(&out);
+    assert_eq!(id.trim().len(), 36, "the message id: {id}");
+    assert_eq!(ok_stdout(&peerwire(&["outbox", file, "--json"])), "");
+    // Garbage and missing files: one clear line.
+    assert!(
+        one_line_error(&peerwire(&["outbox", "/nonexistent/outbox.redb"]))
+            .contains("reading the outbox")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

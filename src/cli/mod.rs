@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod isolate;
 pub mod keys;
 pub mod logging;
+pub mod outbox;
 mod presence;
 pub mod services;
 

@@ -153,7 +153,13 @@ impl Outbox {
                 },
                 version: m.version,
                 timeout: m.attempt_timeout_ms.map(Duration::from_millis),
-                avoid: e.avoid.clone(),
+                // A key goes to its owner among the connected instances, whatever failed
+                // before: a message that timed out may still be running there, and its
+                // key must not start elsewhere until the owner finished or is gone.
+                avoid: match m.shard_key {
+                    Some(_) => Vec::new(),
+                    None => e.avoid.clone(),
+                },
             });
             st.in_flight += 1;
         }

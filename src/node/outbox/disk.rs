@@ -65,6 +65,41 @@ impl DiskLog {
         ))
     }
 
+    /// The messages in the file at `path`, read-only (refused while a node has it open).
+    pub(super) fn read(path: &Path) -> Result<Vec<(u64, Message)>, NodeError> {
+        let config = |e: String| NodeError::Config(e);
+        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| {
+            let hint = match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    " (a node has it open: it must stop first)"
+                }
+                _ => "",
+            };
+            config(format!(
+                "reading the outbox at {}: {e}{hint}",
+                path.display()
+            ))
+        })?;
+        let txn = db.begin_read().map_err(|e| config(err("read", e)))?;
+        let table = match txn.open_table(MESSAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(config(err("table", e))),
+        };
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| config(err("read", e)))? {
+            let (seq, bytes) = row.map_err(|e| config(err("read", e)))?;
+            match rmp_serde::from_slice::<Message>(bytes.value()) {
+                Ok(m) => out.push((seq.value(), m)),
+                Err(e) => tracing::warn!(
+                    seq = seq.value(),
+                    "outbox on disk: a message that does not decode is skipped: {e}"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes `msg` (a durable commit, on a blocking thread), with any removals due.
     pub(super) async fn add(&self, seq: u64, msg: &Message) -> Result<(), CallError> {
         let bytes = rmp_serde::to_vec(msg)

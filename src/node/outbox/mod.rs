@@ -480,6 +480,29 @@ impl Entry {
     }
 }
 
+/// The messages an outbox file holds ([`OutboxConfig::path`]), oldest first, read
+/// without a node: for `peerwire outbox`, or to see what a stopped service left
+/// undelivered. Refused while a node has the file open. Attempt counts and errors are
+/// not kept on disk: they read as none.
+pub fn read_outbox(
+    path: impl AsRef<std::path::Path>,
+) -> Result<Vec<Undelivered>, super::NodeError> {
+    let now = now_ms();
+    Ok(DiskLog::read(path.as_ref())?
+        .into_iter()
+        .map(|(_, m)| Undelivered {
+            id: m.id,
+            target: m.target,
+            shard_key: m.shard_key,
+            bytes: m.payload.len(),
+            attempts: 0,
+            age: Duration::from_millis(now.saturating_sub(m.given_ms)),
+            last_error: None,
+            stage: Stage::Queued,
+        })
+        .collect())
+}
+
 impl super::Node {
     /// At-least-once delivery of `msg` to one instance of `target` (a command, unless
     /// marked otherwise): returns its message id once the outbox holds it (on disk
