@@ -62,12 +62,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pub_port: u16,
         /// Built-in services to host: echo (echo.echo, echo.upper, echo.log,
-        /// echo.broadcast, echo.ping) and relay (relay.echo, which calls echo.echo
-        /// under a short deadline, a breaker and a fallback). Repeatable.
+        /// echo.broadcast, echo.ping), relay (relay.echo, which calls echo.echo under a
+        /// short deadline, a breaker and a fallback) and sink (sink.take: a consumer for
+        /// deliveries that handles each message id once and prints it). Repeatable.
         #[arg(long)]
         serve: Vec<String>,
         #[command(flatten)]
         faults: cli::services::Faults,
+        #[command(flatten)]
+        sink: cli::services::SinkArgs,
         #[command(flatten)]
         net: cli::NodeArgs,
     },
@@ -289,8 +292,9 @@ async fn run(cli: Cli, demo_net: Option<Result<(), String>>) -> Result<()> {
             pub_port,
             serve,
             faults,
+            sink,
             net,
-        } => cli::run_node(&net, &name, port, pub_port, &serve, faults).await,
+        } => cli::run_node(&net, &name, port, pub_port, &serve, faults, &sink).await,
         Command::Peers {
             json,
             watch: true,

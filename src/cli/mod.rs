@@ -291,11 +291,12 @@ pub async fn run_node(
     pub_port: u16,
     serve: &[String],
     faults: services::Faults,
+    sink: &services::SinkArgs,
 ) -> Result<()> {
     logging::keep_heap_small();
     for s in serve {
-        if !["echo", "relay"].contains(&s.as_str()) {
-            bail!("unknown built-in service {s:?} (available: echo, relay)");
+        if !["echo", "relay", "sink"].contains(&s.as_str()) {
+            bail!("unknown built-in service {s:?} (available: echo, relay, sink)");
         }
     }
     let relay = serve.iter().any(|s| s == "relay");
@@ -315,6 +316,12 @@ pub async fn run_node(
     }
     if relay {
         services::serve_relay(&node);
+    }
+    if serve.iter().any(|s| s == "sink") {
+        if let Err(e) = services::serve_sink(&node, sink) {
+            node.shutdown().await;
+            return Err(e);
+        }
     }
     print_endpoint(&node);
     errln!(

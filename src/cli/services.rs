@@ -1,6 +1,6 @@
-//! The built-in demo services a node hosts with `peerwire node --serve echo|relay`, and
-//! the faults `echo` can be told to inject, for trying callers' resilience with real
-//! processes.
+//! The built-in demo services a node hosts with `peerwire node --serve
+//! echo|relay|sink`, and the faults `echo` can be told to inject, for trying callers'
+//! resilience with real processes.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +21,15 @@ pub struct Faults {
     /// calls are retried elsewhere).
     #[arg(long, default_value_t = 0.0, value_name = "RATE", value_parser = rate)]
     pub fail_rate: f64,
+}
+
+/// How the `sink` service remembers what it handled.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SinkArgs {
+    /// `sink`: keep the ids of the messages handled in this file (redb), so copies are
+    /// recognised across restarts (default: in memory, 1 000 000 ids for an hour).
+    #[arg(long, value_name = "FILE")]
+    pub dedup: Option<std::path::PathBuf>,
 }
 
 fn rate(s: &str) -> Result<f64, String> {
@@ -157,4 +166,43 @@ pub fn serve_relay(node: &Arc<Node>) {
             })
         }
     });
+}
+
+/// Registers the `sink` service, a consumer for deliveries (`peerwire deliver`,
+/// `Node::deliver`):
+/// - `sink.take` (request or notification): handles each message id once (an
+///   idempotent consumer over a processed-messages table: `--dedup FILE`, else memory),
+///   printing one JSON line per message handled, `{"node", "id", "key", "value"}`, and
+///   answering `{"duplicate": false}`; a copy of a message already handled prints
+///   nothing and is answered `{"duplicate": true}`.
+pub fn serve_sink(node: &Node, args: &SinkArgs) -> anyhow::Result<()> {
+    use peerwire::dedup::{DiskTable, Idempotent, MemoryTable, Outcome, ProcessedMessages};
+    fn register<S: ProcessedMessages>(node: &Node, table: S) {
+        let seen = Idempotent::new(table);
+        let name = node.name().to_string();
+        node.handle("sink.take", Version::new(1, 0), move |v: Value, ctx| {
+            let (seen, name) = (seen.clone(), name.clone());
+            async move {
+                let id = ctx.message_id;
+                let line =
+                    json!({ "node": name, "id": id.to_string(), "key": ctx.shard_key, "value": v });
+                let outcome = seen
+                    .run(id, || async {
+                        super::logging::stdout().line(&line.to_string());
+                        Ok::<_, HandlerError>(())
+                    })
+                    .await?;
+                Ok(json!({ "duplicate": outcome == Outcome::Duplicate }))
+            }
+        });
+    }
+    match &args.dedup {
+        Some(path) => register(
+            node,
+            DiskTable::open(path, Duration::from_secs(7 * 24 * 3600))
+                .map_err(|e| anyhow::anyhow!("--dedup {}: {e}", path.display()))?,
+        ),
+        None => register(node, MemoryTable::new(1_000_000, Duration::from_secs(3600))),
+    }
+    Ok(())
 }

@@ -387,6 +387,8 @@ pub struct NodeProc {
     pub endpoint: String,
     /// Its stderr: presence, breaker and log lines.
     pub stderr: Lines,
+    /// Its stdout after the endpoint line (what its services print).
+    pub stdout: Lines,
 }
 
 impl NodeProc {
@@ -399,7 +401,6 @@ impl NodeProc {
 
     /// A node called `name` with exactly these arguments after `node --name NAME`.
     pub fn start_with(name: &str, args: &[&str]) -> NodeProc {
-        use std::io::BufRead;
         use std::process::Stdio;
         let mut child = peerwire_cmd()
             .args(["node", "--name", name])
@@ -408,17 +409,24 @@ impl NodeProc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start node");
-        let stderr = Lines::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("endpoint line");
-        let endpoint = line.trim().to_string();
+        let mut stderr = Lines::new(child.stderr.take().unwrap());
+        let stdout = Lines::new(child.stdout.take().unwrap());
+        let endpoint = match stdout.rx.recv_timeout(BOUND) {
+            Ok(line) => line.trim().to_string(),
+            Err(_) => {
+                let _ = stderr.any_within(Duration::from_millis(200), |_| false);
+                panic!(
+                    "{name}: no endpoint line; stderr:\n{}",
+                    stderr.seen.join("\n")
+                )
+            }
+        };
         assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint:?}");
         NodeProc {
             child,
             endpoint,
             stderr,
+            stdout,
         }
     }
 
@@ -736,6 +744,14 @@ impl Lines {
             return l.clone();
         }
         self.wait_for(what, bound, f)
+    }
+
+    /// Every line that has arrived so far (moved into [`Lines::seen`], which it returns).
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(l) = self.rx.try_recv() {
+            self.seen.push(l);
+        }
+        &self.seen
     }
 
     /// Whether a line satisfying `f` arrives within `bound` (for checks that something
