@@ -103,6 +103,11 @@ fn demo_runs_and_shows_every_style() {
         "breaker of pricing at inventory-2: Closed → Open",
         "from inventory-2",
         "breaker of pricing at inventory-2: HalfOpen → Closed",
+        "each to exactly one of the three competing consumers",
+        "(moved)",
+        "skipped the copy sent again",
+        "← audit got",
+        "0 given up",
         "demo finished",
     ] {
         assert!(stdout.contains(s), "missing {s:?} in:\n{stdout}");

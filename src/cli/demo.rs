@@ -1,5 +1,6 @@
 //! `peerwire demo`: several nodes on loopback in this process, each interaction style in
-//! turn, with what was sent, by whom, what came back and how long it took.
+//! turn, with what was sent, by whom, what came back and how long it took; then
+//! resilience (`demo_resilience`) and delivery guarantees (`demo_channels`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -51,7 +52,7 @@ pub(super) fn section(title: &str) {
 /// connection, its id derived from its key), found by mDNS on the private loopback when
 /// there is one (its key in the announcement), otherwise through static seeds and their
 /// keys.
-fn builder(name: &str, mdns: bool, seeds: &[&Node]) -> peerwire::node::NodeBuilder {
+pub(super) fn builder(name: &str, mdns: bool, seeds: &[&Node]) -> peerwire::node::NodeBuilder {
     let mut b = Node::builder(name).secure(CurveKeys::generate());
     if mdns {
         b = b.mdns(MdnsConfig::loopback());
@@ -286,6 +287,7 @@ pub async fn run(net: Result<(), String>) -> Result<()> {
     );
 
     resilience::run(&client, &hung, &mut stopped).await?;
+    super::demo_channels::run(&client, mdns, &inv1).await?;
 
     section("shutdown");
     for n in [client, watcher, inv1, inv2, inv3] {

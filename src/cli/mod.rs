@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod call;
 pub mod demo;
+mod demo_channels;
 mod demo_resilience;
 pub mod doctor;
 pub mod isolate;
