@@ -658,4 +658,147 @@ mod outbox {
         consumer.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_deliveries_are_all_kept_and_delivered_in_each_senders_order() {
+        init_tracing();
+        let log: Log = Arc::default();
+        let c = start_node("c", &[]).await;
+        consume(&c, "c", &log);
+        let s = Arc::new(
+            sender(&[c.endpoint()], OutboxConfig::default())
+                .start()
+                .await
+                .unwrap(),
+        );
+        wait_service(&s, "work.do", 1).await;
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..400u64 {
+                    let opts = DeliveryOptions::default().with_shard_key("one");
+                    s.deliver_with("work.do", &(t * 1000 + i), opts)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            within("a sender's deliveries", t).await.unwrap();
+        }
+        all_delivered(&s, 1600).await;
+        let got: Vec<u64> = log.lock().iter().map(|(.., n)| *n).collect();
+        assert_eq!(got.len(), 1600);
+        // One key: one at a time, so each sending task's messages in its order.
+        for t in 0..4u64 {
+            let mine: Vec<u64> = got.iter().copied().filter(|n| n / 1000 == t).collect();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "task {t}");
+            assert_eq!(mine.len(), 400);
+        }
+        s.shutdown().await;
+        c.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_on_the_senders_side_are_not_attempts() {
+        use peerwire::node::{BulkheadConfig, ServicePolicy};
+        init_tracing();
+        let log: Log = Arc::default();
+        let c = start_node("c", &[]).await;
+        let (name, l) = ("c".to_string(), log.clone());
+        c.handle("work.do", V1, move |n: u64, ctx: Context| {
+            let (name, l) = (name.clone(), l.clone());
+            async move {
+                tokio::task::yield_now().await;
+                l.lock().push((name, ctx.message_id, None, n));
+                Ok(())
+            }
+        });
+        let mut config = OutboxConfig::default();
+        config.max_attempts = 2;
+        // One request to `work` at a time, none waiting: most sends are refused here.
+        let s = sender(&[c.endpoint()], config)
+            .service(
+                "work",
+                ServicePolicy::new().bulkhead(BulkheadConfig::new(1, 0)),
+            )
+            .start()
+            .await
+            .unwrap();
+        wait_service(&s, "work.do", 1).await;
+        for n in 0..100u64 {
+            s.deliver("work.do", &n).await.unwrap();
+        }
+        all_delivered(&s, 100).await;
+        let st = s.stats().outbox;
+        assert_eq!((st.dead, st.redelivered), (0, 0), "{st:?}");
+        assert_eq!(log.lock().len(), 100);
+        s.shutdown().await;
+        c.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn messages_held_by_open_breakers_go_once_an_instance_recovers() {
+        use peerwire::node::{BreakerConfig, ServicePolicy};
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        init_tracing();
+        let log: Log = Arc::default();
+        let c = start_node("c", &[]).await;
+        let failing = Arc::new(AtomicBool::new(true));
+        let (f, l) = (failing.clone(), log.clone());
+        c.handle("work.do", V1, move |n: u64, ctx: Context| {
+            let (f, l) = (f.clone(), l.clone());
+            async move {
+                if f.load(SeqCst) {
+                    // What a breaker counts as the instance failing.
+                    return Err(HandlerError::new("overloaded", "not yet"));
+                }
+                l.lock().push(("c".into(), ctx.message_id, None, n));
+                Ok(())
+            }
+        });
+        let breaker = BreakerConfig::default()
+            .with_window(2, 2)
+            .with_wait_in_open(Duration::from_millis(300));
+        let mut config = OutboxConfig::default();
+        config.max_attempts = 1000;
+        let s = sender(&[c.endpoint()], config)
+            .service("work", ServicePolicy::new().breaker(breaker))
+            .start()
+            .await
+            .unwrap();
+        wait_service(&s, "work.do", 1).await;
+        for n in 0..10u64 {
+            s.deliver("work.do", &n).await.unwrap();
+        }
+        wait_until("held behind the open breaker", || {
+            s.outbox().iter().any(|u| u.stage == Stage::Held)
+        })
+        .await;
+        // The instance recovers; nothing changes in the membership.
+        failing.store(false, SeqCst);
+        all_delivered(&s, 10).await;
+        assert_eq!(log.lock().len(), 10);
+        s.shutdown().await;
+        c.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn no_room_in_flight_is_taken_as_room_for_one() {
+        init_tracing();
+        let log: Log = Arc::default();
+        let c = start_node("c", &[]).await;
+        consume(&c, "c", &log);
+        let mut config = OutboxConfig::default();
+        config.max_in_flight = 0;
+        let s = sender(&[c.endpoint()], config).start().await.unwrap();
+        wait_service(&s, "work.do", 1).await;
+        for n in 0..5u64 {
+            s.deliver("work.do", &n).await.unwrap();
+        }
+        all_delivered(&s, 5).await;
+        s.shutdown().await;
+        c.shutdown().await;
+    }
 }

@@ -40,6 +40,9 @@ fn now_ms() -> u64 {
 /// applied twice. Ids are kept for `retention` (measured on the wall clock); expired
 /// ones are removed a few at a time as new ones are recorded.
 ///
+/// The file holds every id recorded within `retention`: it grows with the rate of
+/// messages times the retention (about 60 bytes an id), so choose the retention from
+/// how long copies can arrive after the first (the senders' expiry), not "for ever".
 /// redb lets one process open a file at a time: a second open of the same file fails
 /// with [`DedupError::Store`].
 pub struct DiskTable {
@@ -158,10 +161,16 @@ impl DiskTable {
         let key = id.0.into_bytes();
         let mut processed = txn.open_table(PROCESSED).map_err(store)?;
         let mut by_time = txn.open_table(BY_TIME).map_err(store)?;
-        // An expired record of the same id is replaced (its time entry with it).
-        if let Some(old) = processed.insert(key, now).map_err(store)? {
-            by_time.remove((old.value(), key)).map_err(store)?;
+        // An id recorded and not expired keeps its first time (as in `MemoryTable`); an
+        // expired record of it is replaced, its time entry with it.
+        let held = processed.get(key).map_err(store)?.map(|g| g.value());
+        if let Some(at) = held {
+            if !self.is_expired(at, now) {
+                return Ok(());
+            }
+            by_time.remove((at, key)).map_err(store)?;
         }
+        processed.insert(key, now).map_err(store)?;
         by_time.insert((now, key), ()).map_err(store)?;
         let cutoff = now.saturating_sub(self.retention.as_millis() as u64);
         let mut gone = 0u64;

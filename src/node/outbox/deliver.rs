@@ -27,6 +27,10 @@ const AVOID_MAX: usize = 8;
 /// How often messages held for want of an instance are checked for expiry, and
 /// acknowledged messages removed from the disk log (one commit for all of them).
 const HELD_SWEEP: Duration = Duration::from_millis(200);
+/// How often messages held for want of an instance are tried again whatever happened:
+/// a breaker that half-opens says nothing to the membership, and a change can come
+/// between an attempt finding no instance and its message being filed as held.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 fn backoff(attempts: u32) -> Duration {
     let ceiling = BACKOFF_BASE
@@ -39,6 +43,7 @@ fn backoff(attempts: u32) -> Duration {
 pub(in crate::node) async fn run(core: Weak<Core>, outbox: Arc<Outbox>, cancel: CancellationToken) {
     let mut flying = FuturesUnordered::new();
     let mut sweep = Instant::now() + HELD_SWEEP;
+    let mut retry_held = Instant::now() + HELD_RETRY;
     loop {
         let Some(strong) = core.upgrade() else {
             return;
@@ -62,8 +67,13 @@ pub(in crate::node) async fn run(core: Weak<Core>, outbox: Arc<Outbox>, cancel: 
             _ = tokio::time::sleep_until(next_due.unwrap_or(far)), if next_due.is_some() => {}
             _ = changed, if holding => outbox.release_held(),
             _ = tokio::time::sleep_until(sweep), if holding || outbox.removals_pending() => {
-                sweep = Instant::now() + HELD_SWEEP;
+                let now = Instant::now();
+                sweep = now + HELD_SWEEP;
                 outbox.expire_held();
+                if now >= retry_held {
+                    retry_held = now + HELD_RETRY;
+                    outbox.release_held();
+                }
                 outbox.flush_removals().await;
             }
         }
@@ -106,6 +116,11 @@ async fn attempt(core: Arc<Core>, job: Job) -> (u64, Outcome) {
         Err(CallError::NoResponder(_))
         | Err(CallError::BreakerOpen(_))
         | Err(CallError::IncompatibleVersion { .. }) => Outcome::NoInstance,
+        // Back-pressure here, or the reply's wait ended by the node stopping (the loop
+        // ends too): the message never counted against its attempts.
+        Err(e @ (CallError::BulkheadFull(_) | CallError::Send(_) | CallError::Shutdown)) => {
+            Outcome::Refused(e)
+        }
         Err(error) => Outcome::Failed { error, instance },
     };
     (job.seq, outcome)
@@ -185,16 +200,16 @@ impl Outbox {
                 e.stage = Stage::Held;
                 st.held.push(seq);
             }
-            Outcome::Failed {
-                error: CallError::Shutdown,
-                ..
-            } => {
-                // The node is stopping: the loop ends; the message stays (on disk, for
-                // the next start).
-                e.stage = Stage::Queued;
+            Outcome::Refused(error) => {
+                e.stage = Stage::Retrying;
+                e.last_error = Some(error.to_string());
+                let pause = backoff(e.refusals.saturating_add(1));
+                e.refusals = e.refusals.saturating_add(1);
+                st.delayed.insert((Instant::now() + pause, seq));
             }
             Outcome::Failed { error, instance } => {
                 e.attempts += 1;
+                e.refusals = 0;
                 e.last_error = Some(error.to_string());
                 if let Some(i) = instance {
                     if e.avoid.len() >= AVOID_MAX {

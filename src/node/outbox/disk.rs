@@ -106,6 +106,7 @@ impl DiskLog {
             .map_err(|e| CallError::Outbox(format!("encoding the message: {e}")))?;
         let db = self.db.lock().clone().ok_or(CallError::Shutdown)?;
         let removals = std::mem::take(&mut *self.removals.lock());
+        let removals_back = removals.clone();
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let txn = db.begin_write().map_err(|e| err("begin", e))?;
             {
@@ -119,8 +120,13 @@ impl DiskLog {
             txn.commit().map_err(|e| err("commit", e))
         })
         .await
-        .map_err(|e| CallError::Outbox(format!("outbox on disk: the writer failed: {e}")))?;
-        written.map_err(CallError::Outbox)
+        .map_err(|e| CallError::Outbox(format!("outbox on disk: the writer failed: {e}")))
+        .and_then(|w| w.map_err(CallError::Outbox));
+        if written.is_err() {
+            // Not removed after all: kept for the next write.
+            self.removals.lock().extend(removals_back);
+        }
+        written
     }
 
     /// Marks `seq` for removal (done by the next `flush` or `add`).
@@ -190,5 +196,18 @@ impl DiskLog {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tracing::warn!("outbox on disk: a write did not finish within a second of shutdown; the file stays open until it does");
+    }
+}
+
+impl Drop for DiskLog {
+    /// A node dropped without `shutdown` still removes what was acknowledged (rather
+    /// than deliver it again after the next start).
+    fn drop(&mut self) {
+        let removals = std::mem::take(&mut *self.removals.lock());
+        if let (Some(db), false) = (self.db.lock().take(), removals.is_empty()) {
+            if let Err(e) = Self::flush_blocking(&db, &removals) {
+                tracing::warn!("outbox on disk: removing delivered messages failed (they will be delivered again): {e}");
+            }
+        }
     }
 }

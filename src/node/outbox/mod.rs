@@ -54,8 +54,10 @@ pub struct OutboxConfig {
     pub max_bytes: usize,
     /// Most deliveries awaiting their acknowledgement at once. Default 256.
     pub max_in_flight: usize,
-    /// Attempts (each reaching an instance, or refused by one) before a message is
-    /// given up as dead. Default 10.
+    /// Attempts before a message is given up as dead: sends that an instance answered
+    /// with an error, or did not answer in time, or whose connection dropped before the
+    /// answer. Refusals on this side (no instance, open breakers, a full bulkhead or
+    /// queue) are not attempts: the message waits and is sent again. Default 10.
     pub max_attempts: u32,
     /// How long a message is held, from when it was given, before it is given up as
     /// expired. Default one hour.
@@ -167,7 +169,8 @@ pub struct Undelivered {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OutboxStats {
-    /// Messages held now.
+    /// Messages in the outbox now (not yet acknowledged nor given up), whatever their
+    /// [`Stage`].
     pub held: u64,
     /// Messages acknowledged.
     pub delivered: u64,
@@ -210,6 +213,8 @@ struct Message {
 struct Entry {
     msg: Message,
     attempts: u32,
+    /// Refusals on this side in a row (their backoff grows; they are not attempts).
+    refusals: u32,
     last_error: Option<String>,
     stage: Stage,
     /// Instances that failed it lately: the next attempt goes elsewhere if it can.
@@ -269,8 +274,12 @@ pub(super) struct Outbox {
 pub(super) enum Outcome {
     /// Acknowledged.
     Acked,
-    /// No instance to send it to: held until one appears.
+    /// No instance to send it to (none serves its target, or every one's breaker is
+    /// open): held until one may.
     NoInstance,
+    /// Refused on this side before it reached an instance (its service's bulkhead or the
+    /// connection's queue full): sent again after a backoff, not counted as an attempt.
+    Refused(CallError),
     /// The attempt failed (`instance` is where it went, if it got that far).
     Failed {
         error: CallError,
@@ -288,6 +297,9 @@ impl Outbox {
             }
             None => (None, Vec::new()),
         };
+        let mut config = config;
+        // Nothing would ever be sent (nor expire) with no room in flight.
+        config.max_in_flight = config.max_in_flight.max(1);
         let outbox = Outbox {
             config,
             state: Mutex::default(),
@@ -334,35 +346,50 @@ impl Outbox {
             expires_ms: now.saturating_add(self.config.expire_after.as_millis() as u64),
         };
         let id = msg.id;
-        // On disk, one message is written at a time, so sequence numbers reach the
-        // state in order (a key's messages stay in the order they were given).
-        let _writing = match &self.disk {
-            Some(_) => Some(self.writing.lock().await),
-            None => None,
+        // On disk, one message is written at a time (the async `writing` lock), so
+        // sequence numbers reach the state in order and a key's messages stay in the
+        // order given; in memory, the check, the number and the insertion are one
+        // critical section.
+        let Some(disk) = &self.disk else {
+            let mut st = self.state.lock();
+            self.check_room(&st, msg.payload.len())?;
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            self.insert(&mut st, seq, msg);
+            drop(st);
+            self.wake.notify_one();
+            return Ok(id);
         };
+        let _writing = self.writing.lock().await;
         let seq = {
-            let st = self.state.lock();
-            let len = msg.payload.len();
-            if st.entries.len() >= self.config.max_messages
-                || st.bytes.saturating_add(len) > self.config.max_bytes
-            {
-                self.refused.fetch_add(1, Relaxed);
-                return Err(CallError::OutboxFull {
-                    messages: st.entries.len(),
-                    bytes: st.bytes,
-                });
-            }
-            st.next_seq
+            let mut st = self.state.lock();
+            self.check_room(&st, msg.payload.len())?;
+            // Taken before the write: a `deliver` cancelled after its commit leaves a
+            // row that is delivered after a restart (at least once), never one that the
+            // next message overwrites.
+            st.next_seq += 1;
+            st.next_seq - 1
         };
-        if let Some(disk) = &self.disk {
-            disk.add(seq, &msg).await?;
-        }
+        disk.add(seq, &msg).await?;
         let mut st = self.state.lock();
-        st.next_seq = seq + 1;
         self.insert(&mut st, seq, msg);
         drop(st);
         self.wake.notify_one();
         Ok(id)
+    }
+
+    /// Refuses (and counts) a message of `len` bytes past the bounds.
+    fn check_room(&self, st: &State, len: usize) -> Result<(), CallError> {
+        if st.entries.len() >= self.config.max_messages
+            || st.bytes.saturating_add(len) > self.config.max_bytes
+        {
+            self.refused.fetch_add(1, Relaxed);
+            return Err(CallError::OutboxFull {
+                messages: st.entries.len(),
+                bytes: st.bytes,
+            });
+        }
+        Ok(())
     }
 
     fn insert(&self, st: &mut State, seq: u64, msg: Message) {
@@ -448,7 +475,14 @@ impl Outbox {
             let _writing = self.writing.lock().await;
             d.close().await;
         }
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        // The delivery loop has ended: its attempts were dropped with it.
+        st.in_flight = 0;
+        for e in st.entries.values_mut() {
+            if e.stage == Stage::InFlight {
+                e.stage = Stage::Queued;
+            }
+        }
         let n = st.entries.len();
         if n == 0 {
             return;
@@ -473,6 +507,7 @@ impl Entry {
         Entry {
             msg,
             attempts: 0,
+            refusals: 0,
             last_error: None,
             stage: Stage::Queued,
             avoid: Vec::new(),
@@ -512,7 +547,10 @@ impl super::Node {
     /// instance where there is one (after its instance died, timed out, refused it or
     /// failed it), and holds it while no instance serves `target`. A consumer may
     /// therefore see it more than once: [`dedup`](crate::dedup) recognises the copies.
-    /// Fails at once only if the outbox is full or the node is stopping.
+    ///
+    /// Fails at once, the message not taken, if the outbox is full
+    /// ([`CallError::OutboxFull`]), its file fails ([`CallError::Outbox`]), `msg` does
+    /// not serialise ([`CallError::Codec`]), `target` is empty, or the node is stopping.
     pub async fn deliver<T: serde::Serialize + ?Sized>(
         &self,
         target: &str,
