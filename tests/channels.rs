@@ -312,6 +312,37 @@ mod dedup {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn concurrent_records_on_disk_are_committed_together_and_all_kept() {
+        let dir = fresh_dir("dedup-group");
+        let t = Arc::new(DiskTable::open(dir.join("t.redb"), Duration::from_secs(60)).unwrap());
+        let threads: Vec<_> = (0..32)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let ids: Vec<Id> = (0..50).map(|_| Id::new()).collect();
+                    for id in &ids {
+                        t.record(*id).unwrap();
+                        // Recorded means committed: visible to a new reader at once.
+                        assert!(t.contains(*id).unwrap());
+                    }
+                    ids
+                })
+            })
+            .collect();
+        let ids: Vec<Id> = threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 1600);
+        assert!(ids.iter().all(|id| t.contains(*id).unwrap()));
+        drop(t);
+        // And durable: a fresh open sees them all.
+        let t = DiskTable::open(dir.join("t.redb"), Duration::from_secs(60)).unwrap();
+        assert!(ids.iter().all(|id| t.contains(*id).unwrap()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn disk_ids_expire_after_their_retention() {
         let dir = fresh_dir("dedup-expiry");

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -49,6 +49,27 @@ pub struct DiskTable {
     db: Database,
     retention: Duration,
     expired: AtomicU64,
+    /// Ids recorded by concurrent callers go into one commit (one fsync for all).
+    group: Mutex<Group>,
+    committed: Condvar,
+}
+
+/// Group commit of [`ProcessedMessages::record`]: a caller that finds no commit running
+/// commits the batch being filled (its own id and any that joined it) while later
+/// callers fill the next one and wait.
+#[derive(Default)]
+struct Group {
+    /// The batch being filled.
+    filling: Option<Arc<Batch>>,
+    /// A caller is committing.
+    leading: bool,
+}
+
+#[derive(Default)]
+struct Batch {
+    ids: parking_lot::Mutex<Vec<Id>>,
+    /// Set once committed (or failed).
+    result: std::sync::OnceLock<Result<(), String>>,
 }
 
 /// What [`DiskTable::process`] did.
@@ -87,6 +108,8 @@ impl DiskTable {
             db,
             retention,
             expired: AtomicU64::new(0),
+            group: Mutex::default(),
+            committed: Condvar::new(),
         })
     }
 
@@ -151,6 +174,15 @@ impl DiskTable {
         Ok(at.is_some_and(|at| !self.is_expired(at, now_ms())))
     }
 
+    /// Records `ids` in one write transaction.
+    fn commit(&self, ids: &[Id]) -> Result<(), DedupError> {
+        let txn = self.db.begin_write().map_err(store)?;
+        for id in ids {
+            self.insert(&txn, *id)?;
+        }
+        txn.commit().map_err(store)
+    }
+
     fn is_expired(&self, at: u64, now: u64) -> bool {
         now.saturating_sub(at) >= self.retention.as_millis() as u64
     }
@@ -204,9 +236,38 @@ impl ProcessedMessages for DiskTable {
     }
 
     fn record(&self, id: Id) -> Result<(), DedupError> {
-        let txn = self.db.begin_write().map_err(store)?;
-        self.insert(&txn, id)?;
-        txn.commit().map_err(store)
+        let mut g = self.group.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = g.filling.get_or_insert_with(Arc::default).clone();
+        batch.ids.lock().push(id);
+        // Until our batch is committed: commit the filling batch (ours, with whatever
+        // joined it) when nobody else is committing, else wait. Each caller commits at
+        // most one batch, so none is kept busy committing everyone else's for long.
+        while batch.result.get().is_none() {
+            if g.leading {
+                g = self.committed.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let Some(next) = g.filling.take() else {
+                break;
+            };
+            g.leading = true;
+            drop(g);
+            let ids = std::mem::take(&mut *next.ids.lock());
+            let _ = next
+                .result
+                .set(self.commit(&ids).map_err(|e| e.to_string()));
+            g = self.group.lock().unwrap_or_else(|p| p.into_inner());
+            g.leading = false;
+            self.committed.notify_all();
+        }
+        drop(g);
+        match batch.result.get() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(DedupError::Store(e.clone())),
+            None => Err(DedupError::Store(
+                "the group commit ended without a result".into(),
+            )),
+        }
     }
 
     fn blocks(&self) -> bool {
