@@ -833,3 +833,88 @@ mod outbox {
         c.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_runs_one_handler_at_a_time_per_key_whoever_sent_them() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    init_tracing();
+    let server = start_node("server", &[]).await;
+    // Per key: handlers running now; overall: the most running at once.
+    let running: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let (overlaps, now, most) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let order: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let (r, o, n, m, ord) = (
+        running.clone(),
+        overlaps.clone(),
+        now.clone(),
+        most.clone(),
+        order.clone(),
+    );
+    server.handle(
+        "work.keyed",
+        V1,
+        move |(sender, i): (String, u32), ctx: Context| {
+            let (r, o, n, m, ord) = (r.clone(), o.clone(), n.clone(), m.clone(), ord.clone());
+            async move {
+                let key = ctx.shard_key.clone().unwrap();
+                {
+                    let mut r = r.lock();
+                    let c = r.entry(key.clone()).or_default();
+                    if *c > 0 {
+                        o.fetch_add(1, SeqCst);
+                    }
+                    *c += 1;
+                }
+                m.fetch_max(n.fetch_add(1, SeqCst) + 1, SeqCst);
+                ord.lock()
+                    .entry(format!("{key}/{sender}"))
+                    .or_default()
+                    .push(i);
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                n.fetch_sub(1, SeqCst);
+                *r.lock().get_mut(&key).unwrap() -= 1;
+                Ok(())
+            }
+        },
+    );
+    let mut senders = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        let s = start_node(name, &[server.endpoint()]).await;
+        wait_service(&s, "work.keyed", 1).await;
+        senders.push(Arc::new(s));
+    }
+    let mut tasks = Vec::new();
+    for s in &senders {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u32 {
+                let key = format!("k{}", i % 4);
+                let opts = CallOptions::default().with_shard_key(key);
+                s.notify_with("work.keyed", &(s.name().to_string(), i), opts)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        within("sending", t).await.unwrap();
+    }
+    wait_until("all handled", || {
+        order.lock().values().map(|v| v.len()).sum::<usize>() == 120
+    })
+    .await;
+    assert_eq!(overlaps.load(SeqCst), 0, "two handlers of one key at once");
+    assert!(most.load(SeqCst) > 1, "other keys ran in parallel");
+    // One sender's messages of one key: in the order it sent them (one connection).
+    for (k, v) in order.lock().iter() {
+        assert!(v.windows(2).all(|w| w[0] < w[1]), "{k}: {v:?}");
+    }
+    for s in senders {
+        s.shutdown().await;
+    }
+    server.shutdown().await;
+}

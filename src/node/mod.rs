@@ -72,6 +72,7 @@ mod frames;
 mod gather;
 mod inbound;
 mod ipc;
+mod keygate;
 mod membership;
 mod options;
 mod outbox;

@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 
 use super::admission::{Admission, AdmitLimits, Caller};
 use super::frames;
+use super::keygate::{Entry, KeyGate, Turn};
 use super::registry::{Context, ErasedHandler};
 use parking_lot::Mutex;
 
@@ -251,6 +252,8 @@ pub(super) struct Responder {
     /// Requests, notifications and gather requests handed to `respond` so far (a node
     /// that is leaving waits for them to stop coming before it stops taking work).
     arrived: AtomicU64,
+    /// Messages with a shard key: one handler at a time per target and key.
+    keys: Arc<KeyGate>,
 }
 
 impl Responder {
@@ -264,6 +267,7 @@ impl Responder {
             draining: AtomicBool::new(false),
             undelivered: Arc::default(),
             arrived: AtomicU64::new(0),
+            keys: Arc::default(),
         }
     }
 
@@ -404,12 +408,39 @@ impl Responder {
             _ => None,
         };
         let cancel = CancellationToken::new();
+        // A message with a shard key runs when no other of its target and key does.
+        let turn = match (&env.header.shard_key, env.header.kind) {
+            (Some(key), Kind::Request | Kind::Notification) => {
+                match self.keys.enter(&env.header.target, key) {
+                    Entry::Go(turn) => Some(turn),
+                    Entry::Wait(waiting) => {
+                        let running = self.admission.started(caller, len);
+                        let watch = cancellable.map(|key| self.cancels.watch(key, cancel.clone()));
+                        let queued = Queued {
+                            handler,
+                            env,
+                            waiting,
+                            cancel,
+                            path: path.detach(),
+                            answering,
+                            sender,
+                            undelivered: self.undelivered.clone(),
+                            held: (slot, running, watch),
+                        };
+                        self.tasks.spawn(queued.run());
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
         match start(handler, env, cancel.clone()) {
             Ok(out) => {
                 drop(slot);
                 if let Some(reply) = answering.reply(sender, out) {
                     self.undelivered.send(&path, reply);
                 }
+                drop(turn);
             }
             Err(run) => {
                 let running = self.admission.started(caller, len);
@@ -434,9 +465,75 @@ impl Responder {
                     if let Some(reply) = out.and_then(|out| answering.reply(sender, out)) {
                         undelivered.send_detached(&path, reply);
                     }
+                    drop(turn);
                 });
             }
         }
+    }
+}
+
+/// A message waiting for its key's turn (see `keygate`), with what it holds meanwhile:
+/// its handler slot, its admission, its entry for a CANCEL.
+struct Queued {
+    handler: ErasedHandler,
+    env: Envelope,
+    waiting: tokio::sync::oneshot::Receiver<Turn>,
+    cancel: CancellationToken,
+    path: Detached,
+    answering: Answering,
+    sender: Id,
+    undelivered: Arc<Undelivered>,
+    held: (
+        OwnedSemaphorePermit,
+        super::admission::Running,
+        Option<Watched>,
+    ),
+}
+
+impl Queued {
+    /// Waits for the turn (under the caller's deadline, and its CANCEL), then runs the
+    /// handler with what is left of the deadline, and answers.
+    async fn run(mut self) {
+        let arrived = std::time::Instant::now();
+        let wait = async { self.waiting.await.ok() };
+        let turn = match self.env.header.deadline() {
+            Some(d) => tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => None,
+                t = tokio::time::timeout(d, wait) => t.ok().flatten(),
+            },
+            None => tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => None,
+                t = wait => t,
+            },
+        };
+        let Some(turn) = turn else {
+            // Its caller gave up (or the node stopped) before its turn came: not run.
+            self.cancel.cancel();
+            return;
+        };
+        if let Some(ms) = &mut self.env.header.deadline_ms {
+            *ms = ms
+                .saturating_sub(arrived.elapsed().as_millis() as u64)
+                .max(1);
+        }
+        let out = match start(self.handler, self.env, self.cancel.clone()) {
+            Ok(out) => Some(out),
+            Err(run) => tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => None,
+                out = run => out,
+            },
+        };
+        if out.is_none() {
+            self.cancel.cancel();
+        }
+        drop(self.held);
+        if let Some(reply) = out.and_then(|out| self.answering.reply(self.sender, out)) {
+            self.undelivered.send_detached(&self.path, reply);
+        }
+        drop(turn);
     }
 }
 

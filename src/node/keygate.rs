@@ -1,0 +1,145 @@
+//! One handler at a time per target and shard key: messages with a key run in the order
+//! they arrive, whoever sent them, while other keys run in parallel.
+//!
+//! A message whose key has a handler running waits for its turn (holding its handler
+//! slot, so waiting is bounded like running); each turn, when it ends, passes to the
+//! next in arrival order. This module owns only that queue: it never runs a handler
+//! (`respond` does) and keeps nothing for a key once its last handler ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+/// Keys with a handler running, each with the messages waiting behind it.
+#[derive(Default)]
+pub(super) struct KeyGate {
+    queues: Mutex<HashMap<String, VecDeque<oneshot::Sender<Turn>>>>,
+}
+
+/// Whether a message may run now.
+pub(super) enum Entry {
+    /// Its turn: held while its handler runs.
+    Go(Turn),
+    /// Another handler of its key is running: the turn comes here when it is this
+    /// message's (never, if the node stops first).
+    Wait(oneshot::Receiver<Turn>),
+}
+
+/// The right to run a handler for one key; dropping it passes it on.
+pub(super) struct Turn {
+    gate: Arc<KeyGate>,
+    key: String,
+    /// Handed to the next in line: this value's drop does nothing.
+    passed: bool,
+}
+
+impl KeyGate {
+    /// Enters the queue of `target` and `key`.
+    pub(super) fn enter(self: &Arc<Self>, target: &str, key: &str) -> Entry {
+        // The target's length first: no two (target, key) pairs make the same string.
+        let k = format!("{}:{target}{key}", target.len());
+        let mut queues = self.queues.lock();
+        match queues.get_mut(&k) {
+            Some(waiting) => {
+                let (tx, rx) = oneshot::channel();
+                waiting.push_back(tx);
+                Entry::Wait(rx)
+            }
+            None => {
+                queues.insert(k.clone(), VecDeque::new());
+                Entry::Go(Turn {
+                    gate: self.clone(),
+                    key: k,
+                    passed: false,
+                })
+            }
+        }
+    }
+
+    /// Keys with a handler running (for tests).
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.queues.lock().len()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if self.passed {
+            return;
+        }
+        // To the next waiter still there (one that gave up has dropped its receiver),
+        // else the key is free.
+        loop {
+            let next = {
+                let mut queues = self.gate.queues.lock();
+                let Some(waiting) = queues.get_mut(&self.key) else {
+                    return;
+                };
+                match waiting.pop_front() {
+                    Some(tx) => tx,
+                    None => {
+                        queues.remove(&self.key);
+                        return;
+                    }
+                }
+            };
+            let turn = Turn {
+                gate: self.gate.clone(),
+                key: self.key.clone(),
+                passed: false,
+            };
+            match next.send(turn) {
+                Ok(()) => return,
+                Err(mut back) => back.passed = true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_at_a_time_per_key_in_arrival_order_and_nothing_kept_after() {
+        let gate = Arc::new(KeyGate::default());
+        let Entry::Go(first) = gate.enter("t.m", "k") else {
+            panic!("the first goes at once");
+        };
+        // Another key, or the same key of another target: not held up.
+        assert!(matches!(gate.enter("t.m", "other"), Entry::Go(_)));
+        assert!(matches!(gate.enter("t.n", "k"), Entry::Go(_)));
+        let waits: Vec<_> = (0..3)
+            .map(|_| match gate.enter("t.m", "k") {
+                Entry::Wait(rx) => rx,
+                Entry::Go(_) => panic!("the key is taken"),
+            })
+            .collect();
+        let mut waits = waits.into_iter();
+        let (w1, w2, w3) = (
+            waits.next().unwrap(),
+            waits.next().unwrap(),
+            waits.next().unwrap(),
+        );
+        // The second gives up before its turn: it is skipped.
+        drop(w2);
+        drop(first);
+        let t1 = w1.await.unwrap();
+        let mut w3 = w3;
+        assert!(w3.try_recv().is_err(), "not its turn yet");
+        drop(t1);
+        let t3 = w3.await.unwrap();
+        drop(t3);
+        assert_eq!(gate.keys(), 0, "nothing kept once the last ends");
+    }
+
+    #[test]
+    fn targets_and_keys_do_not_run_together() {
+        let gate = Arc::new(KeyGate::default());
+        let _a = gate.enter("ab", "c");
+        assert!(matches!(gate.enter("a", "bc"), Entry::Go(_)));
+    }
+}
