@@ -3,7 +3,8 @@
 //!
 //! A message whose key has a handler running waits for its turn (holding its handler
 //! slot, so waiting is bounded like running); each turn, when it ends, passes to the
-//! next in arrival order. This module owns only that queue: it never runs a handler
+//! next in arrival order. A handler that calls its own target and key on its own node
+//! therefore waits for itself, until its deadline (README says so). This module owns only that queue: it never runs a handler
 //! (`respond` does) and keeps nothing for a key once its last handler ends.
 
 use std::collections::{HashMap, VecDeque};
