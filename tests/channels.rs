@@ -918,3 +918,50 @@ async fn a_consumer_runs_one_handler_at_a_time_per_key_whoever_sent_them() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_messages_and_shard_keys_are_refused_when_given() {
+    use peerwire::node::{CallError, DeliveryOptions, OutboxConfig};
+    init_tracing();
+    let opts = test_opts().with_max_message_size(64 * 1024);
+    let s = Node::builder("sender")
+        .insecure()
+        .socket_options(opts)
+        .outbox(OutboxConfig::default())
+        .start()
+        .await
+        .unwrap();
+    let big = vec![7u8; 100 * 1024];
+    match s.deliver("work.do", &serde_bytes_like(&big)).await {
+        Err(CallError::Send(peerwire::transport::SendError::MessageTooLarge { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(s.outbox().is_empty(), "not taken");
+    let long = "k".repeat(peerwire::codec::MAX_SHARD_KEY + 1);
+    let d = DeliveryOptions::default().with_shard_key(long.clone());
+    assert!(matches!(
+        s.deliver_with("work.do", &1, d).await,
+        Err(CallError::Codec(_))
+    ));
+    let c = CallOptions::default().with_shard_key(long.clone());
+    let r: Result<(), _> = s.request_with("work.do", &1, c).await;
+    assert!(matches!(r, Err(CallError::Codec(_))), "{r:?}");
+    // On the wire: a header with a longer key does not decode.
+    let mut h =
+        peerwire::codec::Header::new(peerwire::codec::Kind::Request, peerwire::Id::NIL, "a.b");
+    h.shard_key = Some(long);
+    let bytes = peerwire::codec::encode_header(&h);
+    assert!(peerwire::codec::decode_header(&bytes).is_err());
+    s.shutdown().await;
+}
+
+/// Bytes serialised as MessagePack bin, without a serde helper crate.
+fn serde_bytes_like(b: &[u8]) -> impl serde::Serialize + '_ {
+    struct Bin<'a>(&'a [u8]);
+    impl serde::Serialize for Bin<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+    Bin(b)
+}

@@ -71,10 +71,12 @@ pub async fn deliver(args: &NodeArgs, target: &str, json: &str, how: &DeliverArg
             );
             Ok(())
         }
-        // (Earlier messages from the file may be the ones given up: the warnings say.)
+        // Earlier messages from the file may be the ones given up: the warnings above
+        // name each by id. Not knowing which, the command fails rather than claim success.
         None => bail!(
-            "message {id} left the outbox, but {} message(s) were given up in this run ({} \
-             failed every attempt, {} expired): see the warnings above",
+            "message {id} left the outbox, and {} message(s) were given up in this run ({} \
+             failed every attempt, {} expired): if {id} is not among the ids in the warnings \
+             above, it was delivered",
             stats.dead + stats.expired,
             stats.dead,
             stats.expired

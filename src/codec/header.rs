@@ -378,7 +378,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Header, CodecError> {
                 h.shard_key = if r.nil() {
                     None
                 } else {
-                    Some(r.str()?.to_string())
+                    let k = r.str()?;
+                    if k.len() > super::MAX_SHARD_KEY {
+                        return Err(err("shard key longer than 1024 bytes"));
+                    }
+                    Some(k.to_string())
                 }
             }
             b"seq" => h.seq = if r.nil() { 0 } else { r.uint()? },

@@ -36,6 +36,10 @@ pub const VERSION_MAJOR: u8 = 1;
 pub const VERSION_MINOR: u8 = 0;
 /// Content type of MessagePack payloads (the default).
 pub const CONTENT_MSGPACK: &str = "application/msgpack";
+/// Longest shard key (`sk`), in bytes: a header with a longer one does not decode, and a
+/// call or delivery with one is refused before it is sent. A key names an entity (an
+/// order, a customer); a consumer holds it while that key's messages queue.
+pub const MAX_SHARD_KEY: usize = 1024;
 
 /// A 128-bit identifier (message id, correlation id, node id), carried as 16 raw bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

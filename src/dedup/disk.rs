@@ -65,6 +65,25 @@ struct Group {
     leading: bool,
 }
 
+/// The commit in progress: when it ends, the batch has a result and the lead is free.
+struct Leading<'a> {
+    table: &'a DiskTable,
+    batch: Arc<Batch>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .batch
+            .result
+            .set(Err("the commit panicked".to_string()));
+        let mut g = self.table.group.lock().unwrap_or_else(|p| p.into_inner());
+        g.leading = false;
+        drop(g);
+        self.table.committed.notify_all();
+    }
+}
+
 #[derive(Default)]
 struct Batch {
     ids: parking_lot::Mutex<Vec<Id>>,
@@ -252,13 +271,19 @@ impl ProcessedMessages for DiskTable {
             };
             g.leading = true;
             drop(g);
-            let ids = std::mem::take(&mut *next.ids.lock());
-            let _ = next
+            // Hands the lead back however the commit ends, a panic included (else every
+            // later record would wait for ever).
+            let lead = Leading {
+                table: self,
+                batch: next,
+            };
+            let ids = std::mem::take(&mut *lead.batch.ids.lock());
+            let _ = lead
+                .batch
                 .result
                 .set(self.commit(&ids).map_err(|e| e.to_string()));
+            drop(lead);
             g = self.group.lock().unwrap_or_else(|p| p.into_inner());
-            g.leading = false;
-            self.committed.notify_all();
         }
         drop(g);
         match batch.result.get() {

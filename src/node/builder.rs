@@ -406,7 +406,8 @@ impl NodeBuilder {
             }
         }
         // Before any socket: a file that cannot be opened fails the start cleanly.
-        let outbox = Arc::new(Outbox::open(self.outbox.clone())?);
+        let max_payload = self.socket.max_message_size.min(self.socket.max_frame_size);
+        let outbox = Arc::new(Outbox::open(self.outbox.clone(), max_payload)?);
         let id = self.security.as_ref().map_or_else(Id::new, |s| s.id());
         let keys = self.security.as_ref().map(|s| {
             Arc::new(match s.cluster {

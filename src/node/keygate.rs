@@ -16,8 +16,22 @@ use tokio::sync::oneshot;
 /// Keys with a handler running, each with the messages waiting behind it.
 #[derive(Default)]
 pub(super) struct KeyGate {
-    queues: Mutex<HashMap<String, VecDeque<oneshot::Sender<Turn>>>>,
+    queues: Mutex<HashMap<String, Waiting>>,
 }
+
+/// The messages waiting behind a key's running handler, oldest first. One that gave up
+/// (its deadline, a CANCEL) leaves its entry behind, closed: entries are swept out when
+/// the queue has doubled since the last sweep, so what gave up costs nothing lasting
+/// (each sweep is paid for by as many entries as it scans) and the queue stays within
+/// twice the live waiters, who each hold a handler slot.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<oneshot::Sender<Turn>>,
+    sweep_at: usize,
+}
+
+/// The smallest queue swept.
+const SWEEP_MIN: usize = 64;
 
 /// Whether a message may run now.
 pub(super) enum Entry {
@@ -44,12 +58,16 @@ impl KeyGate {
         let mut queues = self.queues.lock();
         match queues.get_mut(&k) {
             Some(waiting) => {
+                if waiting.queue.len() >= waiting.sweep_at.max(SWEEP_MIN) {
+                    waiting.queue.retain(|tx| !tx.is_closed());
+                    waiting.sweep_at = 2 * waiting.queue.len();
+                }
                 let (tx, rx) = oneshot::channel();
-                waiting.push_back(tx);
+                waiting.queue.push_back(tx);
                 Entry::Wait(rx)
             }
             None => {
-                queues.insert(k.clone(), VecDeque::new());
+                queues.insert(k.clone(), Waiting::default());
                 Entry::Go(Turn {
                     gate: self.clone(),
                     key: k,
@@ -63,6 +81,13 @@ impl KeyGate {
     #[cfg(test)]
     fn keys(&self) -> usize {
         self.queues.lock().len()
+    }
+
+    /// Entries queued behind `target` and `key`, live or not (for tests).
+    #[cfg(test)]
+    fn queued(&self, target: &str, key: &str) -> usize {
+        let k = format!("{}:{target}{key}", target.len());
+        self.queues.lock().get(&k).map_or(0, |w| w.queue.len())
     }
 }
 
@@ -79,7 +104,7 @@ impl Drop for Turn {
                 let Some(waiting) = queues.get_mut(&self.key) else {
                     return;
                 };
-                match waiting.pop_front() {
+                match waiting.queue.pop_front() {
                     Some(tx) => tx,
                     None => {
                         queues.remove(&self.key);
@@ -135,6 +160,29 @@ mod tests {
         let t3 = w3.await.unwrap();
         drop(t3);
         assert_eq!(gate.keys(), 0, "nothing kept once the last ends");
+    }
+
+    #[test]
+    fn waiters_that_gave_up_are_swept_out() {
+        let gate = Arc::new(KeyGate::default());
+        let _busy = gate.enter("t.m", "hot");
+        // 100 000 waiters that give up at once (a hostile caller with 1 ms deadlines).
+        for _ in 0..100_000 {
+            drop(gate.enter("t.m", "hot"));
+        }
+        assert!(
+            gate.queued("t.m", "hot") <= SWEEP_MIN,
+            "{}",
+            gate.queued("t.m", "hot")
+        );
+        // Live ones are kept, in order.
+        let live: Vec<_> = (0..1000).map(|_| gate.enter("t.m", "hot")).collect();
+        for _ in 0..10_000 {
+            drop(gate.enter("t.m", "hot"));
+        }
+        let q = gate.queued("t.m", "hot");
+        assert!((1000..=2 * 1000 + SWEEP_MIN).contains(&q), "{q}");
+        drop(live);
     }
 
     #[test]

@@ -98,6 +98,20 @@ impl Carried {
     }
 }
 
+/// Refuses a shard key longer than [`codec::MAX_SHARD_KEY`] (receivers would refuse it).
+pub(super) fn check_shard_key(key: Option<&str>) -> Result<(), CallError> {
+    match key {
+        Some(k) if k.len() > codec::MAX_SHARD_KEY => {
+            Err(CallError::Codec(codec::CodecError::Encode(format!(
+                "a shard key of {} bytes (at most {})",
+                k.len(),
+                codec::MAX_SHARD_KEY
+            ))))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A call's own settings of the mechanisms inside the pipeline (see [`CallOptions`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Guards {
@@ -178,6 +192,7 @@ impl Core {
         if call.style == Style::Gather {
             super::pubsub::check_topic(call.target)?;
         }
+        check_shard_key(call.carried.shard_key.as_deref())?;
         let asked = call.timeout;
         let mut timeout = match call.style {
             Style::Gather => self.policies.node_timeout(call.timeout),

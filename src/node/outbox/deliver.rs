@@ -16,6 +16,7 @@ use crate::codec::codes;
 use crate::node::calls::PendingReply;
 use crate::node::pipeline::{Call, Carried, Guards, Style};
 use crate::node::{CallError, Core};
+use crate::transport::SendError;
 
 /// First backoff ceiling after a failed attempt; it doubles with each, up to
 /// [`BACKOFF_MAX`] (full jitter, as for retries).
@@ -116,6 +117,11 @@ async fn attempt(core: Arc<Core>, job: Job) -> (u64, Outcome) {
         Err(CallError::NoResponder(_))
         | Err(CallError::BreakerOpen(_))
         | Err(CallError::IncompatibleVersion { .. }) => Outcome::NoInstance,
+        // A message this transport can never send: no attempt will do better.
+        Err(
+            e
+            @ CallError::Send(SendError::MessageTooLarge { .. } | SendError::TooManyFrames { .. }),
+        ) => Outcome::Unsendable(e),
         // Back-pressure here, or the reply's wait ended by the node stopping (the loop
         // ends too): the message never counted against its attempts.
         Err(e @ (CallError::BulkheadFull(_) | CallError::Send(_) | CallError::Shutdown)) => {
@@ -199,6 +205,10 @@ impl Outbox {
             Outcome::NoInstance => {
                 e.stage = Stage::Held;
                 st.held.push(seq);
+            }
+            Outcome::Unsendable(error) => {
+                e.last_error = Some(error.to_string());
+                self.give_up(&mut st, seq, true);
             }
             Outcome::Refused(error) => {
                 e.stage = Stage::Retrying;

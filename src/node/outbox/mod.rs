@@ -55,9 +55,11 @@ pub struct OutboxConfig {
     /// Most deliveries awaiting their acknowledgement at once. Default 256.
     pub max_in_flight: usize,
     /// Attempts before a message is given up as dead: sends that an instance answered
-    /// with an error, or did not answer in time, or whose connection dropped before the
-    /// answer. Refusals on this side (no instance, open breakers, a full bulkhead or
-    /// queue) are not attempts: the message waits and is sent again. Default 10.
+    /// with an error, or did not answer in time (waiting for room in a full queue
+    /// counts against that time), or whose connection dropped before the answer.
+    /// Refusals on this side (no instance, open breakers, a full bulkhead, a queue
+    /// refusing while its connection is down) are not attempts: the message waits and
+    /// is sent again. Default 10.
     pub max_attempts: u32,
     /// How long a message is held, from when it was given, before it is given up as
     /// expired. Default one hour.
@@ -254,6 +256,9 @@ struct State {
 /// The outbox of a node. See the [module documentation](self).
 pub(super) struct Outbox {
     config: OutboxConfig,
+    /// The largest payload the node's connections can carry: a larger one is refused
+    /// when given, rather than tried until it expires.
+    max_payload: usize,
     state: Mutex<State>,
     /// Told when a message is given (the delivery loop may have room for it).
     wake: Notify,
@@ -280,6 +285,8 @@ pub(super) enum Outcome {
     /// Refused on this side before it reached an instance (its service's bulkhead or the
     /// connection's queue full): sent again after a backoff, not counted as an attempt.
     Refused(CallError),
+    /// It can never be sent (larger than the connection's limits): given up at once.
+    Unsendable(CallError),
     /// The attempt failed (`instance` is where it went, if it got that far).
     Failed {
         error: CallError,
@@ -289,7 +296,10 @@ pub(super) enum Outcome {
 
 impl Outbox {
     /// An outbox as `config` says, with what its disk log holds from an earlier run.
-    pub(super) fn open(config: OutboxConfig) -> Result<Outbox, super::NodeError> {
+    pub(super) fn open(
+        config: OutboxConfig,
+        max_payload: usize,
+    ) -> Result<Outbox, super::NodeError> {
         let (disk, kept) = match &config.path {
             Some(path) => {
                 let (log, kept) = DiskLog::open(path)?;
@@ -302,6 +312,7 @@ impl Outbox {
         config.max_in_flight = config.max_in_flight.max(1);
         let outbox = Outbox {
             config,
+            max_payload,
             state: Mutex::default(),
             wake: Notify::new(),
             left: Notify::new(),
@@ -332,6 +343,14 @@ impl Outbox {
         payload: Bytes,
         opts: DeliveryOptions,
     ) -> Result<Id, CallError> {
+        if payload.len() > self.max_payload {
+            return Err(CallError::Send(
+                crate::transport::SendError::MessageTooLarge {
+                    size: payload.len(),
+                    max: self.max_payload,
+                },
+            ));
+        }
         let now = now_ms();
         let msg = Message {
             id: Id::new(),
@@ -575,6 +594,7 @@ impl super::Node {
         if target.is_empty() {
             return Err(CallError::NoResponder(String::new()));
         }
+        super::pipeline::check_shard_key(opts.shard_key.as_deref())?;
         let payload = crate::codec::encode_payload(msg)?;
         self.core.outbox.give(target, payload, opts).await
     }
