@@ -102,7 +102,7 @@ impl DiskLog {
 
     /// Writes `msg` (a durable commit, on a blocking thread), with any removals due.
     pub(super) async fn add(&self, seq: u64, msg: &Message) -> Result<(), CallError> {
-        let bytes = rmp_serde::to_vec(msg)
+        let bytes = rmp_serde::to_vec_named(msg)
             .map_err(|e| CallError::Outbox(format!("encoding the message: {e}")))?;
         let db = self.db.lock().clone().ok_or(CallError::Shutdown)?;
         let removals = std::mem::take(&mut *self.removals.lock());

@@ -7,8 +7,9 @@
 //! every attempt) to one instance chosen by the call pipeline (by its shard key, if it
 //! has one), and the instance's reply is its acknowledgement: the handler ran and
 //! succeeded. A message whose instance dies, does not answer within the attempt's
-//! deadline, refuses it unrun or fails it is sent again, to another instance where there
-//! is one, after a backoff; a message nobody serves is held until an instance appears.
+//! deadline, refuses it unrun or fails it is sent again after a backoff: to another
+//! instance where there is one, or, with a shard key, to its key's owner among the
+//! instances still there. A message nobody serves is held until an instance appears.
 //! Messages with the same shard key go one at a time, in the order they were given: the
 //! next is sent only once the one before is acknowledged (or given up), so a key that
 //! moves to another instance (its owner left) is handed over in order.
@@ -196,7 +197,8 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A message held.
+/// A message held. On disk as a MessagePack map with these field names (so a later
+/// version can add fields and still read what an earlier one left).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Message {
     id: Id,
