@@ -816,6 +816,47 @@ mod outbox {
     }
 
     #[tokio::test]
+    async fn a_receipt_says_how_a_message_ended() {
+        init_tracing();
+        let log: Log = Arc::default();
+        let c = start_node("c", &[]).await;
+        consume(&c, "c", &log);
+        c.handle("work.fail", V1, |_: u64, _: Context| async {
+            Err::<(), _>(HandlerError::new("nope", "always"))
+        });
+        let mut config = OutboxConfig::default();
+        config.max_attempts = 2;
+        let s = sender(&[c.endpoint()], config).start().await.unwrap();
+        wait_service(&s, "work.fail", 1).await;
+        let ok = s
+            .deliver_tracked("work.do", &1u64, DeliveryOptions::default())
+            .await
+            .unwrap();
+        within("the acknowledgement", ok.acknowledged())
+            .await
+            .unwrap();
+        let bad = s
+            .deliver_tracked("work.fail", &2u64, DeliveryOptions::default())
+            .await
+            .unwrap();
+        match within("giving up", bad.acknowledged()).await {
+            Err(CallError::Outbox(why)) => assert!(why.contains("nope"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Held for a service nobody runs, then the node stops: it says so.
+        let held = s
+            .deliver_tracked("nobody.home", &3u64, DeliveryOptions::default())
+            .await
+            .unwrap();
+        s.shutdown().await;
+        assert_eq!(
+            within("the stop", held.acknowledged()).await,
+            Err(CallError::Shutdown)
+        );
+        c.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn no_room_in_flight_is_taken_as_room_for_one() {
         init_tracing();
         let log: Log = Arc::default();

@@ -47,23 +47,24 @@ pub async fn deliver(args: &NodeArgs, target: &str, json: &str, how: &DeliverArg
     if let Some(k) = &how.shard_key {
         opts = opts.with_shard_key(k.clone());
     }
-    let id = match node.deliver_with(target, &msg, opts).await {
-        Ok(id) => id,
+    let receipt = match node.deliver_tracked(target, &msg, opts).await {
+        Ok(r) => r,
         Err(e) => {
             node.shutdown().await;
             return Err(e.into());
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(how.ack_within);
-    while node.outbox().iter().any(|u| u.id == id) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let id = receipt.id;
+    let outcome = tokio::time::timeout(
+        Duration::from_millis(how.ack_within),
+        receipt.acknowledged(),
+    )
+    .await;
+    // (What is still in flight when the node stops stays in the file, if there is one.)
     let left = node.outbox();
-    let stats = node.stats().outbox;
     node.shutdown().await;
-    let mine = left.iter().find(|u| u.id == id);
-    match mine {
-        None if stats.dead + stats.expired == 0 => {
+    match outcome {
+        Ok(Ok(())) => {
             outln!("{id}");
             errln!(
                 "delivered to one instance of {} and acknowledged",
@@ -71,21 +72,14 @@ pub async fn deliver(args: &NodeArgs, target: &str, json: &str, how: &DeliverArg
             );
             Ok(())
         }
-        // Earlier messages from the file may be the ones given up: the warnings above
-        // name each by id. Not knowing which, the command fails rather than claim success.
-        None => bail!(
-            "message {id} left the outbox, and {} message(s) were given up in this run ({} \
-             failed every attempt, {} expired): if {id} is not among the ids in the warnings \
-             above, it was delivered",
-            stats.dead + stats.expired,
-            stats.dead,
-            stats.expired
-        ),
-        Some(u) => {
-            let why =
-                u.last_error.as_deref().map(clean).unwrap_or_else(|| {
-                    format!("no instance of {} acknowledged it yet", clean(target))
-                });
+        Ok(Err(e)) => bail!("{}", clean(&e.to_string())),
+        Err(_) => {
+            let why = left
+                .iter()
+                .find(|u| u.id == id)
+                .and_then(|u| u.last_error.as_deref())
+                .map(clean)
+                .unwrap_or_else(|| format!("no instance of {} acknowledged it yet", clean(target)));
             match &how.outbox {
                 Some(path) => bail!(
                     "message {id} not acknowledged within {} ms ({why}); kept in {} with {} \
@@ -93,7 +87,7 @@ pub async fn deliver(args: &NodeArgs, target: &str, json: &str, how: &DeliverArg
                      --outbox {}` sends them",
                     how.ack_within,
                     path.display(),
-                    left.len() - 1,
+                    left.len().saturating_sub(1),
                     path.display(),
                     path.display()
                 ),

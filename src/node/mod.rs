@@ -109,7 +109,9 @@ pub use fallback::Answer;
 pub use gather::{Gather, GatherEnd, GatherOptions, GatherOutcome, GatherReply};
 pub use membership::{MembershipLimits, PeerInfo, Presence, PresenceEvent, Rate};
 pub use options::CallOptions;
-pub use outbox::{read_outbox, DeliveryOptions, OutboxConfig, OutboxStats, Stage, Undelivered};
+pub use outbox::{
+    read_outbox, DeliveryOptions, OutboxConfig, OutboxStats, Receipt, Stage, Undelivered,
+};
 pub use policy::ServicePolicy;
 pub use pubsub::{Event, Publishing, Subscription};
 pub use registry::{Context, HandlerError};

@@ -200,7 +200,7 @@ impl Outbox {
         match outcome {
             Outcome::Acked => {
                 self.delivered.fetch_add(1, Relaxed);
-                self.remove(&mut st, seq);
+                self.remove(&mut st, seq, Ok(()));
             }
             Outcome::NoInstance => {
                 e.stage = Stage::Held;
@@ -280,6 +280,7 @@ impl Outbox {
 
     /// Gives up on `seq`: dead (`max_attempts` failed) or expired. Counted and logged.
     fn give_up(&self, st: &mut State, seq: u64, dead: bool) {
+        let mut why = String::new();
         if let Some(e) = st.entries.get(&seq) {
             let (id, target, attempts) = (e.msg.id, &e.msg.target, e.attempts);
             let error = e.last_error.as_deref().unwrap_or("none");
@@ -290,15 +291,23 @@ impl Outbox {
                 self.expired.fetch_add(1, Relaxed);
                 warn!(%id, %target, attempts, last_error = error, "outbox: message given up: not acknowledged before it expired");
             }
+            why = match dead {
+                true => format!("{attempts} attempt(s) failed, the last with: {error}"),
+                false => format!("expired after {attempts} attempt(s) (last error: {error})"),
+            };
         }
-        self.remove(st, seq);
+        self.remove(st, seq, Err(why));
     }
 
-    /// `seq` leaves the outbox: its key's next message becomes ready.
-    fn remove(&self, st: &mut State, seq: u64) {
-        let Some(e) = st.entries.remove(&seq) else {
+    /// `seq` leaves the outbox (`how`: acknowledged, or why not): its key's next message
+    /// becomes ready, and a receipt is told.
+    fn remove(&self, st: &mut State, seq: u64, how: super::Finished) {
+        let Some(mut e) = st.entries.remove(&seq) else {
             return;
         };
+        if let Some(receipt) = e.receipt.take() {
+            let _ = receipt.send(how);
+        }
         st.bytes -= e.msg.payload.len();
         if let Some(key) = &e.msg.shard_key {
             if let Some(lane) = st.lanes.get_mut(key) {

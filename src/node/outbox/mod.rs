@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use super::pipeline::Carried;
@@ -168,6 +168,32 @@ pub struct Undelivered {
     pub stage: Stage,
 }
 
+/// Where a message given with [`Node::deliver_tracked`](super::Node::deliver_tracked)
+/// ends up.
+#[derive(Debug)]
+pub struct Receipt {
+    /// Its message id.
+    pub id: Id,
+    rx: oneshot::Receiver<Finished>,
+}
+
+impl Receipt {
+    /// Completes when an instance acknowledged the message: `Ok`; or when the outbox
+    /// gave it up: [`CallError::Outbox`] saying why (expired, or its last attempt's
+    /// error); or [`CallError::Shutdown`] if the node stopped first (an outbox on disk
+    /// still holds it for the next start).
+    pub async fn acknowledged(self) -> Result<(), CallError> {
+        match self.rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(CallError::Outbox(format!(
+                "message {} given up: {why}",
+                self.id
+            ))),
+            Err(_) => Err(CallError::Shutdown),
+        }
+    }
+}
+
 /// The outbox's counters ([`NodeStats`](super::NodeStats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -223,7 +249,12 @@ struct Entry {
     stage: Stage,
     /// Instances that failed it lately: the next attempt goes elsewhere if it can.
     avoid: Vec<Id>,
+    /// Told how it ended, if the sender asked ([`Node::deliver_tracked`](super::Node)).
+    receipt: Option<oneshot::Sender<Finished>>,
 }
+
+/// How a tracked message left the outbox: acknowledged, or given up (why).
+pub(super) type Finished = Result<(), String>;
 
 /// What one attempt needs (a copy, so the lock is not held while it runs).
 struct Job {
@@ -331,7 +362,7 @@ impl Outbox {
             let mut st = outbox.state.lock();
             for (seq, msg) in kept {
                 st.next_seq = st.next_seq.max(seq + 1);
-                outbox.insert(&mut st, seq, msg);
+                outbox.insert(&mut st, seq, msg, None);
             }
         }
         Ok(outbox)
@@ -344,6 +375,7 @@ impl Outbox {
         target: &str,
         payload: Bytes,
         opts: DeliveryOptions,
+        receipt: Option<oneshot::Sender<Finished>>,
     ) -> Result<Id, CallError> {
         if payload.len() > self.max_payload {
             return Err(CallError::Send(
@@ -376,7 +408,7 @@ impl Outbox {
             self.check_room(&st, msg.payload.len())?;
             let seq = st.next_seq;
             st.next_seq += 1;
-            self.insert(&mut st, seq, msg);
+            self.insert(&mut st, seq, msg, receipt);
             drop(st);
             self.wake.notify_one();
             return Ok(id);
@@ -393,7 +425,7 @@ impl Outbox {
         };
         disk.add(seq, &msg).await?;
         let mut st = self.state.lock();
-        self.insert(&mut st, seq, msg);
+        self.insert(&mut st, seq, msg, receipt);
         drop(st);
         self.wake.notify_one();
         Ok(id)
@@ -413,7 +445,13 @@ impl Outbox {
         Ok(())
     }
 
-    fn insert(&self, st: &mut State, seq: u64, msg: Message) {
+    fn insert(
+        &self,
+        st: &mut State,
+        seq: u64,
+        msg: Message,
+        receipt: Option<oneshot::Sender<Finished>>,
+    ) {
         st.bytes += msg.payload.len();
         match &msg.shard_key {
             Some(key) => {
@@ -425,7 +463,9 @@ impl Outbox {
             }
             None => st.ready.push_back(seq),
         }
-        st.entries.insert(seq, Entry::new(msg));
+        let mut entry = Entry::new(msg);
+        entry.receipt = receipt;
+        st.entries.insert(seq, entry);
     }
 
     /// The messages held, oldest first.
@@ -503,6 +543,9 @@ impl Outbox {
             if e.stage == Stage::InFlight {
                 e.stage = Stage::Queued;
             }
+            // A receipt learns the node stopped (its message, on disk, is the next
+            // start's to deliver).
+            e.receipt = None;
         }
         let n = st.entries.len();
         if n == 0 {
@@ -532,6 +575,7 @@ impl Entry {
             last_error: None,
             stage: Stage::Queued,
             avoid: Vec::new(),
+            receipt: None,
         }
     }
 }
@@ -598,7 +642,32 @@ impl super::Node {
         }
         super::pipeline::check_shard_key(opts.shard_key.as_deref())?;
         let payload = crate::codec::encode_payload(msg)?;
-        self.core.outbox.give(target, payload, opts).await
+        self.core.outbox.give(target, payload, opts, None).await
+    }
+
+    /// [`Node::deliver_with`](super::Node::deliver_with), with a [`Receipt`] that says
+    /// when the message is acknowledged (or given up).
+    pub async fn deliver_tracked<T: serde::Serialize + ?Sized>(
+        &self,
+        target: &str,
+        msg: &T,
+        opts: DeliveryOptions,
+    ) -> Result<Receipt, CallError> {
+        if self.core.life.cancel.is_cancelled() {
+            return Err(CallError::Shutdown);
+        }
+        if target.is_empty() {
+            return Err(CallError::NoResponder(String::new()));
+        }
+        super::pipeline::check_shard_key(opts.shard_key.as_deref())?;
+        let payload = crate::codec::encode_payload(msg)?;
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .core
+            .outbox
+            .give(target, payload, opts, Some(tx))
+            .await?;
+        Ok(Receipt { id, rx })
     }
 
     /// The messages the outbox holds (not yet acknowledged), oldest first.
