@@ -6,10 +6,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::Kind;
 
-/// The message types of messaging (see ../shared/reference, "Message types"): what a
+/// The message types of asynchronous messaging (command, event, document): what a
 /// message means to its receiver, independent of how it travels ([`Kind`]). Carried in
 /// the header's `mt`; a header without one has its kind's default
-/// ([`Header::effective_type`]).
+/// ([`Header::effective_type`](super::Header::effective_type)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum MessageType {
