@@ -1006,3 +1006,135 @@ fn serde_bytes_like(b: &[u8]) -> impl serde::Serialize + '_ {
     }
     Bin(b)
 }
+
+#[tokio::test]
+async fn a_key_that_moves_to_a_new_instance_starts_there_after_its_messages_elsewhere() {
+    use std::time::Instant;
+    init_tracing();
+    type Spans = Arc<Mutex<Vec<(String, String, Instant, Instant)>>>;
+    let spans: Spans = Arc::default();
+    let started: Arc<Mutex<Vec<String>>> = Arc::default();
+    let serve = |node: &Node, spans: &Spans| {
+        let (name, spans, started) = (node.name().to_string(), spans.clone(), started.clone());
+        node.handle("work.slow", V1, move |what: String, _: Context| {
+            let (name, spans, started) = (name.clone(), spans.clone(), started.clone());
+            async move {
+                let t = Instant::now();
+                started.lock().push(what.clone());
+                if what == "first" {
+                    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                }
+                spans.lock().push((name, what, t, Instant::now()));
+                Ok(())
+            }
+        });
+    };
+    let x = start_node("x", &[]).await;
+    serve(&x, &spans);
+    // `n` is up, but serves nothing yet.
+    let n = start_node("n", &[x.endpoint()]).await;
+    // A key that `n` will own once it serves the target.
+    let score = |id: peerwire::Id, key: &str| {
+        let mut b = id.0.as_bytes().to_vec();
+        b.extend_from_slice(key.as_bytes());
+        xxhash_rust::xxh3::xxh3_64(&b)
+    };
+    let key = (0..)
+        .map(|i| format!("order-{i}"))
+        .find(|k| score(n.id(), k) > score(x.id(), k))
+        .unwrap();
+    let a = start_node("a", &[x.endpoint()]).await;
+    let b = start_node("b", &[x.endpoint()]).await;
+    wait_service(&a, "work.slow", 1).await;
+    let opts = CallOptions::default().with_shard_key(key.clone());
+    a.notify_with("work.slow", &"first", opts.clone())
+        .await
+        .unwrap();
+    // While x runs it, `n` starts serving: the key moves to `n`, and another sender
+    // sends the key's next message there.
+    wait_until("x busy with the first", || !started.lock().is_empty()).await;
+    serve(&n, &spans);
+    wait_service(&b, "work.slow", 2).await;
+    b.notify_with("work.slow", &"second", opts).await.unwrap();
+    wait_until("both handled", || spans.lock().len() == 2).await;
+    let spans = spans.lock().clone();
+    let first = spans.iter().find(|s| s.1 == "first").unwrap();
+    let second = spans.iter().find(|s| s.1 == "second").unwrap();
+    assert_eq!((first.0.as_str(), second.0.as_str()), ("x", "n"));
+    assert!(
+        second.2 >= first.3,
+        "the new owner started before the old one finished: {:?} before {:?}",
+        second.2,
+        first.3
+    );
+    for node in [a, b, n, x] {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_whose_instance_leaves_starts_elsewhere_after_its_messages_there() {
+    use std::time::Instant;
+    init_tracing();
+    type Spans = Arc<Mutex<Vec<(String, String, Instant, Instant)>>>;
+    let spans: Spans = Arc::default();
+    let started: Arc<Mutex<Vec<String>>> = Arc::default();
+    let serve = |node: &Node| {
+        let (name, spans, started) = (node.name().to_string(), spans.clone(), started.clone());
+        node.handle("work.slow", V1, move |what: String, _: Context| {
+            let (name, spans, started) = (name.clone(), spans.clone(), started.clone());
+            async move {
+                let t = Instant::now();
+                started.lock().push(what.clone());
+                if what == "first" {
+                    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                }
+                spans.lock().push((name, what, t, Instant::now()));
+                Ok(())
+            }
+        });
+    };
+    let x = Arc::new(start_node("x", &[]).await);
+    serve(&x);
+    let n = start_node("n", &[x.endpoint()]).await;
+    serve(&n);
+    let score = |id: peerwire::Id, key: &str| {
+        let mut b = id.0.as_bytes().to_vec();
+        b.extend_from_slice(key.as_bytes());
+        xxhash_rust::xxh3::xxh3_64(&b)
+    };
+    // A key `x` owns, while it is there.
+    let key = (0..)
+        .map(|i| format!("order-{i}"))
+        .find(|k| score(x.id(), k) > score(n.id(), k))
+        .unwrap();
+    let s = start_node("s", &[x.endpoint()]).await;
+    wait_service(&s, "work.slow", 2).await;
+    let opts = CallOptions::default().with_shard_key(key.clone());
+    s.notify_with("work.slow", &"first", opts.clone())
+        .await
+        .unwrap();
+    wait_until("x busy with the first", || !started.lock().is_empty()).await;
+    // `x` stops gracefully (a rolling restart): the key moves to `n`.
+    let leaving = {
+        let x = x.clone();
+        tokio::spawn(async move { x.shutdown().await })
+    };
+    wait_until("x known to be leaving", || {
+        s.peers().iter().any(|p| p.name == "x" && p.leaving)
+    })
+    .await;
+    s.notify_with("work.slow", &"second", opts).await.unwrap();
+    wait_until("both handled", || spans.lock().len() == 2).await;
+    let spans = spans.lock().clone();
+    let first = spans.iter().find(|s| s.1 == "first").unwrap();
+    let second = spans.iter().find(|s| s.1 == "second").unwrap();
+    assert_eq!((first.0.as_str(), second.0.as_str()), ("x", "n"));
+    assert!(
+        second.2 >= first.3,
+        "n started the key before x was done with it"
+    );
+    within("x's shutdown", leaving).await.unwrap();
+    s.shutdown().await;
+    n.shutdown().await;
+}

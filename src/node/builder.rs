@@ -532,6 +532,7 @@ impl NodeBuilder {
         membership.watch_router(&core.router, router_events);
         let weak = Arc::downgrade(&core);
         let _ = cell.set(weak.clone());
+        core.responder.set_core(weak.clone());
         let cancel = &life.cancel;
         life.tasks
             .spawn(inbound::declined_loop(weak.clone(), cancel.clone(), true));

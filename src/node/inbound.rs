@@ -232,7 +232,9 @@ impl Core {
             Kind::Request | Kind::Notification => {
                 let is_request = h.kind == Kind::Request;
                 let path = reply_to(identity);
-                if self.responder.is_draining() {
+                // A node that is stopping still answers hand-over questions: its keys'
+                // handlers are finishing, and the new owners wait for exactly that.
+                if self.responder.is_draining() && !super::respond::is_handover(h) {
                     if is_request {
                         let msg = "node is shutting down".into();
                         self.responder

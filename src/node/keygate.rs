@@ -4,11 +4,16 @@
 //! A message whose key has a handler running waits for its turn (holding its handler
 //! slot, so waiting is bounded like running); each turn, when it ends, passes to the
 //! next in arrival order. A handler that calls its own target and key on its own node
-//! therefore waits for itself, until its deadline (README says so). This module owns only that queue: it never runs a handler
-//! (`respond` does) and keeps nothing for a key once its last handler ends.
+//! therefore waits for itself, until its deadline (README says so).
+//!
+//! It also remembers, for a while and within a bound, which keys ran here lately: a key
+//! that did not ("cold") may have just moved here from another instance, and `respond`
+//! then asks that instance to finish the key first (the hand-over, PROTOCOL.md). This
+//! module owns only that state: it never runs a handler nor sends anything.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -17,7 +22,16 @@ use tokio::sync::oneshot;
 #[derive(Default)]
 pub(super) struct KeyGate {
     queues: Mutex<HashMap<String, Waiting>>,
+    /// Keys whose last handler here ended lately, and when.
+    warm: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a key stays warm after its last handler here ended: a key that comes back
+/// later is handed over again (one round trip to the instance that had it).
+const WARM_FOR: Duration = Duration::from_secs(10);
+/// Most warm keys remembered; past it (and once expired ones are forgotten), a key is
+/// not remembered and its next message is handed over again: a cost, never an error.
+const WARM_MAX: usize = 65_536;
 
 /// The messages waiting behind a key's running handler, oldest first. One that gave up
 /// (its deadline, a CANCEL) leaves its entry behind, closed: entries are swept out when
@@ -48,14 +62,36 @@ pub(super) struct Turn {
     key: String,
     /// Handed to the next in line: this value's drop does nothing.
     passed: bool,
+    /// Whether the key is warm here once this turn ends (see [`Turn::ran_nothing`]).
+    warms: bool,
+}
+
+impl Turn {
+    /// No handler ran in this turn (a hand-over question took it): if it is the key's
+    /// last, the key is not warm for it.
+    pub(super) fn ran_nothing(&mut self) {
+        self.warms = false;
+    }
 }
 
 impl KeyGate {
-    /// Enters the queue of `target` and `key`.
-    pub(super) fn enter(self: &Arc<Self>, target: &str, key: &str) -> Entry {
+    /// Enters the queue of `target` and `key`; also whether the key is cold here (no
+    /// handler of it running, none ended within [`WARM_FOR`]).
+    pub(super) fn enter(self: &Arc<Self>, target: &str, key: &str) -> (Entry, bool) {
         // The target's length first: no two (target, key) pairs make the same string.
         let k = format!("{}:{target}{key}", target.len());
         let mut queues = self.queues.lock();
+        let running = queues.contains_key(&k);
+        let cold = !running
+            && self
+                .warm
+                .lock()
+                .get(&k)
+                .is_none_or(|at| at.elapsed() >= WARM_FOR);
+        (self.enter_locked(&mut queues, k), cold)
+    }
+
+    fn enter_locked(self: &Arc<Self>, queues: &mut HashMap<String, Waiting>, k: String) -> Entry {
         match queues.get_mut(&k) {
             Some(waiting) => {
                 if waiting.queue.len() >= waiting.sweep_at.max(SWEEP_MIN) {
@@ -72,9 +108,22 @@ impl KeyGate {
                     gate: self.clone(),
                     key: k,
                     passed: false,
+                    warms: true,
                 })
             }
         }
+    }
+
+    /// `k`'s last handler here just ended.
+    fn warmed(&self, k: &str) {
+        let mut warm = self.warm.lock();
+        if warm.len() >= WARM_MAX && !warm.contains_key(k) {
+            warm.retain(|_, at| at.elapsed() < WARM_FOR);
+            if warm.len() >= WARM_MAX {
+                return;
+            }
+        }
+        warm.insert(k.to_string(), Instant::now());
     }
 
     /// Keys with a handler running (for tests).
@@ -108,6 +157,10 @@ impl Drop for Turn {
                     Some(tx) => tx,
                     None => {
                         queues.remove(&self.key);
+                        drop(queues);
+                        if self.warms {
+                            self.gate.warmed(&self.key);
+                        }
                         return;
                     }
                 }
@@ -116,6 +169,7 @@ impl Drop for Turn {
                 gate: self.gate.clone(),
                 key: self.key.clone(),
                 passed: false,
+                warms: true,
             };
             match next.send(turn) {
                 Ok(()) => return,
@@ -132,16 +186,16 @@ mod tests {
     #[tokio::test]
     async fn one_at_a_time_per_key_in_arrival_order_and_nothing_kept_after() {
         let gate = Arc::new(KeyGate::default());
-        let Entry::Go(first) = gate.enter("t.m", "k") else {
+        let (Entry::Go(first), true) = gate.enter("t.m", "k") else {
             panic!("the first goes at once");
         };
         // Another key, or the same key of another target: not held up.
-        assert!(matches!(gate.enter("t.m", "other"), Entry::Go(_)));
-        assert!(matches!(gate.enter("t.n", "k"), Entry::Go(_)));
+        assert!(matches!(gate.enter("t.m", "other"), (Entry::Go(_), true)));
+        assert!(matches!(gate.enter("t.n", "k"), (Entry::Go(_), true)));
         let waits: Vec<_> = (0..3)
             .map(|_| match gate.enter("t.m", "k") {
-                Entry::Wait(rx) => rx,
-                Entry::Go(_) => panic!("the key is taken"),
+                (Entry::Wait(rx), false) => rx,
+                _ => panic!("the key is taken (and so warm)"),
             })
             .collect();
         let mut waits = waits.into_iter();
@@ -160,6 +214,8 @@ mod tests {
         let t3 = w3.await.unwrap();
         drop(t3);
         assert_eq!(gate.keys(), 0, "nothing kept once the last ends");
+        // But it ran lately: warm.
+        assert!(matches!(gate.enter("t.m", "k"), (Entry::Go(_), false)));
     }
 
     #[test]
@@ -189,6 +245,6 @@ mod tests {
     fn targets_and_keys_do_not_run_together() {
         let gate = Arc::new(KeyGate::default());
         let _a = gate.enter("ab", "c");
-        assert!(matches!(gate.enter("a", "bc"), Entry::Go(_)));
+        assert!(matches!(gate.enter("a", "bc"), (Entry::Go(_), true)));
     }
 }

@@ -27,13 +27,21 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::admission::{Admission, AdmitLimits, Caller};
+mod keyed;
+
 use super::frames;
-use super::keygate::{Entry, KeyGate, Turn};
+use super::keygate::{Entry, KeyGate};
 use super::registry::{Context, ErasedHandler};
 use parking_lot::Mutex;
 
 use crate::codec::{self, codes, Envelope, ErrorBody, Header, Id, Kind, MessageType};
 use crate::transport::{source_key, Dealer, Message, Router, SendError};
+
+/// Whether `h` is a hand-over question (see `keyed`): a request with a shard key and the
+/// [`keyed::HANDOVER`] header.
+pub(super) fn is_handover(h: &Header) -> bool {
+    h.kind == Kind::Request && h.shard_key.is_some() && h.headers.contains_key(keyed::HANDOVER)
+}
 
 /// Where a reply goes: back on the ROUTER connection a request came from, or on our
 /// DEALER to the node that published a gather request. Borrowed while the reply is sent
@@ -254,6 +262,8 @@ pub(super) struct Responder {
     arrived: AtomicU64,
     /// Messages with a shard key: one handler at a time per target and key.
     keys: Arc<KeyGate>,
+    /// The node, for the hand-over questions (set once it is built).
+    core: std::sync::OnceLock<Weak<super::Core>>,
 }
 
 impl Responder {
@@ -268,7 +278,13 @@ impl Responder {
             undelivered: Arc::default(),
             arrived: AtomicU64::new(0),
             keys: Arc::default(),
+            core: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The node this responder is part of (for the hand-over of keys).
+    pub(super) fn set_core(&self, core: Weak<super::Core>) {
+        let _ = self.core.set(core);
     }
 
     /// A handler slot if one is free now.
@@ -408,18 +424,29 @@ impl Responder {
             _ => None,
         };
         let cancel = CancellationToken::new();
-        // A message with a shard key runs when no other of its target and key does.
+        // A message with a shard key runs when no other of its target and key does, and,
+        // if the key is cold here, once the instance that had it is done with it
+        // (`keyed`); a hand-over question only waits for its turn.
         let turn = match (&env.header.shard_key, env.header.kind) {
             (Some(key), Kind::Request | Kind::Notification) => {
-                match self.keys.enter(&env.header.target, key) {
-                    Entry::Go(turn) => Some(turn),
-                    Entry::Wait(waiting) => {
+                let question = is_handover(&env.header);
+                let (entry, cold) = self.keys.enter(&env.header.target, key);
+                let ask = (cold && !question)
+                    .then(|| self.core.get().cloned())
+                    .flatten();
+                match entry {
+                    Entry::Go(turn) if ask.is_none() && !question => Some(turn),
+                    entry => {
                         let running = self.admission.started(caller, len);
                         let watch = cancellable.map(|key| self.cancels.watch(key, cancel.clone()));
-                        let queued = Queued {
-                            handler,
+                        let queued = keyed::Queued {
+                            handler: (!question).then_some(handler),
                             env,
-                            waiting,
+                            waiting: match entry {
+                                Entry::Go(t) => keyed::Waiting::Now(t),
+                                Entry::Wait(rx) => keyed::Waiting::Later(rx),
+                            },
+                            ask,
                             cancel,
                             path: path.detach(),
                             answering,
@@ -469,71 +496,6 @@ impl Responder {
                 });
             }
         }
-    }
-}
-
-/// A message waiting for its key's turn (see `keygate`), with what it holds meanwhile:
-/// its handler slot, its admission, its entry for a CANCEL.
-struct Queued {
-    handler: ErasedHandler,
-    env: Envelope,
-    waiting: tokio::sync::oneshot::Receiver<Turn>,
-    cancel: CancellationToken,
-    path: Detached,
-    answering: Answering,
-    sender: Id,
-    undelivered: Arc<Undelivered>,
-    held: (
-        OwnedSemaphorePermit,
-        super::admission::Running,
-        Option<Watched>,
-    ),
-}
-
-impl Queued {
-    /// Waits for the turn (under the caller's deadline, and its CANCEL), then runs the
-    /// handler with what is left of the deadline, and answers.
-    async fn run(mut self) {
-        let arrived = std::time::Instant::now();
-        let wait = async { self.waiting.await.ok() };
-        let turn = match self.env.header.deadline() {
-            Some(d) => tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => None,
-                t = tokio::time::timeout(d, wait) => t.ok().flatten(),
-            },
-            None => tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => None,
-                t = wait => t,
-            },
-        };
-        let Some(turn) = turn else {
-            // Its caller gave up (or the node stopped) before its turn came: not run.
-            self.cancel.cancel();
-            return;
-        };
-        if let Some(ms) = &mut self.env.header.deadline_ms {
-            *ms = ms
-                .saturating_sub(arrived.elapsed().as_millis() as u64)
-                .max(1);
-        }
-        let out = match start(self.handler, self.env, self.cancel.clone()) {
-            Ok(out) => Some(out),
-            Err(run) => tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => None,
-                out = run => out,
-            },
-        };
-        if out.is_none() {
-            self.cancel.cancel();
-        }
-        drop(self.held);
-        if let Some(reply) = out.and_then(|out| self.answering.reply(self.sender, out)) {
-            self.undelivered.send_detached(&self.path, reply);
-        }
-        drop(turn);
     }
 }
 
