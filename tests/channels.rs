@@ -1098,18 +1098,22 @@ async fn a_key_whose_instance_leaves_starts_elsewhere_after_its_messages_there()
     serve(&x);
     let n = start_node("n", &[x.endpoint()]).await;
     serve(&n);
+    // A third instance: `n`'s question must still go to `x`, though it is leaving.
+    let m = start_node("m", &[x.endpoint()]).await;
+    serve(&m);
     let score = |id: peerwire::Id, key: &str| {
         let mut b = id.0.as_bytes().to_vec();
         b.extend_from_slice(key.as_bytes());
         xxhash_rust::xxh3::xxh3_64(&b)
     };
-    // A key `x` owns, while it is there.
+    // A key `x` owns while it is there, and `n` after it.
     let key = (0..)
         .map(|i| format!("order-{i}"))
-        .find(|k| score(x.id(), k) > score(n.id(), k))
+        .find(|k| score(x.id(), k) > score(n.id(), k) && score(n.id(), k) > score(m.id(), k))
         .unwrap();
     let s = start_node("s", &[x.endpoint()]).await;
-    wait_service(&s, "work.slow", 2).await;
+    wait_service(&s, "work.slow", 3).await;
+    wait_service(&n, "work.slow", 2).await;
     let opts = CallOptions::default().with_shard_key(key.clone());
     s.notify_with("work.slow", &"first", opts.clone())
         .await
@@ -1137,4 +1141,22 @@ async fn a_key_whose_instance_leaves_starts_elsewhere_after_its_messages_there()
     within("x's shutdown", leaving).await.unwrap();
     s.shutdown().await;
     n.shutdown().await;
+    m.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_hand_over_header_is_the_nodes_own() {
+    use peerwire::node::{CallError, DeliveryOptions};
+    init_tracing();
+    let s = start_node("s", &[]).await;
+    let c = CallOptions::default().with_header("x-peerwire-handover", "1");
+    let r: Result<(), _> = s.request_with("work.do", &1, c).await;
+    assert!(matches!(r, Err(CallError::Codec(_))), "{r:?}");
+    let mut d = DeliveryOptions::default();
+    d.headers.insert("x-peerwire-handover".into(), "1".into());
+    assert!(matches!(
+        s.deliver_with("work.do", &1, d).await,
+        Err(CallError::Codec(_))
+    ));
+    s.shutdown().await;
 }

@@ -12,6 +12,7 @@
 //! module owns only that state: it never runs a handler nor sends anything.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,18 +20,42 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 /// Keys with a handler running, each with the messages waiting behind it.
-#[derive(Default)]
 pub(super) struct KeyGate {
     queues: Mutex<HashMap<String, Waiting>>,
-    /// Keys whose last handler here ended lately, and when.
-    warm: Mutex<HashMap<String, Instant>>,
+    warm: Mutex<Warm>,
+    /// Keys are remembered by a hash with this node's own seed: nobody can make one key
+    /// pass for another.
+    seed: u64,
+    /// The membership's count of changes: a key is warm only while the instances are as
+    /// they were when it ran (a key that moves back must be handed over again).
+    changes: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
-/// How long a key stays warm after its last handler here ended: a key that comes back
+/// Keys a handler ran for lately: (seeded hash) → when, and the membership's count of
+/// changes then.
+#[derive(Default)]
+struct Warm {
+    keys: HashMap<u64, (Instant, u64)>,
+    /// When full, expired keys are swept out at most this often; in between a new key
+    /// is not remembered (its next message is handed over again: a cost, not an error).
+    next_sweep: Option<Instant>,
+}
+
+impl Default for KeyGate {
+    fn default() -> Self {
+        KeyGate {
+            queues: Mutex::default(),
+            warm: Mutex::default(),
+            seed: fastrand::u64(..),
+            changes: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// How long a key stays warm after a handler ran for it here: a key that comes back
 /// later is handed over again (one round trip to the instance that had it).
 const WARM_FOR: Duration = Duration::from_secs(10);
-/// Most warm keys remembered; past it (and once expired ones are forgotten), a key is
-/// not remembered and its next message is handed over again: a cost, never an error.
+/// Most warm keys remembered (about 40 bytes each).
 const WARM_MAX: usize = 65_536;
 
 /// The messages waiting behind a key's running handler, oldest first. One that gave up
@@ -62,33 +87,58 @@ pub(super) struct Turn {
     key: String,
     /// Handed to the next in line: this value's drop does nothing.
     passed: bool,
-    /// Whether the key is warm here once this turn ends (see [`Turn::ran_nothing`]).
+    /// A handler ran in this turn: the key is warm here (again) when it ends.
     warms: bool,
 }
 
 impl Turn {
-    /// No handler ran in this turn (a hand-over question took it): if it is the key's
-    /// last, the key is not warm for it.
-    pub(super) fn ran_nothing(&mut self) {
-        self.warms = false;
+    /// A handler is about to run in this turn: the key is warm here from now on (a
+    /// hand-over question, which runs none, or a message that gave up before its
+    /// handler, leaves it as it was).
+    pub(super) fn runs(&mut self) {
+        self.warms = true;
+        self.gate.warmed(&self.key);
+    }
+
+    /// Whether a handler ran for this key here lately (it may have become so while this
+    /// turn was waiting).
+    pub(super) fn is_warm(&self) -> bool {
+        self.gate.is_warm(&self.key)
     }
 }
 
 impl KeyGate {
+    /// The membership's change counter (set once the node is built).
+    pub(super) fn follow(&self, changes: Arc<AtomicU64>) {
+        let _ = self.changes.set(changes);
+    }
+
+    fn generation(&self) -> u64 {
+        self.changes.get().map_or(0, |c| c.load(Relaxed))
+    }
+
     /// Enters the queue of `target` and `key`; also whether the key is cold here (no
-    /// handler of it running, none ended within [`WARM_FOR`]).
+    /// handler ran for it within [`WARM_FOR`], or the instances changed since).
     pub(super) fn enter(self: &Arc<Self>, target: &str, key: &str) -> (Entry, bool) {
         // The target's length first: no two (target, key) pairs make the same string.
         let k = format!("{}:{target}{key}", target.len());
+        let cold = !self.is_warm(&k);
         let mut queues = self.queues.lock();
-        let running = queues.contains_key(&k);
-        let cold = !running
-            && self
-                .warm
-                .lock()
-                .get(&k)
-                .is_none_or(|at| at.elapsed() >= WARM_FOR);
         (self.enter_locked(&mut queues, k), cold)
+    }
+
+    fn hash(&self, k: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(k.as_bytes(), self.seed)
+    }
+
+    fn is_warm(&self, k: &str) -> bool {
+        let h = self.hash(k);
+        let generation = self.generation();
+        self.warm
+            .lock()
+            .keys
+            .get(&h)
+            .is_some_and(|(at, g)| *g == generation && at.elapsed() < WARM_FOR)
     }
 
     fn enter_locked(self: &Arc<Self>, queues: &mut HashMap<String, Waiting>, k: String) -> Entry {
@@ -108,22 +158,28 @@ impl KeyGate {
                     gate: self.clone(),
                     key: k,
                     passed: false,
-                    warms: true,
+                    warms: false,
                 })
             }
         }
     }
 
-    /// `k`'s last handler here just ended.
+    /// A handler ran for `k` here, now.
     fn warmed(&self, k: &str) {
+        let (h, generation, now) = (self.hash(k), self.generation(), Instant::now());
         let mut warm = self.warm.lock();
-        if warm.len() >= WARM_MAX && !warm.contains_key(k) {
-            warm.retain(|_, at| at.elapsed() < WARM_FOR);
-            if warm.len() >= WARM_MAX {
+        if warm.keys.len() >= WARM_MAX && !warm.keys.contains_key(&h) {
+            if warm.next_sweep.is_some_and(|at| now < at) {
+                return;
+            }
+            warm.keys
+                .retain(|_, (at, g)| *g == generation && now.duration_since(*at) < WARM_FOR);
+            warm.next_sweep = Some(now + WARM_FOR / 4);
+            if warm.keys.len() >= WARM_MAX {
                 return;
             }
         }
-        warm.insert(k.to_string(), Instant::now());
+        warm.keys.insert(h, (now, generation));
     }
 
     /// Keys with a handler running (for tests).
@@ -169,7 +225,7 @@ impl Drop for Turn {
                 gate: self.gate.clone(),
                 key: self.key.clone(),
                 passed: false,
-                warms: true,
+                warms: false,
             };
             match next.send(turn) {
                 Ok(()) => return,
@@ -186,16 +242,17 @@ mod tests {
     #[tokio::test]
     async fn one_at_a_time_per_key_in_arrival_order_and_nothing_kept_after() {
         let gate = Arc::new(KeyGate::default());
-        let (Entry::Go(first), true) = gate.enter("t.m", "k") else {
-            panic!("the first goes at once");
+        let (Entry::Go(mut first), true) = gate.enter("t.m", "k") else {
+            panic!("the first goes at once, cold");
         };
+        first.runs();
         // Another key, or the same key of another target: not held up.
         assert!(matches!(gate.enter("t.m", "other"), (Entry::Go(_), true)));
         assert!(matches!(gate.enter("t.n", "k"), (Entry::Go(_), true)));
         let waits: Vec<_> = (0..3)
             .map(|_| match gate.enter("t.m", "k") {
                 (Entry::Wait(rx), false) => rx,
-                _ => panic!("the key is taken (and so warm)"),
+                _ => panic!("the key is taken, and warm (a handler runs for it)"),
             })
             .collect();
         let mut waits = waits.into_iter();
@@ -214,8 +271,18 @@ mod tests {
         let t3 = w3.await.unwrap();
         drop(t3);
         assert_eq!(gate.keys(), 0, "nothing kept once the last ends");
-        // But it ran lately: warm.
+        // But it ran lately: warm, until the instances change.
         assert!(matches!(gate.enter("t.m", "k"), (Entry::Go(_), false)));
+        let changes = Arc::new(AtomicU64::new(0));
+        gate.follow(changes.clone());
+        changes.fetch_add(1, Relaxed);
+        assert!(matches!(gate.enter("t.m", "k"), (Entry::Go(_), true)));
+        // A turn in which no handler ran (a hand-over question) warms nothing.
+        let (Entry::Go(question), true) = gate.enter("t.m", "q") else {
+            panic!("cold");
+        };
+        drop(question);
+        assert!(matches!(gate.enter("t.m", "q"), (Entry::Go(_), true)));
     }
 
     #[test]

@@ -112,12 +112,27 @@ pub(super) fn check_shard_key(key: Option<&str>) -> Result<(), CallError> {
     }
 }
 
+/// Refuses headers a node reserves for itself (`x-peerwire-handover`: a message carrying
+/// it would be taken for a hand-over question, and no handler would run for it).
+pub(super) fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), CallError> {
+    match headers.contains_key(super::respond::HANDOVER) {
+        true => Err(CallError::Codec(codec::CodecError::Encode(format!(
+            "the header {:?} is reserved for the node itself",
+            super::respond::HANDOVER
+        )))),
+        false => Ok(()),
+    }
+}
+
 /// A call's own settings of the mechanisms inside the pipeline (see [`CallOptions`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Guards {
     pub(super) balancing: Option<Balancing>,
     pub(super) bypass_breaker: bool,
     pub(super) fail_fast: bool,
+    /// A key's hand-over question (`respond/keyed.rs`): no bulkhead place, and leaving
+    /// instances are candidates like the others (the one it asks may be leaving).
+    pub(super) question: bool,
 }
 
 impl Guards {
@@ -126,6 +141,7 @@ impl Guards {
             balancing: opts.balancing,
             bypass_breaker: opts.bypass_breaker,
             fail_fast: opts.fail_fast,
+            question: false,
         }
     }
 }
@@ -193,6 +209,9 @@ impl Core {
             super::pubsub::check_topic(call.target)?;
         }
         check_shard_key(call.carried.shard_key.as_deref())?;
+        if !call.guards.question {
+            check_headers(&call.carried.headers)?;
+        }
         let asked = call.timeout;
         let mut timeout = match call.style {
             Style::Gather => self.policies.node_timeout(call.timeout),
@@ -219,7 +238,7 @@ impl Core {
         // A request takes a place in its service's bulkhead first (waiting counts
         // against its deadline), kept until it ends.
         let bulkhead = match call.style {
-            Style::Request => {
+            Style::Request if !call.guards.question => {
                 self.bulkheads
                     .admit(call.target, deadline, call.guards.fail_fast)
                     .await?
@@ -396,8 +415,11 @@ impl Core {
         skip.extend_from_slice(&call.avoid);
         // Instances to avoid are avoided only while another is there.
         self.membership
-            .pick(target, wanted, balance, &skip)
-            .or_else(|_| self.membership.pick(target, wanted, balance, &refusing))
+            .pick(target, wanted, balance, &skip, call.guards.question)
+            .or_else(|_| {
+                self.membership
+                    .pick(target, wanted, balance, &refusing, call.guards.question)
+            })
             .map(Route::One)
             .map_err(|why| match (why, wanted) {
                 (NotPicked::Incompatible(available), Some(wanted)) => {

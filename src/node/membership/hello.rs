@@ -270,7 +270,7 @@ impl Membership {
         if let Some(l) = self.state.lock().table.link(endpoint) {
             l.acked.store(true, Relaxed);
         }
-        self.changed.notify_waiters();
+        self.note_change();
         Ok(())
     }
 }

@@ -42,7 +42,7 @@ impl Membership {
         if let Some((id, waiting)) = leave.as_mut() {
             if *id == correlation && waiting.remove(endpoint) && waiting.is_empty() {
                 drop(leave);
-                self.changed.notify_waiters();
+                self.note_change();
             }
         }
     }

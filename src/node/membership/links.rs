@@ -236,7 +236,7 @@ impl Membership {
             (link, pubs)
         };
         self.drop_subscriptions(pubs);
-        self.changed.notify_waiters();
+        self.note_change();
         if let Some(l) = link {
             // Closing the DEALER ends its connection, so no reply can come back on it:
             // calls still waiting on it fail now rather than at their deadline.
@@ -268,7 +268,7 @@ impl Membership {
                         });
                     }
                 }
-                self.changed.notify_waiters();
+                self.note_change();
                 let failed = self
                     .given
                     .calls
@@ -279,7 +279,7 @@ impl Membership {
             }
             SocketEvent::ConnectFailed { ref error, .. } if !is_refusal(&e) => {
                 *link.last_error.lock() = Some(error.clone());
-                self.changed.notify_waiters();
+                self.note_change();
             }
             SocketEvent::ConnectFailed {
                 refused: true,
@@ -287,7 +287,7 @@ impl Membership {
                 ..
             } => {
                 *link.last_error.lock() = Some(error.clone());
-                self.changed.notify_waiters();
+                self.note_change();
                 // The process behind it has ended. If the same node already came back
                 // elsewhere on that host, this endpoint is its earlier life.
                 let old = {
@@ -312,7 +312,7 @@ impl Membership {
                     other => other.to_string(),
                 };
                 *link.last_error.lock() = Some(why);
-                self.changed.notify_waiters();
+                self.note_change();
             }
             _ => {}
         }

@@ -117,6 +117,8 @@ pub(super) struct Membership {
     presence: broadcast::Sender<PresenceEvent>,
     /// Signalled whenever the peer table changes.
     changed: Notify,
+    /// Changes of the peer table so far (see [`Membership::change_counter`]).
+    changes: Arc<AtomicU64>,
     next_conn: AtomicU64,
     other_cluster: AtomicU64,
     other_version: AtomicU64,
@@ -173,6 +175,7 @@ impl Membership {
             router_ids: Mutex::new(HashMap::new()),
             presence: broadcast::channel(PRESENCE_BUFFER).0,
             changed: Notify::new(),
+            changes: Arc::default(),
             next_conn: AtomicU64::new(1),
             other_cluster: AtomicU64::new(0),
             other_version: AtomicU64::new(0),
@@ -400,7 +403,7 @@ impl Membership {
         // The peer restarted (new PUB port) or was replaced: stop dialling the old one.
         self.drop_subscriptions(stale_pubs);
         self.supersede(superseded);
-        self.changed.notify_waiters();
+        self.note_change();
         if !self.is_leaving() {
             self.follow_gossip(gossip);
         }
@@ -429,11 +432,12 @@ impl Membership {
         wanted: Option<Version>,
         balance: &dyn Balance,
         refusing: &[Id],
+        leaving_too: bool,
     ) -> Result<Instance, NotPicked> {
         self.state
             .lock()
             .table
-            .pick(target, wanted, balance, refusing)
+            .pick(target, wanted, balance, refusing, leaving_too)
     }
 
     /// Peers answering gathers on `topic` at a version compatible with `wanted` and
@@ -512,6 +516,19 @@ impl Membership {
     }
 
     /// HELLOs and mDNS sightings of nodes of another cluster (ignored).
+    /// The peer table changed: counted, and whoever waits for a change is woken.
+    fn note_change(&self) {
+        self.changes.fetch_add(1, Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// A count of the peer table's changes (catalogs, connections, leaving), shared:
+    /// a part that keeps something valid only while the instances stay as they were
+    /// (which keys ran here lately) compares it.
+    pub(in crate::node) fn change_counter(&self) -> Arc<AtomicU64> {
+        self.changes.clone()
+    }
+
     /// Completes at the next change of the peer table (catalogs, connections); made
     /// before looking at the table, so a change in between is not missed.
     pub(in crate::node) fn changed(&self) -> tokio::sync::futures::Notified<'_> {

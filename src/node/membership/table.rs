@@ -380,6 +380,7 @@ impl PeerTable {
         wanted: Option<Version>,
         balance: &dyn Balance,
         refusing: &[Id],
+        leaving_too: bool,
     ) -> Result<Instance, NotPicked> {
         let mut found: SmallVec<[(Candidate, &Link, bool); 8]> = SmallVec::new();
         let mut incompatible = None;
@@ -401,8 +402,8 @@ impl PeerTable {
             }
         }
         // A leaving instance still serves what reaches it, but gets new calls only when
-        // no other can take them.
-        if found.iter().any(|(_, _, leaving)| !leaving) {
+        // no other can take them (unless asked: a key's hand-over goes to it).
+        if !leaving_too && found.iter().any(|(_, _, leaving)| !leaving) {
             found.retain(|(_, _, leaving)| !*leaving);
         }
         if found.is_empty() {

@@ -98,6 +98,7 @@ impl crate::node::Node {
             return Err(CallError::NoResponder(String::new()));
         }
         crate::node::pipeline::check_shard_key(opts.shard_key.as_deref())?;
+        crate::node::pipeline::check_headers(&opts.headers)?;
         let payload = crate::codec::encode_payload(msg)?;
         self.core.outbox.give(target, payload, opts, None).await
     }
@@ -117,6 +118,7 @@ impl crate::node::Node {
             return Err(CallError::NoResponder(String::new()));
         }
         crate::node::pipeline::check_shard_key(opts.shard_key.as_deref())?;
+        crate::node::pipeline::check_headers(&opts.headers)?;
         let payload = crate::codec::encode_payload(msg)?;
         let (tx, rx) = oneshot::channel();
         let id = self

@@ -76,6 +76,8 @@ impl Queued {
                 Waiting::Now(t) => t,
                 Waiting::Later(rx) => rx.await.ok()?,
             };
+            // A message before this one may have run the key here meanwhile.
+            let ask = ask.filter(|_| !turn.is_warm());
             if let Some(core) = ask.and_then(|w| w.upgrade()) {
                 let left = deadline.map_or(HANDOVER_WAIT, |d| {
                     d.saturating_sub(arrived.elapsed()).min(HANDOVER_WAIT)
@@ -108,18 +110,18 @@ impl Queued {
         }
         let out = match self.handler {
             // The question is answered once its turn came: nothing before it remains.
-            None => {
-                turn.ran_nothing();
-                Some(Ok(crate::codec::encode_payload(&()).expect("unit encodes")))
+            None => Some(Ok(crate::codec::encode_payload(&()).expect("unit encodes"))),
+            Some(handler) => {
+                turn.runs();
+                match start(handler, self.env, self.cancel.clone()) {
+                    Ok(out) => Some(out),
+                    Err(run) => tokio::select! {
+                        biased;
+                        _ = self.cancel.cancelled() => None,
+                        out = run => out,
+                    },
+                }
             }
-            Some(handler) => match start(handler, self.env, self.cancel.clone()) {
-                Ok(out) => Some(out),
-                Err(run) => tokio::select! {
-                    biased;
-                    _ = self.cancel.cancelled() => None,
-                    out = run => out,
-                },
-            },
         };
         if out.is_none() {
             self.cancel.cancel();
@@ -158,6 +160,7 @@ impl Core {
             // A question about a key, not a call to judge the instance by.
             guards: Guards {
                 bypass_breaker: true,
+                question: true,
                 ..Guards::default()
             },
             now: tokio::time::Instant::now(),

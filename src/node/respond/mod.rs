@@ -29,6 +29,8 @@ use tracing::{debug, warn};
 use super::admission::{Admission, AdmitLimits, Caller};
 mod keyed;
 
+pub(super) use keyed::HANDOVER;
+
 use super::frames;
 use super::keygate::{Entry, KeyGate};
 use super::registry::{Context, ErasedHandler};
@@ -284,6 +286,9 @@ impl Responder {
 
     /// The node this responder is part of (for the hand-over of keys).
     pub(super) fn set_core(&self, core: Weak<super::Core>) {
+        if let Some(c) = core.upgrade() {
+            self.keys.follow(c.membership.change_counter());
+        }
         let _ = self.core.set(core);
     }
 
@@ -435,7 +440,10 @@ impl Responder {
                     .then(|| self.core.get().cloned())
                     .flatten();
                 match entry {
-                    Entry::Go(turn) if ask.is_none() && !question => Some(turn),
+                    Entry::Go(mut turn) if ask.is_none() && !question => {
+                        turn.runs();
+                        Some(turn)
+                    }
                     entry => {
                         let running = self.admission.started(caller, len);
                         let watch = cancellable.map(|key| self.cancels.watch(key, cancel.clone()));
