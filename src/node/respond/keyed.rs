@@ -79,8 +79,10 @@ impl Queued {
             // A message before this one may have run the key here meanwhile.
             let ask = ask.filter(|_| !turn.is_warm());
             if let Some(core) = ask.and_then(|w| w.upgrade()) {
+                // At most half of what the caller still allows: the other half is the
+                // handler's, even when the old owner does not answer.
                 let left = deadline.map_or(HANDOVER_WAIT, |d| {
-                    d.saturating_sub(arrived.elapsed()).min(HANDOVER_WAIT)
+                    (d.saturating_sub(arrived.elapsed()) / 2).min(HANDOVER_WAIT)
                 });
                 core.hand_over(&target, &key, left).await;
             }
