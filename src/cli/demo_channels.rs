@@ -117,10 +117,9 @@ pub async fn run(client: &Node, mdns: bool, seed: &Node) -> Result<()> {
     }
     // The owner of order-A leaves; its keys move, the others stay.
     let leaving = owner["order-A"].clone();
-    let idx = shipping
-        .iter()
-        .position(|n| n.name() == leaving)
-        .expect("a consumer");
+    let Some(idx) = shipping.iter().position(|n| n.name() == leaving) else {
+        bail!("order-A was handled by {leaving}, which is not one of the demo's consumers");
+    };
     shipping.remove(idx).shutdown().await;
     instances(client, "shipping.ship", 2).await?;
     outln!("  {leaving} leaves; client delivers #4 to #6 of each key");
