@@ -67,10 +67,8 @@ async fn deliver_range(s: &Node, range: std::ops::Range<u64>, keys: u64) {
 }
 
 async fn delivered(s: &Node, n: u64) {
-    within_for(Duration::from_secs(60), "deliveries acknowledged", async {
-        while s.stats().outbox.delivered < n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_until_for(Duration::from_secs(60), "deliveries acknowledged", || {
+        s.stats().outbox.delivered >= n
     })
     .await;
 }

@@ -1007,66 +1007,92 @@ fn serde_bytes_like(b: &[u8]) -> impl serde::Serialize + '_ {
     Bin(b)
 }
 
-#[tokio::test]
-async fn a_key_that_moves_to_a_new_instance_starts_there_after_its_messages_elsewhere() {
-    use std::time::Instant;
-    init_tracing();
-    type Spans = Arc<Mutex<Vec<(String, String, Instant, Instant)>>>;
-    let spans: Spans = Arc::default();
-    let started: Arc<Mutex<Vec<String>>> = Arc::default();
-    let serve = |node: &Node, spans: &Spans| {
-        let (name, spans, started) = (node.name().to_string(), spans.clone(), started.clone());
+type Span = (String, String, std::time::Instant, std::time::Instant);
+
+/// Instances of `work.slow` for the hand-over tests: the message "first" takes 400 ms
+/// (the old owner is busy with it while the key moves), anything else none; each
+/// handler's start and end are recorded.
+#[derive(Clone, Default)]
+struct SlowFirst {
+    /// (instance, message, start, end) of each handler run.
+    spans: Arc<Mutex<Vec<Span>>>,
+    started: Arc<Mutex<Vec<String>>>,
+}
+
+impl SlowFirst {
+    fn serve(&self, node: &Node) {
+        let (name, me) = (node.name().to_string(), self.clone());
         node.handle("work.slow", V1, move |what: String, _: Context| {
-            let (name, spans, started) = (name.clone(), spans.clone(), started.clone());
+            let (name, me) = (name.clone(), me.clone());
             async move {
-                let t = Instant::now();
-                started.lock().push(what.clone());
+                let t = std::time::Instant::now();
+                me.started.lock().push(what.clone());
                 if what == "first" {
                     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
                 }
-                spans.lock().push((name, what, t, Instant::now()));
+                me.spans
+                    .lock()
+                    .push((name, what, t, std::time::Instant::now()));
                 Ok(())
             }
         });
-    };
-    let x = start_node("x", &[]).await;
-    serve(&x, &spans);
-    // `n` is up, but serves nothing yet.
-    let n = start_node("n", &[x.endpoint()]).await;
-    // A key that `n` will own once it serves the target.
-    let score = |id: peerwire::Id, key: &str| {
-        let mut b = id.0.as_bytes().to_vec();
-        b.extend_from_slice(key.as_bytes());
-        xxhash_rust::xxh3::xxh3_64(&b)
-    };
-    let key = (0..)
+    }
+
+    /// Once "first" and "second" are handled: that each ran where expected, and that
+    /// "second" started only after "first" ended.
+    async fn second_after_first(&self, first_at: &str, second_at: &str) {
+        wait_until("both handled", || self.spans.lock().len() == 2).await;
+        let spans = self.spans.lock().clone();
+        let first = spans.iter().find(|s| s.1 == "first").unwrap();
+        let second = spans.iter().find(|s| s.1 == "second").unwrap();
+        assert_eq!((first.0.as_str(), second.0.as_str()), (first_at, second_at));
+        assert!(
+            second.2 >= first.3,
+            "the new owner started before the old one finished: {:?} before {:?}",
+            second.2,
+            first.3
+        );
+    }
+}
+
+/// A node's rendezvous score for `key` (PROTOCOL.md, "Shard keys").
+fn score(id: peerwire::Id, key: &str) -> u64 {
+    let mut b = id.0.as_bytes().to_vec();
+    b.extend_from_slice(key.as_bytes());
+    xxhash_rust::xxh3::xxh3_64(&b)
+}
+
+/// The first key for which `order` ranks the nodes from highest score to lowest.
+fn key_ranking(order: &[peerwire::Id]) -> String {
+    (0..)
         .map(|i| format!("order-{i}"))
-        .find(|k| score(n.id(), k) > score(x.id(), k))
-        .unwrap();
+        .find(|k| order.windows(2).all(|w| score(w[0], k) > score(w[1], k)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_key_that_moves_to_a_new_instance_starts_there_after_its_messages_elsewhere() {
+    init_tracing();
+    let work = SlowFirst::default();
+    let x = start_node("x", &[]).await;
+    work.serve(&x);
+    // `n` is up, but serves nothing yet; the key is one it will own once it does.
+    let n = start_node("n", &[x.endpoint()]).await;
+    let key = key_ranking(&[n.id(), x.id()]);
     let a = start_node("a", &[x.endpoint()]).await;
     let b = start_node("b", &[x.endpoint()]).await;
     wait_service(&a, "work.slow", 1).await;
-    let opts = CallOptions::default().with_shard_key(key.clone());
+    let opts = CallOptions::default().with_shard_key(key);
     a.notify_with("work.slow", &"first", opts.clone())
         .await
         .unwrap();
     // While x runs it, `n` starts serving: the key moves to `n`, and another sender
     // sends the key's next message there.
-    wait_until("x busy with the first", || !started.lock().is_empty()).await;
-    serve(&n, &spans);
+    wait_until("x busy with the first", || !work.started.lock().is_empty()).await;
+    work.serve(&n);
     wait_service(&b, "work.slow", 2).await;
     b.notify_with("work.slow", &"second", opts).await.unwrap();
-    wait_until("both handled", || spans.lock().len() == 2).await;
-    let spans = spans.lock().clone();
-    let first = spans.iter().find(|s| s.1 == "first").unwrap();
-    let second = spans.iter().find(|s| s.1 == "second").unwrap();
-    assert_eq!((first.0.as_str(), second.0.as_str()), ("x", "n"));
-    assert!(
-        second.2 >= first.3,
-        "the new owner started before the old one finished: {:?} before {:?}",
-        second.2,
-        first.3
-    );
+    work.second_after_first("x", "n").await;
     for node in [a, b, n, x] {
         node.shutdown().await;
     }
@@ -1074,51 +1100,25 @@ async fn a_key_that_moves_to_a_new_instance_starts_there_after_its_messages_else
 
 #[tokio::test]
 async fn a_key_whose_instance_leaves_starts_elsewhere_after_its_messages_there() {
-    use std::time::Instant;
     init_tracing();
-    type Spans = Arc<Mutex<Vec<(String, String, Instant, Instant)>>>;
-    let spans: Spans = Arc::default();
-    let started: Arc<Mutex<Vec<String>>> = Arc::default();
-    let serve = |node: &Node| {
-        let (name, spans, started) = (node.name().to_string(), spans.clone(), started.clone());
-        node.handle("work.slow", V1, move |what: String, _: Context| {
-            let (name, spans, started) = (name.clone(), spans.clone(), started.clone());
-            async move {
-                let t = Instant::now();
-                started.lock().push(what.clone());
-                if what == "first" {
-                    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-                }
-                spans.lock().push((name, what, t, Instant::now()));
-                Ok(())
-            }
-        });
-    };
+    let work = SlowFirst::default();
     let x = Arc::new(start_node("x", &[]).await);
-    serve(&x);
+    work.serve(&x);
     let n = start_node("n", &[x.endpoint()]).await;
-    serve(&n);
+    work.serve(&n);
     // A third instance: `n`'s question must still go to `x`, though it is leaving.
     let m = start_node("m", &[x.endpoint()]).await;
-    serve(&m);
-    let score = |id: peerwire::Id, key: &str| {
-        let mut b = id.0.as_bytes().to_vec();
-        b.extend_from_slice(key.as_bytes());
-        xxhash_rust::xxh3::xxh3_64(&b)
-    };
+    work.serve(&m);
     // A key `x` owns while it is there, and `n` after it.
-    let key = (0..)
-        .map(|i| format!("order-{i}"))
-        .find(|k| score(x.id(), k) > score(n.id(), k) && score(n.id(), k) > score(m.id(), k))
-        .unwrap();
+    let key = key_ranking(&[x.id(), n.id(), m.id()]);
     let s = start_node("s", &[x.endpoint()]).await;
     wait_service(&s, "work.slow", 3).await;
     wait_service(&n, "work.slow", 2).await;
-    let opts = CallOptions::default().with_shard_key(key.clone());
+    let opts = CallOptions::default().with_shard_key(key);
     s.notify_with("work.slow", &"first", opts.clone())
         .await
         .unwrap();
-    wait_until("x busy with the first", || !started.lock().is_empty()).await;
+    wait_until("x busy with the first", || !work.started.lock().is_empty()).await;
     // `x` stops gracefully (a rolling restart): the key moves to `n`.
     let leaving = {
         let x = x.clone();
@@ -1129,19 +1129,11 @@ async fn a_key_whose_instance_leaves_starts_elsewhere_after_its_messages_there()
     })
     .await;
     s.notify_with("work.slow", &"second", opts).await.unwrap();
-    wait_until("both handled", || spans.lock().len() == 2).await;
-    let spans = spans.lock().clone();
-    let first = spans.iter().find(|s| s.1 == "first").unwrap();
-    let second = spans.iter().find(|s| s.1 == "second").unwrap();
-    assert_eq!((first.0.as_str(), second.0.as_str()), ("x", "n"));
-    assert!(
-        second.2 >= first.3,
-        "n started the key before x was done with it"
-    );
+    work.second_after_first("x", "n").await;
     within("x's shutdown", leaving).await.unwrap();
-    s.shutdown().await;
-    n.shutdown().await;
-    m.shutdown().await;
+    for node in [s, n, m] {
+        node.shutdown().await;
+    }
 }
 
 #[tokio::test]

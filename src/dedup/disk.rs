@@ -185,7 +185,11 @@ impl DiskTable {
     }
 
     fn recorded(&self, txn: &WriteTransaction, id: Id) -> Result<bool, DedupError> {
-        let table = txn.open_table(PROCESSED).map_err(store)?;
+        self.fresh(&txn.open_table(PROCESSED).map_err(store)?, id)
+    }
+
+    /// Whether `table` holds `id`, recorded within the retention.
+    fn fresh(&self, table: &impl ReadableTable<[u8; 16], u64>, id: Id) -> Result<bool, DedupError> {
         let at = table
             .get(id.0.into_bytes())
             .map_err(store)?
@@ -246,12 +250,7 @@ impl DiskTable {
 impl ProcessedMessages for DiskTable {
     fn contains(&self, id: Id) -> Result<bool, DedupError> {
         let txn = self.db.begin_read().map_err(store)?;
-        let table = txn.open_table(PROCESSED).map_err(store)?;
-        let at = table
-            .get(id.0.into_bytes())
-            .map_err(store)?
-            .map(|g| g.value());
-        Ok(at.is_some_and(|at| !self.is_expired(at, now_ms())))
+        self.fresh(&txn.open_table(PROCESSED).map_err(store)?, id)
     }
 
     fn record(&self, id: Id) -> Result<(), DedupError> {

@@ -543,7 +543,7 @@ fn call<'a, T: ?Sized>(
     style: Style,
     target: &'a str,
     req: &'a T,
-    opts: CallOptions,
+    mut opts: CallOptions,
 ) -> Call<'a, T> {
     Call {
         style,
@@ -551,7 +551,7 @@ fn call<'a, T: ?Sized>(
         req,
         encoded: None,
         guards: Guards::of(&opts),
-        carried: Carried::of(&opts),
+        carried: Carried::take(&mut opts),
         timeout: opts.timeout,
         version: opts.version,
         id: None,

@@ -89,10 +89,20 @@ pub(super) struct Carried {
 }
 
 impl Carried {
+    /// A copy of what `opts` carries (a retry sends it again).
     pub(super) fn of(opts: &CallOptions) -> Carried {
         Carried {
             headers: opts.headers.clone(),
             shard_key: opts.shard_key.clone(),
+            message_type: opts.message_type,
+        }
+    }
+
+    /// What `opts` carries, taken out of it (a call made once).
+    pub(super) fn take(opts: &mut CallOptions) -> Carried {
+        Carried {
+            headers: std::mem::take(&mut opts.headers),
+            shard_key: opts.shard_key.take(),
             message_type: opts.message_type,
         }
     }

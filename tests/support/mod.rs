@@ -119,8 +119,13 @@ pub async fn wait_event(
 }
 
 /// Polls `cond` until it holds (for state with no event, such as counters).
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_for(BOUND, what, cond).await
+}
+
+/// [`wait_until`] with a bound of its own (for what takes longer than [`BOUND`]).
+pub async fn wait_until_for(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    within_for(bound, what, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -91,15 +91,7 @@ impl crate::node::Node {
         msg: &T,
         opts: DeliveryOptions,
     ) -> Result<Id, CallError> {
-        if self.core.life.cancel.is_cancelled() {
-            return Err(CallError::Shutdown);
-        }
-        if target.is_empty() {
-            return Err(CallError::NoResponder(String::new()));
-        }
-        crate::node::pipeline::check_shard_key(opts.shard_key.as_deref())?;
-        crate::node::pipeline::check_headers(&opts.headers)?;
-        let payload = crate::codec::encode_payload(msg)?;
+        let payload = self.checked(target, msg, &opts)?;
         self.core.outbox.give(target, payload, opts, None).await
     }
 
@@ -111,6 +103,24 @@ impl crate::node::Node {
         msg: &T,
         opts: DeliveryOptions,
     ) -> Result<Receipt, CallError> {
+        let payload = self.checked(target, msg, &opts)?;
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .core
+            .outbox
+            .give(target, payload, opts, Some(tx))
+            .await?;
+        Ok(Receipt { id, rx })
+    }
+
+    /// What every delivery is checked for before the outbox takes it (the node still
+    /// running, a target, a key and headers a receiver accepts), and its payload.
+    fn checked<T: serde::Serialize + ?Sized>(
+        &self,
+        target: &str,
+        msg: &T,
+        opts: &DeliveryOptions,
+    ) -> Result<bytes::Bytes, CallError> {
         if self.core.life.cancel.is_cancelled() {
             return Err(CallError::Shutdown);
         }
@@ -119,14 +129,7 @@ impl crate::node::Node {
         }
         crate::node::pipeline::check_shard_key(opts.shard_key.as_deref())?;
         crate::node::pipeline::check_headers(&opts.headers)?;
-        let payload = crate::codec::encode_payload(msg)?;
-        let (tx, rx) = oneshot::channel();
-        let id = self
-            .core
-            .outbox
-            .give(target, payload, opts, Some(tx))
-            .await?;
-        Ok(Receipt { id, rx })
+        Ok(crate::codec::encode_payload(msg)?)
     }
 
     /// The messages the outbox holds (not yet acknowledged), oldest first.

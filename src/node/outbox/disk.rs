@@ -19,6 +19,30 @@ fn err(what: &str, e: impl Into<redb::Error>) -> String {
     format!("outbox on disk: {what}: {}", e.into())
 }
 
+/// The messages a log holds, in the order given (none if it has no table yet). A message
+/// that does not decode (a file from an incompatible version, say) is skipped and
+/// logged, not fatal.
+fn rows(txn: &redb::ReadTransaction) -> Result<Vec<(u64, Message)>, NodeError> {
+    let config = |e: String| NodeError::Config(e);
+    let table = match txn.open_table(MESSAGES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(config(err("table", e))),
+    };
+    let mut out = Vec::new();
+    for row in table.iter().map_err(|e| config(err("read", e)))? {
+        let (seq, bytes) = row.map_err(|e| config(err("read", e)))?;
+        match rmp_serde::from_slice::<Message>(bytes.value()) {
+            Ok(m) => out.push((seq.value(), m)),
+            Err(e) => tracing::warn!(
+                seq = seq.value(),
+                "outbox on disk: a message that does not decode is skipped: {e}"
+            ),
+        }
+    }
+    Ok(out)
+}
+
 pub(super) struct DiskLog {
     /// Taken at shutdown ([`DiskLog::close`]), which closes the file.
     db: Mutex<Option<Arc<Database>>>,
@@ -29,8 +53,6 @@ pub(super) struct DiskLog {
 
 impl DiskLog {
     /// Opens (or creates) the log at `path`; the messages it holds, in the order given.
-    /// A message that does not decode (a file from an incompatible version, say) is
-    /// skipped and logged, not fatal.
     pub(super) fn open(path: &Path) -> Result<(DiskLog, Vec<(u64, Message)>), NodeError> {
         let config = |e: String| NodeError::Config(e);
         let db = Database::create(path)
@@ -39,23 +61,7 @@ impl DiskLog {
         txn.open_table(MESSAGES)
             .map_err(|e| config(err("table", e)))?;
         txn.commit().map_err(|e| config(err("commit", e)))?;
-        let mut kept = Vec::new();
-        {
-            let txn = db.begin_read().map_err(|e| config(err("read", e)))?;
-            let table = txn
-                .open_table(MESSAGES)
-                .map_err(|e| config(err("table", e)))?;
-            for row in table.iter().map_err(|e| config(err("read", e)))? {
-                let (seq, bytes) = row.map_err(|e| config(err("read", e)))?;
-                match rmp_serde::from_slice::<Message>(bytes.value()) {
-                    Ok(m) => kept.push((seq.value(), m)),
-                    Err(e) => tracing::warn!(
-                        seq = seq.value(),
-                        "outbox on disk: a message that does not decode is skipped: {e}"
-                    ),
-                }
-            }
-        }
+        let kept = rows(&db.begin_read().map_err(|e| config(err("read", e)))?)?;
         Ok((
             DiskLog {
                 db: Mutex::new(Some(Arc::new(db))),
@@ -80,24 +86,7 @@ impl DiskLog {
                 path.display()
             ))
         })?;
-        let txn = db.begin_read().map_err(|e| config(err("read", e)))?;
-        let table = match txn.open_table(MESSAGES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(config(err("table", e))),
-        };
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| config(err("read", e)))? {
-            let (seq, bytes) = row.map_err(|e| config(err("read", e)))?;
-            match rmp_serde::from_slice::<Message>(bytes.value()) {
-                Ok(m) => out.push((seq.value(), m)),
-                Err(e) => tracing::warn!(
-                    seq = seq.value(),
-                    "outbox on disk: a message that does not decode is skipped: {e}"
-                ),
-            }
-        }
-        Ok(out)
+        rows(&db.begin_read().map_err(|e| config(err("read", e)))?)
     }
 
     /// Writes `msg` (a durable commit, on a blocking thread), with any removals due.
